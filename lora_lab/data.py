@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -182,17 +183,14 @@ def _fetch_kjv(tmp: Path) -> list[dict]:
     data_dir = next((p.parent for p in root.rglob("bible.data")), root / "usr" / "lib")
     proc = _run_client("kjv", [str(binary), "-l100000", "-p", str(data_dir), "-d", "bible.data", "gen1:1-rev22:21"], tmp)
     rows = []
+    chapter = ""
+    # The output is "Genesis 1" headers, blank lines and verse lines "  1 In the beginning ..." (-l: no wrapping).
     for line in proc.stdout.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        # Lines look like "Genesis 1:1 In the beginning ..." (book name, chapter:verse, text).
-        head, _, rest = line.partition(" ")
-        ref, _, text = rest.partition(" ")
-        if ":" in ref and text:
-            rows.append({"text": text.strip(), "ref": f"{head} {ref}"})
-        elif rows:  # a wrapped continuation line
-            rows[-1]["text"] += " " + line
+        match = re.match(r"^\s+(\d+) (.+)$", line)
+        if match and chapter:
+            rows.append({"text": match.group(2).strip(), "ref": f"{chapter}:{match.group(1)}"})
+        elif line.strip():
+            chapter = line.strip()
     if not rows:
         raise DataError("data.name='kjv': the `bible` program printed no verses")
     return rows
@@ -202,25 +200,35 @@ def _fetch_austen(tmp: Path) -> list[dict]:
     try:
         import rdata
     except ImportError:
-        raise DataError("data.name='austen': needs the PyPI package `rdata` to read the R data; run: pip install rdata") from None
-    log.warning("fetching r-cran-janeaustenr from Debian (apt-get download)...")
+        raise DataError("data.name='austen': needs the PyPI package `rdata` to read R data; run: pip install rdata") from None
+    import gzip
+    import warnings
+    import zlib
+
+    log.warning("fetching r-cran-janeaustenr from Debian (apt-get download, ~2 MB)...")
     root = _apt_extract("austen", ["r-cran-janeaustenr"], tmp)
-    rdb = next(root.rglob("Rdata.rdb"), None)
+    rdb = next(root.rglob("data/Rdata.rdb"), None)
     if rdb is None:
         raise DataError("data.name='austen': r-cran-janeaustenr holds no data/Rdata.rdb")
-    # Rdata.rdb + Rdata.rdx is R's lazy-load database; rdata reads it as a package data folder.
-    books = {}
-    for book in ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"):
-        books[book] = rdata.read_rda(str(rdb.with_suffix("")), object_name=book) if hasattr(rdata, "read_rda") else None
+
+    def parse(raw: bytes) -> Any:
+        with warnings.catch_warnings():  # serialized objects lack the RDS magic: rdata warns, then reads them fine
+            warnings.simplefilter("ignore")
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    # R's lazy-load database: the gzipped .rdx maps each object to (offset, length) in .rdb, where every blob is
+    # a 4-byte length followed by a zlib-compressed serialized object (here, a character vector of lines).
+    index = parse(gzip.decompress(rdb.with_suffix(".rdx").read_bytes()))
+    blobs = rdb.read_bytes()
     rows = []
-    for book, lines in books.items():
-        value = lines[book] if isinstance(lines, dict) else lines
+    for book, (offset, length) in index["variables"].items():
+        lines = parse(zlib.decompress(blobs[int(offset) + 4:int(offset) + int(length)]))
         paragraph: list[str] = []
-        for line in list(value) + [""]:
-            if str(line).strip():
-                paragraph.append(str(line).strip())
+        for line in [*map(str, lines), ""]:  # paragraphs are separated by blank lines
+            if line.strip():
+                paragraph.append(line.strip())
             elif paragraph:
-                rows.append({"text": " ".join(paragraph), "book": book})
+                rows.append({"text": " ".join(paragraph), "book": str(book)})
                 paragraph = []
     return rows
 

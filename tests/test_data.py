@@ -256,3 +256,25 @@ def test_vader_movies_fetched_through_pip(tok):
     start = time.time()
     load_data(DataConfig(name="vader_movies", max_length=64, max_val_examples=128), tok)
     assert time.time() - start < 1.0
+
+
+@pytest.mark.slow
+def test_kjv_from_debian(tok):
+    import shutil
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        with pytest.raises(DataError, match=r"data.name='kjv': needs `(apt-get|dpkg-deb)`"):
+            data_mod.SOURCES["kjv"]()
+        return
+    raw = data_mod.SOURCES["kjv"]()
+    assert len(raw) == 31_102 and raw[0]["text"].startswith("In the beginning God created")
+    task = load_data(DataConfig(name="kjv", format="text", max_length=64, max_val_examples=32), tok)
+    assert len(task.val) == 32 and all(len(r) == 64 for r in task.train["input_ids"][:100])
+
+
+@pytest.mark.slow
+def test_austen_from_debian():
+    pytest.importorskip("rdata")
+    raw = data_mod.SOURCES["austen"]()
+    assert set(raw["book"]) == {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
+    assert 700_000 < sum(len(t.split()) for t in raw["text"]) < 740_000  # 718k words
