@@ -255,6 +255,7 @@ class ParamSpec:
     """One search-space entry of a study; its key is the override path it sets (`lora.r`, `optim.lr`)."""
 
     # 'categorical' (choices), 'float' / 'int' (low..high, log, step), 'tied' (ratio * the value of `of`),
+    # 'map' (looked up in `map` by the value of `of`: e.g. the rank that matches parameter counts per target set),
     # 'fixed' (value).
     type: str = "categorical"
     choices: Optional[List[Any]] = None  # categorical: values; a list value becomes a list override
@@ -263,7 +264,8 @@ class ParamSpec:
     log: bool = False  # float/int: sample on a log scale
     step: Optional[float] = None  # float/int: grid step
     ratio: Optional[float] = None  # tied: this value = ratio * value of `of`
-    of: str = "lora.r"  # tied: the path it follows
+    of: str = "lora.r"  # tied, map: the path it follows
+    map: Optional[Dict[str, Any]] = None  # map: value of `of` (as text) -> this value
     value: Any = None  # fixed: the value
 
 
@@ -326,7 +328,7 @@ OBJECTIVE_DIRECTIONS = {"val_loss": "minimize", "merged_val_loss": "minimize", "
 
 def _check_param(path: str, spec: ParamSpec) -> None:
     key = f"sweep.space.{path}"
-    _one_of(f"{key}.type", spec.type, ("categorical", "float", "int", "tied", "fixed"))
+    _one_of(f"{key}.type", spec.type, ("categorical", "float", "int", "tied", "map", "fixed"))
     if spec.type == "categorical":
         _check(bool(spec.choices), f"{key}.choices", "a non-empty list of choices", spec.choices)
     elif spec.type in ("float", "int"):
@@ -335,6 +337,8 @@ def _check_param(path: str, spec: ParamSpec) -> None:
         _check(not spec.log or spec.low > 0, f"{key}.low", "a number > 0 on a log scale", spec.low)
     elif spec.type == "tied":
         _check(spec.ratio is not None and spec.ratio > 0, f"{key}.ratio", "a number > 0", spec.ratio)
+    elif spec.type == "map":
+        _check(bool(spec.map), f"{key}.map", "a non-empty mapping from the values of `of`", spec.map)
     elif spec.type == "fixed":
         _check(spec.value is not None, f"{key}.value", "a value", spec.value)
 

@@ -1,0 +1,636 @@
+"""The training loop: LoRA or full fine-tuning on the same data, with the same evaluation.
+
+`python -m lora_lab.train [overrides]` trains one model; every sweep trial runs the same code. The loop imports neither
+Optuna nor MLflow: it reports through one callback per evaluation (`on_eval`), and the entry point wires that callback
+to MLflow (lora_lab/tracking.py), the sweep to Optuna as well.
+
+    session = build(cfg)            # loads model and data, applies LoRA: every input error surfaces here
+    result = session.fit(on_eval)   # trains, evaluates, merges, writes metrics.json, config.yaml, adapter
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lora_lab import lora
+from lora_lab.config import Config, ConfigError, outputs_root
+
+log = logging.getLogger("lora_lab")
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class EvalEvent:
+    """What the loop reports at each evaluation: the only hook out of the loop."""
+
+    step: int  # optimizer steps done
+    max_steps: int
+    metrics: dict[str, float]  # val_loss, accuracy (labelled tasks), train_loss (mean since last eval), lr, tokens_per_s
+    train_points: list[dict[str, float]]  # per-step {step, train_loss, lr} since the previous event
+
+
+EvalCallback = Callable[[EvalEvent], None]
+
+
+@dataclass
+class RunResult:
+    """Everything a run measured; `metrics()` is what metrics.json holds."""
+
+    status: str  # 'completed' or 'diverged'
+    method: str
+    steps: int
+    val_loss: float
+    accuracy: Optional[float]
+    merged_val_loss: Optional[float]
+    merged_accuracy: Optional[float]
+    max_abs_logit_diff: Optional[float]
+    trainable_params: int
+    total_params: int
+    adapter_bytes: Optional[int]
+    checkpoint_bytes: Optional[int]  # size of what a user keeps: the adapter (LoRA) or the weights (full FT)
+    peak_mem_bytes: int
+    time_per_step_s: float
+    tokens_per_s: float
+    train_time_s: float
+    setup_time_s: float  # model + data + LoRA, before the first step
+    device: str
+    output_dir: str
+    reason: str = ""  # why a run did not complete
+    history: list[dict[str, float]] = field(default_factory=list)  # per step: step, train_loss, lr
+    evals: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, val_loss, accuracy
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json: every scalar, plus the loss curves."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file others read so that it is either absent, old, or complete: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' asked for, but torch sees no CUDA device; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class PeakMemory:
+    """Peak memory of this run: CUDA's allocator peak, or on the CPU the process RSS sampled every 50 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    self._stop.wait(0.05)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+
+
+def lr_lambda(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at optimizer step `step`: linear warmup, then constant or cosine to zero."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log p(label token) over positions whose label is not -100, and how many such positions.
+
+    logits (B, T, V) predict the next token, so position t scores labels[:, t + 1], as in transformers' loss.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (logp * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------- session
+
+
+class Session:
+    """A model, its data and its optimizer, ready to train. Built by `build()`; `fit()` runs it once."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any, data: Any, device: torch.device,
+                 wrapped: list[str], setup_time_s: float, output_dir: Path) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.data = data
+        self.device = device
+        self.wrapped = wrapped
+        self.setup_time_s = setup_time_s
+        self.output_dir = output_dir
+        self.counts = lora.count_parameters(model)
+        self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, device)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    def _forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (token-weighted mean) and, where the task has labels, accuracy."""
+        from lora_lab.data import collate
+
+        was_training = self.model.training
+        self.model.eval()
+        data, fmt = self.data, self.data.format
+        loss_sum, n_tokens, correct, n_rows = 0.0, 0, 0, 0
+        bs = self.cfg.trainer.eval_batch_size
+        for start in range(0, len(data.val), bs):
+            rows = [data.val[i] for i in range(start, min(start + bs, len(data.val)))]
+            if fmt == "classification":
+                batch = _to(collate(rows, data.pad_id), self.device)
+                logits = self._forward_logits(batch).float()  # (B, K)
+                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                n_tokens += len(rows)
+                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+                n_rows += len(rows)
+            elif fmt == "prompted":
+                # Score every label word; the true one's log-probability is also the loss (no extra forward).
+                truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
+                scores, true_sum, true_count = [], torch.zeros(len(rows), device=self.device), torch.zeros(len(rows), device=self.device)
+                for k, word_ids in enumerate(data.label_token_ids):
+                    batch = _to(collate(rows, data.pad_id, candidate=word_ids), self.device)
+                    lp, cnt = sequence_logprobs(self._forward_logits(batch), batch["labels"])  # (B,), (B,)
+                    scores.append(lp)
+                    is_true = truth == k
+                    true_sum += torch.where(is_true, lp, 0.0)
+                    true_count += torch.where(is_true, cnt.float(), 0.0)
+                loss_sum += -true_sum.sum().item()
+                n_tokens += int(true_count.sum().item())
+                correct += (torch.stack(scores, dim=1).argmax(1) == truth).sum().item()
+                n_rows += len(rows)
+            else:
+                batch = _to(collate(rows, data.pad_id), self.device)
+                lp, cnt = sequence_logprobs(self._forward_logits(batch), batch["labels"])
+                loss_sum += -lp.sum().item()
+                n_tokens += int(cnt.sum().item())
+        self.model.train(was_training)
+        out = {"val_loss": loss_sum / max(1, n_tokens)}
+        if fmt in ("prompted", "classification"):
+            out["accuracy"] = correct / max(1, n_rows)
+        return out
+
+    @torch.no_grad()
+    def first_val_logits(self) -> torch.Tensor:
+        from lora_lab.data import collate
+
+        was_training = self.model.training
+        self.model.eval()
+        rows = [self.data.val[i] for i in range(min(self.cfg.trainer.eval_batch_size, len(self.data.val)))]
+        logits = self._forward_logits(_to(collate(rows, self.data.pad_id), self.device)).float()
+        self.model.train(was_training)
+        return logits
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def _batch_rows(self, micro: int) -> list[int]:
+        """Row indices of micro-batch number `micro`: a seeded permutation per epoch, last partial batch dropped,
+        so the data order is a pure function of (seed, micro) and a resumed run sees the same batches."""
+        n, bs = len(self.data.train), self.cfg.trainer.batch_size
+        per_epoch = max(1, n // bs)
+        epoch, j = divmod(micro, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        return perm[j * bs:(j + 1) * bs].tolist() if n >= bs else perm.tolist()
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        o = self.cfg.optim
+        lr_ratio = self.cfg.lora.lr_ratio if self.cfg.method == "lora" else 1.0
+        groups = lora.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps))
+        return optimizer, scheduler
+
+    def fit(self, on_eval: Optional[EvalCallback] = None) -> RunResult:
+        """Train for trainer.max_steps (resuming from the last checkpoint if asked), evaluate every eval_every steps,
+        then merge and evaluate the merged model (LoRA), write the run's files and return what was measured."""
+        from lora_lab.data import collate
+
+        cfg, t = self.cfg, self.cfg.trainer
+        model, device = self.model, self.device
+        model.to(device)
+        model.train()
+        optimizer, scheduler = self.make_optimizer()
+        ckpt = Checkpointer(self.output_dir / "checkpoints", model, optimizer, scheduler, full=cfg.method == "full")
+        start_step, history, evals = 0, [], []
+        if t.resume:
+            state = ckpt.load_latest()
+            if state is not None:
+                start_step, history, evals = state["step"], state["history"], state["evals"]
+                log.info("resumed from %s at step %d", ckpt.latest_path(), start_step)
+        status, reason = "completed", ""
+        pending: list[dict[str, float]] = []
+        step_times: list[float] = []
+        tokens = 0
+        train_time = 0.0
+        bar = _progress(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
+        with PeakMemory(device) as peak:
+            try:
+                for step in range(start_step, t.max_steps):
+                    t0 = time.perf_counter()
+                    loss_total = 0.0
+                    for i in range(t.grad_accum):
+                        rows = [self.data.train[j] for j in self._batch_rows(step * t.grad_accum + i)]
+                        batch = _to(collate(rows, self.data.pad_id), device)
+                        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                            loss = model(**batch).loss / t.grad_accum
+                        loss.backward()
+                        loss_total += loss.item()
+                        tokens += int(batch["attention_mask"].sum())
+                    if not math.isfinite(loss_total):
+                        status, reason = "diverged", f"non-finite training loss ({loss_total}) at step {step + 1}"
+                        optimizer.zero_grad(set_to_none=True)
+                        break
+                    if cfg.optim.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    step_times.append(dt)
+                    point = {"step": step + 1, "train_loss": loss_total, "lr": lr}
+                    history.append(point)
+                    pending.append(point)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
+                    done = step + 1
+                    if done % t.eval_every == 0 or done == t.max_steps:
+                        metrics = self.evaluate()
+                        if not math.isfinite(metrics["val_loss"]):
+                            status, reason = "diverged", f"non-finite validation loss at step {done}"
+                            break
+                        metrics.update(train_loss=sum(p["train_loss"] for p in pending) / len(pending), lr=lr,
+                                       tokens_per_s=tokens / max(train_time, 1e-9))
+                        evals.append({"step": done, **metrics})
+                        bar.set_postfix(loss=f"{loss_total:.4f}", val=f"{metrics['val_loss']:.4f}")
+                        if on_eval is not None:
+                            on_eval(EvalEvent(done, t.max_steps, metrics, pending))
+                        pending = []
+                    if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+                        ckpt.save(done, history, evals)
+            finally:
+                bar.close()
+            result = self._finish(status, reason, history, evals, step_times, tokens, train_time, peak)
+        return result
+
+    def _finish(self, status: str, reason: str, history: list, evals: list, step_times: list[float], tokens: int,
+                train_time: float, peak: PeakMemory) -> RunResult:
+        cfg, out = self.cfg, self.output_dir
+        last = evals[-1] if evals else {"val_loss": float("nan")}
+        merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
+        if status == "completed" and cfg.method == "lora":
+            before = self.first_val_logits()
+            lora.merge(self.model)  # fp32 inside, whatever the weight dtype
+            after = self.first_val_logits()
+            logit_diff = (after - before).abs().max().item()
+            merged = self.evaluate()
+            merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
+            lora.unmerge(self.model)
+            if cfg.export.adapter:
+                with atomic_dir(out / "adapter") as tmp:
+                    lora.save_adapter(self.model, tmp, base_model_name=cfg.model.name)
+                adapter_bytes = ckpt_bytes = dir_bytes(out / "adapter")
+            if cfg.export.merged:
+                self.export_merged(out / "merged")
+        elif status == "completed":
+            # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps.
+            ckpt_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+        steady = step_times[1:] or step_times  # the first step pays for allocations and kernel warm-up
+        result = RunResult(
+            status=status, method=cfg.method, steps=len(history), val_loss=last["val_loss"],
+            accuracy=last.get("accuracy"), merged_val_loss=merged_val, merged_accuracy=merged_acc,
+            max_abs_logit_diff=logit_diff, trainable_params=self.counts.trainable, total_params=self.counts.total,
+            adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
+            time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(train_time, 1e-9),
+            train_time_s=train_time, setup_time_s=self.setup_time_s, device=str(self.device),
+            output_dir=str(out), reason=reason, history=history, evals=evals,
+        )
+        atomic_write_text(out / "metrics.json", json.dumps(result.metrics(), indent=2, default=float))
+        return result
+
+    def export_merged(self, path: Path) -> None:
+        """Write the merged model as a plain transformers folder: no lora_lab needed to load it."""
+        import copy
+
+        plain = copy.deepcopy(self.model).cpu()
+        lora.unwrap(plain)
+        with atomic_dir(path) as tmp:
+            plain.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+    def close(self) -> None:
+        """Free the model, optimizer state and caches (a sweep runs many sessions in one process)."""
+        self.model = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "class_label"}
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
+                leave=False, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """Resumable state every N steps: trainable weights (safetensors), optimizer, scheduler, RNG states, step.
+
+    Each checkpoint is a folder written whole under a temp name and renamed; `LATEST` (written atomically) names
+    the newest, so a crash at any point leaves the previous checkpoint intact and no truncated file.
+    """
+
+    def __init__(self, root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, full: bool) -> None:
+        self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
+
+    def latest_path(self) -> Optional[Path]:
+        marker = self.root / "LATEST"
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        return path if path.is_dir() else None
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        if self.full:
+            return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(self.model).items()}
+
+    def save(self, step: int, history: list, evals: list) -> Path:
+        from safetensors.torch import save_file
+
+        name = f"step-{step:07d}"
+        with atomic_dir(self.root / name) as tmp:
+            weights = self._weights()
+            if self.full:  # tied weights share storage; safetensors wants each stored once
+                seen, unique = set(), {}
+                for k, v in weights.items():
+                    if v.data_ptr() not in seen:
+                        seen.add(v.data_ptr())
+                        unique[k] = v
+                weights = unique
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
+        previous = self.latest_path()
+        atomic_write_text(self.root / "LATEST", name)
+        if previous is not None and previous.name != name:
+            shutil.rmtree(previous, ignore_errors=True)
+        return self.root / name
+
+    def load_latest(self) -> Optional[dict[str, Any]]:
+        from safetensors.torch import load_file
+
+        path = self.latest_path()
+        if path is None:
+            return None
+        weights = load_file(str(path / "weights.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or (not self.full and any("lora_" in k for k in missing)):
+            raise ValueError(f"checkpoint {path}: does not fit this model (unexpected keys {unexpected[:5]})")
+        state = torch.load(path / "optim.pt", weights_only=True)  # never unpickle arbitrary objects
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        return json.loads((path / "state.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def default_output_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return outputs_root() / "runs" / f"{stamp}-{cfg.method}-{os.getpid()}"
+
+
+def build(cfg: Config) -> Session:
+    """Load the model and data and apply LoRA (or unfreeze everything): every input error surfaces here, before
+    anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets)."""
+    from lora_lab.data import load_data
+    from lora_lab.models import load_model
+
+    t0 = time.perf_counter()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = pick_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model)
+    data = load_data(cfg.data, tokenizer, seed=cfg.seed)
+    if cfg.method == "lora":
+        c = cfg.lora
+        torch.manual_seed(cfg.seed)  # LoRA init is part of the run's seed, independent of model loading
+        wrapped = lora.apply_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets),
+                                  target_regex=c.target_regex, exclude=tuple(c.exclude),
+                                  layers=tuple(c.layers) if c.layers is not None else None, rslora=c.rslora, init=c.init)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        wrapped = []
+    seed_everything(cfg.seed)
+    output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir)
+
+
+def run(cfg: Config, on_eval: Optional[EvalCallback] = None, resolved_yaml: Optional[str] = None) -> RunResult:
+    """Build and fit in one call (no MLflow): for tests and notebooks."""
+    session = build(cfg)
+    try:
+        if resolved_yaml is not None:
+            atomic_write_text(session.output_dir / "config.yaml", resolved_yaml)
+        return session.fit(on_eval)
+    finally:
+        session.close()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m lora_lab.train [overrides]`: exit 0 when the run completes, 2 on bad input, 3 when it diverged."""
+    from omegaconf import OmegaConf
+
+    from lora_lab import tracking
+    from lora_lab.config import compose
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        resolved, cfg = compose(argv)
+        session = build(cfg)
+    except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
+        print(f"lora_lab.train: error: {exc}", file=sys.stderr)
+        return 2
+    resolved.output_dir = str(session.output_dir)
+    atomic_write_text(session.output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    try:
+        with tracking.TrainingRun(cfg, resolved, session) as run_log:
+            result = session.fit(on_eval=run_log.on_eval)
+            run_log.finish(result)
+    finally:
+        session.close()
+    print(summary(result))
+    if cfg.tracking.enabled:
+        print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")
+    if result.status != "completed":
+        print(f"lora_lab.train: run {result.status}: {result.reason}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def summary(result: RunResult) -> str:
+    """A short human-readable table of the run's headline numbers."""
+    rows = [("status", result.status), ("steps", result.steps), ("val loss", _fmt(result.val_loss)),
+            ("accuracy", _fmt(result.accuracy)), ("merged val loss", _fmt(result.merged_val_loss)),
+            ("max |logit diff| merged", _fmt(result.max_abs_logit_diff, "{:.2e}")),
+            ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
+                                 f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)"),
+            ("time/step", f"{result.time_per_step_s:.3f} s"), ("tokens/s", f"{result.tokens_per_s:.0f}"),
+            ("peak memory", f"{result.peak_mem_bytes / 2**20:.0f} MiB"), ("output", result.output_dir)]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(value: Optional[float], spec: str = "{:.4f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
