@@ -180,6 +180,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     eval_every: int = 20  # evaluate every N optimizer steps (and at the end)
     eval_batch_size: int = 32  # examples per evaluation batch
+    eval_at_start: bool = True  # evaluate before the first step too: the base model's numbers, for comparison
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: never
     resume: bool = False  # continue from the last checkpoint in output_dir
     device: str = "auto"  # 'auto' (CUDA if present), 'cpu', 'cuda'

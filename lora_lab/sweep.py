@@ -294,7 +294,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
 
             def on_eval(event: Any) -> None:
                 run_log.on_eval(event)
-                if single:
+                if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
                     trial.report(event.metrics["val_loss"], event.step)
                     if trial.should_prune():
                         run_log.set_outcome("PRUNED", f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")

@@ -60,6 +60,8 @@ class RunResult:
     steps: int
     val_loss: float
     accuracy: Optional[float]
+    base_val_loss: Optional[float]  # before the first step (trainer.eval_at_start): the pretrained model's
+    base_accuracy: Optional[float]
     merged_val_loss: Optional[float]
     merged_accuracy: Optional[float]
     max_abs_logit_diff: Optional[float]
@@ -323,6 +325,12 @@ class Session:
         step_times: list[float] = []
         tokens = 0
         train_time = 0.0
+        if t.eval_at_start and start_step == 0:
+            # Step 0 is the base model (LoRA starts as an exact no-op): the yardstick for "did it learn".
+            metrics = self.evaluate()
+            evals.append({"step": 0, **metrics})
+            if on_eval is not None:
+                on_eval(EvalEvent(0, t.max_steps, metrics, []))
         bar = _progress(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
         with PeakMemory(device) as peak:
             try:
@@ -379,6 +387,7 @@ class Session:
                 train_time: float, peak: PeakMemory) -> RunResult:
         cfg, out = self.cfg, self.output_dir
         last = evals[-1] if evals else {"val_loss": float("nan")}
+        base = evals[0] if evals and evals[0]["step"] == 0 else {}
         merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
         if status == "completed" and cfg.method == "lora":
             before = self.first_val_logits()
@@ -400,7 +409,8 @@ class Session:
         steady = step_times[1:] or step_times  # the first step pays for allocations and kernel warm-up
         result = RunResult(
             status=status, method=cfg.method, steps=len(history), val_loss=last["val_loss"],
-            accuracy=last.get("accuracy"), merged_val_loss=merged_val, merged_accuracy=merged_acc,
+            accuracy=last.get("accuracy"), base_val_loss=base.get("val_loss"), base_accuracy=base.get("accuracy"),
+            merged_val_loss=merged_val, merged_accuracy=merged_acc,
             max_abs_logit_diff=logit_diff, trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
             time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(train_time, 1e-9),
@@ -617,8 +627,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def summary(result: RunResult) -> str:
     """A short human-readable table of the run's headline numbers."""
-    rows = [("status", result.status), ("steps", result.steps), ("val loss", _fmt(result.val_loss)),
-            ("accuracy", _fmt(result.accuracy)), ("merged val loss", _fmt(result.merged_val_loss)),
+    rows = [("status", result.status), ("steps", result.steps),
+            ("val loss", f"{_fmt(result.val_loss)}  (base model {_fmt(result.base_val_loss)})"),
+            ("accuracy", f"{_fmt(result.accuracy)}  (base model {_fmt(result.base_accuracy)})"),
+            ("merged val loss", _fmt(result.merged_val_loss)),
             ("max |logit diff| merged", _fmt(result.max_abs_logit_diff, "{:.2e}")),
             ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)"),
