@@ -1,0 +1,307 @@
+"""Benchmark of the LoRA core: ``python -m lora_lab.bench core [--steps N] [--out FILE.json] [--tiny]``.
+
+One process, contenders interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape
+from a LlamaConfig (random init), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on
+CUDA). Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning.
+Peak memory on CPU = peak RSS (getrusage ru_maxrss) of a fresh subprocess during the training steps minus its
+peak RSS right after building the model, i.e. the memory the training step itself adds (activations, grads,
+optimizer state); on CUDA = torch.cuda.max_memory_allocated over the steps minus the memory before them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from lora_lab import lora
+
+R, ALPHA = 16, 32
+CONTENDERS = ("full", "lora_lab", "peft")
+
+
+def smollm2_135m_config(tiny: bool = False):
+    """SmolLM2-135M-Instruct's shape (or a tiny one for tests), as a transformers LlamaConfig."""
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64,
+        )
+    return LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+        max_position_embeddings=8192, rms_norm_eps=1e-5,
+    )
+
+
+def _have_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _device_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _base_model(cfg, seed: int, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype)
+
+
+def _make(kind: str, base, *, copy_base: bool = True):
+    """A contender model (deep copy of base) in train mode."""
+    model = copy.deepcopy(base) if copy_base else base
+    if kind == "lora_lab":
+        lora.apply_lora(model, r=R, alpha=ALPHA, targets=("all-linear",))
+    elif kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"))
+    elif kind != "full":
+        raise ValueError(f"unknown contender {kind!r}")
+    return model.train()
+
+
+def _stepper(model, ids) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _timed(fn: Callable[[], Any], device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def matmul_peak_gflops(device, dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps GFLOP/s of an n x n matmul: the machine's practical matmul peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b, device) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(cfg, batch: int, seq: int, r: int | None) -> float:
+    """Matmul FLOPs of one training step (forward + backward), full fine-tuning if r is None, else LoRA on all linears.
+
+    Per token and per weight matrix (d_in x d_out): forward d_in*d_out multiply-adds, backward input-grad
+    d_in*d_out and weight-grad d_in*d_out. Full FT: 3 * d_in*d_out. LoRA: the frozen W needs forward and
+    input-grad only (2 * d_in*d_out); A and B need all three: 3 * r * (d_in + d_out). The tied lm_head is trained
+    in full FT (3x) and frozen under LoRA (2x). Attention scores/values (no weights) cost 3x in both.
+    """
+    h, i, n_l = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    mats = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (d_in, d_out) per layer
+    tokens = batch * seq
+    layer_w = sum(a * b for a, b in mats) * n_l
+    head = h * cfg.vocab_size
+    attn = 2 * seq * h * n_l  # QK^T and AV per token (full square, as SDPA computes without a mask-skip)
+    if r is None:
+        macs = 3 * (layer_w + head) + 3 * attn
+    else:
+        adapters = sum(r * (a + b) for a, b in mats) * n_l
+        macs = 2 * (layer_w + head) + 3 * adapters + 3 * attn
+    return 2.0 * macs * tokens
+
+
+def _peak_mem_child(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
+    """Runs in a fresh process: bytes the training steps add on top of the built model."""
+    device, dtype = _device_dtype()
+    cfg = smollm2_135m_config(tiny)
+    model = _make(kind, _base_model(cfg, 0, device, dtype), copy_base=False)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    step = _stepper(model, ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        step()
+    return int((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is KiB on Linux
+
+
+def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
+    """Peak memory of kind's training steps, measured in a fresh subprocess so contenders do not share a high-water mark."""
+    cmd = [sys.executable, "-m", "lora_lab.bench", "_mem", kind, str(int(tiny)), str(steps), str(batch), str(seq)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {kind} failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict:
+    """Run the core benchmark and return the results dict (what --out writes)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    device, dtype = _device_dtype()
+    cfg = smollm2_135m_config(tiny)
+    have_peft = _have_peft()
+    kinds = [k for k in CONTENDERS if k != "peft" or have_peft]
+    base = _base_model(cfg, 0, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=None)
+    models = {k: _make(k, base) for k in kinds}
+    del base
+    steppers = {k: _stepper(m, ids) for k, m in models.items()}
+
+    # Training steps, interleaved round-robin; warm-up rounds excluded.
+    step_times: dict[str, list[float]] = {k: [] for k in kinds}
+    for rep in range(warmup + steps):
+        for k in kinds:
+            t = _timed(steppers[k], device)
+            if rep >= warmup:
+                step_times[k].append(t)
+    del steppers
+
+    # Forward (inference) times: base = the full-FT model in eval; lora_lab unmerged and merged; peft unmerged.
+    fwd_kinds = ["base", "lora_lab_unmerged", "lora_lab_merged"] + (["peft_unmerged"] if have_peft else [])
+    for m in models.values():
+        m.eval()
+    for p in models["full"].parameters():
+        p.requires_grad_(False)
+    lora_model = models["lora_lab"]
+    # merge/unmerge happen outside the timed region: time only the forward.
+    fwd_times: dict[str, list[float]] = {k: [] for k in fwd_kinds}
+    for rep in range(warmup + steps):
+        for k in fwd_kinds:
+            (lora.merge if k == "lora_lab_merged" else lora.unmerge)(lora_model)
+            model = {"base": models["full"], "peft_unmerged": models.get("peft")}.get(k, lora_model)
+            with torch.inference_mode():
+                t = _timed(lambda: model(input_ids=ids), device)
+            if rep >= warmup:
+                fwd_times[k].append(t)
+    lora.unmerge(lora_model)
+
+    peak = matmul_peak_gflops(device, dtype, n=256 if tiny else 2048)
+    counts = lora.count_parameters(lora_model)
+    med = {k: statistics.median(v) for k, v in step_times.items()}
+    fmed = {k: statistics.median(v) for k, v in fwd_times.items()}
+    flops = {"full": step_flops(cfg, batch, seq, None)}
+    flops["lora_lab"] = flops["peft"] = step_flops(cfg, batch, seq, R)
+    mem = {k: (peak_memory(k, tiny, min(3, warmup + 1), batch, seq) if memory else None) for k in kinds}
+
+    result: dict[str, Any] = {
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "tiny": tiny, "batch": batch, "seq": seq, "r": R, "alpha": ALPHA,
+        "steps_timed": steps, "warmup": warmup, "peft": have_peft,
+        "lora_trainable_params": counts.trainable, "total_params": counts.total,
+        "matmul_peak_gflops": peak,
+        "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda" else
+        "subprocess peak RSS (ru_maxrss) during steps minus after model build",
+        "step": {k: {"median_s": med[k], "times_s": step_times[k], "gflop": flops[k] / 1e9,
+                     "gflops": flops[k] / med[k] / 1e9, "mfu": flops[k] / med[k] / 1e9 / peak,
+                     "peak_mem_bytes": mem[k]} for k in kinds},
+        "forward": {k: {"median_s": fmed[k], "times_s": fwd_times[k]} for k in fwd_kinds},
+        "ratios": {
+            "flops_lora_over_full_theory": flops["lora_lab"] / flops["full"],
+            "time_lora_lab_over_full": med["lora_lab"] / med["full"],
+            "merged_fwd_over_base": fmed["lora_lab_merged"] / fmed["base"],
+            "unmerged_fwd_over_base": fmed["lora_lab_unmerged"] / fmed["base"],
+        },
+    }
+    if have_peft:
+        result["ratios"].update({
+            "step_lora_lab_over_peft": med["lora_lab"] / med["peft"],
+            "time_peft_over_full": med["peft"] / med["full"],
+            "peft_unmerged_fwd_over_base": fmed["peft_unmerged"] / fmed["base"],
+        })
+        if memory:
+            result["ratios"]["peak_mem_lora_lab_over_peft"] = mem["lora_lab"] / max(mem["peft"], 1)
+    return result
+
+
+def format_table(res: dict) -> str:
+    lines = [f"device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
+             f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
+             f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
+             f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"]
+    for k, s in res["step"].items():
+        mem = "n/a" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f}"
+        lines.append(f"{k:<22}{s['median_s']:>10.3f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}")
+    if not res["peft"]:
+        lines.append("peft not importable: its rows are skipped (pip install lora_lab[bench])")
+    lines.append(f"{'forward (inference)':<22}{'median s':>10}")
+    for k, s in res["forward"].items():
+        lines.append(f"{k:<22}{s['median_s']:>10.3f}")
+    targets = {"step_lora_lab_over_peft": "<= 0.90", "peak_mem_lora_lab_over_peft": "<= 1.00",
+               "merged_fwd_over_base": "within 2%", "unmerged_fwd_over_base": "<= 1.08"}
+    lines.append("ratios")
+    for k, v in res["ratios"].items():
+        lines.append(f"  {k:<34}{v:>7.3f}  {targets.get(k, '')}")
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lora._atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_mem":  # internal: one contender's memory in a fresh process
+        kind, tiny, steps, batch, seq = argv[1], bool(int(argv[2])), int(argv[3]), int(argv[4]), int(argv[5])
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(_peak_mem_child(kind, tiny, steps, batch, seq))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
+    ap.add_argument("suite", choices=["core"])
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", help="write the results as JSON (atomically)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    res = run_core(tiny=args.tiny, steps=args.steps, warmup=args.warmup,
+                   batch=2 if args.tiny else 4, seq=16 if args.tiny else 128, memory=not args.no_memory)
+    print(format_table(res))
+    if args.out:
+        _write_json_atomic(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny seeded transformers models built from configs (no download)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def _tiny_config(kind: str):
+    if kind == "llama":  # GQA: 2 kv heads for 4 query heads
+        return transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+        )
+    if kind == "bert":
+        return transformers.BertConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
+        )
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny llama / bert (sequence classification) / gpt2 model, seeded, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = _tiny_config(kind)
+    if kind == "bert":
+        model = transformers.BertForSequenceClassification(cfg)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+@pytest.fixture
+def build_tiny() -> Callable[..., torch.nn.Module]:
+    """build_tiny(kind, seed=0) -> fresh tiny model; kind in llama, bert, gpt2."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_config() -> Callable[[str], object]:
+    """tiny_config(kind) -> the transformers config behind build_tiny (e.g. for meta-device models)."""
+    return _tiny_config
+
+
+@pytest.fixture
+def tiny_ids() -> torch.Tensor:
+    """A seeded (2, 7) batch of token ids valid for every tiny model."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(1, VOCAB, (2, 7), generator=g)
