@@ -1,0 +1,740 @@
+"""`python -m lora_lab.sweep [sweep=NAME] [sweep.KEY=VALUE ...] [training overrides ...]`: an Optuna study over LoRA.
+
+A trial is exactly a training run (`lora_lab.train`) with some overrides: this module owns the study's lifecycle
+(storage, budget, workers, heartbeats, the comparison with full fine-tuning, best.yaml and trials.csv); search.py turns
+the space into overrides, train.py trains, tracking.py talks to MLflow.
+
+The budget is exact across workers and hosts: when a study is created (or its n_trials raised) the missing trials are
+enqueued as WAITING under a lock, and workers only ever pop WAITING trials, never create new ones. A worker that dies
+stops sending heartbeats; the next worker to look fails its trial and re-enqueues it with the same parameters
+(Optuna's RetryHeartbeatStaleTrialCallback), and the retry resumes from the dead trial's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from lora_lab import search, tracking
+from lora_lab.config import Config, ConfigError, SweepConfig, compose, load_sweep, outputs_root
+from lora_lab.train import RunResult, atomic_write_text, build, summary
+
+log = logging.getLogger("lora_lab")
+
+WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
+FIRST_FAILURES_TO_STOP = 3  # the first trials all failing the same way means the study itself is broken
+
+
+class TrialFailed(Exception):
+    """A trial ended without a usable objective (diverged, oom, an error); `reason` goes on the trial and its run."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+@dataclass
+class Invocation:
+    """The command line, split: which study, its own settings, and the training overrides every trial gets."""
+
+    sweep: str = "default"
+    sweep_overrides: list[str] = field(default_factory=list)  # sweep.KEY=VALUE, without the prefix
+    train_overrides: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Invocation:
+    inv = Invocation()
+    for arg in argv:
+        if arg.startswith("sweep="):
+            inv.sweep = arg.split("=", 1)[1]
+        elif arg.startswith("sweep."):
+            inv.sweep_overrides.append(arg[len("sweep."):])
+        elif arg in ("-h", "--help"):
+            raise SystemExit(__doc__)
+        elif "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected sweep=NAME, sweep.KEY=VALUE or a training override KEY=VALUE")
+        else:
+            inv.train_overrides.append(arg)
+    return inv
+
+
+# ----------------------------------------------------------------------------------------------- the study
+
+
+class Study:
+    """One study's settings, storage, folders and MLflow parent, shared by the worker loop and the final summary."""
+
+    def __init__(self, spec: SweepConfig, inv: Invocation) -> None:
+        self.spec = spec
+        self.base_overrides = list(spec.overrides) + list(inv.train_overrides)
+        _, self.base_cfg = compose(self.base_overrides)
+        self.tracking = self.base_cfg.tracking
+        self.dir = outputs_root() / "studies" / spec.name
+        self.parent_run_id: Optional[str] = None
+        self.study: Optional[optuna.Study] = None
+
+    # -- storage ---------------------------------------------------------------------------------------------
+
+    def storage_url(self) -> str:
+        if self.spec.storage:
+            return self.spec.storage
+        return f"sqlite:///{outputs_root() / 'optuna.db'}"
+
+    def open_storage(self) -> optuna.storages.BaseStorage:
+        """RDB storage with heartbeats (SQLite by default, PostgreSQL for many hosts), or a journal file."""
+        url = self.storage_url()
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            raw = url[len("journal:"):]
+            path = Path(raw[2:] if raw.startswith("//") else raw)  # journal:///abs/path or journal:relative/path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            # SQLite serialises writers; wait for the lock instead of failing with "database is locked".
+            engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+        else:
+            engine_kwargs = {"pool_pre_ping": True}
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=self.spec.heartbeat_s, grace_period=self.spec.grace_s,
+                heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry))
+        except Exception as exc:
+            raise ConfigError(f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        s, seed = self.spec.sampler, self.spec.seed
+        if s == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(4, self.spec.n_trials))
+        if s == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if s == "grid":
+            return optuna.samplers.GridSampler(search.grid(self.spec.space), seed=seed)
+        if s == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        if s == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, self.spec.n_trials // 2)))
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        if self.spec.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.spec.pruner_startup_trials,
+                                               n_warmup_steps=0, n_min_trials=1, interval_steps=1)
+        if self.spec.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.base_cfg.trainer.max_steps)
+        return optuna.pruners.NopPruner()
+
+    def open(self) -> optuna.Study:
+        self.study = optuna.create_study(study_name=self.spec.name, storage=self.open_storage(), sampler=self.sampler(),
+                                         pruner=self.pruner(), directions=self.spec.directions, load_if_exists=True)
+        if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.spec.directions]:
+            raise ConfigError(f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
+                              f"use another sweep.name")
+        return self.study
+
+    # -- budget ----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise budget top-ups: a file lock on one machine, an advisory lock on PostgreSQL."""
+        url = self.storage_url()
+        if url.startswith("postgresql"):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(url)
+            key = int.from_bytes(self.spec.name.encode()[:8].ljust(8, b"\0"), "big") % (2**63)
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            engine.dispose()
+            return
+        lock_path = outputs_root() / f".{self.spec.name}.budget.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def budget_used(self) -> int:
+        """Trials that count towards n_trials: all of them except failed ones that were retried."""
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.system_attrs.get("failed_trial") for t in trials} | {
+            n for t in trials for n in t.system_attrs.get("retry_history", [])}
+        return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+
+    def top_up(self) -> int:
+        """Enqueue WAITING trials until the budget n_trials is reached; return how many were added."""
+        with self.lock():
+            missing = self.spec.n_trials - self.budget_used()
+            points = self.grid_points(missing) if self.spec.sampler == "grid" else [{}] * max(0, missing)
+            for params in points:
+                # Optuna's GridSampler refuses enqueued trials that do not fix every parameter: give it the point.
+                self.study.enqueue_trial(params, skip_if_exists=False)
+        return max(0, missing)
+
+    def grid_points(self, n: int) -> list[dict[str, Any]]:
+        """The next n grid points: those used least so far first, in grid order (n_trials beyond the grid size
+        repeats points, e.g. seed replicates)."""
+        import itertools
+
+        space = search.grid(self.spec.space)
+        keys = list(space)
+        grid = [dict(zip(keys, combo)) for combo in itertools.product(*space.values())]
+        used: dict[tuple, int] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            params = t.system_attrs.get("fixed_params") or t.params
+            key = tuple(params.get(k) for k in keys)
+            used[key] = used.get(key, 0) + 1
+        out = []
+        for _ in range(max(0, n)):
+            point = min(grid, key=lambda p: used.get(tuple(p.values()), 0))  # min() keeps grid order among ties
+            used[tuple(point.values())] = used.get(tuple(point.values()), 0) + 1
+            out.append(point)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        states: dict[str, int] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            states[t.state.name] = states.get(t.state.name, 0) + 1
+        return states
+
+
+class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Heartbeat went stale (the worker died): retry the trial with the same parameters, and end its MLflow run as
+    KILLED instead of leaving it RUNNING forever."""
+
+    def __init__(self, study: Study, max_retry: int) -> None:
+        super().__init__(max_retry=max_retry)
+        self._study = study
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = "worker lost: no heartbeat (killed or preempted)"
+        with contextlib.suppress(Exception):
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        if self._study.tracking.enabled:
+            with contextlib.suppress(Exception):
+                tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)
+        log.warning("trial %d lost its worker; retrying it with the same parameters", trial.number)
+        super().__call__(study, trial)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def preflight(st: Study) -> None:
+    """Everything that can be wrong with a study, checked before anything is written: each space entry's extreme
+    values compose and validate, the model and data load, and every target choice matches modules."""
+    from lora_lab import lora
+    from lora_lab.data import load_data
+    from lora_lab.models import load_model
+
+    configs = [st.base_cfg]
+    for extra in search.preview(st.spec.space):
+        try:
+            configs.append(compose(st.base_overrides + extra)[1])
+        except ConfigError as exc:
+            raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
+    base = st.base_cfg
+    model, tokenizer = load_model(base.model)
+    load_data(base.data, tokenizer, seed=base.seed)
+    for cfg in configs:
+        if cfg.method == "lora":
+            c = cfg.lora
+            lora.resolve_targets(model, tuple(c.targets), target_regex=c.target_regex, exclude=tuple(c.exclude),
+                                 layers=tuple(c.layers) if c.layers is not None else None)
+    del model
+
+
+# ----------------------------------------------------------------------------------------------- trials
+
+
+def trial_dir(st: Study, trial: optuna.Trial) -> Path:
+    """A trial's folder; a retry uses the folder of the trial it retries, so it resumes from its checkpoint."""
+    original = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
+
+
+def objective_values(spec: SweepConfig, result: RunResult) -> list[float]:
+    values = []
+    for name in spec.objectives:
+        value = getattr(result, name)
+        if value is None or not math.isfinite(float(value)):
+            # Optuna accepts +-inf as COMPLETE; a non-finite objective is a failed trial here.
+            raise TrialFailed(f"diverged: objective {name} is {value}")
+        values.append(float(value))
+    return values
+
+
+def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[float]:
+    """Compose the trial's config, train it with MLflow logging, report each evaluation to the pruner."""
+    from omegaconf import OmegaConf
+
+    overrides = search.suggest(trial, st.spec.space)
+    folder = trial_dir(st, trial)
+    extra = [f"output_dir={folder}", "trainer.resume=true"]
+    resolved, cfg = compose(st.base_overrides + overrides + extra)
+    if batch_shrink > 1:  # after an out-of-memory error: same effective batch, smaller micro-batches
+        bs = max(1, cfg.trainer.batch_size // batch_shrink)
+        shrink = [f"trainer.batch_size={bs}", f"trainer.grad_accum={cfg.trainer.grad_accum * cfg.trainer.batch_size // bs}"]
+        resolved, cfg = compose(st.base_overrides + overrides + extra + shrink)
+        overrides += shrink
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("output_dir", str(folder))
+    session = build(cfg)
+    resolved.output_dir = str(session.output_dir)
+    atomic_write_text(session.output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    tags = {tracking.KIND_TAG: "trial", tracking.STUDY_TAG: st.spec.name, tracking.TRIAL_TAG: str(trial.number)}
+    single = len(st.spec.objectives) == 1
+    try:
+        with tracking.TrainingRun(cfg, resolved, session, parent_run_id=st.parent_run_id, run_name=f"trial-{trial.number}",
+                                  tags=tags) as run_log:
+
+            def on_eval(event: Any) -> None:
+                run_log.on_eval(event)
+                if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
+                    trial.report(event.metrics["val_loss"], event.step)
+                    if trial.should_prune():
+                        run_log.set_outcome("PRUNED", f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
+                        raise optuna.TrialPruned(f"pruned at step {event.step}")
+
+            result = session.fit(on_eval)
+            run_log.finish(result)
+            if result.status != "completed":
+                run_log.set_outcome("FAIL", result.status)
+                raise TrialFailed(f"{result.status}: {result.reason}")
+            for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
+                        "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes"):
+                trial.set_user_attr(key, getattr(result, key))
+            try:
+                values = objective_values(st.spec, result)
+            except TrialFailed as exc:
+                run_log.set_outcome("FAIL", exc.reason)
+                raise
+            run_log.set_outcome("COMPLETE")
+            # Checkpoints exist to resume a lost trial; a finished one keeps its adapter and metrics only.
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            return values
+    finally:
+        session.close()
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[float]], str]:
+    """Run a popped trial to its end state; every failure becomes FAIL with a reason, and the sweep goes on."""
+    for attempt in (1, 2):
+        try:
+            return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
+        except optuna.TrialPruned as exc:
+            return TrialState.PRUNED, None, str(exc)
+        except TrialFailed as exc:
+            return TrialState.FAIL, None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
+            if is_oom(exc) and attempt == 1:
+                _free_memory()
+                log.warning("trial %d ran out of memory; retrying once with half the micro-batch", trial.number)
+                continue
+            reason = f"oom: {exc}" if is_oom(exc) else f"{type(exc).__name__}: {exc}"
+            log.error("trial %d failed: %s", trial.number, reason)
+            return TrialState.FAIL, None, reason.splitlines()[0][:1000]
+    raise AssertionError("unreachable")
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker_loop(st: Study) -> None:
+    """Pop WAITING trials until none is left and no trial is running anywhere (a running one might die and come
+    back as a retry), or until the timeout."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # optimize() uses it; ask/tell does not
+
+    study, spec = st.study, st.spec
+    started = time.time()
+    first_failures: list[str] = []
+    bar = _study_bar(st)
+    try:
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
+                log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
+                break
+            study._thread_local.cached_all_trials = None
+            trial_id = study._pop_waiting_trial_id()  # atomic across workers: only one pops each WAITING trial
+            if trial_id is None:
+                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    break
+                time.sleep(min(2.0, spec.heartbeat_s))  # someone else's trial runs; it may still die and be retried
+                _refresh_bar(bar, st)
+                continue
+            trial = optuna.Trial(study, trial_id)
+            t0 = time.time()
+            with get_heartbeat_thread(trial_id, study._storage):
+                state, values, reason = run_one(st, trial)
+            if reason:
+                trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
+            study.tell(trial, values=values, state=state)
+            _free_memory()
+            _log_trial(trial.number, state, values, reason, trial.params, time.time() - t0)
+            _refresh_bar(bar, st)
+            if state == TrialState.FAIL:
+                first_failures.append(reason.split(":")[0])
+                if len(first_failures) == FIRST_FAILURES_TO_STOP and len(set(first_failures)) == 1 and \
+                        not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+                    raise ConfigError(f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
+                                      f"({reason}); stopping the study: fix the cause and run the command again")
+            elif len(first_failures) < FIRST_FAILURES_TO_STOP:
+                first_failures = [f"ok-{trial.number}"]  # a success breaks the run of identical failures
+    finally:
+        bar.close()
+
+
+def _study_bar(st: Study) -> Any:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=st.spec.n_trials, desc=f"study {st.spec.name}", unit="trial", position=0, dynamic_ncols=True, file=sys.stderr)
+    _refresh_bar(bar, st)
+    return bar
+
+
+def _refresh_bar(bar: Any, st: Study) -> None:
+    done = sum(1 for t in st.study.get_trials(deepcopy=False) if t.state.is_finished())
+    bar.n = min(done, bar.total)
+    best = best_trial(st.study)
+    if best is not None:
+        bar.set_postfix(best=f"#{best.number} {best.values[0]:.4f}")
+    bar.refresh()
+
+
+def _log_trial(number: int, state: TrialState, values: Optional[list[float]], reason: str, params: dict, seconds: float) -> None:
+    shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    value = ",".join(f"{v:.4f}" for v in values) if values else reason
+    log.info("trial %d %s %s | %s (%.0f s)", number, state.name, value, shown, seconds)
+
+
+def best_trial(study: optuna.Study) -> Optional[optuna.trial.FrozenTrial]:
+    """The best COMPLETE trial: Optuna's best for one objective, the lowest first objective on the Pareto front."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        return study.best_trial
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    return min(study.best_trials, key=lambda t: sign * t.values[0])
+
+
+# ----------------------------------------------------------------------------------------------- the end
+
+
+def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """The best LoRA configuration against full fine-tuning on the same data and steps.
+
+    The LoRA side is the best trial retrained from scratch (its own run, tagged 'compare'); the full-FT side is a run
+    per LR in full_lr_grid (or full_lr), keeping the best. Runs already in the study folder are reused on a re-run.
+    """
+    spec = st.spec
+    lora_over = search.trial_overrides(best)
+    lora_res = _compare_run(st, "lora-best", lora_over)
+    full_res = []
+    for lr in ([spec.full_lr] if spec.full_lr else spec.full_lr_grid):
+        res = _compare_run(st, f"full-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides])
+        if res is not None:
+            full_res.append((lr, res))
+    rows = []
+    if lora_res is not None:
+        rows.append(_row("LoRA (unmerged)", lora_res, lora_res.val_loss, lora_res.accuracy, lora_over))
+        rows.append(_row("LoRA (merged)", lora_res, lora_res.merged_val_loss, lora_res.merged_accuracy, lora_over))
+    completed = [(lr, r) for lr, r in full_res if r.status == "completed" and math.isfinite(r.val_loss)]
+    if completed:
+        lr, r = min(completed, key=lambda x: x[1].val_loss)
+        rows.append(_row("Full fine-tune", r, r.val_loss, r.accuracy, [f"optim.lr={lr:g}"]))
+    return rows
+
+
+def _row(name: str, r: RunResult, val_loss: Optional[float], acc: Optional[float], overrides: list[str]) -> dict[str, Any]:
+    return {"method": name, "val_loss": val_loss, "accuracy": acc, "trainable_params": r.trainable_params,
+            "peak_mem_mib": r.peak_mem_bytes / 2**20, "time_per_step_s": r.time_per_step_s,
+            "checkpoint_mib": (r.checkpoint_bytes or 0) / 2**20, "settings": " ".join(overrides)}
+
+
+def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunResult]:
+    import json
+
+    folder = st.dir / "compare" / name
+    metrics = folder / "metrics.json"
+    if metrics.is_file():
+        data = json.loads(metrics.read_text())
+        return RunResult(**data)
+    resolved, cfg = compose(st.base_overrides + overrides + [f"output_dir={folder}", "trainer.checkpoint_every=0"])
+    session = build(cfg)
+    resolved.output_dir = str(folder)
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(resolved))
+    tags = {tracking.KIND_TAG: "compare", tracking.STUDY_TAG: st.spec.name}
+    log.info("comparison run %s: %s", name, " ".join(overrides))
+    try:
+        with tracking.TrainingRun(cfg, resolved, session, parent_run_id=st.parent_run_id, run_name=f"compare-{name}",
+                                  tags=tags) as run_log:
+            result = session.fit(run_log.on_eval)
+            run_log.finish(result)
+    finally:
+        session.close()
+        _free_memory()
+    return result
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A Markdown table: columns are (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (fmt.format(v) if fmt else str(v)))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+COMPARE_COLUMNS = [("method", "method", ""), ("val_loss", "val loss", "{:.4f}"), ("accuracy", "accuracy", "{:.3f}"),
+                   ("trainable_params", "trainable params", "{:,}"), ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
+                   ("time_per_step_s", "time/step (s)", "{:.3f}"), ("checkpoint_mib", "checkpoint (MiB)", "{:.2f}")]
+
+
+def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
+    """best.yaml, trials.csv, comparison.md/csv and plots into the study folder; returns the files written."""
+    from lora_lab import plots
+
+    study, out = st.study, st.dir
+    files: list[Path] = []
+    best = best_trial(study)
+    if best is not None:
+        overrides = list(st.base_overrides) + search.trial_overrides(best)
+        doc = {"study": st.spec.name, "trial": best.number, "objectives": dict(zip(st.spec.objectives, best.values)),
+               "overrides": overrides, "command": "python -m lora_lab.train " + " ".join(_quote(o) for o in overrides)}
+        atomic_write_text(out / "best.yaml", f"# {doc['command']}\n" + OmegaConf.to_yaml(OmegaConf.create(doc)))
+        files.append(out / "best.yaml")
+    trials = study.get_trials(deepcopy=False)
+    keys = sorted({k for t in trials for k in t.params})
+    attrs = ["trainable_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s", "fail_reason"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *attrs, "retry_of", "duration_s"])
+    for t in trials:
+        values = t.values or [None] * len(st.spec.objectives)
+        dur = t.duration.total_seconds() if t.duration else None
+        w.writerow([t.number, t.state.name, *values, *[t.params.get(k) for k in keys], *[t.user_attrs.get(a) for a in attrs],
+                    t.system_attrs.get("failed_trial"), dur])
+    atomic_write_text(out / "trials.csv", buf.getvalue())
+    files.append(out / "trials.csv")
+    if compare_rows:
+        md = format_table(compare_rows, COMPARE_COLUMNS + [("settings", "settings", "")])
+        atomic_write_text(out / "comparison.md", f"Best LoRA trial vs full fine-tuning, study `{st.spec.name}`\n\n{md}\n")
+        files.append(out / "comparison.md")
+    files += study_plots(st, trials, plots)
+    return files
+
+
+def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
+    """Optimization history, param importances, val loss vs LR per rank, Pareto front (multi-objective)."""
+    import matplotlib.pyplot as plt
+
+    out = st.dir / "plots"
+    files = []
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        return files
+    first = st.spec.objectives[0]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.scatter([t.number for t in done], [t.values[0] for t in done], label="complete")
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if pruned:
+        ax.scatter([t.number for t in pruned], [list(t.intermediate_values.values())[-1] for t in pruned], marker="x",
+                   color="gray", label="pruned (last report)")
+    running, best_so_far = math.inf, []
+    sign = 1 if st.spec.directions[0] == "minimize" else -1
+    for t in sorted(done, key=lambda t: t.number):
+        running = min(running, sign * t.values[0])
+        best_so_far.append((t.number, sign * running))
+    ax.plot([b[0] for b in best_so_far], [b[1] for b in best_so_far], color="C3", label="best so far")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(first)
+    ax.set_title(f"optimization history: {st.spec.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    files.append(plots.save(fig, out / "optimization_history.png"))
+    if len(done) >= 3 and len(st.spec.directions) == 1 and len({k for t in done for k in t.params}) >= 1:
+        with contextlib.suppress(Exception):  # needs enough variety among the completed trials
+            imp = optuna.importance.get_param_importances(st.study)
+            fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(imp)))
+            ax.barh(list(imp)[::-1], list(imp.values())[::-1])
+            ax.set_xlabel("importance (fANOVA, share of variance)")
+            ax.set_title(f"parameter importances: {st.spec.name}")
+            files.append(plots.save(fig, out / "param_importances.png"))
+    if any("optim.lr" in t.params for t in done):
+        series: dict[str, list] = {}
+        for t in done:
+            if "optim.lr" in t.params:
+                label = f"r={t.params.get('lora.r', 'fixed')}"
+                series.setdefault(label, []).append((t.params["optim.lr"], t.values[0]))
+        files.append(plots.lr_curves(series, out / "val_loss_vs_lr.png", title=f"{first} vs learning rate, per rank",
+                                     ylabel=first))
+    if len(st.spec.objectives) > 1:
+        pts = [(t.values[1], t.values[0]) for t in done]
+        front = [(t.values[1], t.values[0]) for t in st.study.best_trials]
+        files.append(plots.scatter({"trials": pts}, out / "pareto_front.png", xlabel=st.spec.objectives[1],
+                                   ylabel=first, title=f"Pareto front: {st.spec.name}", logx=True, front=front))
+    return files
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in " []{}*?$") else arg
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def launch_workers(st: Study, inv: Invocation, n: int) -> int:
+    """Start n local worker processes on the same study (one GPU each where there are GPUs); wait for all."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, **{WORKER_ENV: "1"})
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        args = [sys.executable, "-m", "lora_lab.sweep", f"sweep={inv.sweep}", *[f"sweep.{o}" for o in inv.sweep_overrides],
+                "sweep.workers=1", "sweep.compare_full=false", *inv.train_overrides]
+        procs.append(subprocess.Popen(args, env=env))
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit codes: 0 done, 2 bad input (nothing created), 1 the study stopped on an error."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats and retries are marked experimental by Optuna; they are the documented way to survive dead workers.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_worker = os.environ.get(WORKER_ENV) == "1"
+    try:
+        inv = parse_args(argv)
+        spec = load_sweep(inv.sweep, inv.sweep_overrides)
+        if spec.workers > 1 and spec.storage is None:
+            raise ConfigError(f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "
+                              "sweep.storage=postgresql://USER@HOST/DB (many workers, many hosts) or "
+                              "sweep.storage=journal:///path/to/study.journal (many workers, one host, no heartbeats)")
+        st = Study(spec, inv)
+        if not is_worker:
+            preflight(st)
+        st.open()
+    except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad targets, unreachable storage
+        print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
+        return 2
+    if st.tracking.enabled:
+        st.parent_run_id = tracking.study_parent_run(
+            st.tracking, spec.name, params={f"sweep.{k}": v for k, v in _spec_params(spec).items()},
+            tags={"storage": st.storage_url().split("@")[-1], "sampler": spec.sampler, "objectives": ",".join(spec.objectives)})
+    added = st.top_up()
+    log.info("study %s: %d trials in budget, %d added now, storage %s", spec.name, spec.n_trials, added,
+             st.storage_url().split("@")[-1])
+    try:
+        if spec.workers > 1:
+            code = launch_workers(st, inv, spec.workers)
+            if code != 0:
+                log.error("a worker exited with code %d", code)
+        else:
+            worker_loop(st)
+    except ConfigError as exc:
+        print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
+        return 1
+    if is_worker:
+        return 0
+    return finish(st)
+
+
+def finish(st: Study) -> int:
+    """Comparison with full FT, best.yaml, trials.csv, plots; print them; end the parent run if all is done."""
+    study, spec = st.study, st.spec
+    best = best_trial(study)
+    counts = st.counts()
+    rows: list[dict[str, Any]] = []
+    if best is not None and spec.compare_full:
+        rows = compare_with_full(st, best)
+    files = write_outputs(st, rows)
+    all_done = not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    if st.parent_run_id:
+        metrics = {f"best.{o}": v for o, v in zip(spec.objectives, best.values)} if best else {}
+        metrics.update({f"trials.{k.lower()}": v for k, v in counts.items()})
+        tags = {"best_trial": str(best.number) if best else "none"}
+        if best:
+            tags["best_overrides"] = " ".join(search.trial_overrides(best))
+        tracking.finish_parent(st.tracking, st.parent_run_id, metrics, tags, files, end=all_done)
+    print()
+    print(f"study {spec.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if best is None:
+        print("no trial completed; see the reasons in trials.csv and the MLflow runs")
+    else:
+        vals = ", ".join(f"{o}={v:.4f}" for o, v in zip(spec.objectives, best.values))
+        print(f"best trial #{best.number}: {vals}\n  {' '.join(search.trial_overrides(best))}")
+    if rows:
+        print("\n" + format_table(rows, COMPARE_COLUMNS))
+    print(f"\nfiles: {st.dir}")
+    if st.tracking.enabled:
+        print(f"See it in MLflow:  {tracking.ui_command(st.tracking)}")
+    return 0 if best is not None else 1
+
+
+def _spec_params(spec: SweepConfig) -> dict[str, Any]:
+    flat = OmegaConf.to_container(OmegaConf.structured(spec), resolve=True)
+    out = {}
+    for k, v in flat.items():
+        if k == "space":
+            for path, entry in v.items():
+                out[f"space.{path}"] = {kk: vv for kk, vv in entry.items() if vv not in (None, False)}
+        else:
+            out[k] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
