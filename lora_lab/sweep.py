@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -96,7 +97,7 @@ class Study:
 
     def storage_url(self) -> str:
         if self.spec.storage:
-            return self.spec.storage
+            return _pg_driver(self.spec.storage)
         return f"sqlite:///{outputs_root() / 'optuna.db'}"
 
     def open_storage(self) -> optuna.storages.BaseStorage:
@@ -222,6 +223,15 @@ class Study:
         for t in self.study.get_trials(deepcopy=False):
             states[t.state.name] = states.get(t.state.name, 0) + 1
         return states
+
+
+def _pg_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3); use psycopg2 (our dependency) when psycopg is absent."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
@@ -403,6 +413,7 @@ def worker_loop(st: Study) -> None:
                 _refresh_bar(bar, st)
                 continue
             trial = optuna.Trial(study, trial_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
             with get_heartbeat_thread(trial_id, study._storage):
                 state, values, reason = run_one(st, trial)
