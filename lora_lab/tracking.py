@@ -274,3 +274,50 @@ def finish_parent(tracking: TrackingConfig, run_id: str, metrics: dict[str, floa
         client.log_artifact(run_id, str(path))
     if end:
         client.set_terminated(run_id, status="FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+def _client(uri: str) -> Any:
+    import mlflow
+
+    _quiet_mlflow()
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def find_runs(uri: str, experiment: Optional[str] = None, studies: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Active runs of one experiment (every experiment if None), optionally only those tagged with one of `studies`,
+    as plain dicts: run_id, run_name, experiment, status, start_time, params, metrics (latest values), tags."""
+    client = _client(uri)
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        exps = [exp] if exp is not None else []
+    else:
+        exps = client.search_experiments()
+    if not exps:
+        return []
+    filters = [None] if not studies else [f"tags.`{STUDY_TAG}` = '{s}'" for s in studies]
+    out, seen = [], set()
+    for flt in filters:
+        kwargs = {"filter_string": flt} if flt else {}
+        for r in client.search_runs([e.experiment_id for e in exps], max_results=50000, order_by=["attributes.start_time ASC"], **kwargs):
+            if r.info.run_id in seen or r.info.lifecycle_stage != "active":
+                continue
+            seen.add(r.info.run_id)
+            out.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                        "status": r.info.status, "start_time": r.info.start_time, "params": dict(r.data.params),
+                        "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)})
+    return out
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged point of one metric of one run, in step order."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def attach_files(uri: str, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
+    """Attach files (report tables, plots) to an existing run, e.g. a study's parent run, on the given store."""
+    client = _client(uri)
+    for p in paths:
+        client.log_artifact(run_id, str(p), artifact_path=artifact_path)
