@@ -72,7 +72,8 @@ class RunResult:
     peak_mem_bytes: int
     time_per_step_s: float
     tokens_per_s: float
-    train_time_s: float
+    train_time_s: float  # optimizer steps only (forward, backward, update)
+    eval_time_s: float  # evaluations, the merge and the merged evaluation
     setup_time_s: float  # model + data + LoRA, before the first step
     device: str
     output_dir: str
@@ -220,6 +221,7 @@ class Session:
         self.output_dir = output_dir
         self.counts = lora.count_parameters(model)
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, device)
+        self.eval_time_s = 0.0
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -227,9 +229,16 @@ class Session:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (token-weighted mean) and, where the task has labels, accuracy."""
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate()
+        finally:
+            self.eval_time_s += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
         from lora_lab.data import collate
 
         was_training = self.model.training
@@ -414,7 +423,7 @@ class Session:
             max_abs_logit_diff=logit_diff, trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
             time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(train_time, 1e-9),
-            train_time_s=train_time, setup_time_s=self.setup_time_s, device=str(self.device),
+            train_time_s=train_time, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
             output_dir=str(out), reason=reason, history=history, evals=evals,
         )
         atomic_write_text(out / "metrics.json", json.dumps(result.metrics(), indent=2, default=float))

@@ -1,0 +1,114 @@
+"""Every config and study file composes and validates; bad values fail with the key in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_lab import search
+from lora_lab.config import CONF_DIR, SWEEPS_DIR, ConfigError, compose, load_sweep
+
+# Group options that need a matching option elsewhere to make a valid run.
+PARTNERS = {("model", "minilm"): ["data=sentiment_head"], ("data", "sentiment_head"): ["model=minilm"]}
+
+
+def group_options() -> list[tuple[str, str]]:
+    return sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", group_options())
+def test_every_config_file_composes_and_validates(group: str, option: str) -> None:
+    overrides = [f"{group}={option}", *PARTNERS.get((group, option), [])]
+    _, cfg = compose(overrides)
+    assert getattr(cfg, group) is not None
+    if group == "lora":
+        assert cfg.lora.r >= 1 and cfg.lora.alpha > 0
+
+
+def test_every_yaml_starts_with_its_command() -> None:
+    files = list(CONF_DIR.rglob("*.yaml")) + list(SWEEPS_DIR.glob("*.yaml"))
+    assert files
+    for path in files:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# python -m lora_lab."), f"{path} does not start with the command that uses it"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+def test_every_study_file_loads_and_each_space_entry_composes(name: str) -> None:
+    spec = load_sweep(name)
+    assert spec.name == name and spec.space, name
+    _, base = compose(spec.overrides)
+    for extra in search.preview(spec.space):
+        compose(spec.overrides + extra)  # raises ConfigError on a bad value
+    if spec.sampler == "grid":
+        assert search.grid(spec.space)
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    _, cfg = compose([])
+    assert (cfg.model.name, cfg.data.name, cfg.data.format, cfg.method) == ("smollm2-135m-instruct", "vader_movies", "prompted", "lora")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("lora.rr=3", "lora.rr"),
+    ("lora.r=abc", "lora.r"),
+    ("lora.r=0", "lora.r"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("lora.dropout=-0.1", "lora.dropout"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.batch_size=1.5", "trainer.batch_size"),
+    ("method=qlora", "method"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("model=nope", "model/nope"),
+    ("foo=1", "foo"),
+])
+def test_bad_override_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert key in str(err.value)
+
+
+def test_unknown_key_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="expected one of: r, alpha"):
+        compose(["lora.rank=8"])
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text("# python -m lora_lab.sweep sweep=study.yaml\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("space:\n  optim.lr: {type: float, low: 1.0e-2, high: 1.0e-4, log: true}\n", "low <= high"),
+    ("space:\n  lora.r: {type: categorical, choices: []}\n", "sweep.space.lora.r.choices"),
+    ("objectives: [val_loss, trainable_params]\npruner: median\nspace:\n  lora.r: {type: categorical, choices: [4]}\n", "sweep.pruner"),
+    ("space:\n  lora.r: {type: gaussian}\n", "sweep.space.lora.r.type"),
+    ("sampler: annealing\n", "sweep.sampler"),
+    ("n_trials: 0\n", "sweep.n_trials"),
+    ("unknown_field: 1\n", "unknown_field"),
+    ("space: [\n", "not valid YAML"),
+])
+def test_malformed_study_fails_naming_the_entry(tmp_path: Path, body: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sweep(str(_write(tmp_path, body)))
+    assert needle in str(err.value)
+
+
+def test_unknown_study_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="known studies: .*default"):
+        load_sweep("no_such_study")
+
+
+def test_search_overrides_round_trip() -> None:
+    assert search.override("lora.targets", "q_proj,v_proj") == "lora.targets=[q_proj,v_proj]"
+    assert search.override("lora.targets", "attn") == "lora.targets=[attn]"
+    assert search.override("optim.lr", 0.0003) == "optim.lr=0.0003"
+    assert search.override("lora.r", 16) == "lora.r=16"
+    assert search.choice_value(["q_proj", "v_proj"]) == "q_proj,v_proj"
+    _, cfg = compose([search.override("lora.targets", "q_proj,v_proj")])
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
