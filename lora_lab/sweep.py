@@ -335,7 +335,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             result = session.fit(on_eval)
             run_log.finish(result)
             if result.status != "completed":
-                run_log.set_outcome("FAIL", result.status)
+                run_log.set_outcome("FAIL", f"{result.status}: {result.reason}")  # the reason tag says why
                 raise TrialFailed(f"{result.status}: {result.reason}")
             for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
                         "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes", "train_time_s", "eval_time_s"):
