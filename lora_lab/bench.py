@@ -3,9 +3,9 @@
 One process, contenders interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape
 from a LlamaConfig (random init), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on
 CUDA). Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning.
-Peak memory on CPU = peak RSS (getrusage ru_maxrss) of a fresh subprocess during the training steps minus its
-peak RSS right after building the model, i.e. the memory the training step itself adds (activations, grads,
-optimizer state); on CUDA = torch.cuda.max_memory_allocated over the steps minus the memory before them.
+Peak memory on CPU = in a fresh subprocess per contender, the RSS high-water mark (VmHWM, reset through
+/proc/self/clear_refs after the model is built) during the training steps minus the RSS before them, i.e. the
+memory the training steps add (activations, grads, optimizer state); on CUDA = torch.cuda.max_memory_allocated over the steps minus the memory before them.
 """
 
 from __future__ import annotations
@@ -155,10 +155,33 @@ def _peak_mem_child(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> 
             step()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if _reset_hwm():
+        before = _proc_status_kib("VmRSS")
+        for _ in range(steps):
+            step()
+        return (_proc_status_kib("VmHWM") - before) * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: high-water since start (coarser)
     for _ in range(steps):
         step()
     return int((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is KiB on Linux
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
 
 
 def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
@@ -182,31 +205,30 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
     base = _base_model(cfg, 0, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=None)
     models = {k: _make(k, base) for k in kinds}
-    del base
+    pristine = base.eval().requires_grad_(False)  # the untouched base model, for forward timing
     steppers = {k: _stepper(m, ids) for k, m in models.items()}
 
     # Training steps, interleaved round-robin; warm-up rounds excluded.
     step_times: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(warmup + steps):
-        for k in kinds:
+        for k in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate who goes first
             t = _timed(steppers[k], device)
             if rep >= warmup:
                 step_times[k].append(t)
     del steppers
 
-    # Forward (inference) times: base = the full-FT model in eval; lora_lab unmerged and merged; peft unmerged.
+    # Forward (inference) times: the untouched base; lora_lab unmerged and merged; peft unmerged.
     fwd_kinds = ["base", "lora_lab_unmerged", "lora_lab_merged"] + (["peft_unmerged"] if have_peft else [])
     for m in models.values():
         m.eval()
-    for p in models["full"].parameters():
-        p.requires_grad_(False)
+    del models["full"]
     lora_model = models["lora_lab"]
     # merge/unmerge happen outside the timed region: time only the forward.
     fwd_times: dict[str, list[float]] = {k: [] for k in fwd_kinds}
     for rep in range(warmup + steps):
-        for k in fwd_kinds:
+        for k in fwd_kinds[rep % len(fwd_kinds):] + fwd_kinds[: rep % len(fwd_kinds)]:
             (lora.merge if k == "lora_lab_merged" else lora.unmerge)(lora_model)
-            model = {"base": models["full"], "peft_unmerged": models.get("peft")}.get(k, lora_model)
+            model = {"base": pristine, "peft_unmerged": models.get("peft")}.get(k, lora_model)
             with torch.inference_mode():
                 t = _timed(lambda: model(input_ids=ids), device)
             if rep >= warmup:
@@ -219,7 +241,7 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
     fmed = {k: statistics.median(v) for k, v in fwd_times.items()}
     flops = {"full": step_flops(cfg, batch, seq, None)}
     flops["lora_lab"] = flops["peft"] = step_flops(cfg, batch, seq, R)
-    mem = {k: (peak_memory(k, tiny, min(3, warmup + 1), batch, seq) if memory else None) for k in kinds}
+    mem = {k: (peak_memory(k, tiny, 2, batch, seq) if memory else None) for k in kinds}
 
     result: dict[str, Any] = {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
