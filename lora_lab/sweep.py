@@ -117,9 +117,11 @@ class Study:
         else:
             engine_kwargs = {"pool_pre_ping": True}
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=self.spec.heartbeat_s, grace_period=self.spec.grace_s,
-                heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry))
+            # Two processes creating one new SQLite file at once race in the table creation: serialise it.
+            with self.lock() if url.startswith("sqlite:///") else contextlib.nullcontext():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=self.spec.heartbeat_s, grace_period=self.spec.grace_s,
+                    heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry))
         except Exception as exc:
             raise ConfigError(f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 

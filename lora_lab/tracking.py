@@ -45,10 +45,11 @@ def connect(tracking: TrackingConfig) -> str:
 
     _quiet_mlflow()
     uri = tracking.resolved_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    if uri.startswith("sqlite:///"):
+        client = _init_sqlite_store(Path(uri[len("sqlite:///"):]))
+    else:
+        client = mlflow.MlflowClient()
     for attempt in range(5):  # many workers may create the same experiment at once
         exp = client.get_experiment_by_name(tracking.experiment)
         if exp is not None:
@@ -60,6 +61,24 @@ def connect(tracking: TrackingConfig) -> str:
         except MlflowException:
             time.sleep(0.2 * (attempt + 1))
     raise RuntimeError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
+
+
+def _init_sqlite_store(db: Path) -> Any:
+    """Create (migrate) an embedded SQLite store under a file lock: two processes that open a new mlflow.db at once
+    otherwise race in MLflow's alembic migrations and one of them dies."""
+    import fcntl
+
+    import mlflow
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.init.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            client = mlflow.MlflowClient()
+            client.search_experiments(max_results=1)  # the first use of a store creates and migrates it
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return client
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
