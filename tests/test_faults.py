@@ -1,0 +1,150 @@
+"""Faults a long sweep meets: a non-finite loss, out of memory, a full disk while checkpointing (injected in-process),
+and a worker SIGKILLed mid-trial next to another process on the same embedded (SQLite) default study."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from sweeprun import FAST_HEARTBEAT, TRAIN, kill_mid_trial, load, retry_of, runs, start_worker, study_summary, tail, wait_all
+
+
+def _no_partial_files(root: Path) -> None:
+    """Nothing truncated or half-written anywhere: no temp files/folders, every safetensors and JSON file loads."""
+    from safetensors.torch import load_file
+
+    leftovers = [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name and p.name.startswith(".")]
+    assert not leftovers, f"temp files left behind: {leftovers[:5]}"
+    for p in root.rglob("*.safetensors"):
+        load_file(str(p))
+    for p in root.rglob("*.json"):
+        json.loads(p.read_text())
+
+
+def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Trial 0's loss turns NaN (injected by a forward hook), trial 1 runs out of memory on both attempts (injected), trial 2 hits
+    ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
+    import safetensors.torch
+
+    from lora_lab import sweep, train
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
+    current: dict[str, int] = {}
+    real_run_trial, real_fit = sweep.run_trial, train.Session.fit
+    real_save_file = safetensors.torch.save_file
+
+    def run_trial(st, trial, batch_shrink=1):
+        current["n"] = trial.number
+        return real_run_trial(st, trial, batch_shrink)
+
+    def nan_loss(module, args, kwargs, output):
+        if getattr(output, "loss", None) is not None:
+            output.loss = output.loss * float("nan")
+        return output
+
+    def fit(self, on_eval=None):
+        if current.get("n") == 0:
+            self.model.register_forward_hook(nan_loss, with_kwargs=True)
+        if current.get("n") == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_fit(self, on_eval)
+
+    def save_file(tensors, filename, metadata=None):
+        if current.get("n") == 2:
+            with open(filename, "wb") as f:  # the disk fills up part-way through the file
+                f.write(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save_file(tensors, filename, metadata)
+
+    monkeypatch.setattr(sweep, "run_trial", run_trial)
+    monkeypatch.setattr(train.Session, "fit", fit)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+    code = sweep.main(["sweep=default", "sweep.name=faults", "sweep.n_trials=4", "sweep.sampler=random",
+                       "sweep.compare_full=false", "sweep.pruner=none", *TRAIN])
+    assert code == 0  # a trial completed: the sweep went on past the three failures
+
+    study = load(f"sqlite:///{out / 'optuna.db'}", "faults")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    reasons = [t.user_attrs.get("fail_reason", "") for t in trials]
+    assert reasons[0].startswith("diverged") and "non-finite" in reasons[0], reasons[0]
+    assert reasons[1].startswith("oom:") and "out of memory" in reasons[1], reasons[1]
+    assert "trainer.batch_size=2" in trials[1].user_attrs["overrides"]  # retried once with half the micro-batch
+    assert "No space left on device" in reasons[2] and "[Errno 28]" in reasons[2], reasons[2]
+    assert math.isfinite(trials[3].values[0])
+
+    # The failed checkpoint left nothing: no step folder, no LATEST, no temp folder, no truncated file anywhere.
+    ckpts = out / "studies" / "faults" / "trials" / "0002" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())
+    _no_partial_files(out / "studies")
+
+    by_trial = {r.data.tags.get("lora_lab.trial"): r for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+                if r.data.tags.get("lora_lab.kind") == "trial"}
+    assert {k: by_trial[k].info.status for k in "0123"} == {"0": "FAILED", "1": "FAILED", "2": "FAILED", "3": "FINISHED"}
+    assert "non-finite training loss" in by_trial["0"].data.tags["lora_lab.reason"]
+    assert "No space left" in by_trial["2"].data.tags["lora_lab.reason"]
+
+
+@pytest.mark.slow
+def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly(tmp_path):
+    """Two `python -m lora_lab.sweep` processes on the embedded default study (SQLite, one outputs folder); one is
+    SIGKILLed after its trial wrote a checkpoint. The heartbeat fails that trial, the survivor retries it with the same
+    parameters, resumes from the checkpoint and ends with the very losses of an uninterrupted run; the killed MLflow
+    run is KILLED; the study holds exactly the budget."""
+    from lora_lab import train
+    from lora_lab.config import compose, load_sweep
+
+    out = tmp_path / "out"
+    args = ["sweep=default", "sweep.n_trials=3", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start_worker(out, args, log) for log in logs]
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    try:
+        killed = kill_mid_trial(storage, "default", out / "studies" / "default" / "trials", {p.pid: p for p in procs})
+        survivors = [p for p in procs if p.returncode is None]
+        assert len(survivors) == 1
+        codes = wait_all(survivors, timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    survivor_log = logs[procs.index(survivors[0])]
+    assert codes == [0], tail(survivor_log)
+
+    study = load(storage, "default")
+    assert study_summary(study) == {"COMPLETE": 3, "FAIL": 1}, tail(survivor_log)
+    lost = study.trials[killed.number]
+    assert lost.state == TrialState.FAIL and "no heartbeat" in lost.user_attrs["fail_reason"]
+    retry = retry_of(study, killed.number)
+    assert retry is not None and retry.state == TrialState.COMPLETE
+    assert retry.params == killed.params
+    folder = out / "studies" / "default" / "trials" / f"{killed.number:04d}"
+    assert f"resumed from {folder / 'checkpoints'}" in survivor_log.read_text()
+
+    # The same trial without the kill: same overrides, same seed, in-process.
+    spec = load_sweep("default", ["n_trials=3"])
+    _, cfg = compose(list(spec.overrides) + TRAIN + retry.user_attrs["overrides"] + [f"output_dir={tmp_path / 'clean'}",
+                                                                                   "tracking.enabled=false"])
+    clean = train.run(cfg)
+    resumed = json.loads((folder / "metrics.json").read_text())
+    assert resumed["steps"] == clean.steps == 8
+    assert [p["train_loss"] for p in resumed["history"]] == pytest.approx([p["train_loss"] for p in clean.history], abs=1e-6)
+    assert resumed["val_loss"] == pytest.approx(clean.val_loss, abs=1e-6)
+    _no_partial_files(out / "studies")
+
+    all_runs = runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+    parents = [r for r in all_runs if r.data.tags.get("lora_lab.kind") == "study"]
+    children = [r for r in all_runs if r.data.tags.get("lora_lab.kind") == "trial"]
+    assert len(parents) == 1
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
+    status = {r.data.tags["lora_lab.trial"]: r.info.status for r in children}
+    assert status.pop(str(killed.number)) in ("KILLED", "FAILED")
+    assert sorted(status.values()) == ["FINISHED"] * 3 and len(children) == 4
