@@ -1,7 +1,7 @@
 """`python -m lora_lab.report [--study NAME ...] [--experiment NAME] [--tracking-uri URI] [--out DIR] [tables...]`
 
 Paper-style tables (Markdown, LaTeX, CSV) and plots (PNG) from the MLflow runs of one or more studies, written into a
-folder and attached to each study's MLflow parent run (under `report/`). Tables: methods, targets, ranks, lr, batch,
+folder and attached to each study's MLflow parent run (under `report/`). Tables: methods, targets, ranks, lr, capacity, batch,
 params, compute, merge (default: all). Each table is a small function of the runs that returns rows and a caption
 naming the runs it came from; published numbers from ../shared/ANCHORS.md stand beside ours, labelled with their source.
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 from lora_lab import tracking
 from lora_lab.train import atomic_write_text
 
-TABLES = ("methods", "targets", "ranks", "lr", "batch", "params", "compute", "merge")
+TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
 OK_STATES = ("COMPLETE", "completed")
 
 # Published numbers (../shared/ANCHORS.md), with their sources.
@@ -97,6 +97,7 @@ class Run:
     parent: str
     params: dict[str, str]
     final: dict[str, float]  # final.<field> metrics without the prefix
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) of every evaluation
 
     @classmethod
     def from_mlflow(cls, d: dict[str, Any]) -> "Run":
@@ -184,6 +185,8 @@ def load_runs(uri: str, experiment: Optional[str], studies: Optional[list[str]])
         raise ReportError(f"no MLflow store at {uri}; give --tracking-uri or set LORA_LAB_OUTPUTS")
     raw = tracking.find_runs(uri, experiment, studies or None)
     runs = [Run.from_mlflow(d) for d in raw if d["tags"].get(tracking.KIND_TAG) != "study"]
+    for r in runs:
+        r.val_history = tracking.metric_history(uri, r.run_id, "val_loss")
     parents = [d for d in raw if d["tags"].get(tracking.KIND_TAG) == "study"]
     where = f" in experiment {experiment!r}" if experiment else ""
     if experiment and not raw:
@@ -426,6 +429,37 @@ def table_lr(runs: list[Run]) -> Table:
     return Table("lr", "Learning-rate U-curves", cap, cols, rows)
 
 
+def table_capacity(runs: list[Run]) -> Table:
+    """Without Regret finding 1: validation loss along training for each rank and full FT, each at its best LR."""
+    a = lr_analysis(runs)
+    rows, used = [], []
+    steps = sorted({s for rs in a["curves"].values() for r in rs for s, _ in r.val_history})
+    full_curve: dict[int, float] = {}
+    for label, rs in a["curves"].items():
+        lr = a["best"][label][0]
+        at = [r for r in rs if r.lr == lr]
+        used += at
+        row: dict[str, Any] = {"curve": f"{label} (lr {_fmt_lr(lr)})", "runs": len(at)}
+        for step in steps:
+            vals = [v for r in at for s, v in r.val_history if s == step]
+            if vals:
+                row[f"s{step}"] = statistics.fmean(vals)
+        if label.startswith("full FT") and not full_curve:
+            full_curve = {st: row[f"s{st}"] for st in steps if f"s{st}" in row}
+        rows.append(row)
+    for row in rows:
+        if full_curve and not row["curve"].startswith("full FT"):
+            last = max((st for st in steps if f"s{st}" in row and st in full_curve), default=None)
+            if last is not None:
+                row["gap"] = row[f"s{last}"] - full_curve[last]
+    cols = [("curve", "curve (best LR)", "")] + [(f"s{st}", f"val loss @ step {st}", "{:.4f}") for st in steps] + [
+        ("gap", "gap to full FT at the last step", "{:+.4f}"), ("runs", "runs", ""),]
+    cap = (f"Capacity ({WR}, finding 1: high-rank LoRA and full FT follow the same loss curve; low ranks fall off it "
+           f"after a number of steps that grows with rank): validation loss at each evaluation of the best-LR run(s) "
+           f"of each curve (seeds averaged), and its gap to full FT at the last step. {_source(used)}")
+    return Table("capacity", "Capacity: loss along training", cap, cols, rows)
+
+
 def table_batch(runs: list[Run]) -> Table:
     """Without Regret finding 5: final val loss by batch size for LoRA and full FT (same examples seen)."""
     by: dict[tuple, list[Run]] = {}
@@ -621,7 +655,7 @@ def table_merge(runs: list[Run]) -> Table:
 
 
 TABLE_FUNCS: dict[str, Callable[[list[Run]], Table]] = {
-    "methods": table_methods, "targets": table_targets, "ranks": table_ranks, "lr": table_lr, "batch": table_batch,
+    "methods": table_methods, "targets": table_targets, "ranks": table_ranks, "lr": table_lr, "capacity": table_capacity, "batch": table_batch,
     "params": table_params, "compute": table_compute, "merge": table_merge}
 
 

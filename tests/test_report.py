@@ -104,10 +104,10 @@ def test_files_written_and_attached(study):
     import mlflow
 
     out = study["out"]
-    for name in ("methods", "targets", "ranks", "lr", "params", "compute", "merge"):
+    for name in ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge"):
         for ext in ("md", "tex", "csv"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
-        assert "From " in (out / f"{name}.md").read_text() or name == "params"  # captions name their runs
+        assert "From " in (out / f"{name}.md").read_text() or name in ("params", "batch")  # captions name their runs
     for png in ("lr_curves", "loss_curves", "pareto"):
         assert (out / f"{png}.png").stat().st_size > 5000
     assert "\\begin{tabular}" in (out / "lr.tex").read_text()
@@ -132,6 +132,17 @@ def test_lr_table_best_lr_and_ratio(study):
     spread = rows["spread of best LoRA LR across ranks (max/min)"]
     b2, b8 = (argmin_lr([t for t in lora if int(t["lora.r"]) == r]) for r in (2, 8))
     assert float(spread["best LR / best full-FT LR"]) == pytest.approx(max(b2, b8) / min(b2, b8))
+
+
+def test_capacity_table_follows_the_runs(study):
+    lora, full = trials(study, "t_lora"), trials(study, "t_full")
+    rows = {r["curve (best LR)"].split(" (lr")[0]: r for r in table(study, "capacity")}
+    best_full = min(float(t["value_val_loss"]) for t in full)
+    for r in (2, 8):
+        best = min(float(t["value_val_loss"]) for t in lora if int(t["lora.r"]) == r)
+        assert float(rows[f"LoRA r={r}"]["val loss @ step 4"]) == pytest.approx(best)  # the last evaluation is the final one
+        assert float(rows[f"LoRA r={r}"]["gap to full FT at the last step"]) == pytest.approx(best - best_full)
+    assert "val loss @ step 2" in rows["full FT"]
 
 
 def test_methods_and_ranks_match_mlflow(study):
