@@ -58,3 +58,14 @@ def tiny_ids() -> torch.Tensor:
     """A seeded (2, 7) batch of token ids valid for every tiny model."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(1, VOCAB, (2, 7), generator=g)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_test_process() -> None:
+    """Tiny models gain nothing from threads, and on a 2-core CI machine oversubscribed OpenMP threads spin:
+    one thread for in-process runs and for the CLI subprocesses the tests start."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
