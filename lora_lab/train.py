@@ -255,6 +255,17 @@ class Session:
                 n_tokens += len(rows)
                 correct += (logits.argmax(-1) == batch["labels"]).sum().item()
                 n_rows += len(rows)
+            elif fmt == "prompted" and all(len(w) == 1 for w in data.label_token_ids):
+                # One-token label words: one forward over the prompts scores them all, and the true word's
+                # log-probability is the loss. Left padding puts every prompt's last token at the same position, so
+                # the head runs on that position only (the vocabulary projection dominates small models' cost).
+                truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
+                words = torch.tensor([w[0] for w in data.label_token_ids], device=self.device)
+                logp = torch.log_softmax(self._last_token_logits(rows), dim=-1)[:, words]  # (B, K)
+                loss_sum += -logp.gather(1, truth[:, None]).sum().item()
+                n_tokens += len(rows)
+                correct += (logp.argmax(1) == truth).sum().item()
+                n_rows += len(rows)
             elif fmt == "prompted":
                 # Score every label word; the true one's log-probability is also the loss (no extra forward).
                 truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
@@ -280,6 +291,21 @@ class Session:
         if fmt in ("prompted", "classification"):
             out["accuracy"] = correct / max(1, n_rows)
         return out
+
+    def _last_token_logits(self, rows: list[dict]) -> torch.Tensor:
+        """Next-token logits after each row's prompt, (B, V) in fp32: prompts left-padded, positions from the mask."""
+        seqs = [list(r["prompt_ids"]) for r in rows]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), self.data.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+        for i, q in enumerate(seqs):
+            ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[i, width - len(q):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens at 0..len-1, as with right padding
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def first_val_logits(self) -> torch.Tensor:

@@ -209,6 +209,37 @@ def test_prompted_accuracy_on_a_hand_made_case(outputs: Path) -> None:
     assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_prompted_single_token_path_equals_the_general_path(outputs: Path) -> None:
+    # The tiny byte tokenizer makes label words multi-token; one-byte words take the fast path. Scores must agree
+    # with scoring each candidate by a full forward (the general path), on a real (tiny) trained model.
+    _, cfg = compose([*TINY, "tracking=off", "data.label_words=[n,p]", "trainer.max_steps=4", "optim.lr=1e-2"])
+    session = train.build(cfg)
+    session.fit()
+    assert all(len(w) == 1 for w in session.data.label_token_ids)
+    session.model.eval()
+    fast = session.evaluate()
+    general = _general_prompted_eval(session)  # right-padded full forwards, one per label word
+    assert fast["accuracy"] == pytest.approx(general["accuracy"])
+    assert fast["val_loss"] == pytest.approx(general["val_loss"], rel=1e-4)
+
+
+def _general_prompted_eval(session: train.Session) -> dict[str, float]:
+    from lora_lab.data import collate
+
+    rows = [session.data.val[i] for i in range(len(session.data.val))]
+    scores = []
+    with torch.no_grad():
+        for word in session.data.label_token_ids:
+            batch = collate(rows, session.data.pad_id, candidate=word)
+            logits = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lp, _ = train.sequence_logprobs(logits, batch["labels"])
+            scores.append(lp)
+    scores = torch.stack(scores, 1)  # (N, K)
+    truth = torch.tensor([r["class_label"] for r in rows])
+    correct = (scores.argmax(1) == truth).float().mean().item()
+    return {"val_loss": -scores.gather(1, truth[:, None]).mean().item(), "accuracy": correct}
+
+
 def test_sequence_logprobs_shifts_like_transformers() -> None:
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, 1, 2, 9]])
