@@ -246,8 +246,9 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         reason = "worker lost: no heartbeat (killed or preempted)"
-        with contextlib.suppress(Exception):
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        # Optuna has already made the lost trial FAIL, so its attributes are frozen: the reason travels with the
+        # retry (built from this copy), and on the lost trial's MLflow run.
+        trial.user_attrs["retried_because"] = f"trial {trial.number}: {reason}"
         if self._study.tracking.enabled:
             with contextlib.suppress(Exception):
                 tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)
@@ -570,7 +571,8 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
         files.append(out / "best.yaml")
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    attrs = ["trainable_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s", "overhead_s", "fail_reason"]
+    attrs = ["trainable_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s", "overhead_s", "fail_reason",
+             "retried_because"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *attrs, "retry_of", "duration_s"])
