@@ -544,8 +544,14 @@ def table_params(runs: list[Run]) -> Table:
         without = lora_param_count(cfg, [targets], r)
         with_head = lora_param_count(cfg, [targets], r, include_head=True)
         rows.append({"model": "Llama-3.1-8B", "config": f"{label} r={r}", "count_no_head": without,
-                     "count_head": with_head, "published_no_head": PUBLISHED_PARAMS_NO_HEAD[(targets, r)],
-                     "published": pub, "source": f"{WR} (with lm_head); ANCHORS.md (without)"})
+                     "count_head": with_head, "ours_b": f"{without / 1e9:.3f}B / {with_head / 1e9:.2f}B",
+                     "published_b": f"{PUBLISHED_PARAMS_NO_HEAD[(targets, r)] / 1e9:.3f}B / {pub / 1e9:.2f}B",
+                     "source": f"{WR} (with lm_head); ANCHORS.md (without)"})
+    smol = model_config("smollm2-135m-instruct")
+    for targets, r in (("attn", 16), ("mlp", 10), ("all-linear", 6)):  # the matched budget of sweeps/wr_targets.yaml
+        label = {"mlp": "MLP", "attn": "attention", "all-linear": "all linear"}[targets]
+        rows.append({"model": "SmolLM2-135M (config)", "config": f"{label} r={r}", "count_no_head": lora_param_count(smol, [targets], r),
+                     "source": "matched budget of sweeps/wr_targets.yaml"})
     groups: dict[tuple, Run] = {}
     logged: dict[tuple, set] = {}
     for r in runs:
@@ -566,8 +572,8 @@ def table_params(runs: list[Run]) -> Table:
                      "logged": ", ".join(f"{x:,}" for x in runs_n),
                      "match": "yes" if runs_n == [n] else "NO", "source": "our runs (trainable_params)"})
     cols = [("model", "model", ""), ("config", "LoRA config", ""), ("count_no_head", "ours, without lm_head", "{:,}"),
-            ("count_head", "ours, with lm_head (same r)", "{:,}"), ("published_no_head", "published, without lm_head", "{:.3g}"),
-            ("published", "published, with lm_head", "{:.2g}"), ("logged", "logged by the runs", ""),
+            ("count_head", "ours, with lm_head (same r)", "{:,}"), ("ours_b", "ours without / with lm_head", ""),
+            ("published_b", "published without / with lm_head", ""), ("logged", "logged by the runs", ""),
             ("match", "config count = logged", ""), ("source", "source", "")]
     cap = ("Trainable LoRA parameters computed from model configs on the meta device (lora_lab.lora.apply_lora + "
            "count_parameters; r (d_in + d_out) per adapted matrix). Llama-3.1-8B is built from its published dims "

@@ -181,6 +181,11 @@ def test_params_table_counts_from_config(study):
         assert int(row["ours, without lm_head"]) == r * (ATTN_DIMS + MLP_DIMS) * 2
         assert row["config count = logged"] == "yes"
     assert int(tiny["attention r=4"]["ours, without lm_head"]) == 4 * ATTN_DIMS * 2
+    llama = {r["LoRA config"]: r for r in rows if r["model"] == "Llama-3.1-8B"}
+    assert set(llama) == {"MLP r=256", "attention r=256", "all linear r=256", "MLP r=128"}
+    for row in llama.values():  # the table's own numbers equal the published ones, to the digits published
+        assert row["ours without / with lm_head"] == row["published without / with lm_head"]
+    assert int(llama["MLP r=256"]["ours, without lm_head"]) == 256 * 3 * (4096 + 14336) * 32
 
 
 def test_llama31_8b_published_counts():
