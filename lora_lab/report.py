@@ -396,8 +396,15 @@ def lr_analysis(runs: list[Run]) -> dict[str, Any]:
     best = {label: best_lr(rs) for label, rs in curves.items()}
     full = [lbl for lbl in curves if lbl.startswith("full FT")]
     full_lr = best[full[0]][0] if full else None
-    lora_best = [best[lbl][0] for lbl in curves if not lbl.startswith("full FT") and best[lbl][0]]
+    # The rank comparison: the target set (and batch, steps) with the most LoRA curves of different ranks.
+    by_set: dict[tuple, list[str]] = {}
+    for lbl, rs in curves.items():
+        if not lbl.startswith("full FT"):
+            by_set.setdefault((rs[0].targets, rs[0].batch, rs[0].steps), []).append(lbl)
+    rank_set = max(by_set.values(), key=len, default=[])
+    lora_best = [best[lbl][0] for lbl in rank_set if best[lbl][0]]
     return {"curves": curves, "best": best, "full_label": full[0] if full else None, "full_lr": full_lr,
+            "rank_curves": rank_set + full[:1],
             "spread": (max(lora_best) / min(lora_best)) if len(lora_best) >= 2 else None}
 
 
@@ -419,6 +426,7 @@ def table_lr(runs: list[Run]) -> Table:
                      "published": ("~10x (fitted 9.8x; ~15x under ~100 steps) [" + WR + ", finding 2]") if ratio else "-"})
     if a["spread"] is not None:
         rows.append({"curve": "spread of best LoRA LR across ranks (max/min)", "ratio_to_full": a["spread"],
+                     "lrs": "over: " + ", ".join(lbl for lbl in a["rank_curves"] if not lbl.startswith("full FT")),
                      "published": f"< 2x between r=4 and r=512 with alpha/r scaling [{WR}, finding 3]"})
     cols = [("curve", "curve", ""), ("lrs", "LRs tried", ""), ("losses", "final val loss at each LR", ""),
             ("best_lr", "best LR", "{:.0e}"), ("best_val_loss", "best val loss", "{:.4f}"), ("edge", "best at grid edge", ""),
@@ -433,9 +441,10 @@ def table_capacity(runs: list[Run]) -> Table:
     """Without Regret finding 1: validation loss along training for each rank and full FT, each at its best LR."""
     a = lr_analysis(runs)
     rows, used = [], []
-    steps = sorted({s for rs in a["curves"].values() for r in rs for s, _ in r.val_history})
+    steps = sorted({s for lbl in a["rank_curves"] for r in a["curves"][lbl] for s, _ in r.val_history})
     full_curve: dict[int, float] = {}
-    for label, rs in a["curves"].items():
+    for label in a["rank_curves"]:
+        rs = a["curves"][label]
         lr = a["best"][label][0]
         at = [r for r in rs if r.lr == lr]
         used += at
@@ -735,8 +744,8 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
         files.append(plots.lr_curves(series, out / "lr_curves.png", best={k: v[0] for k, v in a["best"].items()},
                                      title="Final validation loss vs learning rate (circles: best LR per curve)"))
         curves = {}
-        for lbl, rs in a["curves"].items():
-            lr = a["best"][lbl][0]
+        for lbl in a["rank_curves"]:
+            rs, lr = a["curves"][lbl], a["best"][lbl][0]
             best_run = min((r for r in rs if r.lr == lr), key=lambda r: r.val_loss)
             curves[f"{lbl} (lr {_fmt_lr(lr)})"] = _history(uri, best_run)
         if curves:
