@@ -297,7 +297,7 @@ def format_table(res: dict) -> str:
 def _write_json_atomic(path: str, obj: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    lora._atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+    lora.atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:

