@@ -686,7 +686,7 @@ def _cell(v: Any, fmt: str) -> str:
 
 
 def to_markdown(t: Table) -> str:
-    head = "| " + " | ".join(h for _, h, _ in t.columns) + " |"
+    head = "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in t.columns) + " |"
     sep = "|" + "|".join("---" for _ in t.columns) + "|"
     body = ["| " + " | ".join(_cell(r.get(k), f).replace("|", "\\|") for k, _, f in t.columns) + " |" for r in t.rows]
     return "\n".join([f"### {t.title}", "", f"*{t.caption}*", "", head, sep, *body, *t.notes]) + "\n"
