@@ -104,7 +104,11 @@ def _fetch_vader(tmp: Path) -> list[dict]:
         if inner is None:
             raise DataError(f"data.name='vader_movies': {sdist.name} holds no additional_resources/hutto_ICWSM_2014.tar.gz")
         with tarfile.open(fileobj=outer.extractfile(inner)) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt"))
+            member = next((m for m in tar.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt")
+                           and m.isfile()), None)
+            if member is None:
+                raise DataError(f"data.name='vader_movies': package vaderSentiment==3.3.2 ({sdist.name}, in "
+                                f"{inner.name}) holds no movieReviewSnippets_GroundTruth.txt")
             raw = tar.extractfile(member).read()
     try:
         text = raw.decode("utf-8")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 from collections import Counter
 
@@ -242,6 +244,25 @@ def test_unreachable_hub_dataset_fails_fast(tok):
     with pytest.raises(DataError, match=r"data.name='no-org/no-dataset': not a packaged source.*hub could not load it"):
         load_data(DataConfig(name="no-org/no-dataset"), tok)
     assert time.time() - start < 30
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_vader_package_missing_its_file_names_file_and_package(tmp_path, monkeypatch):
+    inner = _tar_gz({"hutto_ICWSM_2014/README.txt": b"no snippets here"})
+    sdist = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    sdist.write_bytes(_tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner}))
+    monkeypatch.setattr(data_mod, "_pip", lambda *a, **k: sdist)
+    with pytest.raises(DataError, match=r"vaderSentiment==3\.3\.2.*movieReviewSnippets_GroundTruth\.txt"):
+        data_mod._fetch_vader(tmp_path)
 
 
 @pytest.mark.slow
