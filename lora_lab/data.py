@@ -530,9 +530,12 @@ def tokenize_rows(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, label_i
 def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
     """Tokenized train/validation rows of `cfg`, from the cache when the same source/tokenizer/config was seen.
 
-    `seed` is the run seed: it orders batches in the trainer but never changes the split (cfg.split_seed does).
+    `seed` is IGNORED, on purpose: the train/validation split depends on `cfg.split_seed` only, so every trial of a
+    sweep (whatever its run seed) trains and is scored on the same rows, and they share one cache entry. The run
+    seed orders batches in the trainer, not here. The parameter is kept only so existing callers
+    (`load_data(..., seed=cfg.seed)` in train.py and sweep.py) keep working; it is due to be removed with them.
     """
-    del seed  # the split is fixed across trials on purpose; see the docstring
+    del seed  # ignored: see the docstring
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise DataError(f"data: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
