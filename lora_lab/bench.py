@@ -19,17 +19,20 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from lora_lab import lora
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
 R, ALPHA = 16, 32
 CONTENDERS = ("full", "lora_lab", "peft")
 
 
-def smollm2_135m_config(tiny: bool = False):
+def smollm2_135m_config(tiny: bool = False) -> LlamaConfig:
     """SmolLM2-135M-Instruct's shape (or a tiny one for tests), as a transformers LlamaConfig."""
     from transformers import LlamaConfig
 
@@ -99,7 +102,7 @@ def _stepper(model, ids) -> Callable[[], None]:
     return step
 
 
-def _timed(fn: Callable[[], Any], device) -> float:
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -107,7 +110,7 @@ def _timed(fn: Callable[[], Any], device) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_peak_gflops(device, dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """Best-of-reps GFLOP/s of an n x n matmul: the machine's practical matmul peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -116,7 +119,7 @@ def matmul_peak_gflops(device, dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def step_flops(cfg, batch: int, seq: int, r: int | None) -> float:
+def step_flops(cfg: LlamaConfig, batch: int, seq: int, r: int | None) -> float:
     """Matmul FLOPs of one training step (forward + backward), full fine-tuning if r is None, else LoRA on all linears.
 
     Per token and per weight matrix (d_in x d_out): forward d_in*d_out multiply-adds, backward input-grad
@@ -195,7 +198,7 @@ def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict:
+def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict[str, Any]:
     """Run the core benchmark and return the results dict (what --out writes)."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
@@ -250,7 +253,8 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
         "lora_trainable_params": counts.trainable, "total_params": counts.total,
         "matmul_peak_gflops": peak,
         "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda" else
-        "subprocess peak RSS (ru_maxrss) during steps minus after model build",
+        "subprocess RSS high-water mark (VmHWM, reset via /proc/self/clear_refs after model build) during steps "
+        "minus RSS (VmRSS) before them; ru_maxrss delta only where /proc is unavailable",
         "step": {k: {"median_s": med[k], "times_s": step_times[k], "gflop": flops[k] / 1e9,
                      "gflops": flops[k] / med[k] / 1e9, "mfu": flops[k] / med[k] / 1e9 / peak,
                      "peak_mem_bytes": mem[k]} for k in kinds},
@@ -273,7 +277,7 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
     return result
 
 
-def format_table(res: dict) -> str:
+def format_table(res: dict[str, Any]) -> str:
     lines = [f"device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
              f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
              f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
