@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny seeded transformers models built from configs (no download)."""
+"""Shared fixtures: tiny seeded transformers models built from configs (no download), and a per-test outputs root."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -58,6 +59,14 @@ def tiny_ids() -> torch.Tensor:
     """A seeded (2, 7) batch of token ids valid for every tiny model."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(1, VOCAB, (2, 7), generator=g)
+
+
+@pytest.fixture
+def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path/"outputs", set as $LORA_LAB_OUTPUTS for the test (runs, sweeps and mlflow write under it)."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -19,13 +19,6 @@ from lora_lab import sweep, train
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false"]
 
 
-@pytest.fixture
-def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    out = tmp_path / "outputs"
-    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
-    return out
-
-
 def load_study(outputs: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{outputs / 'optuna.db'}")
 

@@ -19,13 +19,6 @@ from lora_lab.data import TaskData
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false"]
 
 
-@pytest.fixture
-def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    out = tmp_path / "outputs"
-    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
-    return out
-
-
 def mlflow_runs(outputs: Path) -> list:
     import mlflow
 
