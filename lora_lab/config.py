@@ -283,11 +283,13 @@ class SweepConfig:
     sampler: str = "tpe"  # 'tpe', 'random', 'grid', 'gp', 'cmaes', 'nsga2'
     pruner: str = "median"  # 'median', 'hyperband', 'none' (multi-objective studies need 'none')
     pruner_startup_trials: int = 2  # median: trials that finish before any pruning
-    pruner_warmup_evals: int = 1  # median: evaluations of a trial before it may be pruned
+    pruner_warmup_evals: int = 1  # a trial may be pruned from its N-th evaluation on (not at the base-model one)
     seed: int = 0  # sampler seed
     n_trials: int = 6  # trials that finish (COMPLETE, PRUNED or FAIL), counted across all workers
     timeout_s: Optional[float] = None  # stop starting new trials after this many seconds; null: no limit
-    storage: Optional[str] = None  # Optuna storage URL; null: sqlite:///<outputs>/optuna.db (journal file if workers > 1)
+    # Optuna storage: null (sqlite:///<outputs>/optuna.db, one machine), postgresql://... (many workers, many hosts),
+    # journal:///path/file.journal (many workers on one host, no heartbeats). workers > 1 needs one of the last two.
+    storage: Optional[str] = None
     workers: int = 1  # local worker processes (one per GPU where there are GPUs)
     heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
     grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
@@ -315,8 +317,12 @@ class SweepConfig:
         _check(all(lr > 0 for lr in self.full_lr_grid), "sweep.full_lr_grid", "numbers > 0", self.full_lr_grid)
         if self.compare_full and self.full_lr is None and not self.full_lr_grid:
             raise ConfigError("sweep.full_lr_grid: compare_full needs full_lr or a non-empty full_lr_grid")
+        _check(self.pruner_warmup_evals >= 1, "sweep.pruner_warmup_evals", "an integer >= 1", self.pruner_warmup_evals)
+        sampled = {p for p, spec in self.space.items() if spec.type in ("categorical", "float", "int")}
         for path, spec in self.space.items():
             _check_param(path, spec)
+            if spec.type in ("tied", "map"):
+                _check(spec.of in sampled, f"sweep.space.{path}.of", f"a sampled entry of the space ({', '.join(sorted(sampled))})", spec.of)
 
     @property
     def directions(self) -> List[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import logging
 import math
@@ -34,7 +33,8 @@ from optuna.trial import TrialState
 
 from lora_lab import search, tracking
 from lora_lab.config import Config, ConfigError, SweepConfig, compose, load_sweep, outputs_root
-from lora_lab.train import RunResult, atomic_write_text, build, summary
+from lora_lab.models import file_lock
+from lora_lab.train import RunResult, atomic_write_text, build, run_tracked
 
 log = logging.getLogger("lora_lab")
 
@@ -70,7 +70,8 @@ def parse_args(argv: list[str]) -> Invocation:
         elif arg.startswith("sweep."):
             inv.sweep_overrides.append(arg[len("sweep."):])
         elif arg in ("-h", "--help"):
-            raise SystemExit(__doc__)
+            print(__doc__)
+            raise SystemExit(0)
         elif "=" not in arg:
             raise ConfigError(f"argument {arg!r}: expected sweep=NAME, sweep.KEY=VALUE or a training override KEY=VALUE")
         else:
@@ -147,8 +148,9 @@ class Study:
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.base_cfg.trainer.max_steps)
         return optuna.pruners.NopPruner()
 
-    def open(self) -> optuna.Study:
-        self.study = optuna.create_study(study_name=self.spec.name, storage=self.open_storage(), sampler=self.sampler(),
+    def open(self, storage: optuna.storages.BaseStorage) -> optuna.Study:
+        """Create the study, or load it when the same command runs again (resume)."""
+        self.study = optuna.create_study(study_name=self.spec.name, storage=storage, sampler=self.sampler(),
                                          pruner=self.pruner(), directions=self.spec.directions, load_if_exists=True)
         if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.spec.directions]:
             raise ConfigError(f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
@@ -166,22 +168,18 @@ class Study:
 
             engine = sqlalchemy.create_engine(url)
             key = int.from_bytes(self.spec.name.encode()[:8].ljust(8, b"\0"), "big") % (2**63)
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            engine.dispose()
-            return
-        lock_path = outputs_root() / f".{self.spec.name}.budget.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                with engine.connect() as conn:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    try:
+                        yield
+                    finally:
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                engine.dispose()
+            return
+        with file_lock(outputs_root() / f".{self.spec.name}.budget.lock"):
+            yield
 
     def budget_used(self) -> int:
         """Trials that count towards n_trials: all of them except failed ones that were retried."""
@@ -276,6 +274,10 @@ def preflight(st: Study) -> None:
     model, tokenizer = load_model(base.model)
     load_data(base.data, tokenizer, seed=base.seed)
     for cfg in configs:
+        if "accuracy" in st.spec.objectives and cfg.data.format not in ("prompted", "classification"):
+            raise ConfigError(f"sweep.objectives: accuracy needs labelled data, but data.format={cfg.data.format}")
+        if "merged_val_loss" in st.spec.objectives and cfg.method != "lora":
+            raise ConfigError(f"sweep.objectives: merged_val_loss needs method=lora, but a trial can run method={cfg.method}")
         if cfg.method == "lora":
             c = cfg.lora
             lora.resolve_targets(model, tuple(c.targets), target_regex=c.target_regex, exclude=tuple(c.exclude),
@@ -292,15 +294,22 @@ def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
 
 
-def objective_values(spec: SweepConfig, result: RunResult) -> list[float]:
-    values = []
+def verdict(spec: SweepConfig, result: RunResult) -> tuple[str, str]:
+    """A finished run's trial state and reason: COMPLETE only with a finite value for every objective (Optuna takes
+    +-inf as COMPLETE; here it is a failed trial)."""
+    if result.status != "completed":
+        return "FAIL", f"{result.status}: {result.reason}"
     for name in spec.objectives:
         value = getattr(result, name)
         if value is None or not math.isfinite(float(value)):
-            # Optuna accepts +-inf as COMPLETE; a non-finite objective is a failed trial here.
-            raise TrialFailed(f"diverged: objective {name} is {value}")
-        values.append(float(value))
-    return values
+            return "FAIL", f"diverged: objective {name} is {value}"
+    return "COMPLETE", ""
+
+
+class Pruned(optuna.TrialPruned):
+    """Optuna's pruning signal, carrying the MLflow state the run ends in (tracking reads `run_state`)."""
+
+    run_state = "PRUNED"
 
 
 def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[float]:
@@ -312,48 +321,33 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
     extra = [f"output_dir={folder}", "trainer.resume=true"]
     resolved, cfg = compose(st.base_overrides + overrides + extra)
     if batch_shrink > 1:  # after an out-of-memory error: same effective batch, smaller micro-batches
-        bs = max(1, cfg.trainer.batch_size // batch_shrink)
-        shrink = [f"trainer.batch_size={bs}", f"trainer.grad_accum={cfg.trainer.grad_accum * cfg.trainer.batch_size // bs}"]
+        bs = cfg.trainer.batch_size // batch_shrink
+        shrink = [f"trainer.batch_size={bs}", f"trainer.grad_accum={cfg.trainer.grad_accum * batch_shrink}"]
         resolved, cfg = compose(st.base_overrides + overrides + extra + shrink)
         overrides += shrink
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("output_dir", str(folder))
     session = build(cfg)
-    resolved.output_dir = str(session.output_dir)
-    atomic_write_text(session.output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    tags = {tracking.KIND_TAG: "trial", tracking.STUDY_TAG: st.spec.name, tracking.TRIAL_TAG: str(trial.number)}
     single = len(st.spec.objectives) == 1
-    try:
-        with tracking.TrainingRun(cfg, resolved, session, parent_run_id=st.parent_run_id, run_name=f"trial-{trial.number}",
-                                  tags=tags) as run_log:
+    warmup = st.spec.pruner_warmup_evals * cfg.trainer.eval_every
 
-            def on_eval(event: Any) -> None:
-                run_log.on_eval(event)
-                if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
-                    trial.report(event.metrics["val_loss"], event.step)
-                    if trial.should_prune():
-                        run_log.set_outcome("PRUNED", f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
-                        raise optuna.TrialPruned(f"pruned at step {event.step}")
+    def on_eval(event: Any) -> None:
+        if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
+            trial.report(event.metrics["val_loss"], event.step)
+            if event.step >= warmup and trial.should_prune():
+                raise Pruned(f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
 
-            result = session.fit(on_eval)
-            run_log.finish(result)
-            if result.status != "completed":
-                run_log.set_outcome("FAIL", f"{result.status}: {result.reason}")  # the reason tag says why
-                raise TrialFailed(f"{result.status}: {result.reason}")
-            for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
-                        "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes", "train_time_s", "eval_time_s"):
-                trial.set_user_attr(key, getattr(result, key))
-            try:
-                values = objective_values(st.spec, result)
-            except TrialFailed as exc:
-                run_log.set_outcome("FAIL", exc.reason)
-                raise
-            run_log.set_outcome("COMPLETE")
-            # Checkpoints exist to resume a lost trial; a finished one keeps its adapter and metrics only.
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-            return values
-    finally:
-        session.close()
+    tags = {tracking.KIND_TAG: "trial", tracking.STUDY_TAG: st.spec.name, tracking.TRIAL_TAG: str(trial.number)}
+    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
+                         run_name=f"trial-{trial.number}", tags=tags, on_eval=on_eval,
+                         verdict=lambda r: verdict(st.spec, r))
+    state, reason = verdict(st.spec, result)
+    if state != "COMPLETE":
+        raise TrialFailed(reason)
+    for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
+                "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes", "train_time_s", "eval_time_s"):
+        trial.set_user_attr(key, getattr(result, key))
+    return [float(getattr(result, name)) for name in st.spec.objectives]
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -363,23 +357,41 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[float]], str]:
-    """Run a popped trial to its end state; every failure becomes FAIL with a reason, and the sweep goes on."""
-    for attempt in (1, 2):
-        try:
-            return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
-        except optuna.TrialPruned as exc:
-            return TrialState.PRUNED, None, str(exc)
-        except TrialFailed as exc:
-            return TrialState.FAIL, None, exc.reason
-        except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
-            if is_oom(exc) and attempt == 1:
-                _free_memory()
-                log.warning("trial %d ran out of memory; retrying once with half the micro-batch", trial.number)
-                continue
-            reason = f"oom: {exc}" if is_oom(exc) else f"{type(exc).__name__}: {exc}"
-            log.error("trial %d failed: %s", trial.number, reason)
-            return TrialState.FAIL, None, reason.splitlines()[0][:1000]
-    raise AssertionError("unreachable")
+    """Run a popped trial to its end state; every failure becomes FAIL with a reason, and the sweep goes on.
+
+    Checkpoints exist to resume a trial whose worker died; a trial that ends here in any state drops them.
+    """
+    checkpoints = trial_dir(st, trial) / "checkpoints"
+    try:
+        for attempt in (1, 2):
+            oom = None
+            try:
+                return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
+            except optuna.TrialPruned as exc:
+                return TrialState.PRUNED, None, str(exc)
+            except TrialFailed as exc:
+                return TrialState.FAIL, None, exc.reason
+            except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
+                reason = f"oom: {exc}" if is_oom(exc) else f"{type(exc).__name__}: {exc}"
+                oom = is_oom(exc)
+                if not oom:
+                    log.error("trial %d failed: %s", trial.number, reason)
+                    return TrialState.FAIL, None, reason.splitlines()[0][:1000]
+            # Out of memory: free it outside the except block (the traceback pins the failed attempt's tensors),
+            # then retry once with half the micro-batch and twice the accumulation, from step 0.
+            _free_memory()
+            _, cfg = compose(st.base_overrides + search.trial_overrides(_frozen(trial)))
+            if attempt == 2 or cfg.trainer.batch_size % 2:
+                return TrialState.FAIL, None, reason.splitlines()[0][:1000]
+            log.warning("trial %d ran out of memory; retrying once with half the micro-batch", trial.number)
+            shutil.rmtree(checkpoints, ignore_errors=True)  # written with the other micro-batch size
+        raise AssertionError("unreachable")
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return trial.study._storage.get_trial(trial._trial_id)
 
 
 def _free_memory() -> None:
@@ -395,9 +407,11 @@ def _free_memory() -> None:
 def worker_loop(st: Study) -> None:
     """Pop WAITING trials until none is left and no trial is running anywhere (a running one might die and come
     back as a retry), or until the timeout."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # optimize() uses it; ask/tell does not
+    # optimize() runs these; a loop that pops WAITING trials must run them itself.
+    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 
     study, spec = st.study, st.spec
+    heartbeats = is_heartbeat_enabled(study._storage)
     started = time.time()
     first_failures: list[str] = []
     bar = _study_bar(st)
@@ -410,7 +424,8 @@ def worker_loop(st: Study) -> None:
             study._thread_local.cached_all_trials = None
             trial_id = study._pop_waiting_trial_id()  # atomic across workers: only one pops each WAITING trial
             if trial_id is None:
-                if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                # Without heartbeats (journal storage) a dead worker's trial stays RUNNING forever: don't wait on it.
+                if not heartbeats or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                     break
                 time.sleep(min(2.0, spec.heartbeat_s))  # someone else's trial runs; it may still die and be retried
                 _refresh_bar(bar, st)
@@ -496,7 +511,7 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[st
         if res is not None:
             full_res.append((lr, res))
     rows = []
-    if lora_res is not None:
+    if lora_res is not None and lora_res.status == "completed":
         rows.append(_row("LoRA (unmerged)", lora_res, lora_res.val_loss, lora_res.accuracy, lora_over))
         rows.append(_row("LoRA (merged)", lora_res, lora_res.merged_val_loss, lora_res.merged_accuracy, lora_over))
     completed = [(lr, r) for lr, r in full_res if r.status == "completed" and math.isfinite(r.val_loss)]
@@ -513,28 +528,26 @@ def _row(name: str, r: RunResult, val_loss: Optional[float], acc: Optional[float
 
 
 def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunResult]:
+    """One comparison run, reused on a re-run only if it ran with exactly these settings (its folder is named by a
+    hash of them, so a new best trial or new base overrides get a fresh run)."""
+    import hashlib
     import json
 
-    folder = st.dir / "compare" / name
+    from omegaconf import OmegaConf
+
+    full = st.base_overrides + overrides + ["trainer.checkpoint_every=0"]
+    folder = st.dir / "compare" / f"{name}-{hashlib.sha1(' '.join(full).encode()).hexdigest()[:8]}"
     metrics = folder / "metrics.json"
     if metrics.is_file():
-        data = json.loads(metrics.read_text())
-        return RunResult(**data)
-    resolved, cfg = compose(st.base_overrides + overrides + [f"output_dir={folder}", "trainer.checkpoint_every=0"])
-    session = build(cfg)
-    resolved.output_dir = str(folder)
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(resolved))
-    tags = {tracking.KIND_TAG: "compare", tracking.STUDY_TAG: st.spec.name}
+        return RunResult(**json.loads(metrics.read_text()))
+    resolved, cfg = compose(full + [f"output_dir={folder}"])
     log.info("comparison run %s: %s", name, " ".join(overrides))
+    tags = {tracking.KIND_TAG: "compare", tracking.STUDY_TAG: st.spec.name}
     try:
-        with tracking.TrainingRun(cfg, resolved, session, parent_run_id=st.parent_run_id, run_name=f"compare-{name}",
-                                  tags=tags) as run_log:
-            result = session.fit(run_log.on_eval)
-            run_log.finish(result)
+        return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
+                           run_name=f"compare-{name}", tags=tags)
     finally:
-        session.close()
         _free_memory()
-    return result
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -687,7 +700,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         st = Study(spec, inv)
         if not is_worker:
             preflight(st)
-        st.open()
+        storage = st.open_storage()  # an unreachable database stops here, before any study exists
+        if st.tracking.enabled:
+            tracking.connect(st.tracking)  # and an unusable tracking store too
+        st.open(storage)
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad targets, unreachable storage
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -699,6 +715,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("study %s: %d trials in budget, %d added now, storage %s", spec.name, spec.n_trials, added,
              st.storage_url().split("@")[-1])
     try:
+        code = 0
         if spec.workers > 1:
             code = launch_workers(st, inv, spec.workers)
             if code != 0:
@@ -710,7 +727,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     if is_worker:
         return 0
-    return finish(st)
+    return max(finish(st), 1 if code else 0)
 
 
 def finish(st: Study) -> int:

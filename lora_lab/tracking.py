@@ -11,14 +11,11 @@ import contextlib
 import importlib.metadata
 import logging
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
-from lora_lab.config import Config, TrackingConfig, outputs_root
+from lora_lab.config import Config, ConfigError, TrackingConfig, outputs_root
 
 log = logging.getLogger("lora_lab")
 
@@ -45,44 +42,43 @@ def connect(tracking: TrackingConfig) -> str:
 
     _quiet_mlflow()
     uri = tracking.resolved_uri()
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        client = _init_sqlite_store(Path(uri[len("sqlite:///"):]))
-    else:
-        client = mlflow.MlflowClient()
-    for attempt in range(5):  # many workers may create the same experiment at once
-        exp = client.get_experiment_by_name(tracking.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            # An embedded store keeps artifacts beside the database; a server decides for itself.
-            location = (outputs_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-            return client.create_experiment(tracking.experiment, artifact_location=location)
-        except MlflowException:
-            time.sleep(0.2 * (attempt + 1))
-    raise RuntimeError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
+    try:
+        mlflow.set_tracking_uri(uri)
+        if uri.startswith("sqlite:///"):
+            client = _init_sqlite_store(Path(uri[len("sqlite:///"):]))
+        else:
+            client = mlflow.MlflowClient()
+        for attempt in range(5):  # many workers may create the same experiment at once
+            exp = client.get_experiment_by_name(tracking.experiment)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                # An embedded store keeps artifacts beside the database; a server decides for itself.
+                location = (outputs_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                return client.create_experiment(tracking.experiment, artifact_location=location)
+            except MlflowException:
+                time.sleep(0.2 * (attempt + 1))
+    except Exception as exc:  # unknown scheme, unreachable server, unwritable file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"tracking.uri={uri!r}: cannot use this MLflow store ({first})") from None
+    raise ConfigError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
 
 
 def _init_sqlite_store(db: Path) -> Any:
     """Create (migrate) an embedded SQLite store under a file lock: two processes that open a new mlflow.db at once
     otherwise race in MLflow's alembic migrations and one of them dies."""
-    import fcntl
-
     import mlflow
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.init.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            client = mlflow.MlflowClient()
-            client.search_experiments(max_results=1)  # the first use of a store creates and migrates it
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from lora_lab.models import file_lock
+
+    with file_lock(db.parent / f".{db.name}.init.lock"):
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)  # the first use of a store creates and migrates it
     return client
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys (`lora.r`), values as text."""
+def flatten(cfg: dict[str, Any]) -> dict[str, str]:
+    """The resolved config (a plain dict) as MLflow params: dotted keys (`lora.r`), values as text."""
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -92,7 +88,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             out[prefix[:-1]] = str(node)[:500]  # MLflow's limit on a param value
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(cfg, "")
     return out
 
 
@@ -117,7 +113,7 @@ class TrainingRun:
     block raises, the exception.
     """
 
-    def __init__(self, cfg: Config, resolved: DictConfig, session: Any, parent_run_id: Optional[str] = None,
+    def __init__(self, cfg: Config, resolved: dict[str, Any], session: Any, parent_run_id: Optional[str] = None,
                  run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> None:
         self.cfg, self.resolved, self.session = cfg, resolved, session
         self.parent_run_id, self.run_name, self.extra_tags = parent_run_id, run_name, tags or {}
@@ -162,8 +158,8 @@ class TrainingRun:
         self.outcome = (state, reason)
 
     def finish(self, result: Any) -> None:
-        """Final metrics, artifacts (config, metrics.json, adapter, loss curve) and the outcome of the run."""
-        self.set_outcome(result.status, result.reason)
+        """Final metrics and artifacts (config, metrics.json, adapter, loss curve). The caller sets the outcome after
+        this returns, so a failure while logging ends the run FAILED rather than FINISHED."""
         if self.run_id is None:
             return
         from mlflow.entities import Metric
@@ -180,18 +176,19 @@ class TrainingRun:
         if (out / "adapter").is_dir():
             self._client.log_artifacts(self.run_id, str(out / "adapter"), artifact_path="adapter")
         if result.history:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = Path(tmp) / "loss_curve.png"
-                loss_curve({self.cfg.method: (result.history, result.evals)}, png,
-                           title=f"{self.cfg.method} on {self.cfg.data.name} ({Path(self.cfg.model.name).name})")
-                self._client.log_artifact(self.run_id, str(png))
+            png = loss_curve({self.cfg.method: (result.history, result.evals)}, out / "loss_curve.png",
+                             title=f"{self.cfg.method} on {self.cfg.data.name} ({Path(self.cfg.model.name).name})")
+            self._client.log_artifact(self.run_id, str(png))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self.run_id is None:
             return
         import mlflow
 
-        if exc is not None and self.outcome is None:
+        if exc is not None and getattr(exc, "run_state", None):  # e.g. a pruned trial: the exception says how it ended
+            self.outcome = (exc.run_state, str(exc)[:500])
+            status = MLFLOW_STATUS.get(exc.run_state, "KILLED")
+        elif exc is not None:
             self.outcome = ("FAIL", f"{type(exc).__name__}: {exc}"[:500])
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         else:
@@ -210,15 +207,6 @@ def ui_command(tracking: TrackingConfig) -> str:
     if uri.startswith("http"):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-
-
-def log_table_artifacts(run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
-    """Attach files (tables, plots) to an existing run, e.g. a study's parent run."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for p in paths:
-        client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
 
 # ----------------------------------------------------------------------------------------------- studies

@@ -90,19 +90,8 @@ class RunResult:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file others read so that it is either absent, old, or complete: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write a text file others read so that it is either absent, old, or complete (lora.atomic_write)."""
+    lora.atomic_write(path, text.encode())
 
 
 @contextlib.contextmanager
@@ -345,6 +334,7 @@ class Session:
 
         cfg, t = self.cfg, self.cfg.trainer
         model, device = self.model, self.device
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         model.to(device)
         model.train()
         optimizer, scheduler = self.make_optimizer()
@@ -421,7 +411,8 @@ class Session:
     def _finish(self, status: str, reason: str, history: list, evals: list, step_times: list[float], tokens: int,
                 train_time: float, peak: PeakMemory) -> RunResult:
         cfg, out = self.cfg, self.output_dir
-        last = evals[-1] if evals else {"val_loss": float("nan")}
+        # A diverged run has no final loss: the last finite evaluation would read as a result.
+        last = evals[-1] if evals and status == "completed" else {"val_loss": float("nan")}
         base = evals[0] if evals and evals[0]["step"] == 0 else {}
         merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
         if status == "completed" and cfg.method == "lora":
@@ -608,19 +599,55 @@ def build(cfg: Config) -> Session:
         for p in model.parameters():
             p.requires_grad_(True)
         wrapped = []
+    if cfg.data.format == "classification":
+        labels = set(data.train["labels"]) | set(data.val["labels"])
+        if max(labels) >= cfg.model.num_labels:
+            raise ConfigError(f"model.num_labels={cfg.model.num_labels}: the data has class {max(labels)}; "
+                              f"expected labels 0..{cfg.model.num_labels - 1}")
     seed_everything(cfg.seed)
+    # Nothing is written yet: the folder appears when the run starts (fit, run_tracked), not on a bad input.
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
     return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir)
 
 
-def run(cfg: Config, on_eval: Optional[EvalCallback] = None, resolved_yaml: Optional[str] = None) -> RunResult:
+def run(cfg: Config, on_eval: Optional[EvalCallback] = None) -> RunResult:
     """Build and fit in one call (no MLflow): for tests and notebooks."""
     session = build(cfg)
     try:
-        if resolved_yaml is not None:
-            atomic_write_text(session.output_dir / "config.yaml", resolved_yaml)
         return session.fit(on_eval)
+    finally:
+        session.close()
+
+
+def run_tracked(session: Session, resolved: dict[str, Any], *, parent_run_id: Optional[str] = None,
+                run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+                on_eval: Optional[EvalCallback] = None,
+                verdict: Optional[Callable[[RunResult], tuple[str, str]]] = None) -> RunResult:
+    """Write the resolved config.yaml, fit inside an MLflow run (when tracking is on), close the session.
+
+    The one sequence behind `python -m lora_lab.train`, every sweep trial and every comparison run. `resolved` is the
+    composed config as a plain dict; `verdict` names the run's final state and reason (default: completed/diverged),
+    and an exception with a `run_state` attribute (a pruned trial) ends the run in that state.
+    """
+    import yaml
+
+    from lora_lab import tracking
+
+    try:
+        resolved = {**resolved, "output_dir": str(session.output_dir)}
+        atomic_write_text(session.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        with tracking.TrainingRun(session.cfg, resolved, session, parent_run_id=parent_run_id, run_name=run_name,
+                                  tags=tags) as run_log:
+
+            def hook(event: EvalEvent) -> None:
+                run_log.on_eval(event)
+                if on_eval is not None:
+                    on_eval(event)
+
+            result = session.fit(hook)
+            run_log.finish(result)
+            run_log.set_outcome(*(verdict(result) if verdict else (result.status, result.reason)))
+        return result
     finally:
         session.close()
 
@@ -637,20 +664,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     try:
         resolved, cfg = compose(argv)
         session = build(cfg)
+        if cfg.tracking.enabled:
+            tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
-    resolved.output_dir = str(session.output_dir)
-    atomic_write_text(session.output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    try:
-        with tracking.TrainingRun(cfg, resolved, session) as run_log:
-            result = session.fit(on_eval=run_log.on_eval)
-            run_log.finish(result)
-    finally:
-        session.close()
+    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True))
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")

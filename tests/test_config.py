@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def test_every_yaml_starts_with_its_command() -> None:
     assert files
     for path in files:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# python -m lora_lab."), f"{path} does not start with the command that uses it"
+        # The command, optionally after environment settings: "# LORA_LAB_OUTPUTS=... python -m lora_lab.sweep ..."
+        assert re.match(r"# (\w+=\S+ )*python -m lora_lab\.", first), f"{path} does not start with the command that uses it"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))

@@ -74,12 +74,14 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
     ("model.name=no-such/model-xyz", "model.name"),
     ("data.name=no_such_dataset_xyz", "data.name"),
     ("lora.targets=[no_such_proj]", "no_such_proj"),
+    ("tracking.uri=bogus://nowhere", "tracking.uri"),
 ])
 def test_bad_input_exits_2_and_creates_no_mlflow_run(outputs: Path, override: str, needle: str,
                                                      capsys: pytest.CaptureFixture) -> None:
     assert train.main([*TINY, override]) == 2
     assert needle in capsys.readouterr().err
     assert mlflow_runs(outputs) == []
+    assert not (outputs / "runs").exists()  # no half-made run folder either
 
 
 def test_dataset_without_text_column_and_empty_dataset(outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
