@@ -319,7 +319,8 @@ def _settings(r: Run) -> str:
     return " ".join(bits)
 
 
-def _varying_studies(runs: list[Run], attr: Callable[[Run], Any], fixed: Optional[Callable[[Run], Any]] = None) -> list[Run]:
+def _varying_studies(runs: list[Run], attr: Callable[[Run], Any], fixed: Optional[Callable[[Run], Any]] = None,
+                     fallback_all: bool = True) -> list[Run]:
     """LoRA runs of the studies in which `attr` takes two or more values (and `fixed`, if given, only one); falls
     back to dropping the `fixed` condition, then to all LoRA runs."""
     lora = [r for r in ok_runs(runs) if r.method == "lora"]
@@ -328,13 +329,13 @@ def _varying_studies(runs: list[Run], attr: Callable[[Run], Any], fixed: Optiona
         by.setdefault(r.study, []).append(r)
     varying = {s: rs for s, rs in by.items() if len({attr(x) for x in rs}) >= 2}
     strict = [r for rs in varying.values() if fixed is None or len({fixed(x) for x in rs}) == 1 for r in rs]
-    return strict or [r for rs in varying.values() for r in rs] or lora
+    return strict or [r for rs in varying.values() for r in rs] or (lora if fallback_all else [])
 
 
 def table_targets(runs: list[Run]) -> Table:
     """Hu et al. Table 5 / Without Regret finding 4: target sets (at matched trainable parameters where the study
     chose ranks for it), each at its best LR; seeds averaged."""
-    sel = _varying_studies(runs, lambda r: r.targets)
+    sel = _varying_studies(runs, lambda r: r.targets, fallback_all=False)  # no study compared target sets: no rows
     groups: dict[tuple, list[Run]] = {}
     for r in sel:
         groups.setdefault((r.targets, r.r), []).append(r)
