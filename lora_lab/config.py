@@ -145,7 +145,7 @@ class LoraConfig:
 class OptimConfig:
     """conf/optim/*.yaml: AdamW over the trainable parameters, and the LR schedule."""
 
-    lr: float = 1e-3  # peak learning rate (absolute), unless lr_mult is set
+    lr: float = 3e-4  # peak learning rate (absolute), unless lr_mult is set
     lr_mult: Optional[float] = None  # if set, lr = lr_mult * ref_lr ("10x the full-FT LR")
     ref_lr: float = 1e-4  # reference full-fine-tuning LR that lr_mult multiplies
     weight_decay: float = 0.0  # decoupled weight decay
