@@ -340,7 +340,7 @@ def _check_param(path: str, spec: ParamSpec) -> None:
         _check(bool(spec.choices), f"{key}.choices", "a non-empty list of choices", spec.choices)
     elif spec.type in ("float", "int"):
         _check(spec.low is not None and spec.high is not None, key, "both low and high", (spec.low, spec.high))
-        _check(spec.low <= spec.high, key, f"low <= high", f"low={spec.low}, high={spec.high}")
+        _check(spec.low <= spec.high, key, "low <= high", f"low={spec.low}, high={spec.high}")
         _check(not spec.log or spec.low > 0, f"{key}.low", "a number > 0 on a log scale", spec.low)
     elif spec.type == "tied":
         _check(spec.ratio is not None and spec.ratio > 0, f"{key}.ratio", "a number > 0", spec.ratio)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from lora_lab import search, tracking
-from lora_lab.config import Config, ConfigError, SweepConfig, compose, load_sweep, outputs_root
+from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.models import file_lock
 from lora_lab.train import RunResult, atomic_write_text, build, run_tracked
 

@@ -240,16 +240,6 @@ def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str
     return chosen
 
 
-def trial_runs(tracking: TrackingConfig, study: str, parent_run_id: str) -> list[Any]:
-    """The child runs of a study, oldest first."""
-    import mlflow
-
-    experiment_id = connect(tracking)
-    client = mlflow.MlflowClient()
-    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
-
-
 def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, reason: str) -> int:
     """A worker died mid-trial: end its RUNNING MLflow run as KILLED (with the reason) rather than leave it RUNNING.
     Returns how many runs were marked."""
