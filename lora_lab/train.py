@@ -33,6 +33,7 @@ from lora_lab import lora
 from lora_lab.config import Config, ConfigError, outputs_root
 
 log = logging.getLogger("lora_lab")
+PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -211,6 +212,10 @@ class Session:
         self.counts = lora.count_parameters(model)
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, device)
         self.eval_time_s = 0.0
+        # Logits of the first validation rows from the latest evaluation: the merged-vs-unmerged check compares the
+        # final evaluation's probe with the merged evaluation's, so the check costs no forward of its own.
+        self.probe_logits: Optional[torch.Tensor] = None
+        self._val_order: Optional[list[int]] = None  # validation rows by length, computed on first use
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -235,11 +240,19 @@ class Session:
         data, fmt = self.data, self.data.format
         loss_sum, n_tokens, correct, n_rows = 0.0, 0, 0, 0
         bs = self.cfg.trainer.eval_batch_size
-        for start in range(0, len(data.val), bs):
-            rows = [data.val[i] for i in range(start, min(start + bs, len(data.val)))]
+        self.probe_logits = None
+        if self._val_order is None:
+            # Batches of similar lengths pad less (a quarter fewer tokens on the default task); the sums below do
+            # not depend on the order.
+            lengths = [len(ids) for ids in data.val["input_ids"]]
+            self._val_order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        order = self._val_order
+        for start in range(0, len(order), bs):
+            rows = [data.val[i] for i in order[start:start + bs]]
             if fmt == "classification":
                 batch = _to(collate(rows, data.pad_id), self.device)
                 logits = self._forward_logits(batch).float()  # (B, K)
+                self._keep_probe(logits)
                 loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
                 n_tokens += len(rows)
                 correct += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -250,7 +263,9 @@ class Session:
                 # the head runs on that position only (the vocabulary projection dominates small models' cost).
                 truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
                 words = torch.tensor([w[0] for w in data.label_token_ids], device=self.device)
-                logp = torch.log_softmax(self._last_token_logits(rows), dim=-1)[:, words]  # (B, K)
+                logits = self._last_token_logits(rows)  # (B, V)
+                self._keep_probe(logits)
+                logp = torch.log_softmax(logits, dim=-1)[:, words]  # (B, K)
                 loss_sum += -logp.gather(1, truth[:, None]).sum().item()
                 n_tokens += len(rows)
                 correct += (logp.argmax(1) == truth).sum().item()
@@ -261,7 +276,10 @@ class Session:
                 scores, true_sum, true_count = [], torch.zeros(len(rows), device=self.device), torch.zeros(len(rows), device=self.device)
                 for k, word_ids in enumerate(data.label_token_ids):
                     batch = _to(collate(rows, data.pad_id, candidate=word_ids), self.device)
-                    lp, cnt = sequence_logprobs(self._forward_logits(batch), batch["labels"])  # (B,), (B,)
+                    logits = self._forward_logits(batch)  # (B, T, V)
+                    if k == 0:
+                        self._keep_probe(logits)
+                    lp, cnt = sequence_logprobs(logits, batch["labels"])  # (B,), (B,)
                     scores.append(lp)
                     is_true = truth == k
                     true_sum += torch.where(is_true, lp, 0.0)
@@ -272,7 +290,9 @@ class Session:
                 n_rows += len(rows)
             else:
                 batch = _to(collate(rows, data.pad_id), self.device)
-                lp, cnt = sequence_logprobs(self._forward_logits(batch), batch["labels"])
+                logits = self._forward_logits(batch)  # (B, T, V)
+                self._keep_probe(logits)
+                lp, cnt = sequence_logprobs(logits, batch["labels"])
                 loss_sum += -lp.sum().item()
                 n_tokens += int(cnt.sum().item())
         self.model.train(was_training)
@@ -296,16 +316,10 @@ class Session:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    @torch.no_grad()
-    def first_val_logits(self) -> torch.Tensor:
-        from lora_lab.data import collate
-
-        was_training = self.model.training
-        self.model.eval()
-        rows = [self.data.val[i] for i in range(min(self.cfg.trainer.eval_batch_size, len(self.data.val)))]
-        logits = self._forward_logits(_to(collate(rows, self.data.pad_id), self.device)).float()
-        self.model.train(was_training)
-        return logits
+    def _keep_probe(self, logits: torch.Tensor) -> None:
+        """Keep the first evaluation batch's logits (at most PROBE_ROWS rows, fp32) as this evaluation's probe."""
+        if self.probe_logits is None:
+            self.probe_logits = logits[:PROBE_ROWS].detach().float().clone()
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -416,13 +430,18 @@ class Session:
         base = evals[0] if evals and evals[0]["step"] == 0 else {}
         merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
         if status == "completed" and cfg.method == "lora":
-            before = self.first_val_logits()
+            if not evals or evals[-1]["step"] != len(history) or self.probe_logits is None:
+                self.evaluate()  # no evaluation of the final weights yet (a run resumed at its end): take the probe
+            before = self.probe_logits
+            t0 = time.perf_counter()
             lora.merge(self.model)  # fp32 inside, whatever the weight dtype
-            after = self.first_val_logits()
-            logit_diff = (after - before).abs().max().item()
+            self.eval_time_s += time.perf_counter() - t0  # the merge is part of the merged evaluation
             merged = self.evaluate()
+            logit_diff = (self.probe_logits - before).abs().max().item()
             merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
+            t0 = time.perf_counter()
             lora.unmerge(self.model)
+            self.eval_time_s += time.perf_counter() - t0
             if cfg.export.adapter:
                 with atomic_dir(out / "adapter") as tmp:
                     lora.save_adapter(self.model, tmp, base_model_name=cfg.model.name)
