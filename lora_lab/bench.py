@@ -228,11 +228,19 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
     lora_model = models["lora_lab"]
     # merge/unmerge happen outside the timed region: time only the forward.
     fwd_times: dict[str, list[float]] = {k: [] for k in fwd_kinds}
+    merged_now = False
     for rep in range(warmup + steps):
         for k in fwd_kinds[rep % len(fwd_kinds):] + fwd_kinds[: rep % len(fwd_kinds)]:
-            (lora.merge if k == "lora_lab_merged" else lora.unmerge)(lora_model)
             model = {"base": pristine, "peft_unmerged": models.get("peft")}.get(k, lora_model)
+            want_merged = k == "lora_lab_merged"
             with torch.inference_mode():
+                if model is lora_model and merged_now != want_merged:
+                    (lora.merge if want_merged else lora.unmerge)(lora_model)
+                    merged_now = want_merged
+                    # The first forward after a merge or unmerge ran ~3% slower in a measured run (the allocator is
+                    # left in another state by the merge's temporaries); a served model is merged once, so that
+                    # forward is not timed.
+                    model(input_ids=ids)
                 t = _timed(lambda: model(input_ids=ids), device)
             if rep >= warmup:
                 fwd_times[k].append(t)
@@ -266,6 +274,13 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
             "unmerged_fwd_over_base": fmed["lora_lab_unmerged"] / fmed["base"],
         },
     }
+    # Paired ratios: each round's lora_lab step over the same round's peft step (run back to back), so a slow
+    # stretch of a shared machine hits both sides of a pair; their spread says how far one verdict can be trusted.
+    result["paired"] = {"lora_lab_over_full": _spread([a / b for a, b in zip(step_times["lora_lab"], step_times["full"])])}
+    if have_peft:
+        result["paired"]["lora_lab_over_peft"] = _spread([a / b for a, b in zip(step_times["lora_lab"], step_times["peft"])])
+    result["paired"]["merged_fwd_over_base"] = _spread(
+        [a / b for a, b in zip(fwd_times["lora_lab_merged"], fwd_times["base"])])
     if have_peft:
         result["ratios"].update({
             "step_lora_lab_over_peft": med["lora_lab"] / med["peft"],
@@ -275,6 +290,11 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
         if memory:
             result["ratios"]["peak_mem_lora_lab_over_peft"] = mem["lora_lab"] / max(mem["peft"], 1)
     return result
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    """Median, min and max of per-round ratios."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -295,6 +315,9 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append("ratios")
     for k, v in res["ratios"].items():
         lines.append(f"  {k:<34}{v:>7.3f}  {targets.get(k, '')}")
+    lines.append("paired per-round ratios (median [min, max] over rounds)")
+    for k, v in res.get("paired", {}).items():
+        lines.append(f"  {k:<34}{v['median']:>7.3f}  [{v['min']:.3f}, {v['max']:.3f}] n={v['n']}")
     return "\n".join(lines)
 
 
@@ -313,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
     ap.add_argument("suite", choices=["core"])
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds (after --warmup)")
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")

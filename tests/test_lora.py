@@ -363,8 +363,12 @@ def test_bench_tiny_writes_expected_json(tmp_path):
     from lora_lab import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["core", "--tiny", "--steps", "1", "--warmup", "0", "--no-memory", "--out", str(out)]) == 0
+    assert bench.main(["core", "--tiny", "--steps", "2", "--warmup", "0", "--no-memory", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
+    paired = res["paired"]["lora_lab_over_full"]  # per-round ratios from the same rounds as the medians
+    times = res["step"]
+    expected = sorted(a / b for a, b in zip(times["lora_lab"]["times_s"], times["full"]["times_s"]))
+    assert paired["n"] == 2 and paired["min"] == pytest.approx(expected[0]) and paired["max"] == pytest.approx(expected[-1])
     assert {"full", "lora_lab"} <= set(res["step"])
     assert {"base", "lora_lab_unmerged", "lora_lab_merged"} <= set(res["forward"])
     for s in res["step"].values():
