@@ -441,8 +441,9 @@ def worker_loop(st: Study) -> None:
                 # What the trial spent outside training steps and evaluations: compose, model and data from cache,
                 # MLflow logging. The sweep reports its share of the wall time (target: under 5%).
                 attrs = study._storage.get_trial_user_attrs(trial_id)
-                trial.set_user_attr("overhead_s", time.time() - t0 - attrs["train_time_s"] - attrs["eval_time_s"])
-                trial.set_user_attr("wall_s", time.time() - t0)
+                wall = time.time() - t0
+                trial.set_user_attr("overhead_s", wall - attrs["train_time_s"] - attrs["eval_time_s"])
+                trial.set_user_attr("wall_s", wall)
             study.tell(trial, values=values, state=state)
             _free_memory()
             _log_trial(trial.number, state, values, reason, trial.params, time.time() - t0)

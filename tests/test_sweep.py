@@ -48,6 +48,12 @@ def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, cap
     assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert sorted(t.number for t in trials) == [0, 1, 2]
     assert set(trials[0].params) == {"lora.r", "lora.dropout", "lora.targets", "optim.lr"}
+    for t in trials:  # the time split behind the printed overhead share adds up to the trial's wall time
+        a = t.user_attrs
+        assert a["train_time_s"] > 0 and a["eval_time_s"] > 0 and a["overhead_s"] >= 0
+        assert a["train_time_s"] + a["eval_time_s"] + a["overhead_s"] == pytest.approx(a["wall_s"], rel=1e-6)
+    share = sweep.overhead_share(study)
+    assert share == pytest.approx(sum(t.user_attrs["overhead_s"] for t in trials) / sum(t.user_attrs["wall_s"] for t in trials))
 
     runs = runs_by_kind(outputs)
     assert len(runs["study"]) == 1 and len(runs["trial"]) == 3
@@ -66,6 +72,7 @@ def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, cap
     assert (folder / "best.yaml").read_text().startswith("# python -m lora_lab.train ")
     out = capsys.readouterr().out
     assert f"best trial #{study.best_trial.number}" in out and "mlflow ui" in out
+    assert f"{100 * share:.1f}% of trial wall time" in out
     # best.yaml's overrides reproduce the best value through lora_lab.train (same seed, CPU: deterministic).
     code = train.main([*best["overrides"], "tracking=off", f"output_dir={outputs / 'repro'}"])
     assert code == 0

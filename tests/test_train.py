@@ -115,6 +115,33 @@ def test_lora_learns_and_only_lora_changes(outputs: Path) -> None:
     assert [e["step"] for e in result.evals] == [0, 10, 20, 30]
 
 
+def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The merged-vs-unmerged check reuses the final and the merged evaluations' logits: a merge that adds the update
+    # twice must show up in it (and in the merged val loss), while the real merge stays at rounding level.
+    _, cfg = compose([*TINY, "tracking=off", "optim.lr=1e-2"])
+    honest = train.run(cfg)
+    assert honest.max_abs_logit_diff is not None and honest.max_abs_logit_diff < 1e-4
+
+    def merge_twice(model: torch.nn.Module) -> None:
+        for layer in model.modules():
+            if isinstance(layer, train.lora.LoraLayer):
+                layer.merge()
+                layer._add_to_weight(+1.0)  # the bug: the update folded in twice
+
+    def unmerge_twice(model: torch.nn.Module) -> None:
+        for layer in model.modules():
+            if isinstance(layer, train.lora.LoraLayer):
+                layer._add_to_weight(-1.0)
+                layer.unmerge()
+
+    monkeypatch.setattr(train.lora, "merge", merge_twice)
+    monkeypatch.setattr(train.lora, "unmerge", unmerge_twice)
+    faulty = train.run(cfg)
+    assert faulty.val_loss == pytest.approx(honest.val_loss, rel=1e-5)  # the same training
+    assert faulty.max_abs_logit_diff > 1e-3
+    assert faulty.merged_val_loss != pytest.approx(honest.merged_val_loss, rel=1e-4)
+
+
 def test_full_finetuning_trains_every_weight(outputs: Path) -> None:
     _, cfg = compose([*TINY, "tracking=off", "method=full", "optim.lr=1e-3"])
     result = train.run(cfg)
