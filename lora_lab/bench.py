@@ -211,7 +211,7 @@ def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict[str, Any]:
+def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict[str, Any]:
     """Run the core benchmark and return the results dict (what --out writes)."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
@@ -290,14 +290,13 @@ def run_core(tiny: bool = False, steps: int = 5, warmup: int = 3, batch: int = 4
     }
     # Paired ratios: each round's lora_lab step over the same round's peft step (run back to back), so a slow
     # stretch of a shared machine hits both sides of a pair; their spread says how far one verdict can be trusted.
-    result["paired"] = {"lora_lab_over_full": _spread([a / b for a, b in zip(step_times["lora_lab"], step_times["full"])]),
-                        "lora_lab_over_floor": _spread([a / b for a, b in zip(step_times["lora_lab"], step_times["floor"])])}
-    if have_peft:
-        result["paired"]["lora_lab_over_peft"] = _spread([a / b for a, b in zip(step_times["lora_lab"], step_times["peft"])])
-        result["paired"]["peft_over_floor"] = _spread([a / b for a, b in zip(step_times["peft"], step_times["floor"])])
-        result["paired"]["floor_over_peft"] = _spread([a / b for a, b in zip(step_times["floor"], step_times["peft"])])
+    def paired(a: str, b: str, times: dict[str, list[float]]) -> dict[str, float]:
+        return _spread([x / y for x, y in zip(times[a], times[b])])
+
+    pairs = [("lora_lab", "full"), ("lora_lab", "floor")] + ([("lora_lab", "peft"), ("peft", "floor"), ("floor", "peft")] if have_peft else [])
+    result["paired"] = {f"{a}_over_{b}": paired(a, b, step_times) for a, b in pairs}
     for k in ("lora_lab_merged", "lora_lab_unmerged"):
-        result["paired"][f"{k.split('_')[-1]}_fwd_over_base"] = _spread([a / b for a, b in zip(fwd_times[k], fwd_times["base"])])
+        result["paired"][f"{k.split('_')[-1]}_fwd_over_base"] = paired(k, "base", fwd_times)
     if have_peft:
         result["ratios"].update({
             "step_lora_lab_over_peft": med["lora_lab"] / med["peft"],
