@@ -338,14 +338,18 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
                 raise Pruned(f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
 
     tags = {tracking.KIND_TAG: "trial", tracking.STUDY_TAG: st.spec.name, tracking.TRIAL_TAG: str(trial.number)}
-    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
-                         run_name=f"trial-{trial.number}", tags=tags, on_eval=on_eval,
-                         verdict=lambda r: verdict(st.spec, r))
+    try:
+        result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
+                             run_name=f"trial-{trial.number}", tags=tags, on_eval=on_eval,
+                             verdict=lambda r: verdict(st.spec, r))
+    finally:  # pruned trials too: the overhead share counts every trial that ran
+        trial.set_user_attr("train_time_s", session.train_time_s)
+        trial.set_user_attr("eval_time_s", session.eval_time_s)
     state, reason = verdict(st.spec, result)
     if state != "COMPLETE":
         raise TrialFailed(reason)
     for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
-                "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes", "train_time_s", "eval_time_s"):
+                "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes"):
         trial.set_user_attr(key, getattr(result, key))
     return [float(getattr(result, name)) for name in st.spec.objectives]
 
@@ -437,10 +441,10 @@ def worker_loop(st: Study) -> None:
                 state, values, reason = run_one(st, trial)
             if reason:
                 trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
-            if state == TrialState.COMPLETE:
+            attrs = study._storage.get_trial_user_attrs(trial_id)
+            if state in (TrialState.COMPLETE, TrialState.PRUNED) and "train_time_s" in attrs:
                 # What the trial spent outside training steps and evaluations: compose, model and data from cache,
                 # MLflow logging. The sweep reports its share of the wall time (target: under 5%).
-                attrs = study._storage.get_trial_user_attrs(trial_id)
                 wall = time.time() - t0
                 trial.set_user_attr("overhead_s", wall - attrs["train_time_s"] - attrs["eval_time_s"])
                 trial.set_user_attr("wall_s", wall)
@@ -770,7 +774,7 @@ def finish(st: Study) -> int:
 
 
 def overhead_share(study: optuna.Study) -> Optional[float]:
-    """Share of completed trials' wall time spent outside training steps and evaluations."""
+    """Share of the wall time of completed and pruned trials spent outside training steps and evaluations."""
     done = [t for t in study.get_trials(deepcopy=False) if "overhead_s" in t.user_attrs]
     wall = sum(t.user_attrs["wall_s"] for t in done)
     return sum(t.user_attrs["overhead_s"] for t in done) / wall if wall > 0 else None

@@ -212,6 +212,7 @@ class Session:
         self.counts = lora.count_parameters(model)
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, device)
         self.eval_time_s = 0.0
+        self.train_time_s = 0.0  # optimizer steps so far: readable after a fit that ended in an exception (pruned)
         # Logits of the first validation rows from the latest evaluation: the merged-vs-unmerged check compares the
         # final evaluation's probe with the merged evaluation's, so the check costs no forward of its own.
         self.probe_logits: Optional[torch.Tensor] = None
@@ -363,7 +364,6 @@ class Session:
         pending: list[dict[str, float]] = []
         step_times: list[float] = []
         tokens = 0
-        train_time = 0.0
         if t.eval_at_start and start_step == 0:
             # Step 0 is the base model (LoRA starts as an exact no-op): the yardstick for "did it learn".
             metrics = self.evaluate()
@@ -395,13 +395,13 @@ class Session:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     dt = time.perf_counter() - t0
-                    train_time += dt
+                    self.train_time_s += dt
                     step_times.append(dt)
                     point = {"step": step + 1, "train_loss": loss_total, "lr": lr}
                     history.append(point)
                     pending.append(point)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens / max(train_time, 1e-9):.0f}")
+                    bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens / max(self.train_time_s, 1e-9):.0f}")
                     done = step + 1
                     if done % t.eval_every == 0 or done == t.max_steps:
                         metrics = self.evaluate()
@@ -409,7 +409,7 @@ class Session:
                             status, reason = "diverged", f"non-finite validation loss at step {done}"
                             break
                         metrics.update(train_loss=sum(p["train_loss"] for p in pending) / len(pending), lr=lr,
-                                       tokens_per_s=tokens / max(train_time, 1e-9))
+                                       tokens_per_s=tokens / max(self.train_time_s, 1e-9))
                         evals.append({"step": done, **metrics})
                         bar.set_postfix(loss=f"{loss_total:.4f}", val=f"{metrics['val_loss']:.4f}")
                         if on_eval is not None:
@@ -419,11 +419,11 @@ class Session:
                         ckpt.save(done, history, evals)
             finally:
                 bar.close()
-            result = self._finish(status, reason, history, evals, step_times, tokens, train_time, peak)
+            result = self._finish(status, reason, history, evals, step_times, tokens, peak)
         return result
 
     def _finish(self, status: str, reason: str, history: list, evals: list, step_times: list[float], tokens: int,
-                train_time: float, peak: PeakMemory) -> RunResult:
+                peak: PeakMemory) -> RunResult:
         cfg, out = self.cfg, self.output_dir
         # A diverged run has no final loss: the last finite evaluation would read as a result.
         last = evals[-1] if evals and status == "completed" else {"val_loss": float("nan")}
@@ -458,8 +458,8 @@ class Session:
             merged_val_loss=merged_val, merged_accuracy=merged_acc,
             max_abs_logit_diff=logit_diff, trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
-            time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(train_time, 1e-9),
-            train_time_s=train_time, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
+            time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(self.train_time_s, 1e-9),
+            train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
             output_dir=str(out), reason=reason, history=history, evals=evals,
         )
         atomic_write_text(out / "metrics.json", json.dumps(result.metrics(), indent=2, default=float))

@@ -122,6 +122,9 @@ compare_full: false
     assert stuck and all(t.state == optuna.trial.TrialState.PRUNED for t in stuck)  # a trial that learns nothing is cut
     pruned = by_state[optuna.trial.TrialState.PRUNED]
     assert all(t.user_attrs["prune_reason"].startswith("pruned at step") for t in pruned)
+    # A pruned trial's time counts in the overhead share too: its training steps up to the prune are measured.
+    assert all(t.user_attrs["train_time_s"] > 0 and t.user_attrs["overhead_s"] >= 0 for t in pruned)
+    assert all("overhead_s" not in t.user_attrs for t in failed)
     runs = runs_by_kind(outputs)["trial"]
     states = {r.data.tags["lora_lab.trial"]: (r.info.status, r.data.tags["lora_lab.state"]) for r in runs}
     for t in failed:
