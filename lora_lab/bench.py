@@ -338,12 +338,6 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    lora.atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_mem":  # internal: one contender's memory in a fresh process
@@ -365,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                    batch=2 if args.tiny else 4, seq=16 if args.tiny else 128, memory=not args.no_memory)
     print(format_table(res))
     if args.out:
-        _write_json_atomic(args.out, res)
+        lora.atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
     return 0
 
 

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from lora_lab import search, tracking
 from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.models import file_lock
-from lora_lab.train import RunResult, atomic_write_text, build, run_tracked
+from lora_lab.train import RunResult, atomic_write_text, build, free_memory, run_tracked
 
 log = logging.getLogger("lora_lab")
 
@@ -383,7 +383,7 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
                     return TrialState.FAIL, None, reason.splitlines()[0][:1000]
             # Out of memory: free it outside the except block (the traceback pins the failed attempt's tensors),
             # then retry once with half the micro-batch and twice the accumulation, from step 0.
-            _free_memory()
+            free_memory()
             _, cfg = compose(st.base_overrides + search.trial_overrides(_frozen(trial)))
             if attempt == 2 or cfg.trainer.batch_size % 2:
                 return TrialState.FAIL, None, reason.splitlines()[0][:1000]
@@ -396,16 +396,6 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     return trial.study._storage.get_trial(trial._trial_id)
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def worker_loop(st: Study) -> None:
@@ -449,7 +439,10 @@ def worker_loop(st: Study) -> None:
                 trial.set_user_attr("overhead_s", wall - attrs["train_time_s"] - attrs["eval_time_s"])
                 trial.set_user_attr("wall_s", wall)
             study.tell(trial, values=values, state=state)
-            _free_memory()
+            if state != TrialState.COMPLETE:
+                # Session.close() already collected; but a trial that ended in an exception kept its frames (and the
+                # model they hold) alive in the traceback until run_one returned.
+                free_memory()
             _log_trial(trial.number, state, values, reason, trial.params, time.time() - t0)
             _refresh_bar(bar, st)
             if state == TrialState.FAIL:
@@ -548,11 +541,8 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunResu
     resolved, cfg = compose(full + [f"output_dir={folder}"])
     log.info("comparison run %s: %s", name, " ".join(overrides))
     tags = {tracking.KIND_TAG: "compare", tracking.STUDY_TAG: st.spec.name}
-    try:
-        return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
-                           run_name=f"compare-{name}", tags=tags)
-    finally:
-        _free_memory()
+    return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
+                       run_name=f"compare-{name}", tags=tags)  # closes (frees) the session
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:

@@ -353,6 +353,7 @@ class Session:
         model.to(device)
         model.train()
         optimizer, scheduler = self.make_optimizer()
+        trainable = [p for p in model.parameters() if p.requires_grad]  # what clipping sees, listed once
         ckpt = Checkpointer(self.output_dir / "checkpoints", model, optimizer, scheduler, full=cfg.method == "full")
         start_step, history, evals = 0, [], []
         if t.resume:
@@ -389,7 +390,7 @@ class Session:
                         optimizer.zero_grad(set_to_none=True)
                         break
                     if cfg.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
@@ -478,11 +479,16 @@ class Session:
     def close(self) -> None:
         """Free the model, optimizer state and caches (a sweep runs many sessions in one process)."""
         self.model = None
-        import gc
+        free_memory()
 
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def free_memory() -> None:
+    """Collect garbage (a model's cycles) and hand cached CUDA blocks back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
