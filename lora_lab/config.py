@@ -184,9 +184,20 @@ class TrainerConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: never
     resume: bool = False  # continue from the last checkpoint in output_dir
     device: str = "auto"  # 'auto' (CUDA if present), 'cpu', 'cuda'
-    precision: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16'
+    # 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16'. bf16: autocast, and under LoRA the frozen base weights are
+    # stored in bf16 (they never change, so they need no fp32 master copy); trainable weights stay fp32.
+    precision: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0: all cores
     progress: bool = True  # show a progress bar with loss, tokens/s and ETA
+    # Read the training losses back from the device every N optimizer steps (one host sync for N steps, so a GPU can
+    # run ahead of Python); a non-finite loss is detected at these points and at every evaluation.
+    sync_every: int = 10
+    # torch.compile each block of the model's repeated layer list (regional: one layer's code is compiled once and
+    # reused by every layer, so the first step stays fast). Fewer kernel launches per step on a GPU.
+    compile: bool = False
+    # Pad each training batch's length up to a multiple of N tokens (fewer distinct shapes for compile and tensor
+    # cores; padding carries no loss). 1: pad to the longest row only.
+    pad_to_multiple: int = 1
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
@@ -195,6 +206,8 @@ class TrainerConfig:
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check(self.num_threads >= 0, "trainer.num_threads", "an integer >= 0", self.num_threads)
+        _check(self.sync_every >= 1, "trainer.sync_every", "an integer >= 1", self.sync_every)
+        _check(self.pad_to_multiple >= 1, "trainer.pad_to_multiple", "an integer >= 1", self.pad_to_multiple)
 
 
 @dataclass

@@ -81,13 +81,18 @@ class _LoraLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, fan_in_fan_out: bool):  # type: ignore[override]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (N, d_in)
-        w_t = weight if fan_in_fan_out else weight.t()  # (d_in, d_out), a view
-        y = torch.addmm(bias, x2, w_t) if bias is not None else x2.mm(w_t)  # (N, d_out)
-        h = x2.mm(lora_A.t())  # (N, r)
-        y.addmm_(h, lora_B.t(), alpha=scale)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, fan_in_fan_out: bool, dtype: torch.dtype):  # type: ignore[override]
+        # Everything is computed in `dtype` (the autocast dtype, else the weight's): fp32 adapters on a bf16 base
+        # are cast here, once per call (r x d, small), as autocast would do for F.linear.
+        off = torch.is_autocast_enabled(x.device.type)  # autocast off inside: dtypes are explicit here
+        with torch.autocast(x.device.type, enabled=False) if off else contextlib.nullcontext():
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(dtype)  # (N, d_in)
+            weight, lora_A, lora_B = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+            w_t = weight if fan_in_fan_out else weight.t()  # (d_in, d_out), a view
+            y = torch.addmm(bias.to(dtype), x2, w_t) if bias is not None else x2.mm(w_t)  # (N, d_out)
+            h = x2.mm(lora_A.t())  # (N, r)
+            y.addmm_(h, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x2, h, weight, lora_A, lora_B)
         ctx.scale, ctx.fan_in_fan_out, ctx.x_shape = scale, fan_in_fan_out, shape
         return y.view(*shape[:-1], y.shape[-1])
@@ -97,7 +102,7 @@ class _LoraLinearFn(torch.autograd.Function):
         x2, h, weight, lora_A, lora_B = ctx.saved_tensors
         scale = ctx.scale
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, d_out)
         grad_x = grad_w = grad_b = grad_a = grad_bb = None
         if need_bb:
             grad_bb = g.t().mm(h).mul_(scale)  # (d_out, r)
@@ -113,7 +118,8 @@ class _LoraLinearFn(torch.autograd.Function):
             grad_w = x2.t().mm(g) if ctx.fan_in_fan_out else g.t().mm(x2)
         if need_b:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, grad_a, grad_bb, None, None
+        # Gradients come back in the compute dtype; autograd casts each to its input's dtype (fp32 adapters).
+        return grad_x, grad_w, grad_b, grad_a, grad_bb, None, None, None
 
 
 class LoraLayer(nn.Module):
@@ -142,7 +148,9 @@ class LoraLayer(nn.Module):
         self.merged = False
         self.disabled = False
         w = base_layer.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        # Adapters train in fp32 on a bf16/fp16 base (peft's autocast_adapter_dtype): their AdamW updates would
+        # round away in 8 mantissa bits. The fused forward casts them to the compute dtype per call.
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in, device=w.device, dtype=dtype))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(self.d_out, r, device=w.device, dtype=dtype))  # (d_out, r)
         self.reset_lora_parameters()
@@ -200,15 +208,20 @@ class LoraLayer(nn.Module):
         base = self.base_layer
         w = base.weight
         drop = self.dropout > 0.0 and self.training
-        if drop or x.dtype != w.dtype or self.lora_A.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if drop or not w.dtype.is_floating_point or not (autocast or x.dtype == w.dtype):
             return self._forward_composed(x, scale, drop)
-        return _LoraLinearFn.apply(x, w, base.bias, self.lora_A, self.lora_B, scale, self.fan_in_fan_out)
+        # One fused node under autocast too (a GPU step is launch-bound: the composed path costs ~5 more kernels).
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
+        return _LoraLinearFn.apply(x, w, base.bias, self.lora_A, self.lora_B, scale, self.fan_in_fan_out, dtype)
 
     def _forward_composed(self, x: torch.Tensor, scale: float, drop: bool) -> torch.Tensor:
         """Plain-op path for dropout, mixed dtypes or autocast."""
         y = self.base_layer(x)  # (B, T, d_out)
         xd = F.dropout(x, self.dropout, training=True) if drop else x
-        h = F.linear(xd.to(self.lora_A.dtype), self.lora_A) * scale  # (B, T, r): scale on the small tensor
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts; no fp32 copy of x
+            xd = xd.to(self.lora_A.dtype)
+        h = F.linear(xd, self.lora_A) * scale  # (B, T, r): scale on the small tensor
         return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -65,7 +65,9 @@ class RunResult:
     base_accuracy: Optional[float]
     merged_val_loss: Optional[float]
     merged_accuracy: Optional[float]
-    max_abs_logit_diff: Optional[float]
+    max_abs_logit_diff: Optional[float]  # merged vs unmerged, probe rows, in the precision the run evaluates in
+    merge_tol: Optional[float]  # the tolerance of that check: 1e-4 in fp32, else 8 ulps of the largest probe logit
+    merge_ok: Optional[bool]  # max_abs_logit_diff <= merge_tol
     trainable_params: int
     total_params: int
     adapter_bytes: Optional[int]
@@ -193,6 +195,95 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+class TrainBatches:
+    """Training micro-batches as tensors, in the order `batch_rows` gives.
+
+    The rows are padded once into (N, T) tables, so a batch is an index_select and a trim instead of a Python
+    collate per step; on CUDA each batch is built in pinned memory and copied without blocking the host.
+    """
+
+    def __init__(self, data: Any, batch_size: int, seed: int, device: torch.device, pad_to_multiple: int = 1) -> None:
+        from lora_lab.data import IGNORE
+
+        rows = data.train["input_ids"]
+        labels = data.train["labels"]
+        self.n, self.batch_size, self.seed, self.device, self.multiple = len(rows), batch_size, seed, device, pad_to_multiple
+        self.lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (N,)
+        width = -(-int(self.lengths.max()) // pad_to_multiple) * pad_to_multiple
+        self.ids = torch.full((self.n, width), data.pad_id, dtype=torch.long)  # (N, T)
+        for i, r in enumerate(rows):
+            self.ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        self.mask = (torch.arange(width)[None, :] < self.lengths[:, None]).long()  # (N, T)
+        self.per_token = bool(labels) and isinstance(labels[0], (list, tuple))
+        if self.per_token:
+            self.labels = torch.full((self.n, width), IGNORE, dtype=torch.long)  # (N, T)
+            for i, lab in enumerate(labels):
+                self.labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        else:
+            self.labels = torch.tensor([int(v) for v in labels], dtype=torch.long)  # (N,)
+        self._perm: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
+        self.pin = device.type == "cuda"
+
+    def rows(self, micro: int) -> torch.Tensor:
+        """Row indices of micro-batch number `micro`: a seeded permutation per epoch, last partial batch dropped,
+        so the data order is a pure function of (seed, micro) and a resumed run sees the same batches."""
+        per_epoch = max(1, self.n // self.batch_size)
+        epoch, j = divmod(micro, per_epoch)
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        perm = self._perm[1]
+        return perm[j * self.batch_size:(j + 1) * self.batch_size] if self.n >= self.batch_size else perm
+
+    def get(self, micro: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Micro-batch `micro` on the device, and its number of real (unpadded) tokens (known without a sync)."""
+        idx = self.rows(micro)
+        lengths = self.lengths[idx]
+        width = -(-int(lengths.max()) // self.multiple) * self.multiple
+        batch = {"input_ids": self.ids[idx, :width], "attention_mask": self.mask[idx, :width],
+                 "labels": self.labels[idx, :width] if self.per_token else self.labels[idx]}
+        if self.pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, int(lengths.sum())
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile, in place, each block of the model's repeated layer list (the ModuleList of identical blocks
+    holding the most parameters: Llama's `model.layers`, GPT-2's `h`, BERT's `encoder.layer`). Regional compilation:
+    the blocks share one compiled graph (parameters are its inputs), so compile time is one block's, not the
+    model's. Returns how many blocks were compiled; raises ValueError when the model has no such list."""
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            if sum(p.numel() for p in module.parameters()) > sum(p.numel() for b in best for p in b.parameters()):
+                best = list(module)
+    if not best:
+        raise ValueError(f"trainer.compile: {type(model).__name__} has no list of repeated layers to compile")
+    # Training sees a few variants per block (layer 0's input needs no grad under LoRA, batches with and without
+    # padding, then dynamic lengths): room for them, so no block falls back to eager.
+    import torch._dynamo as dynamo
+
+    limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 32))
+    for block in best:
+        block.compile()
+    return len(best)
+
+
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen floating-point parameters to `dtype` in place (trainable ones, buffers stay); returns how many.
+
+    Under LoRA with bf16 autocast the base weights never change: kept in bf16 they need half the memory and no
+    per-step cast (autocast recasts a frozen fp32 weight at every call; it caches casts of trainable leaves only).
+    """
+    n = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype.is_floating_point and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------- session
 
 
@@ -217,6 +308,7 @@ class Session:
         # final evaluation's probe with the merged evaluation's, so the check costs no forward of its own.
         self.probe_logits: Optional[torch.Tensor] = None
         self._val_order: Optional[list[int]] = None  # validation rows by length, computed on first use
+        self._val_rows: list[dict] = []
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -227,8 +319,12 @@ class Session:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (token-weighted mean) and, where the task has labels, accuracy."""
         t0 = time.perf_counter()
+        # Compiled blocks serve the training steps; evaluations run eager (no_grad, other shapes, the merged
+        # model) instead of adding compiled variants that each cost seconds and a slot of dynamo's cache.
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.trainer.compile else contextlib.nullcontext()
         try:
-            return self._evaluate()
+            with eager:
+                return self._evaluate()
         finally:
             self.eval_time_s += time.perf_counter() - t0
 
@@ -238,65 +334,65 @@ class Session:
 
         was_training = self.model.training
         self.model.eval()
-        data, fmt = self.data, self.data.format
-        loss_sum, n_tokens, correct, n_rows = 0.0, 0, 0, 0
+        data, fmt, dev = self.data, self.data.format, self.device
+        # Sums stay on the device: one host sync per evaluation, not several per batch.
+        loss_sum, n_tokens, correct = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))
+        n_rows = 0
         bs = self.cfg.trainer.eval_batch_size
         self.probe_logits = None
         if self._val_order is None:
-            # Batches of similar lengths pad less (a quarter fewer tokens on the default task); the sums below do
-            # not depend on the order.
-            lengths = [len(ids) for ids in data.val["input_ids"]]
+            # Rows as plain dicts once (a datasets row lookup per row per evaluation adds up); batches of similar
+            # lengths pad less (a quarter fewer tokens on the default task); the sums do not depend on the order.
+            self._val_rows = list(data.val)
+            lengths = [len(r["input_ids"]) for r in self._val_rows]
             self._val_order = sorted(range(len(lengths)), key=lengths.__getitem__)
         order = self._val_order
         for start in range(0, len(order), bs):
-            rows = [data.val[i] for i in order[start:start + bs]]
+            rows = [self._val_rows[i] for i in order[start:start + bs]]
+            n_rows += len(rows)
             if fmt == "classification":
-                batch = _to(collate(rows, data.pad_id), self.device)
+                batch = _to(collate(rows, data.pad_id), dev)
                 logits = self._forward_logits(batch).float()  # (B, K)
                 self._keep_probe(logits)
-                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum")
                 n_tokens += len(rows)
-                correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-                n_rows += len(rows)
+                correct += (logits.argmax(-1) == batch["labels"]).sum()
             elif fmt == "prompted" and all(len(w) == 1 for w in data.label_token_ids):
                 # One-token label words: one forward over the prompts scores them all, and the true word's
                 # log-probability is the loss. Left padding puts every prompt's last token at the same position, so
                 # the head runs on that position only (the vocabulary projection dominates small models' cost).
-                truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
-                words = torch.tensor([w[0] for w in data.label_token_ids], device=self.device)
+                truth = torch.tensor([r["class_label"] for r in rows]).to(dev, non_blocking=True)  # (B,)
+                words = torch.tensor([w[0] for w in data.label_token_ids]).to(dev, non_blocking=True)  # (K,)
                 logits = self._last_token_logits(rows)  # (B, V)
                 self._keep_probe(logits)
                 logp = torch.log_softmax(logits, dim=-1)[:, words]  # (B, K)
-                loss_sum += -logp.gather(1, truth[:, None]).sum().item()
+                loss_sum -= logp.gather(1, truth[:, None]).sum()
                 n_tokens += len(rows)
-                correct += (logp.argmax(1) == truth).sum().item()
-                n_rows += len(rows)
+                correct += (logp.argmax(1) == truth).sum()
             elif fmt == "prompted":
                 # Score every label word; the true one's log-probability is also the loss (no extra forward).
-                truth = torch.tensor([r["class_label"] for r in rows], device=self.device)
-                scores, true_sum, true_count = [], torch.zeros(len(rows), device=self.device), torch.zeros(len(rows), device=self.device)
+                truth = torch.tensor([r["class_label"] for r in rows]).to(dev, non_blocking=True)  # (B,)
+                scores = []
                 for k, word_ids in enumerate(data.label_token_ids):
-                    batch = _to(collate(rows, data.pad_id, candidate=word_ids), self.device)
+                    batch = _to(collate(rows, data.pad_id, candidate=word_ids), dev)
                     logits = self._forward_logits(batch)  # (B, T, V)
                     if k == 0:
                         self._keep_probe(logits)
                     lp, cnt = sequence_logprobs(logits, batch["labels"])  # (B,), (B,)
                     scores.append(lp)
                     is_true = truth == k
-                    true_sum += torch.where(is_true, lp, 0.0)
-                    true_count += torch.where(is_true, cnt.float(), 0.0)
-                loss_sum += -true_sum.sum().item()
-                n_tokens += int(true_count.sum().item())
-                correct += (torch.stack(scores, dim=1).argmax(1) == truth).sum().item()
-                n_rows += len(rows)
+                    loss_sum -= torch.where(is_true, lp, 0.0).sum()
+                    n_tokens += torch.where(is_true, cnt, 0).sum()
+                correct += (torch.stack(scores, dim=1).argmax(1) == truth).sum()
             else:
-                batch = _to(collate(rows, data.pad_id), self.device)
+                batch = _to(collate(rows, data.pad_id), dev)
                 logits = self._forward_logits(batch)  # (B, T, V)
                 self._keep_probe(logits)
                 lp, cnt = sequence_logprobs(logits, batch["labels"])
-                loss_sum += -lp.sum().item()
-                n_tokens += int(cnt.sum().item())
+                loss_sum -= lp.sum()
+                n_tokens += cnt.sum()
         self.model.train(was_training)
+        loss_sum, n_tokens, correct = torch.stack([loss_sum, n_tokens, correct]).tolist()  # the one sync
         out = {"val_loss": loss_sum / max(1, n_tokens)}
         if fmt in ("prompted", "classification"):
             out["accuracy"] = correct / max(1, n_rows)
@@ -324,34 +420,35 @@ class Session:
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def _batch_rows(self, micro: int) -> list[int]:
-        """Row indices of micro-batch number `micro`: a seeded permutation per epoch, last partial batch dropped,
-        so the data order is a pure function of (seed, micro) and a resumed run sees the same batches."""
-        n, bs = len(self.data.train), self.cfg.trainer.batch_size
-        per_epoch = max(1, n // bs)
-        epoch, j = divmod(micro, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        return perm[j * bs:(j + 1) * bs].tolist() if n >= bs else perm.tolist()
-
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         o = self.cfg.optim
         lr_ratio = self.cfg.lora.lr_ratio if self.cfg.method == "lora" else 1.0
         groups = lora.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        # fused: one kernel for all parameters on CUDA (a LoRA model has hundreds of small tensors); foreach on CPU.
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                      fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps))
         return optimizer, scheduler
 
     def fit(self, on_eval: Optional[EvalCallback] = None) -> RunResult:
         """Train for trainer.max_steps (resuming from the last checkpoint if asked), evaluate every eval_every steps,
-        then merge and evaluate the merged model (LoRA), write the run's files and return what was measured."""
-        from lora_lab.data import collate
+        then merge and evaluate the merged model (LoRA), write the run's files and return what was measured.
 
+        The host never waits for the device inside a step: batches are tensors copied one ahead without blocking,
+        and the losses are read back every trainer.sync_every steps, at evaluations and checkpoints (one sync each).
+        Step times are the wall time between two such points, shared among its steps.
+        """
         cfg, t = self.cfg, self.cfg.trainer
         model, device = self.model, self.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
         model.to(device)
         model.train()
+        # No KV cache in training or scoring: nothing reuses it, and a cache object in the call makes compiled
+        # blocks recompile per layer (its layer index is a guarded constant). Restored for the exported model.
+        _set_use_cache(model, False)
+        if t.compile:
+            log.info("compiled %d repeated blocks (regional torch.compile)", compile_blocks(model))
         optimizer, scheduler = self.make_optimizer()
         trainable = [p for p in model.parameters() if p.requires_grad]  # what clipping sees, listed once
         ckpt = Checkpointer(self.output_dir / "checkpoints", model, optimizer, scheduler, full=cfg.method == "full")
@@ -362,7 +459,7 @@ class Session:
                 start_step, history, evals = state["step"], state["history"], state["evals"]
                 log.info("resumed from %s at step %d", ckpt.latest_path(), start_step)
         status, reason = "completed", ""
-        pending: list[dict[str, float]] = []
+        pending: list[dict[str, float]] = []  # points since the last evaluation event
         step_times: list[float] = []
         tokens = 0
         if t.eval_at_start and start_step == 0:
@@ -371,40 +468,69 @@ class Session:
             evals.append({"step": 0, **metrics})
             if on_eval is not None:
                 on_eval(EvalEvent(0, t.max_steps, metrics, []))
+        batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple)
         bar = _progress(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
+        window: list[tuple[int, torch.Tensor, float]] = []  # steps since the last sync: (step, loss on device, lr)
+        window_start = time.perf_counter()
+
+        def sync() -> Optional[int]:
+            """Read the window's losses back (one host sync); time its steps. Returns the first non-finite step."""
+            nonlocal window, window_start
+            if not window:
+                return None
+            losses = torch.stack([loss for _, loss, _ in window]).tolist()
+            dt = (time.perf_counter() - window_start) / len(window)
+            self.train_time_s += dt * len(window)
+            bad = None
+            for (step, _, lr), loss in zip(window, losses):
+                if not math.isfinite(loss):
+                    bad = step
+                    break
+                point = {"step": step, "train_loss": loss, "lr": lr}
+                history.append(point)
+                pending.append(point)
+                step_times.append(dt)
+            window = []
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}" if history else "-",
+                            tok_s=f"{tokens / max(self.train_time_s, 1e-9):.0f}")
+            window_start = time.perf_counter()
+            return bad
+
         with PeakMemory(device) as peak:
             try:
+                batch, n_tok = batches.get(start_step * t.grad_accum)
                 for step in range(start_step, t.max_steps):
-                    t0 = time.perf_counter()
-                    loss_total = 0.0
+                    loss_total = torch.zeros(())
                     for i in range(t.grad_accum):
-                        rows = [self.data.train[j] for j in self._batch_rows(step * t.grad_accum + i)]
-                        batch = _to(collate(rows, self.data.pad_id), device)
+                        micro = step * t.grad_accum + i
+                        # Copy the next batch now (non-blocking): the device takes it in stream order, the host goes on.
+                        following = batches.get(micro + 1) if micro + 1 < t.max_steps * t.grad_accum else (batch, 0)
                         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                             loss = model(**batch).loss / t.grad_accum
                         loss.backward()
-                        loss_total += loss.item()
-                        tokens += int(batch["attention_mask"].sum())
-                    if not math.isfinite(loss_total):
-                        status, reason = "diverged", f"non-finite training loss ({loss_total}) at step {step + 1}"
-                        optimizer.zero_grad(set_to_none=True)
-                        break
+                        loss_total = loss.detach() if i == 0 else loss_total + loss.detach()
+                        tokens += n_tok
+                        batch, n_tok = following
                     if cfg.optim.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    dt = time.perf_counter() - t0
-                    self.train_time_s += dt
-                    step_times.append(dt)
-                    point = {"step": step + 1, "train_loss": loss_total, "lr": lr}
-                    history.append(point)
-                    pending.append(point)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens / max(self.train_time_s, 1e-9):.0f}")
                     done = step + 1
-                    if done % t.eval_every == 0 or done == t.max_steps:
+                    window.append((done, loss_total, lr))
+                    bar.update(1)
+                    evaluate_now = done % t.eval_every == 0 or done == t.max_steps
+                    checkpoint_now = bool(t.checkpoint_every) and done % t.checkpoint_every == 0 and done < t.max_steps
+                    # Sync after the first step (it pays for allocations and warm-up: kept out of the steady
+                    # step time), every sync_every steps, and before evaluations and checkpoints.
+                    if done == start_step + 1 or done % t.sync_every == 0 or evaluate_now or checkpoint_now:
+                        bad = sync()
+                        if bad is not None:
+                            status, reason = "diverged", f"non-finite training loss at step {bad}"
+                            optimizer.zero_grad(set_to_none=True)
+                            break
+                    if evaluate_now:
                         metrics = self.evaluate()
                         if not math.isfinite(metrics["val_loss"]):
                             status, reason = "diverged", f"non-finite validation loss at step {done}"
@@ -412,16 +538,18 @@ class Session:
                         metrics.update(train_loss=sum(p["train_loss"] for p in pending) / len(pending), lr=lr,
                                        tokens_per_s=tokens / max(self.train_time_s, 1e-9))
                         evals.append({"step": done, **metrics})
-                        bar.set_postfix(loss=f"{loss_total:.4f}", val=f"{metrics['val_loss']:.4f}")
+                        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val=f"{metrics['val_loss']:.4f}")
                         if on_eval is not None:
                             on_eval(EvalEvent(done, t.max_steps, metrics, pending))
                         pending = []
-                    if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+                        window_start = time.perf_counter()  # evaluation time is not training time
+                    if checkpoint_now:
                         ckpt.save(done, history, evals)
+                        window_start = time.perf_counter()
             finally:
                 bar.close()
-            result = self._finish(status, reason, history, evals, step_times, tokens, peak)
-        return result
+        # After the with-block: PeakMemory reads CUDA's peak on exit (inside it, the peak was still 0).
+        return self._finish(status, reason, history, evals, step_times, tokens, peak)
 
     def _finish(self, status: str, reason: str, history: list, evals: list, step_times: list[float], tokens: int,
                 peak: PeakMemory) -> RunResult:
@@ -430,6 +558,7 @@ class Session:
         last = evals[-1] if evals and status == "completed" else {"val_loss": float("nan")}
         base = evals[0] if evals and evals[0]["step"] == 0 else {}
         merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
+        merge_tol: Optional[float] = None
         if status == "completed" and cfg.method == "lora":
             if not evals or evals[-1]["step"] != len(history) or self.probe_logits is None:
                 self.evaluate()  # no evaluation of the final weights yet (a run resumed at its end): take the probe
@@ -439,6 +568,7 @@ class Session:
             self.eval_time_s += time.perf_counter() - t0  # the merge is part of the merged evaluation
             merged = self.evaluate()
             logit_diff = (self.probe_logits - before).abs().max().item()
+            merge_tol = merge_tolerance(self.autocast_dtype, before)
             merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
             t0 = time.perf_counter()
             lora.unmerge(self.model)
@@ -457,7 +587,8 @@ class Session:
             status=status, method=cfg.method, steps=len(history), val_loss=last["val_loss"],
             accuracy=last.get("accuracy"), base_val_loss=base.get("val_loss"), base_accuracy=base.get("accuracy"),
             merged_val_loss=merged_val, merged_accuracy=merged_acc,
-            max_abs_logit_diff=logit_diff, trainable_params=self.counts.trainable, total_params=self.counts.total,
+            max_abs_logit_diff=logit_diff, merge_tol=merge_tol,
+            merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol), trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
             time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(self.train_time_s, 1e-9),
             train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
@@ -472,6 +603,7 @@ class Session:
 
         plain = copy.deepcopy(self.model).cpu()
         lora.unwrap(plain)
+        _set_use_cache(plain, True)
         with atomic_dir(path) as tmp:
             plain.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -489,6 +621,25 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def merge_tolerance(eval_dtype: Optional[torch.dtype], logits: torch.Tensor) -> float:
+    """How far merged logits may sit from unmerged ones when the merge is right.
+
+    fp32 evaluation: 1e-4 (measured merges stay near 2e-4 of that on the default task). Under bf16/fp16 the merged
+    weight is rounded once more than W0 + BA, and each logit carries that rounding through every layer: allow 8 units
+    in the last place of the dtype at the scale of the largest logit (bf16: 6% of it). A merge that folds the
+    update in twice moves logits by the whole update, far above either.
+    """
+    if eval_dtype is None or eval_dtype == torch.float32:
+        return 1e-4
+    return float(8 * torch.finfo(eval_dtype).eps * logits.abs().max().clamp(min=1.0))
+
+
+def _set_use_cache(model: torch.nn.Module, on: bool) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = on
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -624,6 +775,8 @@ def build(cfg: Config) -> Session:
         for p in model.parameters():
             p.requires_grad_(True)
         wrapped = []
+    if cfg.method == "lora" and _autocast_dtype(cfg.trainer.precision, device) == torch.bfloat16:
+        store_frozen_in(model, torch.bfloat16)
     if cfg.data.format == "classification":
         labels = set(data.train["labels"]) | set(data.val["labels"])
         if max(labels) >= cfg.model.num_labels:
@@ -716,7 +869,8 @@ def summary(result: RunResult) -> str:
             ("val loss", f"{_fmt(result.val_loss)}  (base model {_fmt(result.base_val_loss)})"),
             ("accuracy", f"{_fmt(result.accuracy)}  (base model {_fmt(result.base_accuracy)})"),
             ("merged val loss", _fmt(result.merged_val_loss)),
-            ("max |logit diff| merged", _fmt(result.max_abs_logit_diff, "{:.2e}")),
+            ("max |logit diff| merged", _fmt(result.max_abs_logit_diff, "{:.2e}")
+             + ("" if result.merge_ok is None else f"  ({'ok' if result.merge_ok else 'FAILED'}: tolerance {result.merge_tol:.1e})")),
             ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)"),
             ("time/step", f"{result.time_per_step_s:.3f} s"), ("tokens/s", f"{result.tokens_per_s:.0f}"),

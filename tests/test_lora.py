@@ -194,7 +194,7 @@ def test_fused_function_gradients_match_autograd():
         args = (torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True), w,
                 torch.randn(5, dtype=torch.double, requires_grad=True),
                 torch.randn(2, 6, dtype=torch.double, requires_grad=True),
-                torch.randn(5, 2, dtype=torch.double, requires_grad=True), 0.7, fan_in_fan_out)
+                torch.randn(5, 2, dtype=torch.double, requires_grad=True), 0.7, fan_in_fan_out, torch.double)
         assert torch.autograd.gradcheck(lora._LoraLinearFn.apply, args)
 
 

@@ -40,8 +40,10 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
     for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "max_abs_logit_diff", "status"):
         assert key in metrics, key
     assert metrics["status"] == "completed" and metrics["steps"] == 8
-    assert abs(metrics["val_loss"] - metrics["merged_val_loss"]) < 1e-4  # fp32 merge changes nothing measurable
-    assert metrics["max_abs_logit_diff"] < 1e-4
+    assert metrics["merge_ok"] is True and metrics["max_abs_logit_diff"] <= metrics["merge_tol"]
+    if metrics["device"] == "cpu":  # fp32: the merge changes nothing measurable
+        assert abs(metrics["val_loss"] - metrics["merged_val_loss"]) < 1e-4
+        assert metrics["max_abs_logit_diff"] < 1e-4
     # tiny Llama, d=64, GQA k/v out = 32, MLP 128, 2 layers, all-linear r=4:
     per_layer = 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert metrics["trainable_params"] == 2 * per_layer
@@ -105,12 +107,13 @@ def test_lora_learns_and_only_lora_changes(outputs: Path) -> None:
 
     def snapshot(event: train.EvalEvent) -> None:  # before the end-of-run merge, which rounds base weights
         if event.step == 30:
-            after.update({k: v.clone() for k, v in session.model.state_dict().items()})
+            after.update({k: v.detach().cpu().clone() for k, v in session.model.state_dict().items()})
 
     result = session.fit(snapshot)
     assert result.status == "completed"
     assert result.base_val_loss is not None and result.val_loss < result.base_val_loss - 0.5
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Compared in the stored dtype: under bf16 precision (CUDA's default) the frozen weights are kept in bf16.
+    changed = {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}
     assert changed and all("lora_" in k for k in changed)
     assert [e["step"] for e in result.evals] == [0, 10, 20, 30]
 
@@ -120,7 +123,7 @@ def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.Mon
     # twice must show up in it (and in the merged val loss), while the real merge stays at rounding level.
     _, cfg = compose([*TINY, "tracking=off", "optim.lr=1e-2"])
     honest = train.run(cfg)
-    assert honest.max_abs_logit_diff is not None and honest.max_abs_logit_diff < 1e-4
+    assert honest.max_abs_logit_diff is not None and honest.merge_ok is True
 
     def merge_twice(model: torch.nn.Module) -> None:
         for layer in model.modules():
@@ -138,7 +141,7 @@ def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(train.lora, "unmerge", unmerge_twice)
     faulty = train.run(cfg)
     assert faulty.val_loss == pytest.approx(honest.val_loss, rel=1e-5)  # the same training
-    assert faulty.max_abs_logit_diff > 1e-3
+    assert faulty.max_abs_logit_diff > 1e-3 and faulty.merge_ok is False
     assert faulty.merged_val_loss != pytest.approx(honest.merged_val_loss, rel=1e-4)
 
 
@@ -186,7 +189,9 @@ def test_diverging_run_ends_with_status_not_traceback(outputs: Path, capsys: pyt
 def test_export_merged_loads_with_plain_transformers(outputs: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    _, cfg = compose([*TINY, "tracking=off", "export.merged=true", "optim.lr=1e-2", f"output_dir={tmp_path / 'm'}"])
+    # fp32 on every device: the test is about exactness of the export, not bf16 rounding.
+    _, cfg = compose([*TINY, "tracking=off", "export.merged=true", "optim.lr=1e-2", "trainer.precision=fp32",
+                      f"output_dir={tmp_path / 'm'}"])
     session = train.build(cfg)
     session.fit()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged").eval()
