@@ -1,4 +1,4 @@
-"""Benchmark of the LoRA core: ``python -m lora_lab.bench core [--steps N] [--out FILE.json] [--tiny]``.
+"""Benchmark of the LoRA core: ``python -m lora_lab.bench core [--shape S] [--batch B --seq T] [--compile] [--out F]``.
 
 One process, contenders interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape
 from a LlamaConfig (random init), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on
@@ -37,18 +37,40 @@ CONTENDERS = ("full", "lora_lab", "peft", "floor")
 
 def smollm2_135m_config(tiny: bool = False) -> LlamaConfig:
     """SmolLM2-135M-Instruct's shape (or a tiny one for tests), as a transformers LlamaConfig."""
+    return shape_config("tiny" if tiny else "smollm2-135m")
+
+
+SHAPES = ("smollm2-135m", "deep-narrow", "llama-1b", "llama-8b", "tiny")
+
+
+def shape_config(shape: str) -> LlamaConfig:
+    """A LlamaConfig of a named shape (random weights: speed, not quality).
+
+    smollm2-135m: SmolLM2-135M-Instruct. deep-narrow: its 30 layers at width 64, where host work dominates the step as
+    it does on a GPU (the CPU proxy for launch-bound training). llama-1b / llama-8b: Llama-3.2-1B / Llama-3.1-8B.
+    """
     from transformers import LlamaConfig
 
-    if tiny:
-        return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64,
-        )
-    return LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-        max_position_embeddings=8192, rms_norm_eps=1e-5,
-    )
+    common = dict(hidden_act="silu", attn_implementation="sdpa")
+    if shape == "tiny":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64,
+                           **common)
+    if shape in ("smollm2-135m", "deep-narrow"):
+        narrow = shape == "deep-narrow"
+        return LlamaConfig(hidden_size=64 if narrow else 576, intermediate_size=192 if narrow else 1536,
+                           num_hidden_layers=30, num_attention_heads=4 if narrow else 9,
+                           num_key_value_heads=2 if narrow else 3, vocab_size=49152, tie_word_embeddings=True,
+                           rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, **common)
+    if shape == "llama-1b":
+        return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                           max_position_embeddings=131072, rms_norm_eps=1e-5, **common)
+    if shape == "llama-8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                           max_position_embeddings=131072, rms_norm_eps=1e-5, **common)
+    raise ValueError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}")
 
 
 def _have_peft() -> bool:
@@ -75,12 +97,20 @@ def _base_model(cfg, seed: int, device, dtype):
 
     torch.manual_seed(seed)
     cfg._attn_implementation = "sdpa"
+    cfg.use_cache = False  # as the trainer runs: no KV cache (and no per-layer recompiles of compiled blocks)
     return AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype)
 
 
 def _make(kind: str, base, *, copy_base: bool = True):
-    """A contender model (deep copy of base) in train mode."""
+    """A contender model (deep copy of base) in train mode; `<kind>+compile` compiles its blocks as trainer.compile does."""
     model = copy.deepcopy(base) if copy_base else base
+    kind, _, extra = kind.partition("+")
+    if extra == "compile":
+        from lora_lab.train import compile_blocks
+
+        compile_blocks(model)
+    elif extra:
+        raise ValueError(f"unknown contender suffix {extra!r}")
     if kind == "lora_lab":
         lora.apply_lora(model, r=R, alpha=ALPHA, targets=("all-linear",))
     elif kind == "peft":
@@ -104,7 +134,7 @@ def _stepper(model, ids) -> Callable[[], None]:
             model(inputs_embeds=x, labels=ids).loss.backward()
 
         return frozen_step
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=ids.device.type == "cuda" or None)  # as the trainer does
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -121,6 +151,20 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def ops_per_step(step: Callable[[], None], device: torch.device) -> int:
+    """What one step asks of the device, counted by torch.profiler: GPU kernels and copies on CUDA (each one a launch
+    the host pays for), aten operator calls on the CPU (nested calls included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    if device.type == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -156,10 +200,10 @@ def step_flops(cfg: LlamaConfig, batch: int, seq: int, r: int | None) -> float:
     return 2.0 * macs * tokens
 
 
-def _peak_mem_child(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
+def _peak_mem_child(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
     """Runs in a fresh process: bytes the training steps add on top of the built model."""
     device, dtype = _device_dtype()
-    cfg = smollm2_135m_config(tiny)
+    cfg = shape_config(shape)
     model = _make(kind, _base_model(cfg, 0, device, dtype), copy_base=False)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     step = _stepper(model, ids)
@@ -200,9 +244,9 @@ def _proc_status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
+def peak_memory(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
     """Peak memory of kind's training steps, measured in a fresh subprocess so contenders do not share a high-water mark."""
-    cmd = [sys.executable, "-m", "lora_lab.bench", "_mem", kind, str(int(tiny)), str(steps), str(batch), str(seq)]
+    cmd = [sys.executable, "-m", "lora_lab.bench", "_mem", kind, shape, str(steps), str(batch), str(seq)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -211,27 +255,48 @@ def peak_memory(kind: str, tiny: bool, steps: int, batch: int, seq: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True) -> dict[str, Any]:
-    """Run the core benchmark and return the results dict (what --out writes)."""
+def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True,
+             shape: str | None = None, compile: bool = False) -> dict[str, Any]:
+    """Run the core benchmark and return the results dict (what --out writes). `shape` names a SHAPES entry
+    (default SmolLM2-135M, or tiny); `compile` adds compiled rows (lora_lab, full, floor) as trainer.compile runs."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
-    cfg = smollm2_135m_config(tiny)
+    shape = shape or ("tiny" if tiny else "smollm2-135m")
+    cfg = shape_config(shape)
     have_peft = _have_peft()
     kinds = [k for k in CONTENDERS if k != "peft" or have_peft]
+    if compile:
+        kinds += ["lora_lab+compile", "full+compile", "floor+compile"]
     base = _base_model(cfg, 0, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=None)
     models = {k: _make(k, base) for k in kinds}
     pristine = base.eval().requires_grad_(False)  # the untouched base model, for forward timing
     steppers = {k: _stepper(m, ids) for k, m in models.items()}
 
-    # Training steps, interleaved round-robin; warm-up rounds excluded.
+    # Training steps, interleaved round-robin; warm-up rounds excluded (they also pay for compilation).
     step_times: dict[str, list[float]] = {k: [] for k in kinds}
+    failed: dict[str, str] = {}  # compiled rows whose compilation failed here (no compiler, unsupported op)
     for rep in range(warmup + steps):
         for k in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate who goes first
-            t = _timed(steppers[k], device)
+            if k in failed:
+                continue
+            try:
+                t = _timed(steppers[k], device)
+            except Exception as exc:  # noqa: BLE001 - only a compiled row may fail, and it is reported
+                if "+compile" not in k:
+                    raise
+                failed[k] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"bench: {k} dropped: {failed[k]}", file=sys.stderr)
+                continue
             if rep >= warmup:
                 step_times[k].append(t)
+    kinds = [k for k in kinds if k not in failed]
+    ops = {k: ops_per_step(steppers[k], device) for k in kinds}
     del steppers
+    for k in [k for k in models if "+" in k]:  # compiled rows are training rows only
+        del models[k]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # Forward (inference) times: the untouched base; lora_lab unmerged and merged; peft unmerged.
     fwd_kinds = ["base", "lora_lab_unmerged", "lora_lab_merged"] + (["peft_unmerged"] if have_peft else [])
@@ -259,18 +324,23 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
                 fwd_times[k].append(t)
     lora.unmerge(lora_model)
 
-    peak = matmul_peak_gflops(device, dtype, n=256 if tiny else 2048)
+    # The chip's practical peak needs a large GEMM: an H200 reaches ~790 TFLOP/s bf16 at 8192^3, ~400 at 2048^3.
+    peak = matmul_peak_gflops(device, dtype, n=256 if shape == "tiny" else 8192 if device.type == "cuda" else 2048)
     counts = lora.count_parameters(lora_model)
     med = {k: statistics.median(v) for k, v in step_times.items()}
     fmed = {k: statistics.median(v) for k, v in fwd_times.items()}
     flops = {"full": step_flops(cfg, batch, seq, None)}
     flops["lora_lab"] = flops["peft"] = step_flops(cfg, batch, seq, R)
     flops["floor"] = step_flops(cfg, batch, seq, 0)
-    mem = {k: (peak_memory(k, tiny, 2, batch, seq) if memory else None) for k in kinds}
+    flops.update({k: flops[k.split("+")[0]] for k in kinds if "+" in k})
+    mem = {k: (peak_memory(k, shape, 2, batch, seq) if memory and "+" not in k else None) for k in kinds}
 
     result: dict[str, Any] = {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "tiny": tiny, "batch": batch, "seq": seq, "r": R, "alpha": ALPHA,
+        "torch": torch.__version__, "shape": shape, "tiny": shape == "tiny", "batch": batch, "seq": seq, "r": R,
+        "alpha": ALPHA, "tokens_per_step": batch * seq,
+        "ops_per_step_means": "CUDA kernels and copies" if device.type == "cuda" else "aten operator calls",
+        "failed": failed,
         "steps_timed": steps, "warmup": warmup, "peft": have_peft,
         "lora_trainable_params": counts.trainable, "total_params": counts.total,
         "matmul_peak_gflops": peak,
@@ -279,7 +349,8 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
         "minus RSS (VmRSS) before them; ru_maxrss delta only where /proc is unavailable",
         "step": {k: {"median_s": med[k], "times_s": step_times[k], "gflop": flops[k] / 1e9,
                      "gflops": flops[k] / med[k] / 1e9, "mfu": flops[k] / med[k] / 1e9 / peak,
-                     "peak_mem_bytes": mem[k]} for k in kinds},
+                     "peak_mem_bytes": mem[k], "ops_per_step": ops[k], "tokens_per_s": batch * seq / med[k]}
+                 for k in kinds},
         "forward": {k: {"median_s": fmed[k], "times_s": fwd_times[k]} for k in fwd_kinds},
         "ratios": {
             "flops_lora_over_full_theory": flops["lora_lab"] / flops["full"],
@@ -294,6 +365,9 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
         return _spread([x / y for x, y in zip(times[a], times[b])])
 
     pairs = [("lora_lab", "full"), ("lora_lab", "floor")] + ([("lora_lab", "peft"), ("peft", "floor"), ("floor", "peft")] if have_peft else [])
+    if compile and "lora_lab+compile" in kinds and "full+compile" in kinds and "floor+compile" in kinds:
+        pairs += [("lora_lab+compile", "floor"), ("lora_lab+compile", "full"), ("lora_lab+compile", "full+compile"),
+                  ("lora_lab+compile", "floor+compile")] + ([("lora_lab+compile", "peft")] if have_peft else [])
     result["paired"] = {f"{a}_over_{b}": paired(a, b, step_times) for a, b in pairs}
     for k in ("lora_lab_merged", "lora_lab_unmerged"):
         result["paired"][f"{k.split('_')[-1]}_fwd_over_base"] = paired(k, "base", fwd_times)
@@ -315,13 +389,15 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
+    lines = [f"shape {res['shape']}, device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
              f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
              f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
-             f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"]
+             f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}{'tok/s':>10}"
+             f"{'ops/step':>10}  ({res['ops_per_step_means']})"]
     for k, s in res["step"].items():
         mem = "n/a" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f}"
-        lines.append(f"{k:<22}{s['median_s']:>10.3f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}")
+        lines.append(f"{k:<22}{s['median_s']:>10.4f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}"
+                     f"{s['tokens_per_s']:>10.0f}{s['ops_per_step']:>10}")
     if not res["peft"]:
         lines.append("peft not importable: its rows are skipped (pip install lora_lab[bench])")
     lines.append(f"{'forward (inference)':<22}{'median s':>10}")
@@ -341,9 +417,9 @@ def format_table(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_mem":  # internal: one contender's memory in a fresh process
-        kind, tiny, steps, batch, seq = argv[1], bool(int(argv[2])), int(argv[3]), int(argv[4]), int(argv[5])
+        kind, shape, steps, batch, seq = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
         torch.set_num_threads(os.cpu_count() or 1)
-        print(_peak_mem_child(kind, tiny, steps, batch, seq))
+        print(_peak_mem_child(kind, shape, steps, batch, seq))
         return 0
     ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
     ap.add_argument("suite", choices=["core"])
@@ -352,11 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; 2 with --tiny)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --tiny)")
+    ap.add_argument("--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
-    res = run_core(tiny=args.tiny, steps=args.steps, warmup=args.warmup,
-                   batch=2 if args.tiny else 4, seq=16 if args.tiny else 128, memory=not args.no_memory)
+    for key in ("batch", "seq"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            ap.error(f"--{key} must be >= 1")
+    shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
+    res = run_core(steps=args.steps, warmup=args.warmup, shape=shape, compile=args.compile,
+                   batch=args.batch or (2 if shape == "tiny" else 4), seq=args.seq or (16 if shape == "tiny" else 128),
+                   memory=not args.no_memory)
     print(format_table(res))
     if args.out:
         lora.atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,7 +74,7 @@ class RunResult:
     adapter_bytes: Optional[int]
     checkpoint_bytes: Optional[int]  # size of what a user keeps: the adapter (LoRA) or the weights (full FT)
     peak_mem_bytes: int
-    time_per_step_s: float
+    time_per_step_s: float  # median over the steps after the first (s)
     tokens_per_s: float
     train_time_s: float  # optimizer steps only (forward, backward, update)
     eval_time_s: float  # evaluations, the merge and the merged evaluation
@@ -582,7 +583,9 @@ class Session:
         elif status == "completed":
             # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps.
             ckpt_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
-        steady = step_times[1:] or step_times  # the first step pays for allocations and kernel warm-up
+        # The first step pays for allocations, kernel warm-up and compilation; the median keeps a later recompile
+        # (a new batch shape under trainer.compile) out of the typical step.
+        steady = step_times[1:] or step_times
         result = RunResult(
             status=status, method=cfg.method, steps=len(history), val_loss=last["val_loss"],
             accuracy=last.get("accuracy"), base_val_loss=base.get("val_loss"), base_accuracy=base.get("accuracy"),
@@ -590,7 +593,7 @@ class Session:
             max_abs_logit_diff=logit_diff, merge_tol=merge_tol,
             merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol), trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
-            time_per_step_s=sum(steady) / max(1, len(steady)), tokens_per_s=tokens / max(self.train_time_s, 1e-9),
+            time_per_step_s=statistics.median(steady) if steady else 0.0, tokens_per_s=tokens / max(self.train_time_s, 1e-9),
             train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
             output_dir=str(out), reason=reason, history=history, evals=evals,
         )

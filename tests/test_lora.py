@@ -394,5 +394,5 @@ def test_bench_peak_memory_sees_a_known_allocation(monkeypatch):
     monkeypatch.setattr(bench, "_stepper", stepper)
     if not torch.cuda.is_available() and not bench._reset_hwm():
         pytest.skip("no /proc/self/clear_refs: only the coarse ru_maxrss fallback, which cannot see this")
-    peak = bench._peak_mem_child("lora_lab", True, 1, 2, 8)
+    peak = bench._peak_mem_child("lora_lab", "tiny", 1, 2, 8)
     assert isinstance(peak, int) and size <= peak < 4 * size, peak
