@@ -165,14 +165,13 @@ class LoraLayer(nn.Module):
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in, device=w.device, dtype=dtype))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(self.d_out, r, device=w.device, dtype=dtype))  # (d_out, r)
-        self.lora_A0: torch.Tensor | None = None  # PiSSA / OLoRA: A and B at init, (r, d_in) and (d_out, r)
-        self.lora_B0: torch.Tensor | None = None
-        if init in MUTATING_INITS:
-            if r > min(self.d_in, self.d_out):
-                raise ValueError(f"init={init!r} needs r <= min(d_in, d_out) = {min(self.d_in, self.d_out)} "
-                                 f"in {module_name or 'the layer'}, got r={r}")
-            self.register_buffer("lora_A0", torch.empty_like(self.lora_A), persistent=False)
-            self.register_buffer("lora_B0", torch.empty_like(self.lora_B), persistent=False)
+        mutating = init in MUTATING_INITS
+        if mutating and r > min(self.d_in, self.d_out):
+            raise ValueError(f"init={init!r} needs r <= min(d_in, d_out) = {min(self.d_in, self.d_out)} "
+                             f"in {module_name or 'the layer'}, got r={r}")
+        # PiSSA / OLoRA: A and B at init, (r, d_in) and (d_out, r); None otherwise. Not in the state_dict.
+        self.register_buffer("lora_A0", torch.empty_like(self.lora_A) if mutating else None, persistent=False)
+        self.register_buffer("lora_B0", torch.empty_like(self.lora_B) if mutating else None, persistent=False)
         self.lora_magnitude_vector: nn.Parameter | None = None
         if variant == "dora":
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.d_out, device=w.device, dtype=dtype))  # (d_out,)

@@ -614,6 +614,14 @@ def lora_kwargs(model: torch.nn.Module, c: LoraConfig, task: str) -> dict[str, A
                 variant=c.variant, modules_to_save=tuple(saved))
 
 
+def lora_targets(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
+    """The modules apply_lora_config would wrap, without wrapping (the sweep checks each trial's targets with it)."""
+    kw = lora_kwargs(model, c, task)
+    for key in ("r", "alpha", "dropout", "rslora", "init", "variant"):
+        del kw[key]
+    return lora.resolve_targets(model, **kw)
+
+
 def apply_lora_config(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
     """Wrap `model` as the config says (the one place a LoraConfig becomes lora.apply_lora's arguments)."""
     return lora.apply_lora(model, **lora_kwargs(model, c, task))
