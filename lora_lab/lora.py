@@ -344,7 +344,8 @@ class LoraLayer(nn.Module):
         if self.dropout > 0.0 and self.training:
             xd = F.dropout(x, self.dropout, training=True)
             # peft: the base term keeps the undropped input, the magnitude rescales the dropped one
-            y = y + (mag - 1) * F.linear(xd, w_out.to(x.dtype)) + mag * self._lora_term(xd, self.lora_A, self.lora_B).to(x.dtype)
+            lora_out = self._lora_term(xd, self.lora_A, self.lora_B).to(x.dtype)  # (B, T, d_out)
+            y = y + (mag - 1) * F.linear(xd, w_out.to(x.dtype)) + mag * lora_out
         else:
             y = mag * (y + self._lora_term(x, self.lora_A, self.lora_B).to(x.dtype))
         return y if base.bias is None else y + base.bias.to(y.dtype)
@@ -460,7 +461,7 @@ def _layer_index(name: str, stacks: Sequence[str], layers_pattern: Sequence[str]
 def fused_expert_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Mixture-of-experts weights stored as fused 3-D parameters (transformers 5: ``mlp.experts.gate_up_proj``
     (E, 2I, d), ``down_proj`` (E, d, I)): name -> shape. They are not linear modules, so no preset covers them."""
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.ndim == 3 and not n.endswith(("lora_A", "lora_B"))}
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.ndim == 3}
 
 
 def _is_attn(name: str) -> bool:
@@ -644,7 +645,7 @@ def apply_lora(
     """
     _check_hparams(r, alpha, dropout, init, variant)
     if variant == "dora" and init in MUTATING_INITS:
-        raise ValueError(f"variant='dora' with init={init!r} is not supported (its adapter cannot be saved as plain LoRA)")
+        raise ValueError(f"variant='dora' with init={init!r} is not supported (no conversion back to plain LoRA)")
     if isinstance(layers_pattern, str):
         layers_pattern = [layers_pattern]
     names = resolve_targets(model, targets, target_regex=target_regex, exclude=exclude, layers=layers,
@@ -744,7 +745,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
             )
         expected = layer.r * (d_in + d_out) + (0 if mag is None else d_out)  # DoRA: + one magnitude per output
         if n != expected:
-            raise ValueError(f"{name}: {n} LoRA parameters, expected r * (d_in + d_out) (+ d_out for DoRA) = {expected}")
+            raise ValueError(f"{name}: {n} LoRA parameters, expected r * (d_in + d_out) (+ d_out with DoRA) = {expected}")
         modules.append((name, d_in, d_out, layer.r, n))
     params = list(model.parameters())  # parameters() yields a tied tensor once
     total = sum(p.numel() for p in params)
@@ -874,7 +875,7 @@ def save_adapter(
     key = ("r", "alpha", "rslora", "dropout", "variant", "init")
     for name, layer in layers:
         if tuple(getattr(layer, k) for k in key) != tuple(getattr(first, k) for k in key):
-            raise ValueError(f"save_adapter: {name} has r/alpha/rslora/dropout/variant/init different from {layers[0][0]}")
+            raise ValueError(f"save_adapter: {name} has r/alpha/rslora/dropout/variant/init unlike {layers[0][0]}")
     if cfg.get("mixed"):
         raise ValueError("save_adapter: apply_lora was called with different settings; one adapter config cannot hold them")
     if base_model_name is None:
@@ -888,7 +889,8 @@ def save_adapter(
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.to("cpu").contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.to("cpu").contiguous()
         if layer.lora_magnitude_vector is not None:
-            tensors[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().to("cpu").contiguous()
+            magnitude = layer.lora_magnitude_vector.detach()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = magnitude.to("cpu").contiguous()
     saved = modules_to_save_of(model)
     for name in saved:
         for k, v in model.get_submodule(name).state_dict().items():

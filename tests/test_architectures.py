@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 V = 128
 ATOL = 1e-5
-COMMON = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=V)
+COMMON = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": V}
 
 
 def _configs() -> dict[str, tuple[object, str, str]]:
@@ -25,14 +25,17 @@ def _configs() -> dict[str, tuple[object, str, str]]:
     return {
         "llama": (t.LlamaConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, **COMMON), "causal"),
         "qwen2": (t.Qwen2Config(hidden_size=16, intermediate_size=32, num_key_value_heads=2, **COMMON), "causal"),
-        "mistral": (t.MistralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, head_dim=4, **COMMON), "causal"),
-        "phi3": (t.Phi3Config(hidden_size=16, intermediate_size=32, num_key_value_heads=4, pad_token_id=0, **COMMON), "causal"),
+        "mistral": (t.MistralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, head_dim=4, **COMMON),
+                    "causal"),
+        "phi3": (t.Phi3Config(hidden_size=16, intermediate_size=32, num_key_value_heads=4, pad_token_id=0, **COMMON),
+                 "causal"),
         "phi": (t.PhiConfig(hidden_size=16, intermediate_size=32, **COMMON), "causal"),
         "gpt2": (t.GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=V, n_positions=32), "causal"),
         "gpt_neox": (t.GPTNeoXConfig(hidden_size=16, intermediate_size=32, **COMMON), "causal"),
         "falcon": (t.FalconConfig(hidden_size=16, **COMMON), "causal"),
         "bert": (t.BertConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=32, **COMMON), "seq_cls"),
-        "roberta": (t.RobertaConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=40, **COMMON), "seq_cls"),
+        "roberta": (t.RobertaConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=40, **COMMON),
+                    "seq_cls"),
         "distilbert": (t.DistilBertConfig(dim=16, hidden_dim=32, n_layers=2, n_heads=4, vocab_size=V,
                                           max_position_embeddings=32), "seq_cls"),
         "t5": (t.T5Config(d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=V,
@@ -40,8 +43,8 @@ def _configs() -> dict[str, tuple[object, str, str]]:
         "bart": (t.BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=2, decoder_layers=2,
                               encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=V,
                               max_position_embeddings=32), "seq2seq"),
-        "mixtral": (t.MixtralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, num_local_experts=4,
-                                    num_experts_per_tok=2, **COMMON), "moe"),
+        "mixtral": (t.MixtralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2,
+                                    num_local_experts=4, num_experts_per_tok=2, **COMMON), "moe"),
         "qwen3_moe": (t.Qwen3MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=16, head_dim=4,
                                        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **COMMON), "moe"),
     }
@@ -178,7 +181,8 @@ def test_encoder_decoder_layers_index_the_blocks_not_their_sub_layers():
         "encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
         "decoder.block.0.layer.1.EncDecAttention.q"}
     bart = build("bart")
-    assert set(lora.resolve_targets(bart, ["fc1"], layers=[1])) == {"model.encoder.layers.1.fc1", "model.decoder.layers.1.fc1"}
+    assert set(lora.resolve_targets(bart, ["fc1"], layers=[1])) == {
+        "model.encoder.layers.1.fc1", "model.decoder.layers.1.fc1"}
 
 
 def test_classification_head_trains_in_full_and_is_saved_with_the_adapter(tmp_path):

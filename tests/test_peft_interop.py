@@ -109,7 +109,9 @@ def test_dora_both_ways_and_exact_merge(build_tiny, tiny_ids, tmp_path, kind):
     theirs.merge_and_unload()
     assert torch.allclose(logits(theirs, tiny_ids), ours, atol=ATOL)
     # peft -> lora_lab
-    cfg = {"target_modules": ["c_attn"], "fan_in_fan_out": True} if kind == "gpt2" else {"target_modules": ["q_proj", "v_proj"]}
+    cfg = {"target_modules": ["c_attn"], "fan_in_fan_out": True}
+    if kind == "llama":
+        cfg = {"target_modules": ["q_proj", "v_proj"]}
     pm = peft.get_peft_model(build_tiny(kind), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **cfg)).eval()
     perturb_all(pm, seed=1)
     pm.save_pretrained(tmp_path / "peft")
