@@ -784,7 +784,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Base-model behaviour inside the block, merged or not, without touching any weight.
 
     A merged layer subtracts its update on the fly (W0 + dW)x - dW x, so the output equals the base up to the
-    rounding of the merged weight in its dtype.
+    rounding of the merged weight in its dtype. PiSSA / OLoRA layers add back their initial B0 A0 (the original W0).
+    modules_to_save are trained in place (no copy is kept, unlike peft), so they keep their trained weights here.
     """
     layers = [m for _, m in _layers(model)]
     before = [m.disabled for m in layers]
