@@ -123,13 +123,22 @@ class LoraConfig:
     r: int = 8  # rank of B A
     alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the LoRA input only, in [0, 1)
-    # Presets 'attn', 'mlp', 'all-linear', or module names / dotted suffixes such as 'q_proj'.
+    # Presets 'attn', 'mlp', 'all-linear', or module names / dotted suffixes such as 'q_proj'. Presets never take the
+    # output head (found from the model); on MoE models with fused 3-D experts 'all-linear'/'mlp' are refused.
     targets: List[str] = field(default_factory=lambda: ["all-linear"])
     target_regex: Optional[str] = None  # full-match regex over module names, in addition to `targets`
     exclude: List[str] = field(default_factory=list)  # names or suffixes never wrapped
-    layers: Optional[List[int]] = None  # adapt only these layer indices; null: all
+    layers: Optional[List[int]] = None  # adapt only these layer indices (position in the model's layer list); null: all
+    layers_pattern: Optional[List[str]] = None  # peft's layers_pattern: read the index after '<name>.' instead
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    init: str = "kaiming"  # A's init: 'kaiming' (paper, peft) or 'gaussian'; B starts at zero either way
+    # Initialisation: 'kaiming' (A as in the paper / peft, B = 0), 'gaussian' (A ~ N(0, 1/r), B = 0), 'pissa' (A, B
+    # from W0's top-r singular vectors, residual kept in W0), 'olora' (from W0's QR). pissa/olora adapters are saved
+    # converted to plain LoRA of rank 2r against the original weights.
+    init: str = "kaiming"
+    variant: str = "lora"  # 'lora' or 'dora' (weight-decomposed: a trainable magnitude per output, Liu et al. 2024)
+    # Modules trained in full and saved with the adapter (peft's modules_to_save): names or dotted suffixes.
+    # null: the task head when model.task=seq_cls (a fresh classifier must learn), none otherwise; []: none.
+    modules_to_save: Optional[List[str]] = None
     lr_ratio: float = 1.0  # LoRA+: B's learning rate is lr_ratio times A's (1: plain LoRA)
 
     def __post_init__(self) -> None:
@@ -137,7 +146,15 @@ class LoraConfig:
         _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "a number in [0, 1)", self.dropout)
         _check(len(self.targets) > 0 or self.target_regex is not None, "lora.targets", "at least one target", self.targets)
-        _one_of("lora.init", self.init, ("kaiming", "gaussian"))
+        _one_of("lora.init", self.init, ("kaiming", "gaussian", "pissa", "olora"))
+        _one_of("lora.variant", self.variant, ("lora", "dora"))
+        _check(not (self.variant == "dora" and self.init in ("pissa", "olora")), "lora.init",
+               "kaiming or gaussian with lora.variant=dora (a DoRA adapter cannot be converted back to plain LoRA)",
+               self.init)
+        _check(self.layers_pattern is None or len(self.layers_pattern) > 0, "lora.layers_pattern",
+               "null or at least one name", self.layers_pattern)
+        _check(self.modules_to_save is None or all(isinstance(m, str) and m for m in self.modules_to_save),
+               "lora.modules_to_save", "null or a list of module names", self.modules_to_save)
         _check(self.lr_ratio > 0, "lora.lr_ratio", "a number > 0", self.lr_ratio)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab import lora
-from lora_lab.config import Config, ConfigError, outputs_root
+from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
 
 log = logging.getLogger("lora_lab")
 PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
@@ -755,6 +755,32 @@ def default_output_dir(cfg: Config) -> Path:
     return outputs_root() / "runs" / f"{stamp}-{cfg.method}-{os.getpid()}"
 
 
+def lora_kwargs(model: torch.nn.Module, c: LoraConfig, task: str) -> dict[str, Any]:
+    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what lora.resolve_targets takes, less
+    r/alpha/dropout/rslora/init/variant). modules_to_save=null means the task head for seq_cls: a freshly initialised
+    classifier must train, or LoRA learns against a random head."""
+    saved = c.modules_to_save
+    if saved is None:
+        saved = lora.head_modules(model) if task == "seq_cls" else []
+    return dict(r=c.r, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), target_regex=c.target_regex,
+                exclude=tuple(c.exclude), layers=tuple(c.layers) if c.layers is not None else None,
+                layers_pattern=tuple(c.layers_pattern) if c.layers_pattern else None, rslora=c.rslora, init=c.init,
+                variant=c.variant, modules_to_save=tuple(saved))
+
+
+def lora_targets(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
+    """The modules apply_lora_config would wrap, without wrapping (the sweep checks each trial's targets with it)."""
+    kw = lora_kwargs(model, c, task)
+    for key in ("r", "alpha", "dropout", "rslora", "init", "variant"):
+        del kw[key]
+    return lora.resolve_targets(model, **kw)
+
+
+def apply_lora_config(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
+    """Wrap `model` as the config says (the one place a LoraConfig becomes lora.apply_lora's arguments)."""
+    return lora.apply_lora(model, **lora_kwargs(model, c, task))
+
+
 def build(cfg: Config) -> Session:
     """Load the model and data and apply LoRA (or unfreeze everything): every input error surfaces here, before
     anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets)."""
@@ -769,11 +795,8 @@ def build(cfg: Config) -> Session:
     model, tokenizer = load_model(cfg.model)
     data = load_data(cfg.data, tokenizer, seed=cfg.seed)
     if cfg.method == "lora":
-        c = cfg.lora
         torch.manual_seed(cfg.seed)  # LoRA init is part of the run's seed, independent of model loading
-        wrapped = lora.apply_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets),
-                                  target_regex=c.target_regex, exclude=tuple(c.exclude),
-                                  layers=tuple(c.layers) if c.layers is not None else None, rslora=c.rslora, init=c.init)
+        wrapped = apply_lora_config(model, cfg.lora, cfg.model.task)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -396,3 +396,37 @@ def test_bench_peak_memory_sees_a_known_allocation(monkeypatch):
         pytest.skip("no /proc/self/clear_refs: only the coarse ru_maxrss fallback, which cannot see this")
     peak = bench._peak_mem_child("lora_lab", "tiny", 1, 2, 8)
     assert isinstance(peak, int) and size <= peak < 4 * size, peak
+
+
+# ------------------------------------------------------------------------------- wrapped layer surface
+
+
+def test_wrapped_layer_exposes_weight_bias_and_features_like_the_base():
+    lin = nn.Linear(8, 6)
+    layer = lora.LoraLayer(lin, r=2, alpha=4)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert (layer.in_features, layer.out_features) == (8, 6)
+    layer.to(torch.float64)
+    assert layer.weight.dtype == torch.float64 == layer.lora_A.dtype  # dtype follows the base layer
+    assert "weight" not in dict(layer.named_parameters())  # no duplicate key: the state_dict is unchanged
+    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_output_can_be_modified_in_place_and_gradients_stay_right(dropout):
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.Linear(8, 8))
+    lora.apply_lora(s, r=2, alpha=4, targets=["0"], dropout=dropout)
+    perturb(s)
+    s.train(dropout == 0.0)  # dropout > 0 in train mode takes the composed path; eval keeps the fused one
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y = s(x)
+    y += 1  # raised "Output 0 of _LoraLinearFn is a view and is being modified inplace" before
+    y.mul_(2)
+    y.sum().backward()
+    layer = s[0]
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = (x2 @ layer.weight.T + layer.bias + layer.scaling * x2 @ layer.lora_A.T @ layer.lora_B.T + 1) * 2
+    ref.sum().backward()
+    assert torch.allclose(y, ref, atol=ATOL) and torch.allclose(x.grad, x2.grad, atol=ATOL)
+    assert not y._is_view()
