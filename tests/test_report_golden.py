@@ -1,0 +1,73 @@
+"""The report's tables for a fixed set of runs (tests/report_fixture.py) equal the tables captured before issue 12's
+run records replaced the `final.*` metrics (tests/data/report_golden/, the `run` id column left out): the same runs
+give the same numbers, whatever the MLflow layout."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from report_fixture import RUNS
+
+GOLDEN = Path(__file__).parent / "data" / "report_golden"
+
+
+def normalise(text: str) -> str:
+    """A table CSV without its `run` column (MLflow run ids differ per store)."""
+    lines = text.splitlines()
+    rows = list(csv.reader(lines[1:]))
+    keep = [i for i, h in enumerate(rows[0]) if h != "run"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for r in rows:
+        w.writerow([r[i] for i in keep])
+    return lines[0] + "\n" + buf.getvalue()
+
+
+def log_runs(root: Path, uri: str) -> None:
+    """Every fixture run into the store, through tracking (as train and the sweep log them)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lora_lab import tracking
+    from lora_lab.config import compose
+    from lora_lab.train import EvalEvent, RunResult
+
+    track = [f"tracking.uri={uri}", "tracking.experiment=golden", "tracking.system_metrics=false"]
+    parents: dict[str, str] = {}
+    for i, fr in enumerate(RUNS):
+        resolved, cfg = compose(fr.overrides + track)
+        if fr.study and fr.study not in parents:
+            parents[fr.study] = tracking.study_parent_run(cfg.tracking, fr.study, {}, {})
+        res = fr.results()
+        out = root / "runs" / f"{i:02d}"
+        out.mkdir(parents=True, exist_ok=True)
+        counts = SimpleNamespace(trainable=res["trainable_params"], total=res["total_params"])
+        sess = SimpleNamespace(device="cpu", counts=counts, wrapped=[])
+        tags = {tracking.KIND_TAG: fr.kind}
+        if fr.study:
+            tags.update({tracking.STUDY_TAG: fr.study, tracking.TRIAL_TAG: str(fr.trial)})
+        with tracking.TrainingRun(cfg, OmegaConf.to_container(resolved, resolve=True), sess,
+                                  parent_run_id=parents.get(fr.study), tags=tags) as run:
+            for e in res["evals"]:
+                pts = [h for h in res["history"] if e["step"] - 2 < h["step"] <= e["step"]]
+                run.on_eval(EvalEvent(e["step"], 4, {k: v for k, v in e.items() if k != "step"}, pts))
+            if fr.state != "PRUNED":
+                run.finish(RunResult(**res, output_dir=str(out)))
+            run.set_outcome(fr.state, fr.reason)
+
+
+def test_report_tables_equal_the_captured_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_lab import report
+
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(tmp_path / "outputs"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_runs(tmp_path, uri)
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "golden", "--tracking-uri", uri, "--out", str(out), "--no-attach"]) == 0
+    for golden in sorted(GOLDEN.glob("*.csv")):
+        assert normalise((out / golden.name).read_text()) == golden.read_text(), golden.name
