@@ -1,6 +1,7 @@
 """The report's tables for a fixed set of runs (tests/report_fixture.py) equal the tables captured before issue 12's
 run records replaced the `final.*` metrics (tests/data/report_golden/, the `run` id column left out): the same runs
-give the same numbers, whatever the MLflow layout."""
+give the same numbers, whatever the MLflow layout. (The fixture's results use RunResult's old field names, which the
+record kept; its `method` and `device` moved to the record's settings and identity.)"""
 
 from __future__ import annotations
 
@@ -28,37 +29,38 @@ def normalise(text: str) -> str:
 
 
 def log_runs(root: Path, uri: str) -> None:
-    """Every fixture run into the store, through tracking (as train and the sweep log them)."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
+    """Every fixture run into the store, through tracking, as train and the sweep log them (records in, MLflow out)."""
     from lora_lab import tracking
     from lora_lab.config import compose
-    from lora_lab.train import EvalEvent, RunResult
+    from lora_lab.records import EvalPoint, Identity, RunRecord, TrainPoint
+    from lora_lab.train import EvalEvent, settings_of
 
     track = [f"tracking.uri={uri}", "tracking.experiment=golden", "tracking.system_metrics=false"]
     parents: dict[str, str] = {}
     for i, fr in enumerate(RUNS):
-        resolved, cfg = compose(fr.overrides + track)
+        _, cfg = compose(fr.overrides + track)
         if fr.study and fr.study not in parents:
             parents[fr.study] = tracking.study_parent_run(cfg.tracking, fr.study, {}, {})
         res = fr.results()
         out = root / "runs" / f"{i:02d}"
         out.mkdir(parents=True, exist_ok=True)
-        counts = SimpleNamespace(trainable=res["trainable_params"], total=res["total_params"])
-        sess = SimpleNamespace(device="cpu", counts=counts, wrapped=[])
-        tags = {tracking.KIND_TAG: fr.kind}
-        if fr.study:
-            tags.update({tracking.STUDY_TAG: fr.study, tracking.TRIAL_TAG: str(fr.trial)})
-        with tracking.TrainingRun(cfg, OmegaConf.to_container(resolved, resolve=True), sess,
-                                  parent_run_id=parents.get(fr.study), tags=tags) as run:
-            for e in res["evals"]:
-                pts = [h for h in res["history"] if e["step"] - 2 < h["step"] <= e["step"]]
+        identity = Identity(kind=fr.kind, name=f"{fr.study}/trial-{fr.trial}" if fr.study else "run", study=fr.study,
+                            trial=fr.trial if fr.study else None, model=cfg.model.name, data=cfg.data.name,
+                            device="cpu", output_dir=str(out))
+        settings = settings_of(cfg, fr.overrides)
+        history, evals = res.pop("history"), res.pop("evals")
+        record = RunRecord(**{k: v for k, v in res.items() if k not in ("method", "device")}, identity=identity,
+                           settings=settings, history=[TrainPoint(**h) for h in history],
+                           evals=[EvalPoint(**e) for e in evals])
+        counts = {"params/trainable": record.trainable_params, "params/total": record.total_params}
+        with tracking.TrainingRun(cfg.tracking, identity, settings, parent_run_id=parents.get(fr.study),
+                                  start_metrics=counts) as run:
+            for e in evals:
+                pts = [h for h in history if e["step"] - 2 < h["step"] <= e["step"]]
                 run.on_eval(EvalEvent(e["step"], 4, {k: v for k, v in e.items() if k != "step"}, pts))
             if fr.state != "PRUNED":
-                run.finish(RunResult(**res, output_dir=str(out)))
-            run.set_outcome(fr.state, fr.reason)
+                run.finish(record)
+            run.set_outcome({"completed": "COMPLETE", "diverged": "FAIL"}.get(fr.state, fr.state), fr.reason)
 
 
 def test_report_tables_equal_the_captured_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
