@@ -43,7 +43,7 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's description of a run or an experime
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3.x: this value opens the experiment as model training
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-EXPERIMENT_NOTE = """Runs of [lora_lab](https://github.com/): LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single `python -m lora_lab.train` runs stand alone.
+EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single `python -m lora_lab.train` runs stand alone.
 
 * **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also carry it in their name and their reason in `lora_lab.reason`.
 * **Params** are the settings a person chose (the run's overrides and the method's own fields); derived numbers such as parameter counts are metrics.
@@ -186,16 +186,20 @@ def run_note(identity: Identity, settings: Settings, searched: dict[str, Any], s
     return "\n".join(lines)
 
 
+# MLflow 3.x's UI opens in its GenAI mode unless told otherwise; this query opens it as model training.
+UI_MODE = "workflowType=machine_learning"
+
+
 def run_url(experiment_id: str, run_id: str) -> str:
     """A link to a run in the MLflow UI, relative to the UI's root."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
 
 
 def compare_url(experiment_id: str, run_ids: list[str]) -> str:
     """A link that opens MLflow's comparison of these runs."""
     runs = urllib.parse.quote("[" + ",".join(f'"{r}"' for r in run_ids) + "]")
     experiments = urllib.parse.quote(f'["{experiment_id}"]')
-    return f"#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"#/compare-runs?runs={runs}&experiments={experiments}&{UI_MODE}"
 
 
 class TrainingRun:
@@ -339,8 +343,9 @@ def ui_command(tracking: TrackingConfig) -> str:
     """The command that shows these runs (binds to 127.0.0.1)."""
     uri = tracking.resolved_uri()
     if uri.startswith("http"):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {uri.rstrip('/')}/#/experiments?{UI_MODE} in a browser"
+    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+            f"  then open http://127.0.0.1:5000/#/experiments?{UI_MODE}")
 
 
 # ----------------------------------------------------------------------------------------------- studies
@@ -439,8 +444,10 @@ def finish_parent(tracking: TrackingConfig, run_id: str, study: str, summary: St
         for c in trials:
             m, t = c.data.metrics, c.data.tags
             searched = t.get(SEARCHED_TAG, "")
+            done = t.get(STATE_TAG) == "COMPLETE"  # others' latest loss/val is an early evaluation, not a result
             note.append(f"| [{t.get(TRIAL_TAG)}]({run_url(experiment_id, c.info.run_id)}) | {t.get(STATE_TAG, '?')} "
-                        f"| {_fmt(m.get('loss/val'))} | {_fmt(m.get('eval/accuracy'), '{:.3f}')} | {searched} |")
+                        f"| {_fmt(m.get('loss/val') if done else None)} "
+                        f"| {_fmt(m.get('eval/accuracy') if done else None, '{:.3f}')} | {searched} |")
         note.append("")
     if summary.table:
         note += ["Best LoRA trial against full fine-tuning:", "", summary.table, ""]

@@ -171,7 +171,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(outputs: Path, tmp_
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"])
     resumed = train.run(cfg)
     assert resumed.steps == 8
-    assert [p["train_loss"] for p in resumed.history] == [p["train_loss"] for p in straight.history]
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
     assert resumed.val_loss == straight.val_loss
 
 
