@@ -27,15 +27,16 @@ def save(fig: Any, path: Path) -> Path:
 
 def loss_curve(curves: dict[str, tuple[Sequence[dict], Sequence[dict]]], path: Path, title: str = "",
                log_steps: bool = False) -> Path:
-    """Training loss per step (thin) and validation loss per evaluation (markers) for each labelled run."""
+    """Training loss per step (thin) and validation loss per evaluation (markers) for each labelled run: curves map
+    a label to (records.TrainPoint list, records.EvalPoint list)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, (history, evals)) in enumerate(curves.items()):
         color = f"C{i % 10}"
         if history:
-            ax.plot([p["step"] for p in history], [p["train_loss"] for p in history], color=color, alpha=0.45,
+            ax.plot([p.step for p in history], [p.train_loss for p in history], color=color, alpha=0.45,
                     linewidth=1, label=f"{label} train")
         if evals:
-            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], color=color, marker="o",
+            ax.plot([e.step for e in evals], [e.val_loss for e in evals], color=color, marker="o",
                     linewidth=2, label=f"{label} val")
     if log_steps:
         ax.set_xscale("log")

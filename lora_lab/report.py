@@ -14,7 +14,6 @@ Exit codes: 0 written, 2 bad input (no tracking store, a named study or experime
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import io
 import math
@@ -25,10 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from lora_lab import tracking
+from lora_lab.records import EvalPoint, RunRecord, TrainPoint, finite
 from lora_lab.train import atomic_write_text
 
 TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
-OK_STATES = ("COMPLETE", "completed")
+OK_STATE = "COMPLETE"  # a run whose results the tables use
 
 # Published numbers (../shared/ANCHORS.md), with their sources.
 HU = "Hu et al. 2021 (arXiv 2106.09685)"
@@ -74,66 +74,56 @@ def _num(value: Any) -> Optional[float]:
     return v
 
 
-def _list(value: Optional[str]) -> list[str]:
-    if value is None:
-        return []
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    items = parsed if isinstance(parsed, (list, tuple)) else [parsed]
-    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
-
-
 @dataclass
 class Run:
-    """One MLflow training run (a trial, a comparison or a plain run), flattened for the tables."""
+    """One MLflow training run (a trial, a comparison or a plain run): its record, read back by tracking."""
 
     run_id: str
-    name: str
-    study: str
-    kind: str
-    state: str
     parent: str
-    params: dict[str, str]
-    final: dict[str, float]  # final.<field> metrics without the prefix
+    state: str
+    rec: RunRecord
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) of every evaluation
 
     @classmethod
-    def from_mlflow(cls, d: dict[str, Any]) -> "Run":
-        tags = d["tags"]
-        final = {k[len("final."):]: v for k, v in d["metrics"].items() if k.startswith("final.")}
-        return cls(run_id=d["run_id"], name=d.get("run_name") or "", study=tags.get(tracking.STUDY_TAG, ""),
-                   kind=tags.get(tracking.KIND_TAG, "run"), state=tags.get(tracking.STATE_TAG, ""),
-                   parent=tags.get("mlflow.parentRunId", ""), params=d["params"], final=final)
+    def from_tracked(cls, t: tracking.TrackedRun) -> "Run":
+        return cls(run_id=t.run_id, parent=t.parent_id, state=t.state, rec=t.record,
+                   val_history=[(e.step, e.val_loss) for e in t.record.evals])
 
-    def p(self, key: str) -> Optional[str]:
-        v = self.params.get(key)
-        return None if v in (None, "None", "null") else v
+    @property
+    def name(self) -> str:
+        return self.rec.identity.name
+
+    @property
+    def study(self) -> str:
+        return self.rec.identity.study
+
+    @property
+    def kind(self) -> str:
+        return self.rec.identity.kind
+
+    def p(self, path: str) -> Any:
+        """A setting by config path (`lora.alpha`, `data.max_length`), typed; None when not set."""
+        return self.rec.settings.get(path)
 
     @property
     def method(self) -> str:
-        return self.p("method") or "lora"
+        return self.rec.settings.method
 
     @property
     def r(self) -> Optional[int]:
-        return int(float(self.p("lora.r"))) if self.method == "lora" and self.p("lora.r") else None
+        return int(self.p("lora.r")) if self.method == "lora" and self.p("lora.r") is not None else None
 
     @property
-    def lr(self) -> Optional[float]:
-        """The peak LR the run used: optim.lr, or optim.lr_mult * optim.ref_lr."""
-        mult = _num(self.p("optim.lr_mult"))
-        if mult is not None:
-            ref = _num(self.p("optim.ref_lr"))
-            return None if ref is None else float(f"{mult * ref:.6g}")
-        return _num(self.p("optim.lr"))
+    def lr(self) -> float:
+        """The peak LR the run used (records.Settings.lr)."""
+        return self.rec.settings.lr
 
     @property
     def targets(self) -> Optional[str]:
         """'all linear', 'attention', 'MLP', 'Wq+Wv', ... (None for full fine-tuning)."""
         if self.method != "lora":
             return None
-        names = _list(self.p("lora.targets"))
+        names = list(self.p("lora.targets") or [])
         if self.p("lora.target_regex"):
             names.append(f"/{self.p('lora.target_regex')}/")
         return "+".join(SHORT.get(n, n) for n in names) or "?"
@@ -143,53 +133,45 @@ class Run:
         """Method label for the method table: LoRA, rsLoRA, LoRA+ or full FT."""
         if self.method == "full":
             return "full FT"
-        if str(self.p("lora.rslora")).lower() == "true":
+        if self.p("lora.rslora") is True:
             return "rsLoRA"
-        if (_num(self.p("lora.lr_ratio")) or 1.0) != 1.0:
+        if (self.p("lora.lr_ratio") or 1.0) != 1.0:
             return "LoRA+"
         return "LoRA"
 
     @property
-    def batch(self) -> Optional[int]:
-        b, a = _num(self.p("trainer.batch_size")), _num(self.p("trainer.grad_accum")) or 1
-        return None if b is None else int(b * a)
+    def batch(self) -> int:
+        return self.rec.settings.batch
 
     @property
-    def steps(self) -> Optional[int]:
-        s = _num(self.p("trainer.max_steps"))
-        return None if s is None else int(s)
+    def steps(self) -> int:
+        return self.rec.settings.max_steps
 
     @property
-    def seed(self) -> Optional[int]:
-        s = _num(self.p("seed"))
-        return None if s is None else int(s)
+    def seed(self) -> int:
+        return self.rec.settings.seed
 
     @property
     def val_loss(self) -> Optional[float]:
-        return self.final.get("val_loss")
+        return self.rec.val_loss
 
     @property
     def ok(self) -> bool:
-        v = self.val_loss
-        return self.state in OK_STATES and v is not None and math.isfinite(v)
+        return self.state == OK_STATE and finite(self.val_loss)
 
     @property
-    def trainable(self) -> Optional[int]:
-        v = self.final.get("trainable_params", _num(self.p("trainable_params")))
-        return None if v is None else int(v)
+    def trainable(self) -> int:
+        return self.rec.trainable_params
 
 
-def load_runs(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -> tuple[list[Run], list[dict]]:
-    """Training runs and study parent runs of the selection; ReportError when a named selection has none."""
+def load_runs(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -> tuple[list[Run], list[str]]:
+    """Training runs and study parent run ids of the selection; ReportError when a named selection has none."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ReportError(f"no MLflow store at {uri}; give --tracking-uri or set LORA_LAB_OUTPUTS")
-    raw = tracking.find_runs(uri, experiment, studies or None)
-    runs = [Run.from_mlflow(d) for d in raw if d["tags"].get(tracking.KIND_TAG) != "study"]
-    for r in runs:
-        r.val_history = tracking.metric_history(uri, r.run_id, "val_loss")
-    parents = [d for d in raw if d["tags"].get(tracking.KIND_TAG) == "study"]
+    tracked, parents = tracking.read_runs(uri, experiment, studies or None)
+    runs = [Run.from_tracked(t) for t in tracked]
     where = f" in experiment {experiment!r}" if experiment else ""
-    if experiment and not raw:
+    if experiment and not runs and not parents:
         raise ReportError(f"experiment {experiment!r} has no runs at {uri}")
     for s in studies or []:
         if not any(r.study == s for r in runs):
@@ -293,12 +275,11 @@ def table_methods(runs: list[Run]) -> Table:
             continue
         b = min(cands, key=lambda r: r.val_loss)
         used += cands
-        f = b.final
-        size = f.get("adapter_bytes") if b.method == "lora" else f.get("checkpoint_bytes")
+        f = b.rec
+        size = f.adapter_bytes if b.method == "lora" else f.checkpoint_bytes
         rows.append({"method": variant + (" (best)" if variant == "LoRA" else ""), "trainable_params": b.trainable,
-                     "val_loss": b.val_loss, "accuracy": f.get("accuracy"),
-                     "peak_mem_mib": None if f.get("peak_mem_bytes") is None else f["peak_mem_bytes"] / 2**20,
-                     "time_per_step_s": f.get("time_per_step_s"), "size_mib": None if size is None else size / 2**20,
+                     "val_loss": b.val_loss, "accuracy": f.accuracy, "peak_mem_mib": f.peak_mem_bytes / 2**20,
+                     "time_per_step_s": f.time_per_step_s, "size_mib": None if size is None else size / 2**20,
                      "settings": _settings(b), "run": b.run_id[:8], "published": PUBLISHED_METHODS[variant]})
     cols = [("method", "method", ""), ("trainable_params", "# trainable params", "{:,}"), ("val_loss", "val loss", "{:.4f}"),
             ("accuracy", "accuracy", "{:.3f}"), ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
@@ -510,15 +491,15 @@ def llama31_8b_config() -> Any:
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072)
 
 
-def model_config(name: str, params: Optional[dict[str, str]] = None) -> Any:
-    """A transformers config for a model we ran (its shape only)."""
+def model_config(name: str, setting: Optional[Callable[[str], Any]] = None) -> Any:
+    """A transformers config for a model we ran (its shape only); `setting` gives a run's setting by path."""
     from transformers import LlamaConfig
 
     from lora_lab import bench
 
     if name == "tiny":
-        p = params or {}
-        g = lambda k, d: int(float(p.get(f"model.tiny.{k}", d)))  # noqa: E731
+        get = setting or (lambda path: None)
+        g = lambda k, d: int(get(f"model.tiny.{k}") or d)  # noqa: E731
         from lora_lab.models import tiny_tokenizer
 
         return LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=g("hidden_size", 64), num_hidden_layers=g("num_layers", 2),
@@ -566,17 +547,17 @@ def table_params(runs: list[Run]) -> Table:
     logged: dict[tuple, set] = {}
     for r in runs:
         if r.method == "lora" and r.r and r.trainable is not None:
-            k = (r.p("model.name"), r.p("lora.targets"), r.r)
+            k = (r.p("model.name"), tuple(r.p("lora.targets") or ()), r.r)
             groups.setdefault(k, r)
             logged.setdefault(k, set()).add(r.trainable)
     used = []
     for (model, targets, rank), r in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
         try:
-            mcfg = model_config(model or "", r.params)
+            mcfg = model_config(model or "", r.p)
         except ReportError:
             continue
         used.append(r)
-        n = lora_param_count(mcfg, _list(targets), rank)
+        n = lora_param_count(mcfg, list(targets), rank)
         runs_n = sorted(logged[(model, targets, rank)])
         rows.append({"model": model, "config": f"{r.targets} r={rank}", "count_no_head": n,
                      "logged": ", ".join(f"{x:,}" for x in runs_n),
@@ -601,23 +582,23 @@ def table_compute(runs: list[Run]) -> Table:
     rows, used = [], []
     fulls: dict[tuple, list[Run]] = {}
     for r in ok:
-        if r.method == "full" and r.final.get("time_per_step_s"):
+        if r.method == "full" and r.rec.time_per_step_s:
             fulls.setdefault((r.p("model.name"), r.batch, r.p("data.max_length")), []).append(r)
     loras: dict[tuple, list[Run]] = {}
     for r in ok:
-        if r.method == "lora" and r.final.get("time_per_step_s"):
+        if r.method == "lora" and r.rec.time_per_step_s:
             k = (r.p("model.name"), r.batch, r.p("data.max_length"))
             if k in fulls:
                 loras.setdefault(k + (r.targets, r.r), []).append(r)
     for (model, batch, seq, targets, rank), rs in sorted(loras.items(), key=lambda kv: (str(kv[0][3]), kv[0][4] or 0)):
         fr = fulls[(model, batch, seq)]
         used += rs + [f for f in fr if f not in used]
-        t_lora = statistics.median(x.final["time_per_step_s"] for x in rs)
-        t_full = statistics.median(x.final["time_per_step_s"] for x in fr)
+        t_lora = statistics.median(x.rec.time_per_step_s for x in rs)
+        t_full = statistics.median(x.rec.time_per_step_s for x in fr)
         theory = pub = None
         if targets == "all linear":
             with _suppress():
-                cfg = model_config(model or "", rs[0].params)
+                cfg = model_config(model or "", rs[0].p)
                 theory = bench.step_flops(cfg, batch, int(seq), rank) / bench.step_flops(cfg, batch, int(seq), None)
             n = 4096
             pub = (2 * n * n + 6 * n * rank) / (3 * n * n)
@@ -645,7 +626,7 @@ class _suppress:
 
 def table_merge(runs: list[Run]) -> Table:
     """Merged vs unmerged LoRA: max |logit difference| and val-loss difference, per precision."""
-    lora = [r for r in ok_runs(runs) if r.method == "lora" and r.final.get("max_abs_logit_diff") is not None]
+    lora = [r for r in ok_runs(runs) if r.method == "lora" and r.rec.max_abs_logit_diff is not None]
     by: dict[str, list[Run]] = {}
     for r in lora:
         prec = r.p("trainer.precision") or "auto"
@@ -654,8 +635,8 @@ def table_merge(runs: list[Run]) -> Table:
         by.setdefault(label, []).append(r)
     rows = []
     for label, rs in sorted(by.items()):
-        diffs = [r.final["max_abs_logit_diff"] for r in rs]
-        dl = [abs(r.final["merged_val_loss"] - r.val_loss) for r in rs if r.final.get("merged_val_loss") is not None]
+        diffs = [r.rec.max_abs_logit_diff for r in rs]
+        dl = [abs(r.rec.merged_val_loss - r.val_loss) for r in rs if r.rec.merged_val_loss is not None]
         rows.append({"precision": label, "runs": len(rs), "max_logit_diff": max(diffs), "median_logit_diff": statistics.median(diffs),
                      "max_dloss": max(dl) if dl else None, "published": "-" if label != "bf16" else
                      "loss 2.1178 -> 2.1214 after a bf16 merge (one user report, ANCHORS.md)"})
@@ -729,10 +710,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _history(uri: str, r: Run) -> tuple[list[dict], list[dict]]:
-    train = [{"step": s, "train_loss": v} for s, v in tracking.metric_history(uri, r.run_id, "train_loss") if s > 0]
-    evals = [{"step": s, "val_loss": v} for s, v in tracking.metric_history(uri, r.run_id, "val_loss") if s > 0]
-    return train, evals
+def _history(uri: str, r: Run) -> tuple[list[TrainPoint], list[EvalPoint]]:
+    lrs = dict(tracking.metric_history(uri, r.run_id, "optim/lr"))
+    train = [TrainPoint(step=s, train_loss=v, lr=lrs.get(s, math.nan))
+             for s, v in tracking.metric_history(uri, r.run_id, "loss/train") if s > 0]
+    return train, [e for e in r.rec.evals if e.step > 0]
 
 
 def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
@@ -809,7 +791,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for cond in args.where:
                 k, _, v = cond.partition("=")
                 same = (lambda a, b: _num(a) == _num(b)) if _num(v) is not None else (lambda a, b: a == b)
-                runs = [r for r in runs if r.p(k) is not None and same(r.p(k), v)]
+                runs = [r for r in runs if r.p(k) is not None and same(tracking.records.param_text(r.p(k)), v)]
             lr, _ = best_lr(runs)
             if lr is None:
                 raise ReportError(f"no COMPLETE run with an LR among studies {args.study} {args.where}")
@@ -836,7 +818,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     files = write_report(tables, plot_files, out, header)
     if not args.no_attach:
         ids = {r.parent for r in runs if r.parent and (not args.study or r.study in args.study)}
-        ids &= {p["run_id"] for p in parents} or ids
+        ids &= set(parents) or ids
         for pid in sorted(ids):
             tracking.attach_files(uri, pid, files, artifact_path="report")
     print(f"report: {out / 'report.md'} ({len(tables)} tables, {len(plot_files)} plots)")

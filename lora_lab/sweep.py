@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 from lora_lab import search, tracking
 from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.models import file_lock
-from lora_lab.train import RunResult, atomic_write_text, build, free_memory, run_tracked
+from lora_lab.records import RecordError, Results, RunRecord
+from lora_lab.train import atomic_write_text, build, free_memory, run_tracked
 
 log = logging.getLogger("lora_lab")
 
@@ -294,13 +295,13 @@ def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
 
 
-def verdict(spec: SweepConfig, result: RunResult) -> tuple[str, str]:
+def verdict(spec: SweepConfig, result: RunRecord) -> tuple[str, str]:
     """A finished run's trial state and reason: COMPLETE only with a finite value for every objective (Optuna takes
     +-inf as COMPLETE; here it is a failed trial)."""
     if result.status != "completed":
         return "FAIL", f"{result.status}: {result.reason}"
     for name in spec.objectives:
-        value = getattr(result, name)
+        value = result.value(name)
         if value is None or not math.isfinite(float(value)):
             return "FAIL", f"diverged: objective {name} is {value}"
     return "COMPLETE", ""
@@ -337,10 +338,11 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             if event.step >= warmup and trial.should_prune():
                 raise Pruned(f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
 
-    tags = {tracking.KIND_TAG: "trial", tracking.STUDY_TAG: st.spec.name, tracking.TRIAL_TAG: str(trial.number)}
+    name = st.spec.name
     try:
-        result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
-                             run_name=f"trial-{trial.number}", tags=tags, on_eval=on_eval,
+        result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), st.base_overrides + overrides,
+                             kind="trial", study=name, trial=trial.number, run_name=f"{name}/trial-{trial.number}",
+                             searched=dict(trial.params), parent_run_id=st.parent_run_id, on_eval=on_eval,
                              verdict=lambda r: verdict(st.spec, r))
     finally:  # pruned trials too: the overhead share counts every trial that ran
         trial.set_user_attr("train_time_s", session.train_time_s)
@@ -350,8 +352,8 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         raise TrialFailed(reason)
     for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
                 "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes"):
-        trial.set_user_attr(key, getattr(result, key))
-    return [float(getattr(result, name)) for name in st.spec.objectives]
+        trial.set_user_attr(key, result.value(key))
+    return [float(result.value(name)) for name in st.spec.objectives]
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -519,13 +521,13 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[st
     return rows
 
 
-def _row(name: str, r: RunResult, val_loss: Optional[float], acc: Optional[float], overrides: list[str]) -> dict[str, Any]:
+def _row(name: str, r: RunRecord, val_loss: Optional[float], acc: Optional[float], overrides: list[str]) -> dict[str, Any]:
     return {"method": name, "val_loss": val_loss, "accuracy": acc, "trainable_params": r.trainable_params,
             "peak_mem_mib": r.peak_mem_bytes / 2**20, "time_per_step_s": r.time_per_step_s,
             "checkpoint_mib": (r.checkpoint_bytes or 0) / 2**20, "settings": " ".join(overrides)}
 
 
-def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunResult]:
+def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecord]:
     """One comparison run, reused on a re-run only if it ran with exactly these settings (its folder is named by a
     hash of them, so a new best trial or new base overrides get a fresh run)."""
     import hashlib
@@ -537,12 +539,15 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunResu
     folder = st.dir / "compare" / f"{name}-{hashlib.sha1(' '.join(full).encode()).hexdigest()[:8]}"
     metrics = folder / "metrics.json"
     if metrics.is_file():
-        return RunResult(**json.loads(metrics.read_text()))
+        try:
+            return RunRecord.from_json(json.loads(metrics.read_text()), where=str(metrics))
+        except (RecordError, json.JSONDecodeError) as exc:  # another lora_lab version's file: run it again
+            log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
     resolved, cfg = compose(full + [f"output_dir={folder}"])
     log.info("comparison run %s: %s", name, " ".join(overrides))
-    tags = {tracking.KIND_TAG: "compare", tracking.STUDY_TAG: st.spec.name}
-    return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), parent_run_id=st.parent_run_id,
-                       run_name=f"compare-{name}", tags=tags)  # closes (frees) the session
+    return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), full, kind="compare",
+                       study=st.spec.name, run_name=f"{st.spec.name}/compare-{name}",
+                       parent_run_id=st.parent_run_id)  # closes (frees) the session
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -705,7 +710,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if st.tracking.enabled:
         st.parent_run_id = tracking.study_parent_run(
             st.tracking, spec.name, params={f"sweep.{k}": v for k, v in _spec_params(spec).items()},
-            tags={"storage": st.storage_url().split("@")[-1], "sampler": spec.sampler, "objectives": ",".join(spec.objectives)})
+            tags={"storage": st.storage_url().split("@")[-1], "sampler": spec.sampler, "objectives": ",".join(spec.objectives)},
+            note=f"**Study `{spec.name}`**: {study_note(st)}\n\n**State: RUNNING** ({spec.n_trials} trials in budget)")
     added = st.top_up()
     log.info("study %s: %d trials in budget, %d added now, storage %s", spec.name, spec.n_trials, added,
              st.storage_url().split("@")[-1])
@@ -736,14 +742,18 @@ def finish(st: Study) -> int:
     files = write_outputs(st, rows)
     all_done = not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     if st.parent_run_id:
-        metrics = {f"best.{o}": v for o, v in zip(spec.objectives, best.values)} if best else {}
-        metrics.update({f"trials.{k.lower()}": v for k, v in counts.items()})
+        # The best trial's objectives under the trials' own metric names: one `loss/val` column for parent and trials.
+        metrics = {objective_metric(o): v for o, v in zip(spec.objectives, best.values)} if best else {}
+        metrics.update({f"trials/{k.lower()}": v for k, v in counts.items()})
         if overhead_share(study) is not None:
-            metrics["overhead_share"] = overhead_share(study)
-        tags = {"best_trial": str(best.number) if best else "none"}
-        if best:
-            tags["best_overrides"] = " ".join(search.trial_overrides(best))
-        tracking.finish_parent(st.tracking, st.parent_run_id, metrics, tags, files, end=all_done)
+            metrics["perf/overhead_share"] = overhead_share(study)
+        state = "COMPLETE" if best is not None else ("FAIL" if all_done else "RUNNING")
+        summary = tracking.StudySummary(
+            state=state, metrics=metrics, best_trial=best.number if best else None,
+            best_values=dict(zip(spec.objectives, best.values)) if best else {},
+            best_overrides=" ".join(search.trial_overrides(best)) if best else "", counts=counts,
+            description=study_note(st), table=format_table(rows, COMPARE_COLUMNS) if rows else "")
+        tracking.finish_parent(st.tracking, st.parent_run_id, spec.name, summary, files, end=all_done)
     print()
     print(f"study {spec.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if best is None:
@@ -770,16 +780,39 @@ def overhead_share(study: optuna.Study) -> Optional[float]:
     return sum(t.user_attrs["overhead_s"] for t in done) / wall if wall > 0 else None
 
 
-def _spec_params(spec: SweepConfig) -> dict[str, Any]:
-    flat = OmegaConf.to_container(OmegaConf.structured(spec), resolve=True)
-    out = {}
-    for k, v in flat.items():
-        if k == "space":
+def objective_metric(name: str) -> str:
+    """The MLflow metric an objective is logged as in its trials (val_loss -> loss/val)."""
+    f = Results.field_of(name)
+    return f.metadata.get("key") or f.metadata["curve"]
+
+
+def study_note(st: Study) -> str:
+    """One line on the study: its own description, and the model and data it actually ran."""
+    c = st.base_cfg
+    ran = f"{c.method} of `{c.model.name}` on `{c.data.name}`, {c.trainer.max_steps} steps per trial"
+    return f"{st.spec.description.strip()} (as run: {ran})" if st.spec.description.strip() else f"{ran}."
+
+
+def _spec_params(spec: SweepConfig) -> dict[str, str]:
+    """The study's settings as a person chose them: its name, budget, sampler and objectives, every other field that
+    differs from its default, and each space entry with the keys it sets (no defaults logged as if set)."""
+    from dataclasses import asdict, fields
+
+    from lora_lab.config import ParamSpec
+    from lora_lab.records import param_text
+
+    default, blank = SweepConfig(), asdict(ParamSpec())
+    always = ("name", "n_trials", "sampler", "pruner", "objectives")
+    out: dict[str, Any] = {}
+    for f in fields(SweepConfig):
+        v = getattr(spec, f.name)
+        if f.name == "space":
             for path, entry in v.items():
-                out[f"space.{path}"] = {kk: vv for kk, vv in entry.items() if vv not in (None, False)}
-        else:
-            out[k] = v
-    return out
+                e = asdict(entry) if not isinstance(entry, dict) else entry
+                out[f"space.{path}"] = {k: x for k, x in e.items() if k == "type" or x != blank.get(k)}
+        elif f.name in always or v != getattr(default, f.name):
+            out[f.name] = v
+    return {k: param_text(v) for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -3,30 +3,53 @@
 The training loop knows nothing of MLflow: `TrainingRun.on_eval` is handed to it as its callback. The link from a trial
 to its study is the `mlflow.parentRunId` tag, so it holds across processes and hosts (workers on other machines log
 to the same tracking server and find the parent by its id).
+
+What MLflow shows is laid out for a person reading the UI: runs named `<study>/trial-<n>` (a suffix for PRUNED and
+FAIL), params = the settings chosen (lora_lab.records.Settings), metrics under grouped names (`loss/train`,
+`loss/val`, `eval/accuracy`, `perf/...`; lora_lab.records says each one's unit), a Markdown description on every run
+and study, and the experiment marked as model training so the UI does not open in its GenAI mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
+import math
 import subprocess
 import time
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lora_lab.config import Config, ConfigError, TrackingConfig, outputs_root
+from lora_lab import records
+from lora_lab.config import ConfigError, TrackingConfig, outputs_root
+from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 
 log = logging.getLogger("lora_lab")
 
 # lora_lab's own tags; MLflow's UI shows them as columns.
-STATE_TAG = "lora_lab.state"  # COMPLETE, PRUNED, FAIL (sweep trials) or completed/diverged (runs)
-REASON_TAG = "lora_lab.reason"  # why a run failed: diverged, oom, the exception's message
+STATE_TAG = "lora_lab.state"  # COMPLETE, PRUNED or FAIL, for every run (a study: COMPLETE, RUNNING or FAIL)
+REASON_TAG = "lora_lab.reason"  # why a run failed or was pruned: diverged, oom, the exception's message
+STATUS_TAG = "lora_lab.status"  # what training reached: completed or diverged (records.Results.status)
 STUDY_TAG = "lora_lab.study"
 TRIAL_TAG = "lora_lab.trial"
 KIND_TAG = "lora_lab.kind"  # 'study' (parent), 'trial', 'compare' or 'run'
-MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "completed": "FINISHED",
-                 "diverged": "FAILED"}
+SEARCHED_TAG = "lora_lab.searched"  # a trial's sampled values, as overrides
+OUTPUT_TAG = "lora_lab.output_dir"  # the run's folder (config.yaml, metrics.json, adapter)
+NOTE_TAG = "mlflow.note.content"  # MLflow's description of a run or an experiment (Markdown)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3.x: this value opens the experiment as model training
+EXPERIMENT_KIND = "custom_model_development"
+MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single `python -m lora_lab.train` runs stand alone.
+
+* **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also carry it in their name and their reason in `lora_lab.reason`.
+* **Params** are the settings a person chose (the run's overrides and the method's own fields); derived numbers such as parameter counts are metrics.
+* **Metrics** (units):
+
+"""
 
 
 def _quiet_mlflow() -> None:
@@ -36,7 +59,8 @@ def _quiet_mlflow() -> None:
 
 
 def connect(tracking: TrackingConfig) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists; return the experiment id."""
+    """Point MLflow at the configured store and make sure the experiment exists (described, as model training);
+    return the experiment id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -51,17 +75,32 @@ def connect(tracking: TrackingConfig) -> str:
         for attempt in range(5):  # many workers may create the same experiment at once
             exp = client.get_experiment_by_name(tracking.experiment)
             if exp is not None:
+                if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older lora_lab or by hand
+                    client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             try:
                 # An embedded store keeps artifacts beside the database; a server decides for itself.
                 location = (outputs_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-                return client.create_experiment(tracking.experiment, artifact_location=location)
+                tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: experiment_note()}
+                return client.create_experiment(tracking.experiment, artifact_location=location, tags=tags)
             except MlflowException:
                 time.sleep(0.2 * (attempt + 1))
     except Exception as exc:  # unknown scheme, unreachable server, unwritable file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"tracking.uri={uri!r}: cannot use this MLflow store ({first})") from None
     raise ConfigError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
+
+
+def experiment_note() -> str:
+    """The experiment's description: how its runs are laid out, and every metric with its unit."""
+    rows = ["| metric | unit | what |", "|---|---|---|"]
+    seen = set()
+    for cls in (records.TrainPoint, records.EvalPoint, records.Results):
+        for name, unit, doc, key in records.describe(cls):
+            if key and key not in seen:
+                seen.add(key)
+                rows.append(f"| `{key}` | {unit or '-'} | {doc} |")
+    return EXPERIMENT_NOTE + "\n".join(rows) + "\n"
 
 
 def _init_sqlite_store(db: Path) -> Any:
@@ -73,23 +112,12 @@ def _init_sqlite_store(db: Path) -> Any:
 
     with file_lock(db.parent / f".{db.name}.init.lock"):
         client = mlflow.MlflowClient()
-        client.search_experiments(max_results=1)  # the first use of a store creates and migrates it
+        exps = client.search_experiments(max_results=2)  # the first use of a store creates and migrates it
+        # MLflow makes an empty "Default" experiment pointing at ./mlruns of wherever the command ran: hide it.
+        if [e.experiment_id for e in exps] == ["0"] and not client.search_runs(["0"], max_results=1):
+            with contextlib.suppress(Exception):
+                client.delete_experiment("0")
     return client
-
-
-def flatten(cfg: dict[str, Any]) -> dict[str, str]:
-    """The resolved config (a plain dict) as MLflow params: dotted keys (`lora.r`), values as text."""
-    out: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = str(node)[:500]  # MLflow's limit on a param value
-
-    walk(cfg, "")
-    return out
 
 
 def environment_tags() -> dict[str, str]:
@@ -106,78 +134,176 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def run_name(identity: Identity, state: str = "COMPLETE") -> str:
+    """The run's name in MLflow: its identity's name, with the state appended when it is not COMPLETE."""
+    return identity.name if state == "COMPLETE" else f"{identity.name} ({state})"
+
+
+def _fmt(value: Any, spec: str = "{:.4f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return spec.format(value)
+
+
+def run_note(identity: Identity, settings: Settings, searched: dict[str, Any], state: str, reason: str,
+             record: Optional[RunRecord], last: Optional[EvalPoint], parent_link: Optional[str] = None) -> str:
+    """A run's Markdown description: what it is, its searched values, its result with units, its state and why."""
+    what = {"trial": f"Trial {identity.trial} of study `{identity.study}`",
+            "compare": f"Comparison run of study `{identity.study}`", "run": "A single training run"}[identity.kind]
+    method = "LoRA" if settings.method == "lora" else "Full fine-tuning"
+    lines = [f"**{what}**: {method} of `{settings.model}` on `{settings.data}`, {settings.max_steps} steps, "
+             f"peak LR {settings.lr:g}, batch {settings.batch}.", ""]
+    if parent_link:
+        lines += [f"Study: [{identity.study}]({parent_link})", ""]
+    if searched:
+        lines += ["Searched values: " + ", ".join(f"`{k}={records.param_text(v)}`" for k, v in searched.items()), ""]
+    lines += [f"**State: {state}**" + (f": {reason}" if reason else ""), ""]
+    rows = []
+    if record is not None:
+        r = record
+        rows += [("val loss", _fmt(r.val_loss), "nats/token", f"base model {_fmt(r.base_val_loss)}"),
+                 ("accuracy", _fmt(r.accuracy, "{:.3f}"), "fraction", f"base model {_fmt(r.base_accuracy, '{:.3f}')}")]
+        if r.merged_val_loss is not None:
+            ok = {True: "passed", False: "FAILED", None: "-"}[r.merge_ok]
+            rows += [("merged val loss", _fmt(r.merged_val_loss), "nats/token",
+                      f"max logit diff {_fmt(r.max_abs_logit_diff, '{:.1e}')}, check {ok}"
+                      + (f" at tolerance {r.merge_tol:.1e}" if r.merge_tol is not None else ""))]
+        rows += [("trainable params", f"{r.trainable_params:,}", "parameters",
+                  f"{100 * r.trainable_params / max(1, r.total_params):.3f}% of {r.total_params:,}"),
+                 ("time per step", _fmt(r.time_per_step_s, "{:.3f}"), "s", f"{r.steps} steps"),
+                 ("throughput", _fmt(r.tokens_per_s, "{:.0f}"), "tokens/s", ""),
+                 ("peak memory", _fmt(r.peak_mem_bytes / 2**20, "{:.0f}"), "MiB", "")]
+    elif last is not None:
+        rows += [("val loss at its last evaluation", _fmt(last.val_loss), "nats/token", f"step {last.step}")]
+        if last.accuracy is not None:
+            rows += [("accuracy at its last evaluation", _fmt(last.accuracy, "{:.3f}"), "fraction", f"step {last.step}")]
+    if rows:
+        lines += ["| result | value | unit | note |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+        lines += [""]
+    lines += ["Curves: `loss/train`, `loss/val` (Model metrics); files: `config.yaml`, `metrics.json`, "
+              "`loss_curve.png` (Artifacts)."]
+    return "\n".join(lines)
+
+
+# MLflow 3.x's UI opens in its GenAI mode unless told otherwise; this query opens it as model training.
+UI_MODE = "workflowType=machine_learning"
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """A link to a run in the MLflow UI, relative to the UI's root."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
+
+
+def compare_url(experiment_id: str, run_ids: list[str]) -> str:
+    """A link that opens MLflow's comparison of these runs."""
+    runs = urllib.parse.quote("[" + ",".join(f'"{r}"' for r in run_ids) + "]")
+    experiments = urllib.parse.quote(f'["{experiment_id}"]')
+    return f"#/compare-runs?runs={runs}&experiments={experiments}&{UI_MODE}"
+
+
 class TrainingRun:
-    """An MLflow run around one training: params at the start, metrics at every evaluation, artifacts at the end.
+    """An MLflow run around one training: settings as params at the start, curves at every evaluation, results and
+    files at the end, the state (tag, name suffix) and a description whatever the ending.
 
     Used as a context manager; the run ends FINISHED, FAILED or KILLED according to `set_outcome()` or, when the
-    block raises, the exception.
+    block raises, the exception. A run that ends early (pruned, failed) still logs its config and its curve so far.
     """
 
-    def __init__(self, cfg: Config, resolved: dict[str, Any], session: Any, parent_run_id: Optional[str] = None,
-                 run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> None:
-        self.cfg, self.resolved, self.session = cfg, resolved, session
-        self.parent_run_id, self.run_name, self.extra_tags = parent_run_id, run_name, tags or {}
+    def __init__(self, tracking: TrackingConfig, identity: Identity, settings: Settings, *,
+                 parent_run_id: Optional[str] = None, searched: Optional[dict[str, Any]] = None,
+                 start_metrics: Optional[dict[str, float]] = None, tags: Optional[dict[str, str]] = None) -> None:
+        self.tracking, self.identity, self.settings = tracking, identity, settings
+        self.parent_run_id, self.searched = parent_run_id, dict(searched or {})
+        self.start_metrics, self.extra_tags = dict(start_metrics or {}), dict(tags or {})
         self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
         self.outcome: Optional[tuple[str, str]] = None
+        self.record: Optional[RunRecord] = None
+        self.history: list[TrainPoint] = []
+        self.evals: list[EvalPoint] = []
         self._client: Any = None
 
     def __enter__(self) -> "TrainingRun":
-        if not self.cfg.tracking.enabled:
+        if not self.tracking.enabled:
             return self
         import mlflow
+        from mlflow.entities import Metric, Param
 
-        experiment_id = connect(self.cfg.tracking)
-        c = self.cfg
-        tags = {KIND_TAG: "run", "method": c.method, "model": c.model.name, "data": c.data.name,
-                "device": str(self.session.device), **environment_tags(), **self.extra_tags}
-        name = self.run_name or c.tracking.run_name or f"{c.method}-{Path(c.model.name).name}-{c.data.name}"
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, parent_run_id=self.parent_run_id,
-                               log_system_metrics=c.tracking.system_metrics)
+        self.experiment_id = connect(self.tracking)
+        i, s = self.identity, self.settings
+        tags = {KIND_TAG: i.kind, "method": s.method, "model": i.model, "data": i.data, "device": i.device,
+                OUTPUT_TAG: i.output_dir, STATE_TAG: "RUNNING", **environment_tags(), **self.extra_tags}
+        if i.study:
+            tags[STUDY_TAG] = i.study
+        if i.trial is not None:
+            tags[TRIAL_TAG] = str(i.trial)
+        if self.searched:
+            tags[SEARCHED_TAG] = " ".join(f"{k}={records.param_text(v)}" for k, v in self.searched.items())
+        tags[NOTE_TAG] = run_note(i, s, self.searched, "RUNNING", "", None, None, self._parent_link())
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=i.name, tags=tags,
+                               parent_run_id=self.parent_run_id, log_system_metrics=self.tracking.system_metrics)
         self.run_id = run.info.run_id
         self._client = mlflow.MlflowClient()
-        params = flatten(self.resolved)
-        params.update({"trainable_params": str(self.session.counts.trainable), "total_params": str(self.session.counts.total),
-                       "wrapped_modules": str(len(self.session.wrapped))})
-        self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in s.params().items()],
+                               metrics=[Metric(k, float(v), now, 0) for k, v in self.start_metrics.items()])
         return self
 
+    def _parent_link(self) -> Optional[str]:
+        return run_url(self.experiment_id, self.parent_run_id) if self.parent_run_id and self.experiment_id else None
+
     def on_eval(self, event: Any) -> None:
-        """The training loop's callback: per-step training loss and LR, then the evaluation's metrics."""
+        """The training loop's callback (a train.EvalEvent): per-step training loss and LR, then the evaluation."""
+        points = [records.build(TrainPoint, p, "EvalEvent.train_points") for p in event.train_points]
+        point = records.build(EvalPoint, {"step": event.step, **event.metrics}, "EvalEvent.metrics")
+        self.history += points
+        self.evals.append(point)
         if self.run_id is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(p[key]), now, int(p["step"])) for p in event.train_points for key in ("train_loss", "lr")
-                   if p["step"] % self.cfg.tracking.log_every == 0 or p is event.train_points[-1]]
-        metrics += [Metric(k, float(v), now, event.step) for k, v in event.metrics.items() if k not in ("train_loss", "lr")]
+        every = self.tracking.log_every
+        metrics = [Metric(key, float(getattr(p, name)), now, p.step) for p in points
+                   if p.step % every == 0 or p is points[-1] for name, key in _keys(TrainPoint)]
+        metrics += [Metric(key, float(getattr(point, name)), now, point.step) for name, key in _keys(EvalPoint)
+                    if getattr(point, name) is not None]
         self._client.log_batch(self.run_id, metrics=metrics)
 
     def set_outcome(self, state: str, reason: str = "") -> None:
-        """Record how the run ended (COMPLETE / PRUNED / FAIL, or completed / diverged) and why."""
+        """Record how the run ended (COMPLETE, PRUNED or FAIL) and why."""
         self.outcome = (state, reason)
 
-    def finish(self, result: Any) -> None:
-        """Final metrics and artifacts (config, metrics.json, adapter, loss curve). The caller sets the outcome after
-        this returns, so a failure while logging ends the run FAILED rather than FINISHED."""
+    def finish(self, record: RunRecord) -> None:
+        """Results and files (metrics.json, adapter). The caller sets the outcome after this returns, so a failure
+        while logging ends the run FAILED rather than FINISHED."""
+        self.record = record
+        self.history, self.evals = list(record.history), list(record.evals)
         if self.run_id is None:
             return
         from mlflow.entities import Metric
 
-        from lora_lab.plots import loss_curve
-
         now = int(time.time() * 1000)
-        scalars = {k: v for k, v in result.metrics().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._client.log_batch(self.run_id, metrics=[Metric(f"final.{k}", float(v), now, result.steps) for k, v in scalars.items()])
-        out = Path(result.output_dir)
-        for name in ("config.yaml", "metrics.json"):
-            if (out / name).is_file():
-                self._client.log_artifact(self.run_id, str(out / name))
+        metrics = {k: v for k, v in records.result_metrics(record).items() if k not in self.start_metrics}
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, record.steps) for k, v in metrics.items()])
+        out = Path(record.identity.output_dir)
+        if (out / "metrics.json").is_file():
+            self._client.log_artifact(self.run_id, str(out / "metrics.json"))
         if (out / "adapter").is_dir():
             self._client.log_artifacts(self.run_id, str(out / "adapter"), artifact_path="adapter")
-        if result.history:
-            png = loss_curve({self.cfg.method: (result.history, result.evals)}, out / "loss_curve.png",
-                             title=f"{self.cfg.method} on {self.cfg.data.name} ({Path(self.cfg.model.name).name})")
+
+    def _files(self) -> None:
+        """config.yaml and the loss curve so far: every run has them, pruned and failed ones too."""
+        from lora_lab.plots import loss_curve
+
+        out = Path(self.identity.output_dir)
+        if (out / "config.yaml").is_file():
+            self._client.log_artifact(self.run_id, str(out / "config.yaml"))
+        if self.history or self.evals:
+            s = self.settings
+            png = loss_curve({s.method: (self.history, self.evals)}, out / "loss_curve.png",
+                             title=f"{self.identity.name}: {s.method} on {s.data} ({Path(s.model).name})")
             self._client.log_artifact(self.run_id, str(png))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -187,32 +313,46 @@ class TrainingRun:
 
         if exc is not None and getattr(exc, "run_state", None):  # e.g. a pruned trial: the exception says how it ended
             self.outcome = (exc.run_state, str(exc)[:500])
-            status = MLFLOW_STATUS.get(exc.run_state, "KILLED")
         elif exc is not None:
             self.outcome = ("FAIL", f"{type(exc).__name__}: {exc}"[:500])
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        else:
-            status = MLFLOW_STATUS.get((self.outcome or ("completed", ""))[0], "FINISHED")
-        state, reason = self.outcome or ("completed", "")
-        with contextlib.suppress(Exception):  # a tag must never hide the exception that ended the run
-            self._client.set_tag(self.run_id, STATE_TAG, state)
+        state, reason = self.outcome or ("COMPLETE", "")
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else MLFLOW_STATUS.get(state, "FAILED")
+        try:  # a tag or a file must never hide the exception that ended the run
+            tags = {STATE_TAG: state, NOTE_TAG: run_note(self.identity, self.settings, self.searched, state, reason,
+                                                         self.record, self.evals[-1] if self.evals else None,
+                                                         self._parent_link())}
+            if self.record is not None:
+                tags[STATUS_TAG] = self.record.status
             if reason:
-                self._client.set_tag(self.run_id, REASON_TAG, reason[:5000])
+                tags[REASON_TAG] = reason[:5000]
+            self._client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+            if state != "COMPLETE":
+                self._client.update_run(self.run_id, name=run_name(self.identity, state))
+            self._files()
+        except Exception as log_exc:  # noqa: BLE001
+            log.warning("MLflow run %s: could not log its state or files: %s", self.run_id, log_exc)
         mlflow.end_run(status=status)
+
+
+def _keys(cls: type) -> list[tuple[str, str]]:
+    """(field, MLflow metric) of a point type's logged fields."""
+    return [(f.name, f.metadata["key"]) for f in dataclasses.fields(cls) if f.metadata.get("key")]
 
 
 def ui_command(tracking: TrackingConfig) -> str:
     """The command that shows these runs (binds to 127.0.0.1)."""
     uri = tracking.resolved_uri()
     if uri.startswith("http"):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {uri.rstrip('/')}/#/experiments?{UI_MODE} in a browser"
+    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+            f"  then open http://127.0.0.1:5000/#/experiments?{UI_MODE}")
 
 
 # ----------------------------------------------------------------------------------------------- studies
 
 
-def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str], tags: dict[str, str]) -> str:
+def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str], tags: dict[str, str],
+                     note: str = "") -> str:
     """The id of the study's parent run, created on first use. Workers on many hosts race to create it: each one
     that created a run keeps the oldest RUNNING parent for the study and deletes its own duplicate, so they all
     agree on one parent without a lock."""
@@ -230,9 +370,10 @@ def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str
     existing = parents()
     if existing:
         return existing[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"study:{study}",
-                            tags={KIND_TAG: "study", STUDY_TAG: study, **environment_tags(), **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    run = client.create_run(experiment_id, run_name=study, tags={
+        KIND_TAG: "study", STUDY_TAG: study, STATE_TAG: "RUNNING", NOTE_TAG: note or f"Study `{study}`: running.",
+        **environment_tags(), **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     time.sleep(0.5)  # let concurrent creators land before choosing
     chosen = parents()[0].info.run_id
     if chosen != run.info.run_id:
@@ -252,28 +393,79 @@ def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, rea
     for r in runs:
         client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
         client.set_tag(r.info.run_id, REASON_TAG, reason)
+        client.update_run(r.info.run_id, name=f"{r.info.run_name} (FAIL)")
         client.set_terminated(r.info.run_id, status="KILLED")
     return len(runs)
 
 
-def finish_parent(tracking: TrackingConfig, run_id: str, metrics: dict[str, float], tags: dict[str, str],
-                  artifacts: Iterable[Path], end: bool) -> None:
-    """Attach a study's results to its parent run; end it when the whole budget is done."""
-    import mlflow
-    from mlflow.entities import Metric
+@dataclass
+class StudySummary:
+    """What a study's parent run shows at the end."""
 
-    connect(tracking)
+    state: str  # COMPLETE (a trial completed), FAIL (none did) or RUNNING (trials still to run)
+    metrics: dict[str, float]  # by MLflow metric name: the best trial's objectives, trial counts
+    best_trial: Optional[int]
+    best_values: dict[str, float]  # objective -> the best trial's value
+    best_overrides: str
+    counts: dict[str, int]  # trial state -> number
+    description: str  # what the study asks
+    table: str  # Markdown: the comparison with full fine-tuning, if any
+
+
+def finish_parent(tracking: TrackingConfig, run_id: str, study: str, summary: StudySummary,
+                  artifacts: Iterable[Path], end: bool) -> None:
+    """Attach a study's results to its parent run (metrics, tags, a description with a summary table of its trials,
+    a link to the best one and to the comparison of all of them); end it when the whole budget is done."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    experiment_id = connect(tracking)
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     tags=[mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                  max_results=1000)
+    trials = sorted((c for c in children if c.data.tags.get(KIND_TAG) == "trial"),
+                    key=lambda c: int(c.data.tags.get(TRIAL_TAG, "0")))
+    best = [c for c in trials if c.data.tags.get(TRIAL_TAG) == str(summary.best_trial)
+            and c.data.tags.get(STATE_TAG) == "COMPLETE"]
+    note = [f"**Study `{study}`**" + (f": {summary.description}" if summary.description else ""), "",
+            f"**State: {summary.state}**; trials: " + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
+            ""]
+    if summary.best_trial is not None:
+        vals = ", ".join(f"{k} {v:.4f}" for k, v in summary.best_values.items())
+        link = f"[trial {summary.best_trial}]({run_url(experiment_id, best[0].info.run_id)})" if best else \
+            f"trial {summary.best_trial}"
+        note += [f"Best: {link}, {vals} (losses in nats/token): `{summary.best_overrides}`", ""]
+    else:
+        note += ["No trial completed: see each trial's reason (`lora_lab.reason`).", ""]
+    if trials:
+        note += [f"[Compare the {len(trials)} trials]({compare_url(experiment_id, [c.info.run_id for c in trials])})",
+                 "", "| trial | state | val loss (nats/token) | accuracy | searched |", "|---|---|---|---|---|"]
+        for c in trials:
+            m, t = c.data.metrics, c.data.tags
+            searched = t.get(SEARCHED_TAG, "")
+            done = t.get(STATE_TAG) == "COMPLETE"  # others' latest loss/val is an early evaluation, not a result
+            note.append(f"| [{t.get(TRIAL_TAG)}]({run_url(experiment_id, c.info.run_id)}) | {t.get(STATE_TAG, '?')} "
+                        f"| {_fmt(m.get('loss/val') if done else None)} "
+                        f"| {_fmt(m.get('eval/accuracy') if done else None, '{:.3f}')} | {searched} |")
+        note.append("")
+    if summary.table:
+        note += ["Best LoRA trial against full fine-tuning:", "", summary.table, ""]
+    tags = {STATE_TAG: summary.state, NOTE_TAG: "\n".join(note), "best_trial": str(summary.best_trial)
+            if summary.best_trial is not None else "none"}
+    if summary.best_overrides:
+        tags["best_overrides"] = summary.best_overrides
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics.items()],
+                     tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
+    if summary.state == "FAIL":
+        client.update_run(run_id, name=f"{study} (FAIL)")
     if end:
-        client.set_terminated(run_id, status="FINISHED")
+        client.set_terminated(run_id, status="FAILED" if summary.state == "FAIL" else "FINISHED")
 
 
-# ----------------------------------------------------------------------------------------------- reports
+# ----------------------------------------------------------------------------------------------- reading back
 
 
 def _client(uri: str) -> Any:
@@ -283,9 +475,17 @@ def _client(uri: str) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-def find_runs(uri: str, experiment: Optional[str] = None, studies: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """Active runs of one experiment (every experiment if None), optionally only those tagged with one of `studies`,
-    as plain dicts: run_id, run_name, experiment, status, start_time, params, metrics (latest values), tags."""
+@dataclass
+class TrackedRun:
+    """A training run read back from MLflow: its record (curves: the evaluations only) and where it sits."""
+
+    run_id: str
+    parent_id: str
+    state: str  # COMPLETE, PRUNED, FAIL
+    record: RunRecord
+
+
+def _search(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -> list[Any]:
     client = _client(uri)
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
@@ -298,14 +498,64 @@ def find_runs(uri: str, experiment: Optional[str] = None, studies: Optional[list
     out, seen = [], set()
     for flt in filters:
         kwargs = {"filter_string": flt} if flt else {}
-        for r in client.search_runs([e.experiment_id for e in exps], max_results=50000, order_by=["attributes.start_time ASC"], **kwargs):
+        for r in client.search_runs([e.experiment_id for e in exps], max_results=50000,
+                                    order_by=["attributes.start_time ASC"], **kwargs):
             if r.info.run_id in seen or r.info.lifecycle_stage != "active":
                 continue
             seen.add(r.info.run_id)
-            out.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
-                        "status": r.info.status, "start_time": r.info.start_time, "params": dict(r.data.params),
-                        "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)})
+            out.append(r)
     return out
+
+
+def read_runs(uri: str, experiment: Optional[str] = None,
+              studies: Optional[list[str]] = None) -> tuple[list[TrackedRun], list[str]]:
+    """Training runs (as records) and study parent run ids of one experiment (every experiment if None), optionally
+    only those of `studies`. A run logged in another layout fails loudly (records.RecordError, naming the run)."""
+    client = _client(uri)
+    runs, parents = [], []
+    for r in _search(uri, experiment, studies):
+        tags = r.data.tags
+        if tags.get(KIND_TAG) == "study":
+            parents.append(r.info.run_id)
+            continue
+        if tags.get(STATE_TAG) == "RUNNING":
+            continue
+        try:
+            runs.append(_tracked(client, r))
+        except records.RecordError as exc:
+            raise records.RecordError(f"MLflow run {r.info.run_id} ({r.info.run_name}): {exc}") from None
+    return runs, parents
+
+
+def _tracked(client: Any, r: Any) -> TrackedRun:
+    tags, metrics = r.data.tags, r.data.metrics
+    settings = Settings.from_params(dict(r.data.params))
+    curves: dict[int, dict[str, float]] = {}
+    for name, key in _keys(EvalPoint):
+        if key in metrics:
+            for m in client.get_metric_history(r.info.run_id, key):
+                curves.setdefault(m.step, {})[name] = m.value
+    evals = [EvalPoint(step=s, **v) for s, v in sorted(curves.items()) if "val_loss" in v]
+    first = {k: v for k, v in (("loss/val", evals[0].val_loss), ("eval/accuracy", evals[0].accuracy))
+             if v is not None} if evals and evals[0].step == 0 else {}
+    state = tags.get(STATE_TAG, "FAIL")
+    results = None
+    if STATUS_TAG in tags:  # the run reached its end and logged its results
+        results = records.results_from_metrics(metrics, tags[STATUS_TAG], tags.get(REASON_TAG, ""), first)
+    trial = tags.get(TRIAL_TAG)
+    identity = Identity(kind=tags.get(KIND_TAG, "run"), name=r.info.run_name.split(" (")[0],
+                        study=tags.get(STUDY_TAG, ""), trial=int(trial) if trial is not None else None,
+                        model=settings.model, data=settings.data, device=tags.get("device", ""),
+                        output_dir=tags.get(OUTPUT_TAG, ""))
+    if results is None:  # pruned or failed mid-run: no results logged, only the curve
+        last = evals[-1] if evals else None
+        results = records.Results(status="diverged", reason=tags.get(REASON_TAG, ""), steps=last.step if last else 0,
+                                  val_loss=float("nan"), trainable_params=int(metrics.get("params/trainable", 0)),
+                                  total_params=int(metrics.get("params/total", 0)), peak_mem_bytes=0,
+                                  time_per_step_s=float("nan"), tokens_per_s=float("nan"), train_time_s=float("nan"),
+                                  eval_time_s=float("nan"), setup_time_s=float("nan"))
+    record = RunRecord(**dataclasses.asdict(results), identity=identity, settings=settings, evals=evals)
+    return TrackedRun(run_id=r.info.run_id, parent_id=tags.get("mlflow.parentRunId", ""), state=state, record=record)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

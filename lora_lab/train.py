@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from lora_lab import lora
 from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
+from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
+from lora_lab.records import build as build_record
 
 log = logging.getLogger("lora_lab")
 PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
@@ -53,41 +55,8 @@ class EvalEvent:
 EvalCallback = Callable[[EvalEvent], None]
 
 
-@dataclass
-class RunResult:
-    """Everything a run measured; `metrics()` is what metrics.json holds."""
-
-    status: str  # 'completed' or 'diverged'
-    method: str
-    steps: int
-    val_loss: float
-    accuracy: Optional[float]
-    base_val_loss: Optional[float]  # before the first step (trainer.eval_at_start): the pretrained model's
-    base_accuracy: Optional[float]
-    merged_val_loss: Optional[float]
-    merged_accuracy: Optional[float]
-    max_abs_logit_diff: Optional[float]  # merged vs unmerged, probe rows, in the precision the run evaluates in
-    merge_tol: Optional[float]  # the tolerance of that check: 1e-4 in fp32, else 8 ulps of the largest probe logit
-    merge_ok: Optional[bool]  # max_abs_logit_diff <= merge_tol
-    trainable_params: int
-    total_params: int
-    adapter_bytes: Optional[int]
-    checkpoint_bytes: Optional[int]  # size of what a user keeps: the adapter (LoRA) or the weights (full FT)
-    peak_mem_bytes: int
-    time_per_step_s: float  # median over the steps after the first (s)
-    tokens_per_s: float
-    train_time_s: float  # optimizer steps only (forward, backward, update)
-    eval_time_s: float  # evaluations, the merge and the merged evaluation
-    setup_time_s: float  # model + data + LoRA, before the first step
-    device: str
-    output_dir: str
-    reason: str = ""  # why a run did not complete
-    history: list[dict[str, float]] = field(default_factory=list)  # per step: step, train_loss, lr
-    evals: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, val_loss, accuracy
-
-    def metrics(self) -> dict[str, Any]:
-        """metrics.json: every scalar, plus the loss curves."""
-        return asdict(self)
+# What a run measured, who it is and what was chosen: lora_lab.records. `RunResult` is the record fit() returns.
+RunResult = RunRecord
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -586,19 +555,35 @@ class Session:
         # The first step pays for allocations, kernel warm-up and compilation; the median keeps a later recompile
         # (a new batch shape under trainer.compile) out of the typical step.
         steady = step_times[1:] or step_times
-        result = RunResult(
-            status=status, method=cfg.method, steps=len(history), val_loss=last["val_loss"],
+        result = RunRecord(
+            status=status, reason=reason, steps=len(history), val_loss=last["val_loss"],
             accuracy=last.get("accuracy"), base_val_loss=base.get("val_loss"), base_accuracy=base.get("accuracy"),
-            merged_val_loss=merged_val, merged_accuracy=merged_acc,
-            max_abs_logit_diff=logit_diff, merge_tol=merge_tol,
-            merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol), trainable_params=self.counts.trainable, total_params=self.counts.total,
+            merged_val_loss=merged_val, merged_accuracy=merged_acc, max_abs_logit_diff=logit_diff,
+            merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol), merge_tol=merge_tol,
+            trainable_params=self.counts.trainable, total_params=self.counts.total,
             adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
             time_per_step_s=statistics.median(steady) if steady else 0.0, tokens_per_s=tokens / max(self.train_time_s, 1e-9),
-            train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s, device=str(self.device),
-            output_dir=str(out), reason=reason, history=history, evals=evals,
+            train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s,
+            identity=self.identity(), settings=self.settings(),
+            history=[build_record(TrainPoint, p, "history") for p in history],
+            evals=[build_record(EvalPoint, e, "evals") for e in evals],
         )
-        atomic_write_text(out / "metrics.json", json.dumps(result.metrics(), indent=2, default=float))
+        atomic_write_text(out / "metrics.json", json.dumps(result.to_json(), indent=2, default=float))
         return result
+
+    # Who the run is and which overrides made it: run_tracked sets them; a bare fit() is a plain run.
+    run_kind, run_name, study, trial, overrides = "run", None, "", None, ()
+
+    def identity(self) -> Identity:
+        """The run's identity record (records.Identity)."""
+        cfg = self.cfg
+        name = self.run_name or cfg.tracking.run_name or f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.name}"
+        return Identity(kind=self.run_kind, name=name, study=self.study, trial=self.trial, model=cfg.model.name,
+                        data=cfg.data.name, device=str(self.device), output_dir=str(self.output_dir))
+
+    def settings(self) -> Settings:
+        """The settings a person chose (records.Settings)."""
+        return settings_of(self.cfg, list(self.overrides))
 
     def export_merged(self, path: Path) -> None:
         """Write the merged model as a plain transformers folder: no lora_lab needed to load it."""
@@ -823,25 +808,33 @@ def run(cfg: Config, on_eval: Optional[EvalCallback] = None) -> RunResult:
         session.close()
 
 
-def run_tracked(session: Session, resolved: dict[str, Any], *, parent_run_id: Optional[str] = None,
-                run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+def run_tracked(session: Session, resolved: dict[str, Any], overrides: list[str], *, kind: str = "run",
+                study: str = "", trial: Optional[int] = None, run_name: Optional[str] = None,
+                searched: Optional[dict[str, Any]] = None, parent_run_id: Optional[str] = None,
                 on_eval: Optional[EvalCallback] = None,
-                verdict: Optional[Callable[[RunResult], tuple[str, str]]] = None) -> RunResult:
+                verdict: Optional[Callable[[RunRecord], tuple[str, str]]] = None) -> RunRecord:
     """Write the resolved config.yaml, fit inside an MLflow run (when tracking is on), close the session.
 
     The one sequence behind `python -m lora_lab.train`, every sweep trial and every comparison run. `resolved` is the
-    composed config as a plain dict; `verdict` names the run's final state and reason (default: completed/diverged),
-    and an exception with a `run_state` attribute (a pruned trial) ends the run in that state.
+    composed config as a plain dict, `overrides` the ones that made it (the settings a person chose); kind, study,
+    trial and run_name say who the run is (records.Identity), `searched` what a sweep sampled for it. `verdict` names
+    the run's final state (COMPLETE, PRUNED, FAIL) and reason (default: COMPLETE when training completed), and an
+    exception with a `run_state` attribute (a pruned trial) ends the run in that state.
     """
     import yaml
 
     from lora_lab import tracking
+    from lora_lab.records import Results
 
+    session.run_kind, session.run_name, session.study, session.trial = kind, run_name, study, trial
+    session.overrides = tuple(overrides)
     try:
         resolved = {**resolved, "output_dir": str(session.output_dir)}
         atomic_write_text(session.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        with tracking.TrainingRun(session.cfg, resolved, session, parent_run_id=parent_run_id, run_name=run_name,
-                                  tags=tags) as run_log:
+        counts = {Results.field_of("trainable_params").metadata["key"]: session.counts.trainable,
+                  Results.field_of("total_params").metadata["key"]: session.counts.total}
+        with tracking.TrainingRun(session.cfg.tracking, session.identity(), session.settings(), searched=searched,
+                                  parent_run_id=parent_run_id, start_metrics=counts) as run_log:
 
             def hook(event: EvalEvent) -> None:
                 run_log.on_eval(event)
@@ -850,10 +843,50 @@ def run_tracked(session: Session, resolved: dict[str, Any], *, parent_run_id: Op
 
             result = session.fit(hook)
             run_log.finish(result)
-            run_log.set_outcome(*(verdict(result) if verdict else (result.status, result.reason)))
+            run_log.set_outcome(*(verdict or run_verdict)(result))
         return result
     finally:
         session.close()
+
+
+def run_verdict(result: RunRecord) -> tuple[str, str]:
+    """A plain run's state: COMPLETE when training completed, FAIL with the reason otherwise."""
+    return ("COMPLETE", "") if result.completed else ("FAIL", f"{result.status}: {result.reason}")
+
+
+# Overrides that say where or how to run, not what: never a run's settings.
+NOT_SETTINGS = ("output_dir", "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.checkpoint_every")
+
+
+def settings_of(cfg: Config, overrides: list[str]) -> Settings:
+    """The settings a person chose (records.Settings): the ones every run has, the method's own fields (LoRA's;
+    none for full fine-tuning) and every other override given, with the value it resolved to."""
+    from dataclasses import is_dataclass
+
+    from lora_lab.records import SETTINGS_PARAMS
+
+    own = {f"lora.{k}": v for k, v in asdict(cfg.lora).items()} if cfg.method == "lora" else {}
+    common = set(SETTINGS_PARAMS.values())
+    chosen: dict[str, Any] = {}
+    for o in overrides:
+        key, _, text = o.partition("=")
+        key = key.lstrip("+~")
+        if key in NOT_SETTINGS or key.startswith("tracking") or key in common or key in own:
+            continue
+        if cfg.method != "lora" and (key == "lora" or key.startswith("lora.")):
+            continue  # full fine-tuning has no LoRA settings, whatever the study's base overrides say
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        chosen[key] = text if is_dataclass(node) or node is None else node  # a config group: its option's name
+    t = cfg.trainer
+    # 6 significant digits: lr_mult x ref_lr carries float noise (10 x 3e-4 = 0.0030000000000000005), and runs at
+    # "3e-3" must group as one LR wherever it came from; no LR grid is that fine.
+    lr = float(f"{cfg.optim.peak_lr:.6g}")
+    return Settings(method=cfg.method, model=cfg.model.name, data=cfg.data.name, seed=cfg.seed, lr=lr,
+                    batch_size=t.batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
+                    max_length=cfg.data.max_length, precision=t.precision, device=t.device, method_fields=own,
+                    overrides=chosen)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -879,7 +912,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
-    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True))
+    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), argv)
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")
@@ -889,7 +922,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def summary(result: RunResult) -> str:
+def summary(result: RunRecord) -> str:
     """A short human-readable table of the run's headline numbers."""
     rows = [("status", result.status), ("steps", result.steps),
             ("val loss", f"{_fmt(result.val_loss)}  (base model {_fmt(result.base_val_loss)})"),
@@ -900,7 +933,7 @@ def summary(result: RunResult) -> str:
             ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)"),
             ("time/step", f"{result.time_per_step_s:.3f} s"), ("tokens/s", f"{result.tokens_per_s:.0f}"),
-            ("peak memory", f"{result.peak_mem_bytes / 2**20:.0f} MiB"), ("output", result.output_dir)]
+            ("peak memory", f"{result.peak_mem_bytes / 2**20:.0f} MiB"), ("output", result.identity.output_dir)]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

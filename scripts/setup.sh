@@ -17,5 +17,10 @@ if [[ "${1:-}" == "--test" ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
       || echo "setup: could not install postgresql; the scale-out tests will be skipped" >&2
   fi
+  # Headless Chromium for the MLflow UI browser test (tests/test_mlflow_ui.py); best effort, never fails setup.
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "setup: could not install chromium; the MLflow browser test will be skipped" >&2
+  fi
 fi
 "$PY" -m pip install --quiet -e ".${extra}"

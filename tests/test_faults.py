@@ -136,7 +136,7 @@ def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly
     clean = train.run(cfg)
     resumed = json.loads((folder / "metrics.json").read_text())
     assert resumed["steps"] == clean.steps == 8
-    assert [p["train_loss"] for p in resumed["history"]] == pytest.approx([p["train_loss"] for p in clean.history], abs=1e-6)
+    assert [p["train_loss"] for p in resumed["history"]] == pytest.approx([p.train_loss for p in clean.history], abs=1e-6)
     assert resumed["val_loss"] == pytest.approx(clean.val_loss, abs=1e-6)
     _no_partial_files(out / "studies")
 

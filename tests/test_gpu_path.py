@@ -126,8 +126,8 @@ def test_losses_read_every_n_steps_are_the_same_losses(outputs: Path) -> None:
     for every in (1, 3):
         _, cfg = compose([*TINY, f"trainer.sync_every={every}", "trainer.max_steps=7", "trainer.eval_every=7"])
         runs.append(train.run(cfg))
-    assert [p["train_loss"] for p in runs[0].history] == [p["train_loss"] for p in runs[1].history]
-    assert [p["step"] for p in runs[1].history] == list(range(1, 8))
+    assert [p.train_loss for p in runs[0].history] == [p.train_loss for p in runs[1].history]
+    assert [p.step for p in runs[1].history] == list(range(1, 8))
     assert len(runs[1].history) == 7 and runs[0].val_loss == runs[1].val_loss
 
 
@@ -136,7 +136,7 @@ def test_divergence_between_syncs_names_the_first_bad_step(outputs: Path) -> Non
     result = train.run(cfg)
     assert result.status == "diverged"
     bad = int(result.reason.rsplit(" ", 1)[-1])
-    assert len(result.history) == bad - 1 and all(p["train_loss"] == p["train_loss"] for p in result.history)
+    assert len(result.history) == bad - 1 and all(p.train_loss == p.train_loss for p in result.history)
 
 
 def test_compiled_blocks_train_like_eager(outputs: Path) -> None:
@@ -148,7 +148,7 @@ def test_compiled_blocks_train_like_eager(outputs: Path) -> None:
     eager, compiled = results["false"], results["true"]
     assert compiled.status == "completed" and compiled.merge_ok
     for a, b in zip(eager.history, compiled.history):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
     assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
 
 

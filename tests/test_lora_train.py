@@ -46,7 +46,7 @@ def test_seq_cls_head_trains_is_checkpointed_resumed_and_saved(outputs: Path, tm
     assert "score.weight" in safetensors.torch.load_file(ckpt)
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"])
     resumed = train.run(cfg)
-    assert [p["train_loss"] for p in resumed.history] == [p["train_loss"] for p in straight.history]
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
     assert resumed.val_loss == straight.val_loss
 
 

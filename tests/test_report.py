@@ -149,16 +149,16 @@ def test_methods_and_ranks_match_mlflow(study):
     runs = mlflow_runs(study["uri"], "t_lora") + mlflow_runs(study["uri"], "t_targets")
     full = mlflow_runs(study["uri"], "t_full")
     rows = {r["method"]: r for r in table(study, "methods")}
-    best_lora = min(runs, key=lambda r: r.data.metrics["final.val_loss"])
-    assert float(rows["LoRA (best)"]["val loss"]) == pytest.approx(best_lora.data.metrics["final.val_loss"])
-    assert int(rows["LoRA (best)"]["# trainable params"]) == int(best_lora.data.metrics["final.trainable_params"])
-    best_full = min(full, key=lambda r: r.data.metrics["final.val_loss"])
-    assert float(rows["full FT"]["val loss"]) == pytest.approx(best_full.data.metrics["final.val_loss"])
-    assert int(rows["full FT"]["# trainable params"]) == int(best_full.data.metrics["final.total_params"])
+    best_lora = min(runs, key=lambda r: r.data.metrics["loss/val"])
+    assert float(rows["LoRA (best)"]["val loss"]) == pytest.approx(best_lora.data.metrics["loss/val"])
+    assert int(rows["LoRA (best)"]["# trainable params"]) == int(best_lora.data.metrics["params/trainable"])
+    best_full = min(full, key=lambda r: r.data.metrics["loss/val"])
+    assert float(rows["full FT"]["val loss"]) == pytest.approx(best_full.data.metrics["loss/val"])
+    assert int(rows["full FT"]["# trainable params"]) == int(best_full.data.metrics["params/total"])
     ranks = {r["weights adapted"]: r for r in table(study, "ranks")}
     lora = mlflow_runs(study["uri"], "t_lora")
     for r in (2, 8):
-        cell = min(x.data.metrics["final.val_loss"] for x in lora if x.data.params["lora.r"] == str(r))
+        cell = min(x.data.metrics["loss/val"] for x in lora if x.data.params["lora.r"] == str(r))
         assert float(ranks["all linear"][f"r={r}"]) == pytest.approx(cell)
         assert int(ranks["all linear"][f"r={r} params"]) == r * (ATTN_DIMS + MLP_DIMS) * 2
 
@@ -170,7 +170,7 @@ def test_targets_table_matched_counts(study):
     assert int(rows["MLP"]["# trainable params"]) == 3 * MLP_DIMS * 2
     for name, run in ((n, [x for x in mlflow_runs(study["uri"], "t_targets") if ("attn" if n == "attention" else "mlp") in x.data.params["lora.targets"]][0])
                       for n in rows):
-        assert float(rows[name]["best single run"]) == pytest.approx(run.data.metrics["final.val_loss"])
+        assert float(rows[name]["best single run"]) == pytest.approx(run.data.metrics["loss/val"])
 
 
 def test_params_table_counts_from_config(study):
@@ -211,15 +211,15 @@ def test_compute_and_merge_match_runs(study):
     full = mlflow_runs(study["uri"], "t_full")
     rows = {r["LoRA config"]: r for r in table(study, "compute")}
     r8 = [x for x in lora if x.data.params["lora.r"] == "8"]
-    t_lora = statistics.median(x.data.metrics["final.time_per_step_s"] for x in r8)
-    t_full = statistics.median(x.data.metrics["final.time_per_step_s"] for x in full)
+    t_lora = statistics.median(x.data.metrics["perf/time_per_step_s"] for x in r8)
+    t_full = statistics.median(x.data.metrics["perf/time_per_step_s"] for x in full)
     assert float(rows["all linear r=8"]["measured ratio"]) == pytest.approx(t_lora / t_full)
     cfg = model_config("tiny")
     theory = bench.step_flops(cfg, 4, 48, 8) / bench.step_flops(cfg, 4, 48, None)
     assert float(rows["all linear r=8"]["FLOPs ratio, this model (theory)"]) == pytest.approx(theory)
     merge = {r["precision"]: r for r in table(study, "merge")}
     all_lora = lora + mlflow_runs(study["uri"], "t_targets")
-    assert float(merge["fp32"]["max |logit diff|"]) == pytest.approx(max(x.data.metrics["final.max_abs_logit_diff"] for x in all_lora))
+    assert float(merge["fp32"]["max |logit diff|"]) == pytest.approx(max(x.data.metrics["merge/max_abs_logit_diff"] for x in all_lora))
     assert int(merge["fp32"]["LoRA runs"]) == len(all_lora)
     assert merge["bf16"]["LoRA runs"] == "0"
 

@@ -131,6 +131,17 @@ compare_full: false
         assert states[str(t.number)] == ("FAILED", "FAIL")
     for t in pruned:
         assert states[str(t.number)] == ("KILLED", "PRUNED")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
+    for r in runs:  # state in the name too; pruned and failed runs keep their config, curve and a description
+        n = int(r.data.tags["lora_lab.trial"])
+        state = r.data.tags["lora_lab.state"]
+        assert r.info.run_name == f"prune/trial-{n}" + ("" if state == "COMPLETE" else f" ({state})")
+        assert {"config.yaml", "loss_curve.png"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert f"**State: {state}**" in r.data.tags["mlflow.note.content"]
+        assert "loss/val" in r.data.metrics  # the failed ones diverge at their first step: only the base evaluation
+        assert state == "FAIL" or "loss/train" in r.data.metrics
 
 
 def test_multi_objective_study_yields_pareto_front(outputs: Path) -> None:
@@ -157,7 +168,10 @@ def test_compare_full_writes_comparison_table(outputs: Path, capsys: pytest.Capt
     compare = runs_by_kind(outputs)["compare"]
     assert len(compare) == 3  # the best LoRA retrained + one full FT per LR of the grid
     full = [r for r in compare if r.data.params["method"] == "full"]
-    best_full = min(full, key=lambda r: r.data.metrics["final.val_loss"])
+    best_full = min(full, key=lambda r: r.data.metrics["loss/val"])
+    assert not any(k.startswith("lora.") for r in full for k in r.data.params)  # full FT has no LoRA settings
+    assert sorted(r.info.run_name for r in compare) == ["default/compare-full-lr0.0001", "default/compare-full-lr0.001",
+                                                        "default/compare-lora-best"]
     assert f"optim.lr={float(best_full.data.params['optim.lr']):g}" in table
 
 

@@ -41,7 +41,7 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
         assert key in metrics, key
     assert metrics["status"] == "completed" and metrics["steps"] == 8
     assert metrics["merge_ok"] is True and metrics["max_abs_logit_diff"] <= metrics["merge_tol"]
-    if metrics["device"] == "cpu":  # fp32: the merge changes nothing measurable
+    if metrics["identity"]["device"] == "cpu":  # fp32: the merge changes nothing measurable
         assert abs(metrics["val_loss"] - metrics["merged_val_loss"]) < 1e-4
         assert metrics["max_abs_logit_diff"] < 1e-4
     # tiny Llama, d=64, GQA k/v out = 32, MLP 128, 2 layers, all-linear r=4:
@@ -55,13 +55,13 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "4" and run.data.params["method"] == "lora"
-    assert run.data.params["trainable_params"] == str(metrics["trainable_params"])
+    assert run.data.metrics["params/trainable"] == metrics["trainable_params"]
     assert run.data.tags["method"] == "lora" and run.data.tags["model"] == "tiny" and "version.torch" in run.data.tags
-    assert math.isclose(run.data.metrics["final.val_loss"], metrics["val_loss"], rel_tol=1e-6)
+    assert math.isclose(run.data.metrics["loss/val"], metrics["val_loss"], rel_tol=1e-6)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "loss/train")
     assert [m.step for m in history] == list(range(1, 9))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.json", "adapter", "loss_curve.png"} <= artifacts
@@ -115,7 +115,7 @@ def test_lora_learns_and_only_lora_changes(outputs: Path) -> None:
     # Compared in the stored dtype: under bf16 precision (CUDA's default) the frozen weights are kept in bf16.
     changed = {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}
     assert changed and all("lora_" in k for k in changed)
-    assert [e["step"] for e in result.evals] == [0, 10, 20, 30]
+    assert [e.step for e in result.evals] == [0, 10, 20, 30]
 
 
 def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,7 +174,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(outputs: Path, tmp_
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"])
     resumed = train.run(cfg)
     assert resumed.steps == 8
-    assert [p["train_loss"] for p in resumed.history] == [p["train_loss"] for p in straight.history]
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
     assert resumed.val_loss == straight.val_loss
 
 
@@ -183,7 +183,7 @@ def test_diverging_run_ends_with_status_not_traceback(outputs: Path, capsys: pyt
     assert code == 3
     assert "diverged" in capsys.readouterr().err
     runs = mlflow_runs(outputs)
-    assert len(runs) == 1 and runs[0].info.status == "FAILED" and runs[0].data.tags["lora_lab.state"] == "diverged"
+    assert len(runs) == 1 and runs[0].info.status == "FAILED" and runs[0].data.tags["lora_lab.state"] == "FAIL"
 
 
 def test_export_merged_loads_with_plain_transformers(outputs: Path, tmp_path: Path) -> None:
