@@ -6,7 +6,8 @@ CUDA). Contenders: lora_lab, peft (optional: skipped if not importable), full fi
 every LoRA implementation from below (frozen model, gradients through every layer, no adapter, no optimizer).
 Peak memory on CPU = in a fresh subprocess per contender, the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs after the model is built) during the training steps minus the RSS before them, i.e. the
-memory the training steps add (activations, grads, optimizer state); on CUDA = torch.cuda.max_memory_allocated over the steps minus the memory before them.
+memory the training steps add (activations, grads, optimizer state); on CUDA = torch.cuda.max_memory_allocated over
+the steps minus the memory before them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from lora_lab import lora
+from lora_lab.files import atomic_write
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
 R, ALPHA = 16, 32
-CONTENDERS = ("full", "lora_lab", "peft", "floor")
+CONTENDERS = ("full", "lora_lab", "peft", "floor", "dora")
 # "floor" is no contender but the bound every LoRA implementation sits above: the frozen model's forward and its
 # input-gradient backward through every layer (what LoRA cannot skip), with no adapter and no optimizer.
 
@@ -53,23 +55,60 @@ def shape_config(shape: str) -> LlamaConfig:
 
     common = dict(hidden_act="silu", attn_implementation="sdpa")
     if shape == "tiny":
-        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64,
-                           **common)
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+            **common,
+        )
     if shape in ("smollm2-135m", "deep-narrow"):
         narrow = shape == "deep-narrow"
-        return LlamaConfig(hidden_size=64 if narrow else 576, intermediate_size=192 if narrow else 1536,
-                           num_hidden_layers=30, num_attention_heads=4 if narrow else 9,
-                           num_key_value_heads=2 if narrow else 3, vocab_size=49152, tie_word_embeddings=True,
-                           rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, **common)
+        return LlamaConfig(
+            hidden_size=64 if narrow else 576,
+            intermediate_size=192 if narrow else 1536,
+            num_hidden_layers=30,
+            num_attention_heads=4 if narrow else 9,
+            num_key_value_heads=2 if narrow else 3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            **common,
+        )
     if shape == "llama-1b":
-        return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                           max_position_embeddings=131072, rms_norm_eps=1e-5, **common)
+        return LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            **common,
+        )
     if shape == "llama-8b":
-        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
-                           max_position_embeddings=131072, rms_norm_eps=1e-5, **common)
+        return LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            **common,
+        )
     raise ValueError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}")
 
 
@@ -102,7 +141,8 @@ def _base_model(cfg, seed: int, device, dtype):
 
 
 def _make(kind: str, base, *, copy_base: bool = True):
-    """A contender model (deep copy of base) in train mode; `<kind>+compile` compiles its blocks as trainer.compile does."""
+    """A contender model (deep copy of base) in train mode; `<kind>+compile` compiles its blocks as trainer.compile
+    does."""
     model = copy.deepcopy(base) if copy_base else base
     kind, _, extra = kind.partition("+")
     if extra == "compile":
@@ -113,6 +153,8 @@ def _make(kind: str, base, *, copy_base: bool = True):
         raise ValueError(f"unknown contender suffix {extra!r}")
     if kind == "lora_lab":
         lora.apply_lora(model, r=R, alpha=ALPHA, targets=("all-linear",))
+    elif kind == "dora":  # lora_lab's DoRA: the magnitude vector's cost beside plain LoRA
+        lora.apply_lora(model, r=R, alpha=ALPHA, targets=("all-linear",), variant="dora")
     elif kind == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -245,18 +287,29 @@ def _proc_status_kib(key: str) -> int:
 
 
 def peak_memory(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
-    """Peak memory of kind's training steps, measured in a fresh subprocess so contenders do not share a high-water mark."""
+    """Peak memory of kind's training steps, measured in a fresh subprocess so contenders do not share a high-water
+    mark."""
     cmd = [sys.executable, "-m", "lora_lab.bench", "_mem", kind, shape, str(steps), str(batch), str(seq)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
+    )
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess for {kind} failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4, seq: int = 128, memory: bool = True,
-             shape: str | None = None, compile: bool = False) -> dict[str, Any]:
+def run_core(
+    tiny: bool = False,
+    steps: int = 8,
+    warmup: int = 3,
+    batch: int = 4,
+    seq: int = 128,
+    memory: bool = True,
+    shape: str | None = None,
+    compile: bool = False,
+) -> dict[str, Any]:
     """Run the core benchmark and return the results dict (what --out writes). `shape` names a SHAPES entry
     (default SmolLM2-135M, or tiny); `compile` adds compiled rows (lora_lab, full, floor) as trainer.compile runs."""
     torch.set_num_threads(os.cpu_count() or 1)
@@ -277,7 +330,7 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
     step_times: dict[str, list[float]] = {k: [] for k in kinds}
     failed: dict[str, str] = {}  # compiled rows whose compilation failed here (no compiler, unsupported op)
     for rep in range(warmup + steps):
-        for k in kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]:  # rotate who goes first
+        for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotate who goes first
             if k in failed:
                 continue
             try:
@@ -293,7 +346,7 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
     kinds = [k for k in kinds if k not in failed]
     ops = {k: ops_per_step(steppers[k], device) for k in kinds}
     del steppers
-    for k in [k for k in models if "+" in k]:  # compiled rows are training rows only
+    for k in [k for k in models if "+" in k or k == "dora"]:  # training rows only
         del models[k]
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -308,7 +361,7 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
     fwd_times: dict[str, list[float]] = {k: [] for k in fwd_kinds}
     merged_now = False
     for rep in range(warmup + steps):
-        for k in fwd_kinds[rep % len(fwd_kinds):] + fwd_kinds[: rep % len(fwd_kinds)]:
+        for k in fwd_kinds[rep % len(fwd_kinds) :] + fwd_kinds[: rep % len(fwd_kinds)]:
             model = {"base": pristine, "peft_unmerged": models.get("peft")}.get(k, lora_model)
             want_merged = k == "lora_lab_merged"
             with torch.inference_mode():
@@ -319,7 +372,7 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
                     # left in another state by the merge's temporaries); a served model is merged once, so that
                     # forward is not timed.
                     model(input_ids=ids)
-                t = _timed(lambda: model(input_ids=ids), device)
+                t = _timed(lambda m=model: m(input_ids=ids), device)
             if rep >= warmup:
                 fwd_times[k].append(t)
     lora.unmerge(lora_model)
@@ -330,27 +383,48 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
     med = {k: statistics.median(v) for k, v in step_times.items()}
     fmed = {k: statistics.median(v) for k, v in fwd_times.items()}
     flops = {"full": step_flops(cfg, batch, seq, None)}
-    flops["lora_lab"] = flops["peft"] = step_flops(cfg, batch, seq, R)
+    flops["lora_lab"] = flops["peft"] = flops["dora"] = step_flops(cfg, batch, seq, R)  # DoRA: + a row norm per layer
     flops["floor"] = step_flops(cfg, batch, seq, 0)
     flops.update({k: flops[k.split("+")[0]] for k in kinds if "+" in k})
     mem = {k: (peak_memory(k, shape, 2, batch, seq) if memory and "+" not in k else None) for k in kinds}
 
     result: dict[str, Any] = {
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "shape": shape, "tiny": shape == "tiny", "batch": batch, "seq": seq, "r": R,
-        "alpha": ALPHA, "tokens_per_step": batch * seq,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "shape": shape,
+        "tiny": shape == "tiny",
+        "batch": batch,
+        "seq": seq,
+        "r": R,
+        "alpha": ALPHA,
+        "tokens_per_step": batch * seq,
         "ops_per_step_means": "CUDA kernels and copies" if device.type == "cuda" else "aten operator calls",
         "failed": failed,
-        "steps_timed": steps, "warmup": warmup, "peft": have_peft,
-        "lora_trainable_params": counts.trainable, "total_params": counts.total,
+        "steps_timed": steps,
+        "warmup": warmup,
+        "peft": have_peft,
+        "lora_trainable_params": counts.trainable,
+        "total_params": counts.total,
         "matmul_peak_gflops": peak,
-        "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda" else
-        "subprocess RSS high-water mark (VmHWM, reset via /proc/self/clear_refs after model build) during steps "
+        "memory_method": "cuda max_memory_allocated delta"
+        if device.type == "cuda"
+        else "subprocess RSS high-water mark (VmHWM, reset via /proc/self/clear_refs after model build) during steps "
         "minus RSS (VmRSS) before them; ru_maxrss delta only where /proc is unavailable",
-        "step": {k: {"median_s": med[k], "times_s": step_times[k], "gflop": flops[k] / 1e9,
-                     "gflops": flops[k] / med[k] / 1e9, "mfu": flops[k] / med[k] / 1e9 / peak,
-                     "peak_mem_bytes": mem[k], "ops_per_step": ops[k], "tokens_per_s": batch * seq / med[k]}
-                 for k in kinds},
+        "step": {
+            k: {
+                "median_s": med[k],
+                "times_s": step_times[k],
+                "gflop": flops[k] / 1e9,
+                "gflops": flops[k] / med[k] / 1e9,
+                "mfu": flops[k] / med[k] / 1e9 / peak,
+                "peak_mem_bytes": mem[k],
+                "ops_per_step": ops[k],
+                "tokens_per_s": batch * seq / med[k],
+            }
+            for k in kinds
+        },
         "forward": {k: {"median_s": fmed[k], "times_s": fwd_times[k]} for k in fwd_kinds},
         "ratios": {
             "flops_lora_over_full_theory": flops["lora_lab"] / flops["full"],
@@ -359,25 +433,34 @@ def run_core(tiny: bool = False, steps: int = 8, warmup: int = 3, batch: int = 4
             "unmerged_fwd_over_base": fmed["lora_lab_unmerged"] / fmed["base"],
         },
     }
+
     # Paired ratios: each round's lora_lab step over the same round's peft step (run back to back), so a slow
     # stretch of a shared machine hits both sides of a pair; their spread says how far one verdict can be trusted.
     def paired(a: str, b: str, times: dict[str, list[float]]) -> dict[str, float]:
         return _spread([x / y for x, y in zip(times[a], times[b])])
 
-    pairs = [("lora_lab", "full"), ("lora_lab", "floor")] + ([("lora_lab", "peft"), ("peft", "floor"), ("floor", "peft")] if have_peft else [])
+    pairs = [("lora_lab", "full"), ("lora_lab", "floor"), ("dora", "lora_lab")] + (
+        [("lora_lab", "peft"), ("peft", "floor"), ("floor", "peft")] if have_peft else []
+    )
     if compile and "lora_lab+compile" in kinds and "full+compile" in kinds and "floor+compile" in kinds:
-        pairs += [("lora_lab+compile", "floor"), ("lora_lab+compile", "full"), ("lora_lab+compile", "full+compile"),
-                  ("lora_lab+compile", "floor+compile")] + ([("lora_lab+compile", "peft")] if have_peft else [])
+        pairs += [
+            ("lora_lab+compile", "floor"),
+            ("lora_lab+compile", "full"),
+            ("lora_lab+compile", "full+compile"),
+            ("lora_lab+compile", "floor+compile"),
+        ] + ([("lora_lab+compile", "peft")] if have_peft else [])
     result["paired"] = {f"{a}_over_{b}": paired(a, b, step_times) for a, b in pairs}
     for k in ("lora_lab_merged", "lora_lab_unmerged"):
         result["paired"][f"{k.split('_')[-1]}_fwd_over_base"] = paired(k, "base", fwd_times)
     if have_peft:
-        result["ratios"].update({
-            "step_lora_lab_over_peft": med["lora_lab"] / med["peft"],
-            "step_floor_over_peft": med["floor"] / med["peft"],  # the best any LoRA implementation could reach
-            "time_peft_over_full": med["peft"] / med["full"],
-            "peft_unmerged_fwd_over_base": fmed["peft_unmerged"] / fmed["base"],
-        })
+        result["ratios"].update(
+            {
+                "step_lora_lab_over_peft": med["lora_lab"] / med["peft"],
+                "step_floor_over_peft": med["floor"] / med["peft"],  # the best any LoRA implementation could reach
+                "time_peft_over_full": med["peft"] / med["full"],
+                "peft_unmerged_fwd_over_base": fmed["peft_unmerged"] / fmed["base"],
+            }
+        )
         if memory:
             result["ratios"]["peak_mem_lora_lab_over_peft"] = mem["lora_lab"] / max(mem["peft"], 1)
     return result
@@ -389,22 +472,32 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"shape {res['shape']}, device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
-             f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
-             f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
-             f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}{'tok/s':>10}"
-             f"{'ops/step':>10}  ({res['ops_per_step_means']})"]
+    lines = [
+        f"shape {res['shape']}, device {res['device']} {res['dtype']}, {res['threads']} threads, "
+        f"batch {res['batch']}x{res['seq']}, "
+        f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
+        f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
+        f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}{'tok/s':>10}"
+        f"{'ops/step':>10}  ({res['ops_per_step_means']})",
+    ]
     for k, s in res["step"].items():
         mem = "n/a" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f}"
-        lines.append(f"{k:<22}{s['median_s']:>10.4f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}"
-                     f"{s['tokens_per_s']:>10.0f}{s['ops_per_step']:>10}")
+        lines.append(
+            f"{k:<22}{s['median_s']:>10.4f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}"
+            f"{s['tokens_per_s']:>10.0f}{s['ops_per_step']:>10}"
+        )
     if not res["peft"]:
         lines.append("peft not importable: its rows are skipped (pip install lora_lab[bench])")
     lines.append(f"{'forward (inference)':<22}{'median s':>10}")
     for k, s in res["forward"].items():
         lines.append(f"{k:<22}{s['median_s']:>10.3f}")
-    targets = {"step_lora_lab_over_peft": "<= 0.90", "step_floor_over_peft": "(zero-cost adapters)", "peak_mem_lora_lab_over_peft": "<= 1.00",
-               "merged_fwd_over_base": "within 2%", "unmerged_fwd_over_base": "<= 1.08"}
+    targets = {
+        "step_lora_lab_over_peft": "<= 0.90",
+        "step_floor_over_peft": "(zero-cost adapters)",
+        "peak_mem_lora_lab_over_peft": "<= 1.00",
+        "merged_fwd_over_base": "within 2%",
+        "unmerged_fwd_over_base": "<= 1.08",
+    }
     lines.append("ratios")
     for k, v in res["ratios"].items():
         lines.append(f"  {k:<34}{v:>7.3f}  {targets.get(k, '')}")
@@ -428,10 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)")
+    ap.add_argument(
+        "--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)"
+    )
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; 2 with --tiny)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --tiny)")
-    ap.add_argument("--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)")
+    ap.add_argument(
+        "--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)"
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -439,12 +536,18 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key} must be >= 1")
     shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
-    res = run_core(steps=args.steps, warmup=args.warmup, shape=shape, compile=args.compile,
-                   batch=args.batch or (2 if shape == "tiny" else 4), seq=args.seq or (16 if shape == "tiny" else 128),
-                   memory=not args.no_memory)
+    res = run_core(
+        steps=args.steps,
+        warmup=args.warmup,
+        shape=shape,
+        compile=args.compile,
+        batch=args.batch or (2 if shape == "tiny" else 4),
+        seq=args.seq or (16 if shape == "tiny" else 128),
+        memory=not args.no_memory,
+    )
     print(format_table(res))
     if args.out:
-        lora.atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
+        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
     return 0
 
 

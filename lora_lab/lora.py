@@ -1,7 +1,8 @@
 """LoRA core: wrap linear layers of a torch model with low-rank adapters (Hu et al., 2021).
 
 y = W0 x + scaling * B A dropout(x), with A (r, d_in), B (d_out, r), scaling = alpha / r
-(or alpha / sqrt(r) with rsLoRA). Leaf module: imports torch, safetensors and the standard library only.
+(or alpha / sqrt(r) with rsLoRA). Leaf module: imports torch, safetensors, the standard library and lora_lab.files
+(stdlib-only file helpers) only.
 Works on ``nn.Linear`` and on GPT-2-style ``Conv1D`` (detected by duck typing, weight stored (d_in, d_out)).
 Variants: DoRA (``variant="dora"``) and PiSSA / OLoRA initialisation (``init="pissa"|"olora"``); modules trained in
 full beside the adapter (``modules_to_save``, e.g. a new classification head). Output heads and layer indices are
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora_lab.files import atomic_write
 
 __all__ = [
     "LoraLayer",
@@ -175,8 +177,10 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.d_out, r, device=w.device, dtype=dtype))  # (d_out, r)
         mutating = init in MUTATING_INITS
         if mutating and r > min(self.d_in, self.d_out):
-            raise ValueError(f"init={init!r} needs r <= min(d_in, d_out) = {min(self.d_in, self.d_out)} "
-                             f"in {module_name or 'the layer'}, got r={r}")
+            raise ValueError(
+                f"init={init!r} needs r <= min(d_in, d_out) = {min(self.d_in, self.d_out)} "
+                f"in {module_name or 'the layer'}, got r={r}"
+            )
         # PiSSA / OLoRA: A and B at init, (r, d_in) and (d_out, r); None otherwise. Not in the state_dict.
         self.register_buffer("lora_A0", torch.empty_like(self.lora_A) if mutating else None, persistent=False)
         self.register_buffer("lora_B0", torch.empty_like(self.lora_B) if mutating else None, persistent=False)
@@ -242,7 +246,8 @@ class LoraLayer(nn.Module):
         w.copy_((residual.t() if self.fan_in_fan_out else residual).to(w.dtype))
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32 (fp64 for fp64 weights), in the base weight's layout ((d_out, d_in); Conv1D (d_in, d_out))."""
+        """scaling * B @ A in fp32 (fp64 for fp64 weights), in the base weight's layout ((d_out, d_in); Conv1D
+        (d_in, d_out))."""
         dt = torch.promote_types(self.base_layer.weight.dtype, torch.float32)
         delta = (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
@@ -466,7 +471,7 @@ def _layer_index(name: str, stacks: Sequence[str], layers_pattern: Sequence[str]
         return None
     for stack in stacks:
         if name.startswith(stack + "."):
-            idx = name[len(stack) + 1:].split(".", 1)[0]
+            idx = name[len(stack) + 1 :].split(".", 1)[0]
             return int(idx) if idx.isdigit() else None
     return None
 
@@ -507,8 +512,13 @@ class _Model:
         linears = _linear_modules(model)
         heads = head_modules(model)
         stacks = layer_stacks(model)
-        return cls(linears, heads, {n for n in linears if _inside(n, heads)},
-                   {n: _layer_index(n, stacks, layers_pattern) for n in linears}, fused_expert_parameters(model))
+        return cls(
+            linears,
+            heads,
+            {n for n in linears if _inside(n, heads)},
+            {n: _layer_index(n, stacks, layers_pattern) for n in linears},
+            fused_expert_parameters(model),
+        )
 
     def match(self, spec: str) -> list[str]:
         """Modules matched by one target: a preset, an exact module name, or a dotted suffix."""
@@ -522,14 +532,24 @@ class _Model:
         return [n for n in names if n == spec or n.endswith("." + spec)]
 
     def no_match_error(self, what: str, spec: str) -> ValueError:
-        fused = [n for n in self.fused if n == spec or n.endswith("." + spec) or _inside(n.rpartition(".")[0], [spec])
-                 or n.rpartition(".")[0].endswith("." + spec)]
+        fused = [
+            n
+            for n in self.fused
+            if n == spec
+            or n.endswith("." + spec)
+            or _inside(n.rpartition(".")[0], [spec])
+            or n.rpartition(".")[0].endswith("." + spec)
+        ]
         if fused:
-            return ValueError(f"{what} {spec!r} names fused 3-D expert weights {fused[:4]}, which lora_lab cannot "
-                              f"adapt (peft's target_parameters is not supported); linear modules: "
-                              f"{_short_names(self.linears)}")
-        return ValueError(f"{what} {spec!r} matches no linear module; presets: {PRESETS}; "
-                          f"linear modules: {_short_names(list(self.linears))}")
+            return ValueError(
+                f"{what} {spec!r} names fused 3-D expert weights {fused[:4]}, which lora_lab cannot "
+                f"adapt (peft's target_parameters is not supported); linear modules: "
+                f"{_short_names(self.linears)}"
+            )
+        return ValueError(
+            f"{what} {spec!r} matches no linear module; presets: {PRESETS}; "
+            f"linear modules: {_short_names(list(self.linears))}"
+        )
 
 
 def resolve_targets(
@@ -569,7 +589,8 @@ def resolve_targets(
             raise ValueError(
                 f"target {spec!r}: this model keeps its experts as fused 3-D parameters ({experts}), which lora_lab "
                 f"cannot adapt, so {spec!r} would silently leave them out; name what to adapt instead: 'attn' "
-                f"or module names from {_short_names(names)}")
+                f"or module names from {_short_names(names)}"
+            )
         hit = info.match(spec)
         if not hit:
             raise info.no_match_error("target", spec)
@@ -621,8 +642,10 @@ def resolve_modules_to_save(model: nn.Module, specs: Sequence[str], *, strict: b
         hit = [n for n in named if (n == spec or n.endswith("." + spec)) and not _inside(n, found)]
         hit = [n for n in hit if not any(_inside(n, [h]) and n != h for h in hit)]  # outermost matches only
         if not hit and strict:
-            raise ValueError(f"modules_to_save {spec!r} matches no module; top-level modules: "
-                             f"{[n for n, _ in model.named_children()]}, heads: {head_modules(model)}")
+            raise ValueError(
+                f"modules_to_save {spec!r} matches no module; top-level modules: "
+                f"{[n for n, _ in model.named_children()]}, heads: {head_modules(model)}"
+            )
         found.extend(h for h in hit if h not in found)
     order = {n: i for i, n in enumerate(named)}
     return sorted(found, key=order.__getitem__)
@@ -661,8 +684,16 @@ def apply_lora(
         raise ValueError(f"variant='dora' with init={init!r} is not supported (no conversion back to plain LoRA)")
     if isinstance(layers_pattern, str):
         layers_pattern = [layers_pattern]
-    names = resolve_targets(model, targets, target_regex=target_regex, exclude=exclude, layers=layers,
-                            layers_pattern=layers_pattern, include_head=include_head, modules_to_save=modules_to_save)
+    names = resolve_targets(
+        model,
+        targets,
+        target_regex=target_regex,
+        exclude=exclude,
+        layers=layers,
+        layers_pattern=layers_pattern,
+        include_head=include_head,
+        modules_to_save=modules_to_save,
+    )
     saved = resolve_modules_to_save(model, modules_to_save) if modules_to_save else []
     _check_trainable_untied(model, saved)
     linears = _linear_modules(model)
@@ -672,14 +703,28 @@ def apply_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoraLayer(linears[name], r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, variant=variant,
-                          module_name=name)
+        layer = LoraLayer(
+            linears[name],
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            rslora=rslora,
+            init=init,
+            variant=variant,
+            module_name=name,
+        )
         setattr(parent, child, layer)
     cfg = getattr(model, _CONFIG_ATTR, None) or {}
     saved = sorted(set(saved) | set(cfg.get("modules_to_save", [])), key=[n for n, _ in model.named_modules()].index)
     _set_trainable(model, saved)
-    settings = {"r": r, "alpha": float(alpha), "dropout": float(dropout), "rslora": bool(rslora), "init": init,
-                "variant": variant}
+    settings = {
+        "r": r,
+        "alpha": float(alpha),
+        "dropout": float(dropout),
+        "rslora": bool(rslora),
+        "init": init,
+        "variant": variant,
+    }
     layer_list = None if layers is None else sorted({int(i) for i in ([layers] if isinstance(layers, int) else layers)})
     pattern = list(layers_pattern) if layers_pattern else None
     new_cfg = {**settings, "layers": layer_list, "layers_pattern": pattern, "modules_to_save": saved, "mixed": False}
@@ -708,8 +753,10 @@ def _check_trainable_untied(model: nn.Module, saved: Sequence[str]) -> None:
     for names in owners.values():
         inside = [n for n in names if _inside(n.rpartition(".")[0], saved)]
         if inside and len(inside) < len(names):
-            raise ValueError(f"modules_to_save: {inside[0]} is tied to {[n for n in names if n not in inside][0]}; "
-                             "training it in full would change that module too")
+            raise ValueError(
+                f"modules_to_save: {inside[0]} is tied to {[n for n in names if n not in inside][0]}; "
+                "training it in full would change that module too"
+            )
 
 
 def modules_to_save_of(model: nn.Module) -> list[str]:
@@ -758,7 +805,9 @@ def count_parameters(model: nn.Module) -> ParamCount:
             )
         expected = layer.r * (d_in + d_out) + (0 if mag is None else d_out)  # DoRA: + one magnitude per output
         if n != expected:
-            raise ValueError(f"{name}: {n} LoRA parameters, expected r * (d_in + d_out) (+ d_out with DoRA) = {expected}")
+            raise ValueError(
+                f"{name}: {n} LoRA parameters, expected r * (d_in + d_out) (+ d_out with DoRA) = {expected}"
+            )
         modules.append((name, d_in, d_out, layer.r, n))
     params = list(model.parameters())  # parameters() yields a tied tensor once
     total = sum(p.numel() for p in params)
@@ -841,28 +890,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file, no file, or the complete new one.
-
-    The bytes go to a temp file in the same folder (created if missing), are fsynced, then `os.replace`d onto
-    `path` (atomic on POSIX within one filesystem). On any error the temp file is removed and `path` is untouched.
-    This is the project's single atomic writer: text writers encode and call it.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _task_type(model: nn.Module, saved: Sequence[str]) -> str | None:
     # SEQ_CLS makes peft add 'classifier'/'score' to modules_to_save: only said when a head is saved with the adapter.
     name = type(model).__name__
@@ -891,7 +918,9 @@ def save_adapter(
         if tuple(getattr(layer, k) for k in key) != tuple(getattr(first, k) for k in key):
             raise ValueError(f"save_adapter: {name} has r/alpha/rslora/dropout/variant/init unlike {layers[0][0]}")
     if cfg.get("mixed"):
-        raise ValueError("save_adapter: apply_lora was called with different settings; one adapter config cannot hold them")
+        raise ValueError(
+            "save_adapter: apply_lora was called with different settings; one adapter config cannot hold them"
+        )
     if base_model_name is None:
         base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     converted = first.init in MUTATING_INITS
@@ -954,8 +983,9 @@ def _read_config(path: str) -> dict[str, Any]:
         if cfg.get(key):
             raise ValueError(f"{path}: {key} (per-module ranks) is not supported")
     if cfg.get("target_parameters"):
-        raise ValueError(f"{path}: target_parameters={cfg['target_parameters']!r} (LoRA on fused expert weights) "
-                         "is not supported")
+        raise ValueError(
+            f"{path}: target_parameters={cfg['target_parameters']!r} (LoRA on fused expert weights) is not supported"
+        )
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={cfg.get('bias')!r} is not supported (only 'none')")
     init = cfg.get("init_lora_weights", True)
@@ -997,7 +1027,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     tensors = _read_weights(w_path)
     if not _layers(model):
         tm = cfg["target_modules"]
-        targets, regex = (None, tm) if isinstance(tm, str) and tm != "all-linear" else ([tm] if isinstance(tm, str) else list(tm), None)
+        targets, regex = (
+            (None, tm)
+            if isinstance(tm, str) and tm != "all-linear"
+            else ([tm] if isinstance(tm, str) else list(tm), None)
+        )
         init = cfg.get("init_lora_weights", True)
         exclude = cfg.get("exclude_modules") or ()
         if isinstance(exclude, str):
@@ -1038,8 +1072,15 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{w_path}: missing keys {missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)})")
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}" for k, p in expected.items() if tensors[k].shape != p.shape]
+        raise ValueError(
+            f"{w_path}: missing keys {missing[:5]} ({len(missing)}), "
+            f"unexpected keys {unexpected[:5]} ({len(unexpected)})"
+        )
+    bad = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in expected.items()
+        if tensors[k].shape != p.shape
+    ]
     if bad:
         raise ValueError(f"{w_path}: mis-shaped keys: {bad[:5]}")
     with torch.no_grad():

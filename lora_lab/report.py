@@ -1,9 +1,10 @@
 """`python -m lora_lab.report [--study NAME ...] [--experiment NAME] [--tracking-uri URI] [--out DIR] [tables...]`
 
 Paper-style tables (Markdown, LaTeX, CSV) and plots (PNG) from the MLflow runs of one or more studies, written into a
-folder and attached to each study's MLflow parent run (under `report/`). Tables: methods, targets, ranks, lr, capacity, batch,
-params, compute, merge (default: all). Each table is a small function of the runs that returns rows and a caption
-naming the runs it came from; published numbers from ../shared/ANCHORS.md stand beside ours, labelled with their source.
+folder and attached to each study's MLflow parent run (under `report/`). Tables: methods, targets, ranks, lr,
+capacity, batch, params, compute, merge (default: all). Each table is a small function of the runs that returns rows
+and a caption naming the runs it came from; published numbers from ../shared/ANCHORS.md stand beside ours, labelled
+with their source.
 
 `python -m lora_lab.report best-lr --study NAME [--where KEY=VALUE]` prints the best peak LR of a study (argmin of the
 final val loss over COMPLETE runs), for scripts such as scripts/reproduce.sh.
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from lora_lab import tracking
+from lora_lab.files import atomic_write_text
 from lora_lab.records import EvalPoint, RunRecord, TrainPoint, finite
-from lora_lab.train import atomic_write_text
 
 TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
 OK_STATE = "COMPLETE"  # a run whose results the tables use
@@ -35,28 +36,51 @@ HU = "Hu et al. 2021 (arXiv 2106.09685)"
 WR = "LoRA Without Regret (Schulman & Thinking Machines, 2025)"
 PEFT = "PEFT method comparison, Llama-3.2-3B MetaMathQA->GSM8K, one seed"
 PUBLISHED_PARAMS = {("mlp", 256): 0.49e9, ("attn", 256): 0.25e9, ("all-linear", 256): 0.70e9, ("mlp", 128): 0.24e9}
-PUBLISHED_PARAMS_NO_HEAD = {("mlp", 256): 0.453e9, ("attn", 256): 0.218e9, ("all-linear", 256): 0.671e9, ("mlp", 128): 0.226e9}
+PUBLISHED_PARAMS_NO_HEAD = {
+    ("mlp", 256): 0.453e9,
+    ("attn", 256): 0.218e9,
+    ("all-linear", 256): 0.671e9,
+    ("mlp", 128): 0.226e9,
+}
 PUBLISHED_METHODS = {  # our method label -> what the papers report for it
     "LoRA": f"RoBERTa-base 0.3M params, GLUE avg 87.2; GPT-3 4.7M, WikiSQL 73.4 [{HU} Tables 2, 4]; "
-            f"Llama-3.2-3B q,v r=32 9.2M, GSM8K 0.482, 22.3 GB, 1796 s [{PEFT}]",
+    f"Llama-3.2-3B q,v r=32 9.2M, GSM8K 0.482, 22.3 GB, 1796 s [{PEFT}]",
     "rsLoRA": f"Llama-3.2-3B q,v r=64 18.4M, GSM8K 0.530 (0.489 without rsLoRA), 22.5 GB, 1871 s [{PEFT}]",
     "LoRA+": "B's LR ~16x A's [LoRA+ paper]; no same-quantity number in ANCHORS.md",
     "full FT": f"RoBERTa-base 125.0M, GLUE avg 86.4; GPT-3 175,255.8M, WikiSQL 73.8 [{HU} Tables 2, 4]; "
-               f"Llama-3.2-3B 3.21B, GSM8K 0.500, 37.2 GB, 3111 s [{PEFT}]",
+    f"Llama-3.2-3B 3.21B, GSM8K 0.500, 37.2 GB, 3111 s [{PEFT}]",
 }
 PUBLISHED_TARGETS = {  # Hu et al. Table 5, GPT-3 175B at 18M params: WikiSQL / MultiNLI accuracy (%)
-    "Wq": "70.4 / 91.0 (r=8)", "Wk": "70.0 / 90.8 (r=8)", "Wv": "73.0 / 91.0 (r=8)", "Wo": "73.2 / 91.3 (r=8)",
-    "Wq+Wk": "71.4 / 91.3 (r=4)", "Wq+Wv": "73.7 / 91.3 (r=4)", "attention": "73.7 / 91.7 (r=2)",
+    "Wq": "70.4 / 91.0 (r=8)",
+    "Wk": "70.0 / 90.8 (r=8)",
+    "Wv": "73.0 / 91.0 (r=8)",
+    "Wo": "73.2 / 91.3 (r=8)",
+    "Wq+Wk": "71.4 / 91.3 (r=4)",
+    "Wq+Wv": "73.7 / 91.3 (r=4)",
+    "attention": "73.7 / 91.7 (r=2)",
 }
-PUBLISHED_TARGETS_WR = {"attention": "underperforms MLP-only even at matched params (attn r=256 vs MLP r=128)",
-                        "MLP": "about as good as all layers", "all linear": "best or tied with MLP-only"}
+PUBLISHED_TARGETS_WR = {
+    "attention": "underperforms MLP-only even at matched params (attn r=256 vs MLP r=128)",
+    "MLP": "about as good as all layers",
+    "all linear": "best or tied with MLP-only",
+}
 PUBLISHED_RANKS = {  # Hu et al. Table 6, WikiSQL accuracy (%) at r = 1, 2, 4, 8, 64
     "Wq": {1: 68.8, 2: 69.6, 4: 70.5, 8: 70.4, 64: 70.0},
     "Wq+Wv": {1: 73.4, 2: 73.3, 4: 73.7, 8: 73.8, 64: 73.5},
     "attention": {1: 74.1, 2: 73.7, 4: 74.0, 8: 74.0, 64: 73.9},
 }
-SHORT = {"q_proj": "Wq", "k_proj": "Wk", "v_proj": "Wv", "o_proj": "Wo", "attn": "attention", "mlp": "MLP",
-         "all-linear": "all linear", "gate_proj": "Wgate", "up_proj": "Wup", "down_proj": "Wdown"}
+SHORT = {
+    "q_proj": "Wq",
+    "k_proj": "Wk",
+    "v_proj": "Wv",
+    "o_proj": "Wo",
+    "attn": "attention",
+    "mlp": "MLP",
+    "all-linear": "all linear",
+    "gate_proj": "Wgate",
+    "up_proj": "Wup",
+    "down_proj": "Wdown",
+}
 
 
 class ReportError(ValueError):
@@ -86,8 +110,13 @@ class Run:
 
     @classmethod
     def from_tracked(cls, t: tracking.TrackedRun) -> "Run":
-        return cls(run_id=t.run_id, parent=t.parent_id, state=t.state, rec=t.record,
-                   val_history=[(e.step, e.val_loss) for e in t.record.evals])
+        return cls(
+            run_id=t.run_id,
+            parent=t.parent_id,
+            state=t.state,
+            rec=t.record,
+            val_history=[(e.step, e.val_loss) for e in t.record.evals],
+        )
 
     @property
     def name(self) -> str:
@@ -130,14 +159,17 @@ class Run:
 
     @property
     def variant(self) -> str:
-        """Method label for the method table: LoRA, rsLoRA, LoRA+ or full FT."""
+        """Method label for the method table: LoRA, rsLoRA, LoRA+, DoRA, PiSSA, OLoRA (combined: 'DoRA+rsLoRA') or
+        full FT."""
         if self.method == "full":
             return "full FT"
-        if self.p("lora.rslora") is True:
-            return "rsLoRA"
-        if (self.p("lora.lr_ratio") or 1.0) != 1.0:
-            return "LoRA+"
-        return "LoRA"
+        parts = [
+            {"dora": "DoRA"}.get(self.p("lora.variant") or "", ""),
+            {"pissa": "PiSSA", "olora": "OLoRA"}.get(self.p("lora.init") or "", ""),
+            "rsLoRA" if self.p("lora.rslora") is True else "",
+            "LoRA+" if (self.p("lora.lr_ratio") or 1.0) != 1.0 else "",
+        ]
+        return "+".join(x for x in parts if x) or "LoRA"
 
     @property
     def batch(self) -> int:
@@ -166,7 +198,7 @@ class Run:
 
 def load_runs(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -> tuple[list[Run], list[str]]:
     """Training runs and study parent run ids of the selection; ReportError when a named selection has none."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise ReportError(f"no MLflow store at {uri}; give --tracking-uri or set LORA_LAB_OUTPUTS")
     tracked, parents = tracking.read_runs(uri, experiment, studies or None)
     runs = [Run.from_tracked(t) for t in tracked]
@@ -240,6 +272,7 @@ def best_lr(runs: list[Run]) -> tuple[Optional[float], Optional[float]]:
 def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
     """LR U-curves: runs that differ only in LR and seed, labelled by what tells them apart
     ('full FT', 'LoRA r=8', 'LoRA r=8 attention', '... bs=16'). Groups with one LR are dropped."""
+
     def key(r: Run) -> tuple:
         return (r.method, r.targets, r.r, r.variant, r.batch, r.steps, r.p("data.name"), r.p("model.name"))
 
@@ -277,17 +310,37 @@ def table_methods(runs: list[Run]) -> Table:
         used += cands
         f = b.rec
         size = f.adapter_bytes if b.method == "lora" else f.checkpoint_bytes
-        rows.append({"method": variant + (" (best)" if variant == "LoRA" else ""), "trainable_params": b.trainable,
-                     "val_loss": b.val_loss, "accuracy": f.accuracy, "peak_mem_mib": f.peak_mem_bytes / 2**20,
-                     "time_per_step_s": f.time_per_step_s, "size_mib": None if size is None else size / 2**20,
-                     "settings": _settings(b), "run": b.run_id[:8], "published": PUBLISHED_METHODS[variant]})
-    cols = [("method", "method", ""), ("trainable_params", "# trainable params", "{:,}"), ("val_loss", "val loss", "{:.4f}"),
-            ("accuracy", "accuracy", "{:.3f}"), ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
-            ("time_per_step_s", "time/step (s)", "{:.2f}"), ("size_mib", "adapter / checkpoint (MiB)", "{:.2f}"),
-            ("settings", "settings", ""), ("run", "run", ""), ("published", "published (other model and task; source)", "")]
-    cap = (f"Method comparison in the style of Hu et al. Tables 2-4: the best run (lowest final val loss) of each method "
-           f"found; size is the adapter for LoRA variants and all weights for full FT; peak memory is the process's peak "
-           f"RSS on CPU. Methods with no run are left out. {_source(used)}")
+        rows.append(
+            {
+                "method": variant + (" (best)" if variant == "LoRA" else ""),
+                "trainable_params": b.trainable,
+                "val_loss": b.val_loss,
+                "accuracy": f.accuracy,
+                "peak_mem_mib": f.peak_mem_bytes / 2**20,
+                "time_per_step_s": f.time_per_step_s,
+                "size_mib": None if size is None else size / 2**20,
+                "settings": _settings(b),
+                "run": b.run_id[:8],
+                "published": PUBLISHED_METHODS[variant],
+            }
+        )
+    cols = [
+        ("method", "method", ""),
+        ("trainable_params", "# trainable params", "{:,}"),
+        ("val_loss", "val loss", "{:.4f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
+        ("time_per_step_s", "time/step (s)", "{:.2f}"),
+        ("size_mib", "adapter / checkpoint (MiB)", "{:.2f}"),
+        ("settings", "settings", ""),
+        ("run", "run", ""),
+        ("published", "published (other model and task; source)", ""),
+    ]
+    cap = (
+        f"Method comparison in the style of Hu et al. Tables 2-4: the best run (lowest final val loss) of each method "
+        f"found; size is the adapter for LoRA variants and all weights for full FT; peak memory is the process's peak "
+        f"RSS on CPU. Methods with no run are left out. {_source(used)}"
+    )
     return Table("methods", "Method comparison", cap, cols, rows)
 
 
@@ -300,8 +353,9 @@ def _settings(r: Run) -> str:
     return " ".join(bits)
 
 
-def _varying_studies(runs: list[Run], attr: Callable[[Run], Any], fixed: Optional[Callable[[Run], Any]] = None,
-                     fallback_all: bool = True) -> list[Run]:
+def _varying_studies(
+    runs: list[Run], attr: Callable[[Run], Any], fixed: Optional[Callable[[Run], Any]] = None, fallback_all: bool = True
+) -> list[Run]:
     """LoRA runs of the studies in which `attr` takes two or more values (and `fixed`, if given, only one); falls
     back to dropping the `fixed` condition, then to all LoRA runs."""
     lora = [r for r in ok_runs(runs) if r.method == "lora"]
@@ -326,18 +380,38 @@ def table_targets(runs: list[Run]) -> Table:
         at = [x.val_loss for x in rs if x.lr == lr]
         mean, sd = _mean_sd(at)
         pub = PUBLISHED_TARGETS.get(targets)
-        rows.append({"targets": targets, "r": r, "trainable_params": rs[0].trainable, "best_lr": lr, "val_loss": mean,
-                     "val_loss_sd": sd, "n_seeds": len(at), "val_loss_text": _pm(mean, sd, len(at)),
-                     "best_single": min(x.val_loss for x in rs), "n_runs": len(rs),
-                     "published_hu": f"{pub} [{HU} Table 5, GPT-3 WikiSQL/MNLI acc %]" if pub else "-",
-                     "published_wr": PUBLISHED_TARGETS_WR.get(targets, "-")})
-    cols = [("targets", "weights adapted", ""), ("r", "r", ""), ("trainable_params", "# trainable params", "{:,}"),
-            ("best_lr", "best LR", "{:.0e}"), ("val_loss_text", "val loss at best LR (mean ± sd over seeds)", ""),
-            ("best_single", "best single run", "{:.4f}"), ("n_runs", "runs", ""),
-            ("published_hu", "published (Hu et al. Table 5)", ""), ("published_wr", f"published ({WR}, finding 4)", "")]
-    cap = (f"Which weights to adapt (Hu et al. Table 5 style): each target set with the rank its study gave it, at its "
-           f"best LR; where seeds were replicated the val loss is their mean ± sd. Published columns are a different "
-           f"model, task and metric (accuracy, higher is better; ours is val loss, lower is better). {_source(sel)}")
+        rows.append(
+            {
+                "targets": targets,
+                "r": r,
+                "trainable_params": rs[0].trainable,
+                "best_lr": lr,
+                "val_loss": mean,
+                "val_loss_sd": sd,
+                "n_seeds": len(at),
+                "val_loss_text": _pm(mean, sd, len(at)),
+                "best_single": min(x.val_loss for x in rs),
+                "n_runs": len(rs),
+                "published_hu": f"{pub} [{HU} Table 5, GPT-3 WikiSQL/MNLI acc %]" if pub else "-",
+                "published_wr": PUBLISHED_TARGETS_WR.get(targets, "-"),
+            }
+        )
+    cols = [
+        ("targets", "weights adapted", ""),
+        ("r", "r", ""),
+        ("trainable_params", "# trainable params", "{:,}"),
+        ("best_lr", "best LR", "{:.0e}"),
+        ("val_loss_text", "val loss at best LR (mean ± sd over seeds)", ""),
+        ("best_single", "best single run", "{:.4f}"),
+        ("n_runs", "runs", ""),
+        ("published_hu", "published (Hu et al. Table 5)", ""),
+        ("published_wr", f"published ({WR}, finding 4)", ""),
+    ]
+    cap = (
+        f"Which weights to adapt (Hu et al. Table 5 style): each target set with the rank its study gave it, at its "
+        f"best LR; where seeds were replicated the val loss is their mean ± sd. Published columns are a different "
+        f"model, task and metric (accuracy, higher is better; ours is val loss, lower is better). {_source(sel)}"
+    )
     return Table("targets", "Which weights at a matched budget", cap, cols, rows)
 
 
@@ -364,11 +438,17 @@ def table_ranks(runs: list[Run]) -> Table:
     cols = [("targets", "weights adapted", "")]
     for k in ranks:
         cols.append((f"r{k}", f"r={k}", "{:.4f}"))
-    cap = (f"Rank ablation (Hu et al. Table 6 style): best final val loss over the LRs tried for each target set and "
-           f"rank (the CSV also has the best LR and trainable parameters per cell). Published rows are WikiSQL accuracy "
-           f"(higher is better) on GPT-3, shown for the ranks we ran. {_source(sel)}")
+    cap = (
+        f"Rank ablation (Hu et al. Table 6 style): best final val loss over the LRs tried for each target set and "
+        f"rank (the CSV also has the best LR and trainable parameters per cell). Published rows are WikiSQL accuracy "
+        f"(higher is better) on GPT-3, shown for the ranks we ran. {_source(sel)}"
+    )
     t = Table("ranks", "Rank ablation", cap, cols, rows)
-    t.columns_csv = cols + [(f"r{k}_lr", f"r={k} best LR", "") for k in ranks] + [(f"r{k}_params", f"r={k} params", "") for k in ranks]
+    t.columns_csv = (
+        cols
+        + [(f"r{k}_lr", f"r={k} best LR", "") for k in ranks]
+        + [(f"r{k}_params", f"r={k} params", "") for k in ranks]
+    )
     return t
 
 
@@ -385,9 +465,14 @@ def lr_analysis(runs: list[Run]) -> dict[str, Any]:
             by_set.setdefault((rs[0].targets, rs[0].batch, rs[0].steps), []).append(lbl)
     rank_set = max(by_set.values(), key=len, default=[])
     lora_best = [best[lbl][0] for lbl in rank_set if best[lbl][0]]
-    return {"curves": curves, "best": best, "full_label": full[0] if full else None, "full_lr": full_lr,
-            "rank_curves": rank_set + full[:1],
-            "spread": (max(lora_best) / min(lora_best)) if len(lora_best) >= 2 else None}
+    return {
+        "curves": curves,
+        "best": best,
+        "full_label": full[0] if full else None,
+        "full_lr": full_lr,
+        "rank_curves": rank_set + full[:1],
+        "spread": (max(lora_best) / min(lora_best)) if len(lora_best) >= 2 else None,
+    }
 
 
 def table_lr(runs: list[Run]) -> Table:
@@ -401,21 +486,42 @@ def table_lr(runs: list[Run]) -> Table:
         grid = sorted(pts)
         edge = lr in (grid[0], grid[-1])
         ratio = lr / a["full_lr"] if a["full_lr"] and not label.startswith("full FT") else None
-        rows.append({"curve": label, "lrs": " ".join(_fmt_lr(x) for x in grid),
-                     "losses": " ".join(f"{statistics.fmean(pts[x]):.3f}" for x in grid),
-                     "best_lr": lr, "best_val_loss": loss, "edge": "yes (U not bracketed)" if edge else "no",
-                     "ratio_to_full": ratio,
-                     "published": ("~10x (fitted 9.8x; ~15x under ~100 steps) [" + WR + ", finding 2]") if ratio else "-"})
+        rows.append(
+            {
+                "curve": label,
+                "lrs": " ".join(_fmt_lr(x) for x in grid),
+                "losses": " ".join(f"{statistics.fmean(pts[x]):.3f}" for x in grid),
+                "best_lr": lr,
+                "best_val_loss": loss,
+                "edge": "yes (U not bracketed)" if edge else "no",
+                "ratio_to_full": ratio,
+                "published": ("~10x (fitted 9.8x; ~15x under ~100 steps) [" + WR + ", finding 2]") if ratio else "-",
+            }
+        )
     if a["spread"] is not None:
-        rows.append({"curve": "spread of best LoRA LR across ranks (max/min)", "ratio_to_full": a["spread"],
-                     "lrs": "over: " + ", ".join(lbl for lbl in a["rank_curves"] if not lbl.startswith("full FT")),
-                     "published": f"< 2x between r=4 and r=512 with alpha/r scaling [{WR}, finding 3]"})
-    cols = [("curve", "curve", ""), ("lrs", "LRs tried", ""), ("losses", "final val loss at each LR", ""),
-            ("best_lr", "best LR", "{:.0e}"), ("best_val_loss", "best val loss", "{:.4f}"), ("edge", "best at grid edge", ""),
-            ("ratio_to_full", "best LR / best full-FT LR", "{:.1f}x"), ("published", "published (source)", "")]
-    cap = (f"LR sweeps: final val loss at each LR (mean over seeds) for each LoRA rank and full fine-tuning, the best LR "
-           f"(argmin on the grid, so its resolution is the grid step), and the ratio of each best LoRA LR to the best "
-           f"full-FT LR beside the published ~10x. {_source(used)}")
+        rows.append(
+            {
+                "curve": "spread of best LoRA LR across ranks (max/min)",
+                "ratio_to_full": a["spread"],
+                "lrs": "over: " + ", ".join(lbl for lbl in a["rank_curves"] if not lbl.startswith("full FT")),
+                "published": f"< 2x between r=4 and r=512 with alpha/r scaling [{WR}, finding 3]",
+            }
+        )
+    cols = [
+        ("curve", "curve", ""),
+        ("lrs", "LRs tried", ""),
+        ("losses", "final val loss at each LR", ""),
+        ("best_lr", "best LR", "{:.0e}"),
+        ("best_val_loss", "best val loss", "{:.4f}"),
+        ("edge", "best at grid edge", ""),
+        ("ratio_to_full", "best LR / best full-FT LR", "{:.1f}x"),
+        ("published", "published (source)", ""),
+    ]
+    cap = (
+        f"LR sweeps: final val loss at each LR (mean over seeds) for each LoRA rank and full fine-tuning, the best LR "
+        f"(argmin on the grid, so its resolution is the grid step), and the ratio of each best LoRA LR to the best "
+        f"full-FT LR beside the published ~10x. {_source(used)}"
+    )
     return Table("lr", "Learning-rate U-curves", cap, cols, rows)
 
 
@@ -443,11 +549,19 @@ def table_capacity(runs: list[Run]) -> Table:
             last = max((st for st in steps if f"s{st}" in row and st in full_curve), default=None)
             if last is not None:
                 row["gap"] = row[f"s{last}"] - full_curve[last]
-    cols = [("curve", "curve (best LR)", "")] + [(f"s{st}", f"val loss @ step {st}", "{:.4f}") for st in steps] + [
-        ("gap", "gap to full FT at the last step", "{:+.4f}"), ("runs", "runs", ""),]
-    cap = (f"Capacity ({WR}, finding 1: high-rank LoRA and full FT follow the same loss curve; low ranks fall off it "
-           f"after a number of steps that grows with rank): validation loss at each evaluation of the best-LR run(s) "
-           f"of each curve (seeds averaged), and its gap to full FT at the last step. {_source(used)}")
+    cols = (
+        [("curve", "curve (best LR)", "")]
+        + [(f"s{st}", f"val loss @ step {st}", "{:.4f}") for st in steps]
+        + [
+            ("gap", "gap to full FT at the last step", "{:+.4f}"),
+            ("runs", "runs", ""),
+        ]
+    )
+    cap = (
+        f"Capacity ({WR}, finding 1: high-rank LoRA and full FT follow the same loss curve; low ranks fall off it "
+        f"after a number of steps that grows with rank): validation loss at each evaluation of the best-LR run(s) "
+        f"of each curve (seeds averaged), and its gap to full FT at the last step. {_source(used)}"
+    )
     return Table("capacity", "Capacity: loss along training", cap, cols, rows)
 
 
@@ -475,11 +589,16 @@ def table_batch(runs: list[Run]) -> Table:
         if lora and "full FT" in row:
             row["gap"] = min(lora) - row["full FT"]
         rows.append(row)
-    cols = [("batch", "batch size", ""), ("steps", "steps", "")] + [(lbl, f"{lbl} val loss", "{:.4f}") for lbl in labels] + [
-        ("gap", "LoRA - full FT", "{:+.4f}")]
-    cap = (f"Batch-size sensitivity ({WR}, finding 5: LoRA tolerates large batches worse than full FT, independent of "
-           f"rank): final val loss after the same number of training examples at each batch size, each method at one "
-           f"LR. {_source(used)}")
+    cols = (
+        [("batch", "batch size", ""), ("steps", "steps", "")]
+        + [(lbl, f"{lbl} val loss", "{:.4f}") for lbl in labels]
+        + [("gap", "LoRA - full FT", "{:+.4f}")]
+    )
+    cap = (
+        f"Batch-size sensitivity ({WR}, finding 5: LoRA tolerates large batches worse than full FT, independent of "
+        f"rank): final val loss after the same number of training examples at each batch size, each method at one "
+        f"LR. {_source(used)}"
+    )
     return Table("batch", "Batch size", cap, cols, rows)
 
 
@@ -487,8 +606,16 @@ def llama31_8b_config() -> Any:
     """Llama-3.1-8B's published shape (config.json), built in code: nothing is downloaded."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072)
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    )
 
 
 def model_config(name: str, setting: Optional[Callable[[str], Any]] = None) -> Any:
@@ -502,9 +629,16 @@ def model_config(name: str, setting: Optional[Callable[[str], Any]] = None) -> A
         g = lambda k, d: int(get(f"model.tiny.{k}") or d)  # noqa: E731
         from lora_lab.models import tiny_tokenizer
 
-        return LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=g("hidden_size", 64), num_hidden_layers=g("num_layers", 2),
-                           num_attention_heads=g("num_heads", 4), num_key_value_heads=g("num_kv_heads", 2),
-                           intermediate_size=g("intermediate_size", 128), tie_word_embeddings=True, max_position_embeddings=128)
+        return LlamaConfig(
+            vocab_size=len(tiny_tokenizer()),
+            hidden_size=g("hidden_size", 64),
+            num_hidden_layers=g("num_layers", 2),
+            num_attention_heads=g("num_heads", 4),
+            num_key_value_heads=g("num_kv_heads", 2),
+            intermediate_size=g("intermediate_size", 128),
+            tie_word_embeddings=True,
+            max_position_embeddings=128,
+        )
     if "smollm2" in name.lower():
         return bench.smollm2_135m_config()
     if "llama-3.1-8b" in name.lower():
@@ -534,15 +668,28 @@ def table_params(runs: list[Run]) -> Table:
         label = {"mlp": "MLP", "attn": "attention", "all-linear": "all linear"}[targets]
         without = lora_param_count(cfg, [targets], r)
         with_head = lora_param_count(cfg, [targets], r, include_head=True)
-        rows.append({"model": "Llama-3.1-8B", "config": f"{label} r={r}", "count_no_head": without,
-                     "count_head": with_head, "ours_b": f"{without / 1e9:.3f}B / {with_head / 1e9:.2f}B",
-                     "published_b": f"{PUBLISHED_PARAMS_NO_HEAD[(targets, r)] / 1e9:.3f}B / {pub / 1e9:.2f}B",
-                     "source": f"{WR} (with lm_head); ANCHORS.md (without)"})
+        rows.append(
+            {
+                "model": "Llama-3.1-8B",
+                "config": f"{label} r={r}",
+                "count_no_head": without,
+                "count_head": with_head,
+                "ours_b": f"{without / 1e9:.3f}B / {with_head / 1e9:.2f}B",
+                "published_b": f"{PUBLISHED_PARAMS_NO_HEAD[(targets, r)] / 1e9:.3f}B / {pub / 1e9:.2f}B",
+                "source": f"{WR} (with lm_head); ANCHORS.md (without)",
+            }
+        )
     smol = model_config("smollm2-135m-instruct")
     for targets, r in (("attn", 16), ("mlp", 10), ("all-linear", 6)):  # the matched budget of sweeps/wr_targets.yaml
         label = {"mlp": "MLP", "attn": "attention", "all-linear": "all linear"}[targets]
-        rows.append({"model": "SmolLM2-135M (config)", "config": f"{label} r={r}", "count_no_head": lora_param_count(smol, [targets], r),
-                     "source": "matched budget of sweeps/wr_targets.yaml"})
+        rows.append(
+            {
+                "model": "SmolLM2-135M (config)",
+                "config": f"{label} r={r}",
+                "count_no_head": lora_param_count(smol, [targets], r),
+                "source": "matched budget of sweeps/wr_targets.yaml",
+            }
+        )
     groups: dict[tuple, Run] = {}
     logged: dict[tuple, set] = {}
     for r in runs:
@@ -559,18 +706,34 @@ def table_params(runs: list[Run]) -> Table:
         used.append(r)
         n = lora_param_count(mcfg, list(targets), rank)
         runs_n = sorted(logged[(model, targets, rank)])
-        rows.append({"model": model, "config": f"{r.targets} r={rank}", "count_no_head": n,
-                     "logged": ", ".join(f"{x:,}" for x in runs_n),
-                     "match": "yes" if runs_n == [n] else "NO", "source": "our runs (trainable_params)"})
-    cols = [("model", "model", ""), ("config", "LoRA config", ""), ("count_no_head", "ours, without lm_head", "{:,}"),
-            ("count_head", "ours, with lm_head (same r)", "{:,}"), ("ours_b", "ours without / with lm_head", ""),
-            ("published_b", "published without / with lm_head", ""), ("logged", "logged by the runs", ""),
-            ("match", "config count = logged", ""), ("source", "source", "")]
-    cap = ("Trainable LoRA parameters computed from model configs on the meta device (lora_lab.lora.apply_lora + "
-           "count_parameters; r (d_in + d_out) per adapted matrix). Llama-3.1-8B is built from its published dims "
-           "(hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256, untied lm_head); the published "
-           f"figures count the lm_head adapted at the same r. Rows below compare each configuration we ran with the "
-           f"count its runs logged. {_source(used) if used else ''}")
+        rows.append(
+            {
+                "model": model,
+                "config": f"{r.targets} r={rank}",
+                "count_no_head": n,
+                "logged": ", ".join(f"{x:,}" for x in runs_n),
+                "match": "yes" if runs_n == [n] else "NO",
+                "source": "our runs (trainable_params)",
+            }
+        )
+    cols = [
+        ("model", "model", ""),
+        ("config", "LoRA config", ""),
+        ("count_no_head", "ours, without lm_head", "{:,}"),
+        ("count_head", "ours, with lm_head (same r)", "{:,}"),
+        ("ours_b", "ours without / with lm_head", ""),
+        ("published_b", "published without / with lm_head", ""),
+        ("logged", "logged by the runs", ""),
+        ("match", "config count = logged", ""),
+        ("source", "source", ""),
+    ]
+    cap = (
+        "Trainable LoRA parameters computed from model configs on the meta device (lora_lab.lora.apply_lora + "
+        "count_parameters; r (d_in + d_out) per adapted matrix). Llama-3.1-8B is built from its published dims "
+        "(hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256, untied lm_head); the published "
+        f"figures count the lm_head adapted at the same r. Rows below compare each configuration we ran with the "
+        f"count its runs logged. {_source(used) if used else ''}"
+    )
     return Table("params", "Parameter counts", cap, cols, rows)
 
 
@@ -602,17 +765,36 @@ def table_compute(runs: list[Run]) -> Table:
                 theory = bench.step_flops(cfg, batch, int(seq), rank) / bench.step_flops(cfg, batch, int(seq), None)
             n = 4096
             pub = (2 * n * n + 6 * n * rank) / (3 * n * n)
-        rows.append({"model": model, "config": f"{targets} r={rank}", "batch_x_seq": f"{batch}x{seq}",
-                     "t_lora": t_lora, "t_full": t_full, "measured": t_lora / t_full, "theory": theory,
-                     "published": pub, "n": f"{len(rs)} / {len(fr)}"})
-    cols = [("model", "model", ""), ("config", "LoRA config", ""), ("batch_x_seq", "batch x seq", ""),
-            ("t_lora", "LoRA s/step (median)", "{:.2f}"), ("t_full", "full FT s/step (median)", "{:.2f}"),
-            ("measured", "measured ratio", "{:.2f}"), ("theory", "FLOPs ratio, this model (theory)", "{:.3f}"),
-            ("published", f"published per-matrix ratio at N=4096, same r [{WR}]", "{:.3f}"), ("n", "runs (LoRA / full)", "")]
-    cap = ("Compute: measured LoRA / full-FT time per optimizer step (medians over runs of the same model, batch and "
-           "sequence length) beside the matmul-FLOPs ratio of lora_lab.bench.step_flops for the same model and rank "
-           "(all-linear LoRA only) and the published (2N^2 + 6NR) / 3N^2 at N=4096. On shared CPUs the measured times "
-           f"carry the load of other processes. {_source(used)}")
+        rows.append(
+            {
+                "model": model,
+                "config": f"{targets} r={rank}",
+                "batch_x_seq": f"{batch}x{seq}",
+                "t_lora": t_lora,
+                "t_full": t_full,
+                "measured": t_lora / t_full,
+                "theory": theory,
+                "published": pub,
+                "n": f"{len(rs)} / {len(fr)}",
+            }
+        )
+    cols = [
+        ("model", "model", ""),
+        ("config", "LoRA config", ""),
+        ("batch_x_seq", "batch x seq", ""),
+        ("t_lora", "LoRA s/step (median)", "{:.2f}"),
+        ("t_full", "full FT s/step (median)", "{:.2f}"),
+        ("measured", "measured ratio", "{:.2f}"),
+        ("theory", "FLOPs ratio, this model (theory)", "{:.3f}"),
+        ("published", f"published per-matrix ratio at N=4096, same r [{WR}]", "{:.3f}"),
+        ("n", "runs (LoRA / full)", ""),
+    ]
+    cap = (
+        "Compute: measured LoRA / full-FT time per optimizer step (medians over runs of the same model, batch and "
+        "sequence length) beside the matmul-FLOPs ratio of lora_lab.bench.step_flops for the same model and rank "
+        "(all-linear LoRA only) and the published (2N^2 + 6NR) / 3N^2 at N=4096. On shared CPUs the measured times "
+        f"carry the load of other processes. {_source(used)}"
+    )
     return Table("compute", "Compute per step", cap, cols, rows)
 
 
@@ -631,29 +813,61 @@ def table_merge(runs: list[Run]) -> Table:
     for r in lora:
         prec = r.p("trainer.precision") or "auto"
         dev = r.p("trainer.device") or "auto"
-        label = "bf16" if prec == "bf16" else ("fp32" if prec in ("fp32", "auto") and dev != "cuda" else f"{prec} on {dev}")
+        label = (
+            "bf16" if prec == "bf16" else ("fp32" if prec in ("fp32", "auto") and dev != "cuda" else f"{prec} on {dev}")
+        )
         by.setdefault(label, []).append(r)
     rows = []
     for label, rs in sorted(by.items()):
         diffs = [r.rec.max_abs_logit_diff for r in rs]
         dl = [abs(r.rec.merged_val_loss - r.val_loss) for r in rs if r.rec.merged_val_loss is not None]
-        rows.append({"precision": label, "runs": len(rs), "max_logit_diff": max(diffs), "median_logit_diff": statistics.median(diffs),
-                     "max_dloss": max(dl) if dl else None, "published": "-" if label != "bf16" else
-                     "loss 2.1178 -> 2.1214 after a bf16 merge (one user report, ANCHORS.md)"})
+        rows.append(
+            {
+                "precision": label,
+                "runs": len(rs),
+                "max_logit_diff": max(diffs),
+                "median_logit_diff": statistics.median(diffs),
+                "max_dloss": max(dl) if dl else None,
+                "published": "-"
+                if label != "bf16"
+                else "loss 2.1178 -> 2.1214 after a bf16 merge (one user report, ANCHORS.md)",
+            }
+        )
     if "bf16" not in by:
-        rows.append({"precision": "bf16", "runs": 0, "published": "loss 2.1178 -> 2.1214 (+0.0036) after a bf16 merge "
-                     "(one user report, ANCHORS.md); not measured here: no GPU ran these runs"})
-    cols = [("precision", "precision", ""), ("runs", "LoRA runs", ""), ("max_logit_diff", "max |logit diff|", "{:.2e}"),
-            ("median_logit_diff", "median of per-run max |logit diff|", "{:.2e}"),
-            ("max_dloss", "max |merged - unmerged val loss|", "{:.2e}"), ("published", "published (source)", "")]
-    cap = ("Merged vs unmerged: each LoRA run compares its first validation batch's logits before and after folding "
-           "the adapter into the weights (merge in fp32 math) and re-evaluates the merged model. " + _source(lora))
+        rows.append(
+            {
+                "precision": "bf16",
+                "runs": 0,
+                "published": "loss 2.1178 -> 2.1214 (+0.0036) after a bf16 merge "
+                "(one user report, ANCHORS.md); not measured here: no GPU ran these runs",
+            }
+        )
+    cols = [
+        ("precision", "precision", ""),
+        ("runs", "LoRA runs", ""),
+        ("max_logit_diff", "max |logit diff|", "{:.2e}"),
+        ("median_logit_diff", "median of per-run max |logit diff|", "{:.2e}"),
+        ("max_dloss", "max |merged - unmerged val loss|", "{:.2e}"),
+        ("published", "published (source)", ""),
+    ]
+    cap = (
+        "Merged vs unmerged: each LoRA run compares its first validation batch's logits before and after folding "
+        "the adapter into the weights (merge in fp32 math) and re-evaluates the merged model. " + _source(lora)
+    )
     return Table("merge", "Merged vs unmerged", cap, cols, rows)
 
 
 TABLE_FUNCS: dict[str, Callable[[list[Run]], Table]] = {
-    "methods": table_methods, "targets": table_targets, "ranks": table_ranks, "lr": table_lr, "capacity": table_capacity, "batch": table_batch,
-    "params": table_params, "compute": table_compute, "merge": table_merge}
+    "methods": table_methods,
+    "targets": table_targets,
+    "ranks": table_ranks,
+    "lr": table_lr,
+    "capacity": table_capacity,
+    "batch": table_batch,
+    "params": table_params,
+    "compute": table_compute,
+    "merge": table_merge,
+}
 
 
 # ----------------------------------------------------------------------------------------------- writers
@@ -675,17 +889,40 @@ def to_markdown(t: Table) -> str:
 
 
 def _tex(s: str) -> str:
-    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+    table = {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "±": r"$\pm$",
+    }
     return "".join(table.get(c, c) for c in s)
 
 
 def to_latex(t: Table) -> str:
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + "l" * len(t.columns) + "}", r"\toprule",
-             " & ".join(_tex(h) for _, h, _ in t.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\begin{tabular}{" + "l" * len(t.columns) + "}",
+        r"\toprule",
+        " & ".join(_tex(h) for _, h, _ in t.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_tex(_cell(r.get(k), f)) for k, _, f in t.columns) + r" \\" for r in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex(t.caption) + "}", r"\label{tab:" + t.name + "}",
-              r"\end{table}"]
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\caption{" + _tex(t.caption) + "}",
+        r"\label{tab:" + t.name + "}",
+        r"\end{table}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -712,8 +949,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def _history(uri: str, r: Run) -> tuple[list[TrainPoint], list[EvalPoint]]:
     lrs = dict(tracking.metric_history(uri, r.run_id, "optim/lr"))
-    train = [TrainPoint(step=s, train_loss=v, lr=lrs.get(s, math.nan))
-             for s, v in tracking.metric_history(uri, r.run_id, "loss/train") if s > 0]
+    train = [
+        TrainPoint(step=s, train_loss=v, lr=lrs.get(s, math.nan))
+        for s, v in tracking.metric_history(uri, r.run_id, "loss/train")
+        if s > 0
+    ]
     return train, [e for e in r.rec.evals if e.step > 0]
 
 
@@ -723,30 +963,54 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
     files = []
     a = lr_analysis(runs)
     if a["curves"]:
-        series = {lbl: [(lr, statistics.fmean(v)) for lr, v in lr_points(rs).items()] for lbl, rs in a["curves"].items()}
-        files.append(plots.lr_curves(series, out / "lr_curves.png", best={k: v[0] for k, v in a["best"].items()},
-                                     title="Final validation loss vs learning rate (circles: best LR per curve)"))
+        series = {
+            lbl: [(lr, statistics.fmean(v)) for lr, v in lr_points(rs).items()] for lbl, rs in a["curves"].items()
+        }
+        files.append(
+            plots.lr_curves(
+                series,
+                out / "lr_curves.png",
+                best={k: v[0] for k, v in a["best"].items()},
+                title="Final validation loss vs learning rate (circles: best LR per curve)",
+            )
+        )
         curves = {}
         for lbl in a["rank_curves"]:
             rs, lr = a["curves"][lbl], a["best"][lbl][0]
             best_run = min((r for r in rs if r.lr == lr), key=lambda r: r.val_loss)
             curves[f"{lbl} (lr {_fmt_lr(lr)})"] = _history(uri, best_run)
         if curves:
-            files.append(plots.loss_curve(curves, out / "loss_curves.png", log_steps=True,
-                                          title="Loss curves at each curve's best LR (train: thin, validation: markers)"))
+            files.append(
+                plots.loss_curve(
+                    curves,
+                    out / "loss_curves.png",
+                    log_steps=True,
+                    title="Loss curves at each curve's best LR (train: thin, validation: markers)",
+                )
+            )
     ok = [r for r in ok_runs(runs) if r.trainable]
     if ok:
         pts: dict[str, list[tuple[float, float]]] = {}
         for r in ok:
-            pts.setdefault("full FT" if r.method == "full" else f"LoRA {r.targets}", []).append((r.trainable, r.val_loss))
+            pts.setdefault("full FT" if r.method == "full" else f"LoRA {r.targets}", []).append(
+                (r.trainable, r.val_loss)
+            )
         front, best = [], math.inf
         for x, y in sorted(p for v in pts.values() for p in v):
             if y < best:
                 front.append((x, y))
                 best = y
-        files.append(plots.scatter(pts, out / "pareto.png", xlabel="trainable parameters", logx=True,
-                                   ylabel="final validation loss (nats per token)", front=front,
-                                   title="Validation loss vs trainable parameters, every completed run"))
+        files.append(
+            plots.scatter(
+                pts,
+                out / "pareto.png",
+                xlabel="trainable parameters",
+                logx=True,
+                ylabel="final validation loss (nats per token)",
+                front=front,
+                title="Validation loss vs trainable parameters, every completed run",
+            )
+        )
     return files
 
 
@@ -774,8 +1038,11 @@ def write_report(tables: list[Table], plot_files: list[Path], out: Path, header:
 def main(argv: Optional[list[str]] = None) -> int:
     from lora_lab.config import TrackingConfig
 
-    ap = argparse.ArgumentParser(prog="python -m lora_lab.report", description=__doc__.split("\n\n")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lora_lab.report",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("tables", nargs="*", help=f"tables to write: {', '.join(TABLES)} (default all), or best-lr")
     ap.add_argument("--study", action="append", default=[], help="a study name (repeatable)")
     ap.add_argument("--experiment", default=None, help="an MLflow experiment name")
@@ -812,9 +1079,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     tables = build_tables(runs, args.tables or TABLES)
     plot_files = make_plots(uri, runs, out) if not args.tables else []
     studies = sorted({r.study for r in runs if r.study})
-    header = (f"# lora_lab report: {name}\n\nGenerated by `python -m lora_lab.report "
-              + " ".join([*(f"--study {s}" for s in args.study), *([f"--experiment {args.experiment}"] if args.experiment else []),
-                          *args.tables]) + f"` from {len(runs)} MLflow runs of studies {', '.join(studies) or '-'}.")
+    header = (
+        f"# lora_lab report: {name}\n\nGenerated by `python -m lora_lab.report "
+        + " ".join(
+            [
+                *(f"--study {s}" for s in args.study),
+                *([f"--experiment {args.experiment}"] if args.experiment else []),
+                *args.tables,
+            ]
+        )
+        + f"` from {len(runs)} MLflow runs of studies {', '.join(studies) or '-'}."
+    )
     files = write_report(tables, plot_files, out, header)
     if not args.no_attach:
         ids = {r.parent for r in runs if r.parent and (not args.study or r.study in args.study)}

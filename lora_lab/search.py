@@ -56,11 +56,17 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> list[str]:
         if spec.type == "categorical":
             values[path] = trial.suggest_categorical(path, [choice_value(c) for c in spec.choices])
         elif spec.type == "float":
-            values[path] = trial.suggest_float(path, float(spec.low), float(spec.high), log=spec.log,
-                                               step=None if spec.step is None else float(spec.step))
+            values[path] = trial.suggest_float(
+                path,
+                float(spec.low),
+                float(spec.high),
+                log=spec.log,
+                step=None if spec.step is None else float(spec.step),
+            )
         elif spec.type == "int":
-            values[path] = trial.suggest_int(path, int(spec.low), int(spec.high), log=spec.log,
-                                             step=1 if spec.step is None else int(spec.step))
+            values[path] = trial.suggest_int(
+                path, int(spec.low), int(spec.high), log=spec.log, step=1 if spec.step is None else int(spec.step)
+            )
     derived: dict[str, Any] = {}
     for path, spec in space.items():
         if spec.type == "tied":
@@ -72,7 +78,9 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> list[str]:
                 raise ConfigError(f"sweep.space.{path}.of: '{spec.of}' is not a sampled entry of the space")
             key = str(values[spec.of])
             if key not in spec.map:
-                raise ConfigError(f"sweep.space.{path}.map: no entry for {spec.of}={key}; entries: {', '.join(spec.map)}")
+                raise ConfigError(
+                    f"sweep.space.{path}.map: no entry for {spec.of}={key}; entries: {', '.join(spec.map)}"
+                )
             derived[path] = spec.map[key]
         elif spec.type == "fixed":
             derived[path] = spec.value

@@ -33,9 +33,9 @@ from optuna.trial import TrialState
 
 from lora_lab import search, tracking
 from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
-from lora_lab.models import file_lock
+from lora_lab.files import atomic_write_text, file_lock
 from lora_lab.records import RecordError, Results, RunRecord
-from lora_lab.train import atomic_write_text, build, free_memory, run_tracked
+from lora_lab.train import build, free_memory, lora_targets, run_tracked
 
 log = logging.getLogger("lora_lab")
 
@@ -69,12 +69,14 @@ def parse_args(argv: list[str]) -> Invocation:
         if arg.startswith("sweep="):
             inv.sweep = arg.split("=", 1)[1]
         elif arg.startswith("sweep."):
-            inv.sweep_overrides.append(arg[len("sweep."):])
+            inv.sweep_overrides.append(arg[len("sweep.") :])
         elif arg in ("-h", "--help"):
             print(__doc__)
             raise SystemExit(0)
         elif "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected sweep=NAME, sweep.KEY=VALUE or a training override KEY=VALUE")
+            raise ConfigError(
+                f"argument {arg!r}: expected sweep=NAME, sweep.KEY=VALUE or a training override KEY=VALUE"
+            )
         else:
             inv.train_overrides.append(arg)
     return inv
@@ -108,12 +110,12 @@ class Study:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            raw = url[len("journal:"):]
+            raw = url[len("journal:") :]
             path = Path(raw[2:] if raw.startswith("//") else raw)  # journal:///abs/path or journal:relative/path
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             # SQLite serialises writers; wait for the lock instead of failing with "database is locked".
             engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
         else:
@@ -122,10 +124,16 @@ class Study:
             # Two processes creating one new SQLite file at once race in the table creation: serialise it.
             with self.lock() if url.startswith("sqlite:///") else contextlib.nullcontext():
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=self.spec.heartbeat_s, grace_period=self.spec.grace_s,
-                    heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry))
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=self.spec.heartbeat_s,
+                    grace_period=self.spec.grace_s,
+                    heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry),
+                )
         except Exception as exc:
-            raise ConfigError(f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         s, seed = self.spec.sampler, self.spec.seed
@@ -143,19 +151,28 @@ class Study:
 
     def pruner(self) -> optuna.pruners.BasePruner:
         if self.spec.pruner == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=self.spec.pruner_startup_trials,
-                                               n_warmup_steps=0, n_min_trials=1, interval_steps=1)
+            return optuna.pruners.MedianPruner(
+                n_startup_trials=self.spec.pruner_startup_trials, n_warmup_steps=0, n_min_trials=1, interval_steps=1
+            )
         if self.spec.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.base_cfg.trainer.max_steps)
         return optuna.pruners.NopPruner()
 
     def open(self, storage: optuna.storages.BaseStorage) -> optuna.Study:
         """Create the study, or load it when the same command runs again (resume)."""
-        self.study = optuna.create_study(study_name=self.spec.name, storage=storage, sampler=self.sampler(),
-                                         pruner=self.pruner(), directions=self.spec.directions, load_if_exists=True)
+        self.study = optuna.create_study(
+            study_name=self.spec.name,
+            storage=storage,
+            sampler=self.sampler(),
+            pruner=self.pruner(),
+            directions=self.spec.directions,
+            load_if_exists=True,
+        )
         if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in self.spec.directions]:
-            raise ConfigError(f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
-                              f"use another sweep.name")
+            raise ConfigError(
+                f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
+                f"use another sweep.name"
+            )
         return self.study
 
     # -- budget ----------------------------------------------------------------------------------------------
@@ -186,7 +203,8 @@ class Study:
         """Trials that count towards n_trials: all of them except failed ones that were retried."""
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.system_attrs.get("failed_trial") for t in trials} | {
-            n for t in trials for n in t.system_attrs.get("retry_history", [])}
+            n for t in trials for n in t.system_attrs.get("retry_history", [])
+        }
         return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
     def top_up(self) -> int:
@@ -227,11 +245,12 @@ class Study:
 
 
 def _pg_driver(url: str) -> str:
-    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3); use psycopg2 (our dependency) when psycopg is absent."""
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3); use psycopg2 (our dependency) when psycopg is
+    absent."""
     import importlib.util
 
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
@@ -261,7 +280,6 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 def preflight(st: Study) -> None:
     """Everything that can be wrong with a study, checked before anything is written: each space entry's extreme
     values compose and validate, the model and data load, and every target choice matches modules."""
-    from lora_lab import lora
     from lora_lab.data import load_data
     from lora_lab.models import load_model
 
@@ -278,11 +296,11 @@ def preflight(st: Study) -> None:
         if "accuracy" in st.spec.objectives and cfg.data.format not in ("prompted", "classification"):
             raise ConfigError(f"sweep.objectives: accuracy needs labelled data, but data.format={cfg.data.format}")
         if "merged_val_loss" in st.spec.objectives and cfg.method != "lora":
-            raise ConfigError(f"sweep.objectives: merged_val_loss needs method=lora, but a trial can run method={cfg.method}")
+            raise ConfigError(
+                f"sweep.objectives: merged_val_loss needs method=lora, but a trial can run method={cfg.method}"
+            )
         if cfg.method == "lora":
-            c = cfg.lora
-            lora.resolve_targets(model, tuple(c.targets), target_regex=c.target_regex, exclude=tuple(c.exclude),
-                                 layers=tuple(c.layers) if c.layers is not None else None)
+            lora_targets(model, cfg.lora, cfg.model.task)
     del model
 
 
@@ -340,18 +358,36 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
 
     name = st.spec.name
     try:
-        result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), st.base_overrides + overrides,
-                             kind="trial", study=name, trial=trial.number, run_name=f"{name}/trial-{trial.number}",
-                             searched=dict(trial.params), parent_run_id=st.parent_run_id, on_eval=on_eval,
-                             verdict=lambda r: verdict(st.spec, r))
+        result = run_tracked(
+            session,
+            OmegaConf.to_container(resolved, resolve=True),
+            st.base_overrides + overrides,
+            kind="trial",
+            study=name,
+            trial=trial.number,
+            run_name=f"{name}/trial-{trial.number}",
+            searched=dict(trial.params),
+            parent_run_id=st.parent_run_id,
+            on_eval=on_eval,
+            verdict=lambda r: verdict(st.spec, r),
+        )
     finally:  # pruned trials too: the overhead share counts every trial that ran
         trial.set_user_attr("train_time_s", session.train_time_s)
         trial.set_user_attr("eval_time_s", session.eval_time_s)
     state, reason = verdict(st.spec, result)
     if state != "COMPLETE":
         raise TrialFailed(reason)
-    for key in ("trainable_params", "total_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s",
-                "peak_mem_bytes", "max_abs_logit_diff", "checkpoint_bytes"):
+    for key in (
+        "trainable_params",
+        "total_params",
+        "val_loss",
+        "merged_val_loss",
+        "accuracy",
+        "time_per_step_s",
+        "peak_mem_bytes",
+        "max_abs_logit_diff",
+        "checkpoint_bytes",
+    ):
         trial.set_user_attr(key, result.value(key))
     return [float(result.value(name)) for name in st.spec.objectives]
 
@@ -449,10 +485,15 @@ def worker_loop(st: Study) -> None:
             _refresh_bar(bar, st)
             if state == TrialState.FAIL:
                 first_failures.append(reason.split(":")[0])
-                if len(first_failures) == FIRST_FAILURES_TO_STOP and len(set(first_failures)) == 1 and \
-                        not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-                    raise ConfigError(f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
-                                      f"({reason}); stopping the study: fix the cause and run the command again")
+                if (
+                    len(first_failures) == FIRST_FAILURES_TO_STOP
+                    and len(set(first_failures)) == 1
+                    and not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+                ):
+                    raise ConfigError(
+                        f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
+                        f"({reason}); stopping the study: fix the cause and run the command again"
+                    )
             elif len(first_failures) < FIRST_FAILURES_TO_STOP:
                 first_failures = [f"ok-{trial.number}"]  # a success breaks the run of identical failures
     finally:
@@ -462,7 +503,14 @@ def worker_loop(st: Study) -> None:
 def _study_bar(st: Study) -> Any:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=st.spec.n_trials, desc=f"study {st.spec.name}", unit="trial", position=0, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=st.spec.n_trials,
+        desc=f"study {st.spec.name}",
+        unit="trial",
+        position=0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     _refresh_bar(bar, st)
     return bar
 
@@ -476,7 +524,9 @@ def _refresh_bar(bar: Any, st: Study) -> None:
     bar.refresh()
 
 
-def _log_trial(number: int, state: TrialState, values: Optional[list[float]], reason: str, params: dict, seconds: float) -> None:
+def _log_trial(
+    number: int, state: TrialState, values: Optional[list[float]], reason: str, params: dict, seconds: float
+) -> None:
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     value = ",".join(f"{v:.4f}" for v in values) if values else reason
     log.info("trial %d %s %s | %s (%.0f s)", number, state.name, value, shown, seconds)
@@ -506,8 +556,10 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[st
     lora_over = search.trial_overrides(best)
     lora_res = _compare_run(st, "lora-best", lora_over)
     full_res = []
-    for lr in ([spec.full_lr] if spec.full_lr else spec.full_lr_grid):
-        res = _compare_run(st, f"full-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides])
+    for lr in [spec.full_lr] if spec.full_lr else spec.full_lr_grid:
+        res = _compare_run(
+            st, f"full-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides]
+        )
         if res is not None:
             full_res.append((lr, res))
     rows = []
@@ -521,10 +573,19 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[st
     return rows
 
 
-def _row(name: str, r: RunRecord, val_loss: Optional[float], acc: Optional[float], overrides: list[str]) -> dict[str, Any]:
-    return {"method": name, "val_loss": val_loss, "accuracy": acc, "trainable_params": r.trainable_params,
-            "peak_mem_mib": r.peak_mem_bytes / 2**20, "time_per_step_s": r.time_per_step_s,
-            "checkpoint_mib": (r.checkpoint_bytes or 0) / 2**20, "settings": " ".join(overrides)}
+def _row(
+    name: str, r: RunRecord, val_loss: Optional[float], acc: Optional[float], overrides: list[str]
+) -> dict[str, Any]:
+    return {
+        "method": name,
+        "val_loss": val_loss,
+        "accuracy": acc,
+        "trainable_params": r.trainable_params,
+        "peak_mem_mib": r.peak_mem_bytes / 2**20,
+        "time_per_step_s": r.time_per_step_s,
+        "checkpoint_mib": (r.checkpoint_bytes or 0) / 2**20,
+        "settings": " ".join(overrides),
+    }
 
 
 def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecord]:
@@ -545,9 +606,15 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunReco
             log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
     resolved, cfg = compose(full + [f"output_dir={folder}"])
     log.info("comparison run %s: %s", name, " ".join(overrides))
-    return run_tracked(build(cfg), OmegaConf.to_container(resolved, resolve=True), full, kind="compare",
-                       study=st.spec.name, run_name=f"{st.spec.name}/compare-{name}",
-                       parent_run_id=st.parent_run_id)  # closes (frees) the session
+    return run_tracked(
+        build(cfg),
+        OmegaConf.to_container(resolved, resolve=True),
+        full,
+        kind="compare",
+        study=st.spec.name,
+        run_name=f"{st.spec.name}/compare-{name}",
+        parent_run_id=st.parent_run_id,
+    )  # closes (frees) the session
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -564,9 +631,15 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     return "\n".join([head, sep, *body])
 
 
-COMPARE_COLUMNS = [("method", "method", ""), ("val_loss", "val loss", "{:.4f}"), ("accuracy", "accuracy", "{:.3f}"),
-                   ("trainable_params", "trainable params", "{:,}"), ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
-                   ("time_per_step_s", "time/step (s)", "{:.3f}"), ("checkpoint_mib", "checkpoint (MiB)", "{:.2f}")]
+COMPARE_COLUMNS = [
+    ("method", "method", ""),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
+    ("time_per_step_s", "time/step (s)", "{:.3f}"),
+    ("checkpoint_mib", "checkpoint (MiB)", "{:.2f}"),
+]
 
 
 def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
@@ -578,27 +651,53 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
     best = best_trial(study)
     if best is not None:
         overrides = list(st.base_overrides) + search.trial_overrides(best)
-        doc = {"study": st.spec.name, "trial": best.number, "objectives": dict(zip(st.spec.objectives, best.values)),
-               "overrides": overrides, "command": "python -m lora_lab.train " + " ".join(_quote(o) for o in overrides)}
+        doc = {
+            "study": st.spec.name,
+            "trial": best.number,
+            "objectives": dict(zip(st.spec.objectives, best.values)),
+            "overrides": overrides,
+            "command": "python -m lora_lab.train " + " ".join(_quote(o) for o in overrides),
+        }
         atomic_write_text(out / "best.yaml", f"# {doc['command']}\n" + OmegaConf.to_yaml(OmegaConf.create(doc)))
         files.append(out / "best.yaml")
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    attrs = ["trainable_params", "val_loss", "merged_val_loss", "accuracy", "time_per_step_s", "overhead_s", "fail_reason",
-             "retried_because"]
+    attrs = [
+        "trainable_params",
+        "val_loss",
+        "merged_val_loss",
+        "accuracy",
+        "time_per_step_s",
+        "overhead_s",
+        "fail_reason",
+        "retried_because",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *attrs, "retry_of", "duration_s"])
+    w.writerow(
+        ["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *attrs, "retry_of", "duration_s"]
+    )
     for t in trials:
         values = t.values or [None] * len(st.spec.objectives)
         dur = t.duration.total_seconds() if t.duration else None
-        w.writerow([t.number, t.state.name, *values, *[t.params.get(k) for k in keys], *[t.user_attrs.get(a) for a in attrs],
-                    t.system_attrs.get("failed_trial"), dur])
+        w.writerow(
+            [
+                t.number,
+                t.state.name,
+                *values,
+                *[t.params.get(k) for k in keys],
+                *[t.user_attrs.get(a) for a in attrs],
+                t.system_attrs.get("failed_trial"),
+                dur,
+            ]
+        )
     atomic_write_text(out / "trials.csv", buf.getvalue())
     files.append(out / "trials.csv")
     if compare_rows:
         md = format_table(compare_rows, COMPARE_COLUMNS + [("settings", "settings", "")])
-        atomic_write_text(out / "comparison.md", f"Best LoRA trial vs full fine-tuning, study `{st.spec.name}`\n\n{md}\n")
+        atomic_write_text(
+            out / "comparison.md", f"Best LoRA trial vs full fine-tuning, study `{st.spec.name}`\n\n{md}\n"
+        )
         files.append(out / "comparison.md")
     files += study_plots(st, trials, plots)
     return files
@@ -618,8 +717,13 @@ def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
     ax.scatter([t.number for t in done], [t.values[0] for t in done], label="complete")
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if pruned:
-        ax.scatter([t.number for t in pruned], [list(t.intermediate_values.values())[-1] for t in pruned], marker="x",
-                   color="gray", label="pruned (last report)")
+        ax.scatter(
+            [t.number for t in pruned],
+            [list(t.intermediate_values.values())[-1] for t in pruned],
+            marker="x",
+            color="gray",
+            label="pruned (last report)",
+        )
     running, best_so_far = math.inf, []
     sign = 1 if st.spec.directions[0] == "minimize" else -1
     for t in sorted(done, key=lambda t: t.number):
@@ -646,13 +750,25 @@ def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
             if "optim.lr" in t.params:
                 label = f"r={t.params.get('lora.r', 'fixed')}"
                 series.setdefault(label, []).append((t.params["optim.lr"], t.values[0]))
-        files.append(plots.lr_curves(series, out / "val_loss_vs_lr.png", title=f"{first} vs learning rate, per rank",
-                                     ylabel=first))
+        files.append(
+            plots.lr_curves(
+                series, out / "val_loss_vs_lr.png", title=f"{first} vs learning rate, per rank", ylabel=first
+            )
+        )
     if len(st.spec.objectives) > 1:
         pts = [(t.values[1], t.values[0]) for t in done]
         front = [(t.values[1], t.values[0]) for t in st.study.best_trials]
-        files.append(plots.scatter({"trials": pts}, out / "pareto_front.png", xlabel=st.spec.objectives[1],
-                                   ylabel=first, title=f"Pareto front: {st.spec.name}", logx=True, front=front))
+        files.append(
+            plots.scatter(
+                {"trials": pts},
+                out / "pareto_front.png",
+                xlabel=st.spec.objectives[1],
+                ylabel=first,
+                title=f"Pareto front: {st.spec.name}",
+                logx=True,
+                front=front,
+            )
+        )
     return files
 
 
@@ -673,8 +789,16 @@ def launch_workers(st: Study, inv: Invocation, n: int) -> int:
         env = dict(os.environ, **{WORKER_ENV: "1"})
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        args = [sys.executable, "-m", "lora_lab.sweep", f"sweep={inv.sweep}", *[f"sweep.{o}" for o in inv.sweep_overrides],
-                "sweep.workers=1", "sweep.compare_full=false", *inv.train_overrides]
+        args = [
+            sys.executable,
+            "-m",
+            "lora_lab.sweep",
+            f"sweep={inv.sweep}",
+            *[f"sweep.{o}" for o in inv.sweep_overrides],
+            "sweep.workers=1",
+            "sweep.compare_full=false",
+            *inv.train_overrides,
+        ]
         procs.append(subprocess.Popen(args, env=env))
     codes = [p.wait() for p in procs]
     return max(codes)
@@ -684,7 +808,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Exit codes: 0 done, 2 bad input (nothing created), 1 the study stopped on an error."""
     import warnings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats and retries are marked experimental by Optuna; they are the documented way to survive dead workers.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -694,9 +820,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         inv = parse_args(argv)
         spec = load_sweep(inv.sweep, inv.sweep_overrides)
         if spec.workers > 1 and spec.storage is None:
-            raise ConfigError(f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "
-                              "sweep.storage=postgresql://USER@HOST/DB (many workers, many hosts) or "
-                              "sweep.storage=journal:///path/to/study.journal (many workers, one host, no heartbeats)")
+            raise ConfigError(
+                f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "
+                "sweep.storage=postgresql://USER@HOST/DB (many workers, many hosts) or "
+                "sweep.storage=journal:///path/to/study.journal (many workers, one host, no heartbeats)"
+            )
         st = Study(spec, inv)
         if not is_worker:
             preflight(st)
@@ -709,12 +837,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if st.tracking.enabled:
         st.parent_run_id = tracking.study_parent_run(
-            st.tracking, spec.name, params={f"sweep.{k}": v for k, v in _spec_params(spec).items()},
-            tags={"storage": st.storage_url().split("@")[-1], "sampler": spec.sampler, "objectives": ",".join(spec.objectives)},
-            note=f"**Study `{spec.name}`**: {study_note(st)}\n\n**State: RUNNING** ({spec.n_trials} trials in budget)")
+            st.tracking,
+            spec.name,
+            params={f"sweep.{k}": v for k, v in _spec_params(spec).items()},
+            tags={
+                "storage": st.storage_url().split("@")[-1],
+                "sampler": spec.sampler,
+                "objectives": ",".join(spec.objectives),
+            },
+            note=f"**Study `{spec.name}`**: {study_note(st)}\n\n**State: RUNNING** ({spec.n_trials} trials in budget)",
+        )
     added = st.top_up()
-    log.info("study %s: %d trials in budget, %d added now, storage %s", spec.name, spec.n_trials, added,
-             st.storage_url().split("@")[-1])
+    log.info(
+        "study %s: %d trials in budget, %d added now, storage %s",
+        spec.name,
+        spec.n_trials,
+        added,
+        st.storage_url().split("@")[-1],
+    )
     try:
         code = 0
         if spec.workers > 1:
@@ -749,10 +889,15 @@ def finish(st: Study) -> int:
             metrics["perf/overhead_share"] = overhead_share(study)
         state = "COMPLETE" if best is not None else ("FAIL" if all_done else "RUNNING")
         summary = tracking.StudySummary(
-            state=state, metrics=metrics, best_trial=best.number if best else None,
+            state=state,
+            metrics=metrics,
+            best_trial=best.number if best else None,
             best_values=dict(zip(spec.objectives, best.values)) if best else {},
-            best_overrides=" ".join(search.trial_overrides(best)) if best else "", counts=counts,
-            description=study_note(st), table=format_table(rows, COMPARE_COLUMNS) if rows else "")
+            best_overrides=" ".join(search.trial_overrides(best)) if best else "",
+            counts=counts,
+            description=study_note(st),
+            table=format_table(rows, COMPARE_COLUMNS) if rows else "",
+        )
         tracking.finish_parent(st.tracking, st.parent_run_id, spec.name, summary, files, end=all_done)
     print()
     print(f"study {spec.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
@@ -763,8 +908,10 @@ def finish(st: Study) -> int:
         print(f"best trial #{best.number}: {vals}\n  {' '.join(search.trial_overrides(best))}")
     share = overhead_share(study)
     if share is not None:
-        print(f"time outside training steps and evaluations (compose, model/data from cache, logging): "
-              f"{100 * share:.1f}% of trial wall time")
+        print(
+            f"time outside training steps and evaluations (compose, model/data from cache, logging): "
+            f"{100 * share:.1f}% of trial wall time"
+        )
     if rows:
         print("\n" + format_table(rows, COMPARE_COLUMNS))
     print(f"\nfiles: {st.dir}")

@@ -43,10 +43,14 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's description of a run or an experime
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3.x: this value opens the experiment as model training
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single `python -m lora_lab.train` runs stand alone.
+EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a
+parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single
+`python -m lora_lab.train` runs stand alone.
 
-* **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also carry it in their name and their reason in `lora_lab.reason`.
-* **Params** are the settings a person chose (the run's overrides and the method's own fields); derived numbers such as parameter counts are metrics.
+* **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also carry it in their name
+  and their reason in `lora_lab.reason`.
+* **Params** are the settings a person chose (the run's overrides and the method's own fields); derived numbers such
+  as parameter counts are metrics.
 * **Metrics** (units):
 
 """
@@ -54,7 +58,12 @@ EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same dat
 
 def _quiet_mlflow() -> None:
     # MLflow's alembic migrations and run-link banners drown our progress bars.
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client", "mlflow.utils.autologging_utils"):
+    for name in (
+        "alembic",
+        "mlflow.store.db.utils",
+        "mlflow.tracking._tracking_service.client",
+        "mlflow.utils.autologging_utils",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -69,7 +78,7 @@ def connect(tracking: TrackingConfig) -> str:
     try:
         mlflow.set_tracking_uri(uri)
         if uri.startswith("sqlite:///"):
-            client = _init_sqlite_store(Path(uri[len("sqlite:///"):]))
+            client = _init_sqlite_store(Path(uri[len("sqlite:///") :]))
         else:
             client = mlflow.MlflowClient()
         for attempt in range(5):  # many workers may create the same experiment at once
@@ -96,7 +105,7 @@ def experiment_note() -> str:
     rows = ["| metric | unit | what |", "|---|---|---|"]
     seen = set()
     for cls in (records.TrainPoint, records.EvalPoint, records.Results):
-        for name, unit, doc, key in records.describe(cls):
+        for _name, unit, doc, key in records.describe(cls):
             if key and key not in seen:
                 seen.add(key)
                 rows.append(f"| `{key}` | {unit or '-'} | {doc} |")
@@ -108,7 +117,7 @@ def _init_sqlite_store(db: Path) -> Any:
     otherwise race in MLflow's alembic migrations and one of them dies."""
     import mlflow
 
-    from lora_lab.models import file_lock
+    from lora_lab.files import file_lock
 
     with file_lock(db.parent / f".{db.name}.init.lock"):
         client = mlflow.MlflowClient()
@@ -127,8 +136,9 @@ def environment_tags() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
     with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        ).stdout.strip()
         if commit:
             tags["mlflow.source.git.commit"] = commit
     return tags
@@ -145,14 +155,28 @@ def _fmt(value: Any, spec: str = "{:.4f}") -> str:
     return spec.format(value)
 
 
-def run_note(identity: Identity, settings: Settings, searched: dict[str, Any], state: str, reason: str,
-             record: Optional[RunRecord], last: Optional[EvalPoint], parent_link: Optional[str] = None) -> str:
+def run_note(
+    identity: Identity,
+    settings: Settings,
+    searched: dict[str, Any],
+    state: str,
+    reason: str,
+    record: Optional[RunRecord],
+    last: Optional[EvalPoint],
+    parent_link: Optional[str] = None,
+) -> str:
     """A run's Markdown description: what it is, its searched values, its result with units, its state and why."""
-    what = {"trial": f"Trial {identity.trial} of study `{identity.study}`",
-            "compare": f"Comparison run of study `{identity.study}`", "run": "A single training run"}[identity.kind]
+    what = {
+        "trial": f"Trial {identity.trial} of study `{identity.study}`",
+        "compare": f"Comparison run of study `{identity.study}`",
+        "run": "A single training run",
+    }[identity.kind]
     method = "LoRA" if settings.method == "lora" else "Full fine-tuning"
-    lines = [f"**{what}**: {method} of `{settings.model}` on `{settings.data}`, {settings.max_steps} steps, "
-             f"peak LR {settings.lr:g}, batch {settings.batch}.", ""]
+    lines = [
+        f"**{what}**: {method} of `{settings.model}` on `{settings.data}`, {settings.max_steps} steps, "
+        f"peak LR {settings.lr:g}, batch {settings.batch}.",
+        "",
+    ]
     if parent_link:
         lines += [f"Study: [{identity.study}]({parent_link})", ""]
     if searched:
@@ -161,28 +185,46 @@ def run_note(identity: Identity, settings: Settings, searched: dict[str, Any], s
     rows = []
     if record is not None:
         r = record
-        rows += [("val loss", _fmt(r.val_loss), "nats/token", f"base model {_fmt(r.base_val_loss)}"),
-                 ("accuracy", _fmt(r.accuracy, "{:.3f}"), "fraction", f"base model {_fmt(r.base_accuracy, '{:.3f}')}")]
+        rows += [
+            ("val loss", _fmt(r.val_loss), "nats/token", f"base model {_fmt(r.base_val_loss)}"),
+            ("accuracy", _fmt(r.accuracy, "{:.3f}"), "fraction", f"base model {_fmt(r.base_accuracy, '{:.3f}')}"),
+        ]
         if r.merged_val_loss is not None:
             ok = {True: "passed", False: "FAILED", None: "-"}[r.merge_ok]
-            rows += [("merged val loss", _fmt(r.merged_val_loss), "nats/token",
-                      f"max logit diff {_fmt(r.max_abs_logit_diff, '{:.1e}')}, check {ok}"
-                      + (f" at tolerance {r.merge_tol:.1e}" if r.merge_tol is not None else ""))]
-        rows += [("trainable params", f"{r.trainable_params:,}", "parameters",
-                  f"{100 * r.trainable_params / max(1, r.total_params):.3f}% of {r.total_params:,}"),
-                 ("time per step", _fmt(r.time_per_step_s, "{:.3f}"), "s", f"{r.steps} steps"),
-                 ("throughput", _fmt(r.tokens_per_s, "{:.0f}"), "tokens/s", ""),
-                 ("peak memory", _fmt(r.peak_mem_bytes / 2**20, "{:.0f}"), "MiB", "")]
+            rows += [
+                (
+                    "merged val loss",
+                    _fmt(r.merged_val_loss),
+                    "nats/token",
+                    f"max logit diff {_fmt(r.max_abs_logit_diff, '{:.1e}')}, check {ok}"
+                    + (f" at tolerance {r.merge_tol:.1e}" if r.merge_tol is not None else ""),
+                )
+            ]
+        rows += [
+            (
+                "trainable params",
+                f"{r.trainable_params:,}",
+                "parameters",
+                f"{100 * r.trainable_params / max(1, r.total_params):.3f}% of {r.total_params:,}",
+            ),
+            ("time per step", _fmt(r.time_per_step_s, "{:.3f}"), "s", f"{r.steps} steps"),
+            ("throughput", _fmt(r.tokens_per_s, "{:.0f}"), "tokens/s", ""),
+            ("peak memory", _fmt(r.peak_mem_bytes / 2**20, "{:.0f}"), "MiB", ""),
+        ]
     elif last is not None:
         rows += [("val loss at its last evaluation", _fmt(last.val_loss), "nats/token", f"step {last.step}")]
         if last.accuracy is not None:
-            rows += [("accuracy at its last evaluation", _fmt(last.accuracy, "{:.3f}"), "fraction", f"step {last.step}")]
+            rows += [
+                ("accuracy at its last evaluation", _fmt(last.accuracy, "{:.3f}"), "fraction", f"step {last.step}")
+            ]
     if rows:
         lines += ["| result | value | unit | note |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
         lines += [""]
-    lines += ["Curves: `loss/train`, `loss/val` (Model metrics); files: `config.yaml`, `metrics.json`, "
-              "`loss_curve.png` (Artifacts)."]
+    lines += [
+        "Curves: `loss/train`, `loss/val` (Model metrics); files: `config.yaml`, `metrics.json`, "
+        "`loss_curve.png` (Artifacts)."
+    ]
     return "\n".join(lines)
 
 
@@ -210,9 +252,17 @@ class TrainingRun:
     block raises, the exception. A run that ends early (pruned, failed) still logs its config and its curve so far.
     """
 
-    def __init__(self, tracking: TrackingConfig, identity: Identity, settings: Settings, *,
-                 parent_run_id: Optional[str] = None, searched: Optional[dict[str, Any]] = None,
-                 start_metrics: Optional[dict[str, float]] = None, tags: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        tracking: TrackingConfig,
+        identity: Identity,
+        settings: Settings,
+        *,
+        parent_run_id: Optional[str] = None,
+        searched: Optional[dict[str, Any]] = None,
+        start_metrics: Optional[dict[str, float]] = None,
+        tags: Optional[dict[str, str]] = None,
+    ) -> None:
         self.tracking, self.identity, self.settings = tracking, identity, settings
         self.parent_run_id, self.searched = parent_run_id, dict(searched or {})
         self.start_metrics, self.extra_tags = dict(start_metrics or {}), dict(tags or {})
@@ -232,8 +282,17 @@ class TrainingRun:
 
         self.experiment_id = connect(self.tracking)
         i, s = self.identity, self.settings
-        tags = {KIND_TAG: i.kind, "method": s.method, "model": i.model, "data": i.data, "device": i.device,
-                OUTPUT_TAG: i.output_dir, STATE_TAG: "RUNNING", **environment_tags(), **self.extra_tags}
+        tags = {
+            KIND_TAG: i.kind,
+            "method": s.method,
+            "model": i.model,
+            "data": i.data,
+            "device": i.device,
+            OUTPUT_TAG: i.output_dir,
+            STATE_TAG: "RUNNING",
+            **environment_tags(),
+            **self.extra_tags,
+        }
         if i.study:
             tags[STUDY_TAG] = i.study
         if i.trial is not None:
@@ -241,13 +300,21 @@ class TrainingRun:
         if self.searched:
             tags[SEARCHED_TAG] = " ".join(f"{k}={records.param_text(v)}" for k, v in self.searched.items())
         tags[NOTE_TAG] = run_note(i, s, self.searched, "RUNNING", "", None, None, self._parent_link())
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=i.name, tags=tags,
-                               parent_run_id=self.parent_run_id, log_system_metrics=self.tracking.system_metrics)
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id,
+            run_name=i.name,
+            tags=tags,
+            parent_run_id=self.parent_run_id,
+            log_system_metrics=self.tracking.system_metrics,
+        )
         self.run_id = run.info.run_id
         self._client = mlflow.MlflowClient()
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in s.params().items()],
-                               metrics=[Metric(k, float(v), now, 0) for k, v in self.start_metrics.items()])
+        self._client.log_batch(
+            self.run_id,
+            params=[Param(k, v) for k, v in s.params().items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in self.start_metrics.items()],
+        )
         return self
 
     def _parent_link(self) -> Optional[str]:
@@ -265,10 +332,17 @@ class TrainingRun:
 
         now = int(time.time() * 1000)
         every = self.tracking.log_every
-        metrics = [Metric(key, float(getattr(p, name)), now, p.step) for p in points
-                   if p.step % every == 0 or p is points[-1] for name, key in _keys(TrainPoint)]
-        metrics += [Metric(key, float(getattr(point, name)), now, point.step) for name, key in _keys(EvalPoint)
-                    if getattr(point, name) is not None]
+        metrics = [
+            Metric(key, float(getattr(p, name)), now, p.step)
+            for p in points
+            if p.step % every == 0 or p is points[-1]
+            for name, key in _keys(TrainPoint)
+        ]
+        metrics += [
+            Metric(key, float(getattr(point, name)), now, point.step)
+            for name, key in _keys(EvalPoint)
+            if getattr(point, name) is not None
+        ]
         self._client.log_batch(self.run_id, metrics=metrics)
 
     def set_outcome(self, state: str, reason: str = "") -> None:
@@ -302,8 +376,11 @@ class TrainingRun:
             self._client.log_artifact(self.run_id, str(out / "config.yaml"))
         if self.history or self.evals:
             s = self.settings
-            png = loss_curve({s.method: (self.history, self.evals)}, out / "loss_curve.png",
-                             title=f"{self.identity.name}: {s.method} on {s.data} ({Path(s.model).name})")
+            png = loss_curve(
+                {s.method: (self.history, self.evals)},
+                out / "loss_curve.png",
+                title=f"{self.identity.name}: {s.method} on {s.data} ({Path(s.model).name})",
+            )
             self._client.log_artifact(self.run_id, str(png))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -318,9 +395,19 @@ class TrainingRun:
         state, reason = self.outcome or ("COMPLETE", "")
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else MLFLOW_STATUS.get(state, "FAILED")
         try:  # a tag or a file must never hide the exception that ended the run
-            tags = {STATE_TAG: state, NOTE_TAG: run_note(self.identity, self.settings, self.searched, state, reason,
-                                                         self.record, self.evals[-1] if self.evals else None,
-                                                         self._parent_link())}
+            tags = {
+                STATE_TAG: state,
+                NOTE_TAG: run_note(
+                    self.identity,
+                    self.settings,
+                    self.searched,
+                    state,
+                    reason,
+                    self.record,
+                    self.evals[-1] if self.evals else None,
+                    self._parent_link(),
+                ),
+            }
             if self.record is not None:
                 tags[STATUS_TAG] = self.record.status
             if reason:
@@ -344,15 +431,18 @@ def ui_command(tracking: TrackingConfig) -> str:
     uri = tracking.resolved_uri()
     if uri.startswith("http"):
         return f"open {uri.rstrip('/')}/#/experiments?{UI_MODE} in a browser"
-    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
-            f"  then open http://127.0.0.1:5000/#/experiments?{UI_MODE}")
+    return (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+        f"  then open http://127.0.0.1:5000/#/experiments?{UI_MODE}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- studies
 
 
-def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str], tags: dict[str, str],
-                     note: str = "") -> str:
+def study_parent_run(
+    tracking: TrackingConfig, study: str, params: dict[str, str], tags: dict[str, str], note: str = ""
+) -> str:
     """The id of the study's parent run, created on first use. Workers on many hosts race to create it: each one
     that created a run keeps the oldest RUNNING parent for the study and deletes its own duplicate, so they all
     agree on one parent without a lock."""
@@ -363,16 +453,31 @@ def study_parent_run(tracking: TrackingConfig, study: str, params: dict[str, str
     client = mlflow.MlflowClient()
 
     def parents() -> list[Any]:
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'",
-                                  order_by=["attributes.start_time ASC"], max_results=50)
-        return sorted((r for r in runs if r.info.lifecycle_stage == "active"), key=lambda r: (r.info.start_time, r.info.run_id))
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50,
+        )
+        return sorted(
+            (r for r in runs if r.info.lifecycle_stage == "active"), key=lambda r: (r.info.start_time, r.info.run_id)
+        )
 
     existing = parents()
     if existing:
         return existing[0].info.run_id
-    run = client.create_run(experiment_id, run_name=study, tags={
-        KIND_TAG: "study", STUDY_TAG: study, STATE_TAG: "RUNNING", NOTE_TAG: note or f"Study `{study}`: running.",
-        **environment_tags(), **tags})
+    run = client.create_run(
+        experiment_id,
+        run_name=study,
+        tags={
+            KIND_TAG: "study",
+            STUDY_TAG: study,
+            STATE_TAG: "RUNNING",
+            NOTE_TAG: note or f"Study `{study}`: running.",
+            **environment_tags(),
+            **tags,
+        },
+    )
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     time.sleep(0.5)  # let concurrent creators land before choosing
     chosen = parents()[0].info.run_id
@@ -388,8 +493,13 @@ def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, rea
 
     experiment_id = connect(tracking)
     client = mlflow.MlflowClient()
-    runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{STUDY_TAG}` = '{study}' and tags.`{TRIAL_TAG}` = '{trial_number}' and attributes.status = 'RUNNING'"))
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{STUDY_TAG}` = '{study}' and tags.`{TRIAL_TAG}` = '{trial_number}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
     for r in runs:
         client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
         client.set_tag(r.info.run_id, REASON_TAG, reason)
@@ -412,8 +522,9 @@ class StudySummary:
     table: str  # Markdown: the comparison with full fine-tuning, if any
 
 
-def finish_parent(tracking: TrackingConfig, run_id: str, study: str, summary: StudySummary,
-                  artifacts: Iterable[Path], end: bool) -> None:
+def finish_parent(
+    tracking: TrackingConfig, run_id: str, study: str, summary: StudySummary, artifacts: Iterable[Path], end: bool
+) -> None:
     """Attach a study's results to its parent run (metrics, tags, a description with a summary table of its trials,
     a link to the best one and to the comparison of all of them); end it when the whole budget is done."""
     import mlflow
@@ -422,41 +533,65 @@ def finish_parent(tracking: TrackingConfig, run_id: str, study: str, summary: St
     experiment_id = connect(tracking)
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
-                                  max_results=1000)
-    trials = sorted((c for c in children if c.data.tags.get(KIND_TAG) == "trial"),
-                    key=lambda c: int(c.data.tags.get(TRIAL_TAG, "0")))
-    best = [c for c in trials if c.data.tags.get(TRIAL_TAG) == str(summary.best_trial)
-            and c.data.tags.get(STATE_TAG) == "COMPLETE"]
-    note = [f"**Study `{study}`**" + (f": {summary.description}" if summary.description else ""), "",
-            f"**State: {summary.state}**; trials: " + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
-            ""]
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1000
+    )
+    trials = sorted(
+        (c for c in children if c.data.tags.get(KIND_TAG) == "trial"),
+        key=lambda c: int(c.data.tags.get(TRIAL_TAG, "0")),
+    )
+    best = [
+        c
+        for c in trials
+        if c.data.tags.get(TRIAL_TAG) == str(summary.best_trial) and c.data.tags.get(STATE_TAG) == "COMPLETE"
+    ]
+    note = [
+        f"**Study `{study}`**" + (f": {summary.description}" if summary.description else ""),
+        "",
+        f"**State: {summary.state}**; trials: " + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
+        "",
+    ]
     if summary.best_trial is not None:
         vals = ", ".join(f"{k} {v:.4f}" for k, v in summary.best_values.items())
-        link = f"[trial {summary.best_trial}]({run_url(experiment_id, best[0].info.run_id)})" if best else \
-            f"trial {summary.best_trial}"
+        link = (
+            f"[trial {summary.best_trial}]({run_url(experiment_id, best[0].info.run_id)})"
+            if best
+            else f"trial {summary.best_trial}"
+        )
         note += [f"Best: {link}, {vals} (losses in nats/token): `{summary.best_overrides}`", ""]
     else:
         note += ["No trial completed: see each trial's reason (`lora_lab.reason`).", ""]
     if trials:
-        note += [f"[Compare the {len(trials)} trials]({compare_url(experiment_id, [c.info.run_id for c in trials])})",
-                 "", "| trial | state | val loss (nats/token) | accuracy | searched |", "|---|---|---|---|---|"]
+        note += [
+            f"[Compare the {len(trials)} trials]({compare_url(experiment_id, [c.info.run_id for c in trials])})",
+            "",
+            "| trial | state | val loss (nats/token) | accuracy | searched |",
+            "|---|---|---|---|---|",
+        ]
         for c in trials:
             m, t = c.data.metrics, c.data.tags
             searched = t.get(SEARCHED_TAG, "")
             done = t.get(STATE_TAG) == "COMPLETE"  # others' latest loss/val is an early evaluation, not a result
-            note.append(f"| [{t.get(TRIAL_TAG)}]({run_url(experiment_id, c.info.run_id)}) | {t.get(STATE_TAG, '?')} "
-                        f"| {_fmt(m.get('loss/val') if done else None)} "
-                        f"| {_fmt(m.get('eval/accuracy') if done else None, '{:.3f}')} | {searched} |")
+            note.append(
+                f"| [{t.get(TRIAL_TAG)}]({run_url(experiment_id, c.info.run_id)}) | {t.get(STATE_TAG, '?')} "
+                f"| {_fmt(m.get('loss/val') if done else None)} "
+                f"| {_fmt(m.get('eval/accuracy') if done else None, '{:.3f}')} | {searched} |"
+            )
         note.append("")
     if summary.table:
         note += ["Best LoRA trial against full fine-tuning:", "", summary.table, ""]
-    tags = {STATE_TAG: summary.state, NOTE_TAG: "\n".join(note), "best_trial": str(summary.best_trial)
-            if summary.best_trial is not None else "none"}
+    tags = {
+        STATE_TAG: summary.state,
+        NOTE_TAG: "\n".join(note),
+        "best_trial": str(summary.best_trial) if summary.best_trial is not None else "none",
+    }
     if summary.best_overrides:
         tags["best_overrides"] = summary.best_overrides
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics.items()],
-                     tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics.items()],
+        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+    )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     if summary.state == "FAIL":
@@ -498,8 +633,9 @@ def _search(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -
     out, seen = [], set()
     for flt in filters:
         kwargs = {"filter_string": flt} if flt else {}
-        for r in client.search_runs([e.experiment_id for e in exps], max_results=50000,
-                                    order_by=["attributes.start_time ASC"], **kwargs):
+        for r in client.search_runs(
+            [e.experiment_id for e in exps], max_results=50000, order_by=["attributes.start_time ASC"], **kwargs
+        ):
             if r.info.run_id in seen or r.info.lifecycle_stage != "active":
                 continue
             seen.add(r.info.run_id)
@@ -507,8 +643,9 @@ def _search(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -
     return out
 
 
-def read_runs(uri: str, experiment: Optional[str] = None,
-              studies: Optional[list[str]] = None) -> tuple[list[TrackedRun], list[str]]:
+def read_runs(
+    uri: str, experiment: Optional[str] = None, studies: Optional[list[str]] = None
+) -> tuple[list[TrackedRun], list[str]]:
     """Training runs (as records) and study parent run ids of one experiment (every experiment if None), optionally
     only those of `studies`. A run logged in another layout fails loudly (records.RecordError, naming the run)."""
     client = _client(uri)
@@ -536,24 +673,42 @@ def _tracked(client: Any, r: Any) -> TrackedRun:
             for m in client.get_metric_history(r.info.run_id, key):
                 curves.setdefault(m.step, {})[name] = m.value
     evals = [EvalPoint(step=s, **v) for s, v in sorted(curves.items()) if "val_loss" in v]
-    first = {k: v for k, v in (("loss/val", evals[0].val_loss), ("eval/accuracy", evals[0].accuracy))
-             if v is not None} if evals and evals[0].step == 0 else {}
+    first = (
+        {k: v for k, v in (("loss/val", evals[0].val_loss), ("eval/accuracy", evals[0].accuracy)) if v is not None}
+        if evals and evals[0].step == 0
+        else {}
+    )
     state = tags.get(STATE_TAG, "FAIL")
     results = None
     if STATUS_TAG in tags:  # the run reached its end and logged its results
         results = records.results_from_metrics(metrics, tags[STATUS_TAG], tags.get(REASON_TAG, ""), first)
     trial = tags.get(TRIAL_TAG)
-    identity = Identity(kind=tags.get(KIND_TAG, "run"), name=r.info.run_name.split(" (")[0],
-                        study=tags.get(STUDY_TAG, ""), trial=int(trial) if trial is not None else None,
-                        model=settings.model, data=settings.data, device=tags.get("device", ""),
-                        output_dir=tags.get(OUTPUT_TAG, ""))
+    identity = Identity(
+        kind=tags.get(KIND_TAG, "run"),
+        name=r.info.run_name.split(" (")[0],
+        study=tags.get(STUDY_TAG, ""),
+        trial=int(trial) if trial is not None else None,
+        model=settings.model,
+        data=settings.data,
+        device=tags.get("device", ""),
+        output_dir=tags.get(OUTPUT_TAG, ""),
+    )
     if results is None:  # pruned or failed mid-run: no results logged, only the curve
         last = evals[-1] if evals else None
-        results = records.Results(status="diverged", reason=tags.get(REASON_TAG, ""), steps=last.step if last else 0,
-                                  val_loss=float("nan"), trainable_params=int(metrics.get("params/trainable", 0)),
-                                  total_params=int(metrics.get("params/total", 0)), peak_mem_bytes=0,
-                                  time_per_step_s=float("nan"), tokens_per_s=float("nan"), train_time_s=float("nan"),
-                                  eval_time_s=float("nan"), setup_time_s=float("nan"))
+        results = records.Results(
+            status="diverged",
+            reason=tags.get(REASON_TAG, ""),
+            steps=last.step if last else 0,
+            val_loss=float("nan"),
+            trainable_params=int(metrics.get("params/trainable", 0)),
+            total_params=int(metrics.get("params/total", 0)),
+            peak_mem_bytes=0,
+            time_per_step_s=float("nan"),
+            tokens_per_s=float("nan"),
+            train_time_s=float("nan"),
+            eval_time_s=float("nan"),
+            setup_time_s=float("nan"),
+        )
     record = RunRecord(**dataclasses.asdict(results), identity=identity, settings=settings, evals=evals)
     return TrackedRun(run_id=r.info.run_id, parent_id=tags.get("mlflow.parentRunId", ""), state=state, record=record)
 

@@ -19,12 +19,11 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from lora_lab import lora
 from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
+from lora_lab.files import atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 from lora_lab.records import build as build_record
 
@@ -48,7 +48,9 @@ class EvalEvent:
 
     step: int  # optimizer steps done
     max_steps: int
-    metrics: dict[str, float]  # val_loss, accuracy (labelled tasks), train_loss (mean since last eval), lr, tokens_per_s
+    metrics: dict[
+        str, float
+    ]  # val_loss, accuracy (labelled tasks), train_loss (mean since last eval), lr, tokens_per_s
     train_points: list[dict[str, float]]  # per-step {step, train_loss, lr} since the previous event
 
 
@@ -60,29 +62,6 @@ RunResult = RunRecord
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file others read so that it is either absent, old, or complete (lora.atomic_write)."""
-    lora.atomic_write(path, text.encode())
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -177,7 +156,13 @@ class TrainBatches:
 
         rows = data.train["input_ids"]
         labels = data.train["labels"]
-        self.n, self.batch_size, self.seed, self.device, self.multiple = len(rows), batch_size, seed, device, pad_to_multiple
+        self.n, self.batch_size, self.seed, self.device, self.multiple = (
+            len(rows),
+            batch_size,
+            seed,
+            device,
+            pad_to_multiple,
+        )
         self.lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (N,)
         width = -(-int(self.lengths.max()) // pad_to_multiple) * pad_to_multiple
         self.ids = torch.full((self.n, width), data.pad_id, dtype=torch.long)  # (N, T)
@@ -203,15 +188,18 @@ class TrainBatches:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         perm = self._perm[1]
-        return perm[j * self.batch_size:(j + 1) * self.batch_size] if self.n >= self.batch_size else perm
+        return perm[j * self.batch_size : (j + 1) * self.batch_size] if self.n >= self.batch_size else perm
 
     def get(self, micro: int) -> tuple[dict[str, torch.Tensor], int]:
         """Micro-batch `micro` on the device, and its number of real (unpadded) tokens (known without a sync)."""
         idx = self.rows(micro)
         lengths = self.lengths[idx]
         width = -(-int(lengths.max()) // self.multiple) * self.multiple
-        batch = {"input_ids": self.ids[idx, :width], "attention_mask": self.mask[idx, :width],
-                 "labels": self.labels[idx, :width] if self.per_token else self.labels[idx]}
+        batch = {
+            "input_ids": self.ids[idx, :width],
+            "attention_mask": self.mask[idx, :width],
+            "labels": self.labels[idx, :width] if self.per_token else self.labels[idx],
+        }
         if self.pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, int(lengths.sum())
@@ -260,8 +248,17 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
 class Session:
     """A model, its data and its optimizer, ready to train. Built by `build()`; `fit()` runs it once."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any, data: Any, device: torch.device,
-                 wrapped: list[str], setup_time_s: float, output_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        data: Any,
+        device: torch.device,
+        wrapped: list[str],
+        setup_time_s: float,
+        output_dir: Path,
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
@@ -318,7 +315,7 @@ class Session:
             self._val_order = sorted(range(len(lengths)), key=lengths.__getitem__)
         order = self._val_order
         for start in range(0, len(order), bs):
-            rows = [self._val_rows[i] for i in order[start:start + bs]]
+            rows = [self._val_rows[i] for i in order[start : start + bs]]
             n_rows += len(rows)
             if fmt == "classification":
                 batch = _to(collate(rows, data.pad_id), dev)
@@ -375,8 +372,8 @@ class Session:
         ids = torch.full((len(seqs), width), self.data.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
         for i, q in enumerate(seqs):
-            ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
-            mask[i, width - len(q):] = 1
+            ids[i, width - len(q) :] = torch.tensor(q, dtype=torch.long)
+            mask[i, width - len(q) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens at 0..len-1, as with right padding
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -396,9 +393,12 @@ class Session:
         groups = lora.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
         # fused: one kernel for all parameters on CUDA (a LoRA model has hundreds of small tensors); foreach on CPU.
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                      fused=fused or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps))
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps)
+        )
         return optimizer, scheduler
 
     def fit(self, on_eval: Optional[EvalCallback] = None) -> RunResult:
@@ -461,8 +461,10 @@ class Session:
                 pending.append(point)
                 step_times.append(dt)
             window = []
-            bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}" if history else "-",
-                            tok_s=f"{tokens / max(self.train_time_s, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{history[-1]['train_loss']:.4f}" if history else "-",
+                tok_s=f"{tokens / max(self.train_time_s, 1e-9):.0f}",
+            )
             window_start = time.perf_counter()
             return bad
 
@@ -475,7 +477,9 @@ class Session:
                         micro = step * t.grad_accum + i
                         # Copy the next batch now (non-blocking): the device takes it in stream order, the host goes on.
                         following = batches.get(micro + 1) if micro + 1 < t.max_steps * t.grad_accum else (batch, 0)
-                        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                        with torch.autocast(
+                            device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                        ):
                             loss = model(**batch).loss / t.grad_accum
                         loss.backward()
                         loss_total = loss.detach() if i == 0 else loss_total + loss.detach()
@@ -505,8 +509,11 @@ class Session:
                         if not math.isfinite(metrics["val_loss"]):
                             status, reason = "diverged", f"non-finite validation loss at step {done}"
                             break
-                        metrics.update(train_loss=sum(p["train_loss"] for p in pending) / len(pending), lr=lr,
-                                       tokens_per_s=tokens / max(self.train_time_s, 1e-9))
+                        metrics.update(
+                            train_loss=sum(p["train_loss"] for p in pending) / len(pending),
+                            lr=lr,
+                            tokens_per_s=tokens / max(self.train_time_s, 1e-9),
+                        )
                         evals.append({"step": done, **metrics})
                         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val=f"{metrics['val_loss']:.4f}")
                         if on_eval is not None:
@@ -521,8 +528,16 @@ class Session:
         # After the with-block: PeakMemory reads CUDA's peak on exit (inside it, the peak was still 0).
         return self._finish(status, reason, history, evals, step_times, tokens, peak)
 
-    def _finish(self, status: str, reason: str, history: list, evals: list, step_times: list[float], tokens: int,
-                peak: PeakMemory) -> RunResult:
+    def _finish(
+        self,
+        status: str,
+        reason: str,
+        history: list,
+        evals: list,
+        step_times: list[float],
+        tokens: int,
+        peak: PeakMemory,
+    ) -> RunResult:
         cfg, out = self.cfg, self.output_dir
         # A diverged run has no final loss: the last finite evaluation would read as a result.
         last = evals[-1] if evals and status == "completed" else {"val_loss": float("nan")}
@@ -556,15 +571,30 @@ class Session:
         # (a new batch shape under trainer.compile) out of the typical step.
         steady = step_times[1:] or step_times
         result = RunRecord(
-            status=status, reason=reason, steps=len(history), val_loss=last["val_loss"],
-            accuracy=last.get("accuracy"), base_val_loss=base.get("val_loss"), base_accuracy=base.get("accuracy"),
-            merged_val_loss=merged_val, merged_accuracy=merged_acc, max_abs_logit_diff=logit_diff,
-            merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol), merge_tol=merge_tol,
-            trainable_params=self.counts.trainable, total_params=self.counts.total,
-            adapter_bytes=adapter_bytes, checkpoint_bytes=ckpt_bytes, peak_mem_bytes=peak.peak,
-            time_per_step_s=statistics.median(steady) if steady else 0.0, tokens_per_s=tokens / max(self.train_time_s, 1e-9),
-            train_time_s=self.train_time_s, eval_time_s=self.eval_time_s, setup_time_s=self.setup_time_s,
-            identity=self.identity(), settings=self.settings(),
+            status=status,
+            reason=reason,
+            steps=len(history),
+            val_loss=last["val_loss"],
+            accuracy=last.get("accuracy"),
+            base_val_loss=base.get("val_loss"),
+            base_accuracy=base.get("accuracy"),
+            merged_val_loss=merged_val,
+            merged_accuracy=merged_acc,
+            max_abs_logit_diff=logit_diff,
+            merge_ok=None if logit_diff is None else bool(logit_diff <= merge_tol),
+            merge_tol=merge_tol,
+            trainable_params=self.counts.trainable,
+            total_params=self.counts.total,
+            adapter_bytes=adapter_bytes,
+            checkpoint_bytes=ckpt_bytes,
+            peak_mem_bytes=peak.peak,
+            time_per_step_s=statistics.median(steady) if steady else 0.0,
+            tokens_per_s=tokens / max(self.train_time_s, 1e-9),
+            train_time_s=self.train_time_s,
+            eval_time_s=self.eval_time_s,
+            setup_time_s=self.setup_time_s,
+            identity=self.identity(),
+            settings=self.settings(),
             history=[build_record(TrainPoint, p, "history") for p in history],
             evals=[build_record(EvalPoint, e, "evals") for e in evals],
         )
@@ -578,8 +608,16 @@ class Session:
         """The run's identity record (records.Identity)."""
         cfg = self.cfg
         name = self.run_name or cfg.tracking.run_name or f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.name}"
-        return Identity(kind=self.run_kind, name=name, study=self.study, trial=self.trial, model=cfg.model.name,
-                        data=cfg.data.name, device=str(self.device), output_dir=str(self.output_dir))
+        return Identity(
+            kind=self.run_kind,
+            name=name,
+            study=self.study,
+            trial=self.trial,
+            model=cfg.model.name,
+            data=cfg.data.name,
+            device=str(self.device),
+            output_dir=str(self.output_dir),
+        )
 
     def settings(self) -> Settings:
         """The settings a person chose (records.Settings)."""
@@ -643,8 +681,16 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
-                leave=False, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.stderr,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -657,8 +703,14 @@ class Checkpointer:
     the newest, so a crash at any point leaves the previous checkpoint intact and no truncated file.
     """
 
-    def __init__(self, root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LambdaLR, full: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        full: bool,
+    ) -> None:
         self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
 
     def latest_path(self) -> Optional[Path]:
@@ -687,7 +739,9 @@ class Checkpointer:
                         unique[k] = v
                 weights = unique
             save_file(weights, str(tmp / "weights.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt"
+            )
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
         previous = self.latest_path()
@@ -715,8 +769,11 @@ class Checkpointer:
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -747,10 +804,20 @@ def lora_kwargs(model: torch.nn.Module, c: LoraConfig, task: str) -> dict[str, A
     saved = c.modules_to_save
     if saved is None:
         saved = lora.head_modules(model) if task == "seq_cls" else []
-    return dict(r=c.r, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets), target_regex=c.target_regex,
-                exclude=tuple(c.exclude), layers=tuple(c.layers) if c.layers is not None else None,
-                layers_pattern=tuple(c.layers_pattern) if c.layers_pattern else None, rslora=c.rslora, init=c.init,
-                variant=c.variant, modules_to_save=tuple(saved))
+    return dict(
+        r=c.r,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        targets=tuple(c.targets),
+        target_regex=c.target_regex,
+        exclude=tuple(c.exclude),
+        layers=tuple(c.layers) if c.layers is not None else None,
+        layers_pattern=tuple(c.layers_pattern) if c.layers_pattern else None,
+        rslora=c.rslora,
+        init=c.init,
+        variant=c.variant,
+        modules_to_save=tuple(saved),
+    )
 
 
 def lora_targets(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
@@ -791,8 +858,10 @@ def build(cfg: Config) -> Session:
     if cfg.data.format == "classification":
         labels = set(data.train["labels"]) | set(data.val["labels"])
         if max(labels) >= cfg.model.num_labels:
-            raise ConfigError(f"model.num_labels={cfg.model.num_labels}: the data has class {max(labels)}; "
-                              f"expected labels 0..{cfg.model.num_labels - 1}")
+            raise ConfigError(
+                f"model.num_labels={cfg.model.num_labels}: the data has class {max(labels)}; "
+                f"expected labels 0..{cfg.model.num_labels - 1}"
+            )
     seed_everything(cfg.seed)
     # Nothing is written yet: the folder appears when the run starts (fit, run_tracked), not on a bad input.
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
@@ -808,11 +877,20 @@ def run(cfg: Config, on_eval: Optional[EvalCallback] = None) -> RunResult:
         session.close()
 
 
-def run_tracked(session: Session, resolved: dict[str, Any], overrides: list[str], *, kind: str = "run",
-                study: str = "", trial: Optional[int] = None, run_name: Optional[str] = None,
-                searched: Optional[dict[str, Any]] = None, parent_run_id: Optional[str] = None,
-                on_eval: Optional[EvalCallback] = None,
-                verdict: Optional[Callable[[RunRecord], tuple[str, str]]] = None) -> RunRecord:
+def run_tracked(
+    session: Session,
+    resolved: dict[str, Any],
+    overrides: list[str],
+    *,
+    kind: str = "run",
+    study: str = "",
+    trial: Optional[int] = None,
+    run_name: Optional[str] = None,
+    searched: Optional[dict[str, Any]] = None,
+    parent_run_id: Optional[str] = None,
+    on_eval: Optional[EvalCallback] = None,
+    verdict: Optional[Callable[[RunRecord], tuple[str, str]]] = None,
+) -> RunRecord:
     """Write the resolved config.yaml, fit inside an MLflow run (when tracking is on), close the session.
 
     The one sequence behind `python -m lora_lab.train`, every sweep trial and every comparison run. `resolved` is the
@@ -831,10 +909,18 @@ def run_tracked(session: Session, resolved: dict[str, Any], overrides: list[str]
     try:
         resolved = {**resolved, "output_dir": str(session.output_dir)}
         atomic_write_text(session.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        counts = {Results.field_of("trainable_params").metadata["key"]: session.counts.trainable,
-                  Results.field_of("total_params").metadata["key"]: session.counts.total}
-        with tracking.TrainingRun(session.cfg.tracking, session.identity(), session.settings(), searched=searched,
-                                  parent_run_id=parent_run_id, start_metrics=counts) as run_log:
+        counts = {
+            Results.field_of("trainable_params").metadata["key"]: session.counts.trainable,
+            Results.field_of("total_params").metadata["key"]: session.counts.total,
+        }
+        with tracking.TrainingRun(
+            session.cfg.tracking,
+            session.identity(),
+            session.settings(),
+            searched=searched,
+            parent_run_id=parent_run_id,
+            start_metrics=counts,
+        ) as run_log:
 
             def hook(event: EvalEvent) -> None:
                 run_log.on_eval(event)
@@ -883,10 +969,21 @@ def settings_of(cfg: Config, overrides: list[str]) -> Settings:
     # 6 significant digits: lr_mult x ref_lr carries float noise (10 x 3e-4 = 0.0030000000000000005), and runs at
     # "3e-3" must group as one LR wherever it came from; no LR grid is that fine.
     lr = float(f"{cfg.optim.peak_lr:.6g}")
-    return Settings(method=cfg.method, model=cfg.model.name, data=cfg.data.name, seed=cfg.seed, lr=lr,
-                    batch_size=t.batch_size, grad_accum=t.grad_accum, max_steps=t.max_steps,
-                    max_length=cfg.data.max_length, precision=t.precision, device=t.device, method_fields=own,
-                    overrides=chosen)
+    return Settings(
+        method=cfg.method,
+        model=cfg.model.name,
+        data=cfg.data.name,
+        seed=cfg.seed,
+        lr=lr,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        max_steps=t.max_steps,
+        max_length=cfg.data.max_length,
+        precision=t.precision,
+        device=t.device,
+        method_fields=own,
+        overrides=chosen,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -899,7 +996,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lora_lab import tracking
     from lora_lab.config import compose
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -924,16 +1023,31 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def summary(result: RunRecord) -> str:
     """A short human-readable table of the run's headline numbers."""
-    rows = [("status", result.status), ("steps", result.steps),
-            ("val loss", f"{_fmt(result.val_loss)}  (base model {_fmt(result.base_val_loss)})"),
-            ("accuracy", f"{_fmt(result.accuracy)}  (base model {_fmt(result.base_accuracy)})"),
-            ("merged val loss", _fmt(result.merged_val_loss)),
-            ("max |logit diff| merged", _fmt(result.max_abs_logit_diff, "{:.2e}")
-             + ("" if result.merge_ok is None else f"  ({'ok' if result.merge_ok else 'FAILED'}: tolerance {result.merge_tol:.1e})")),
-            ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
-                                 f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)"),
-            ("time/step", f"{result.time_per_step_s:.3f} s"), ("tokens/s", f"{result.tokens_per_s:.0f}"),
-            ("peak memory", f"{result.peak_mem_bytes / 2**20:.0f} MiB"), ("output", result.identity.output_dir)]
+    rows = [
+        ("status", result.status),
+        ("steps", result.steps),
+        ("val loss", f"{_fmt(result.val_loss)}  (base model {_fmt(result.base_val_loss)})"),
+        ("accuracy", f"{_fmt(result.accuracy)}  (base model {_fmt(result.base_accuracy)})"),
+        ("merged val loss", _fmt(result.merged_val_loss)),
+        (
+            "max |logit diff| merged",
+            _fmt(result.max_abs_logit_diff, "{:.2e}")
+            + (
+                ""
+                if result.merge_ok is None
+                else f"  ({'ok' if result.merge_ok else 'FAILED'}: tolerance {result.merge_tol:.1e})"
+            ),
+        ),
+        (
+            "trainable params",
+            f"{result.trainable_params:,} of {result.total_params:,} "
+            f"({100 * result.trainable_params / max(1, result.total_params):.3f}%)",
+        ),
+        ("time/step", f"{result.time_per_step_s:.3f} s"),
+        ("tokens/s", f"{result.tokens_per_s:.0f}"),
+        ("peak memory", f"{result.peak_mem_bytes / 2**20:.0f} MiB"),
+        ("output", result.identity.output_dir),
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

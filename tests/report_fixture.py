@@ -48,22 +48,39 @@ class FakeRun:
         done = self.state in ("COMPLETE", "completed")
         lora = self.method == "lora"
         steps = 4 if done else 2
-        evals = [{"step": 0, "val_loss": 0.9, "accuracy": 0.5},
-                 {"step": 2, "val_loss": round((0.9 + self.val_loss) / 2, 6), "accuracy": 0.6, "tokens_per_s": 900.0}]
+        evals = [
+            {"step": 0, "val_loss": 0.9, "accuracy": 0.5},
+            {"step": 2, "val_loss": round((0.9 + self.val_loss) / 2, 6), "accuracy": 0.6, "tokens_per_s": 900.0},
+        ]
         if done:
             evals.append({"step": 4, "val_loss": self.val_loss, "accuracy": 0.7, "tokens_per_s": 1000.0})
         history = [{"step": s, "train_loss": round(1.0 - 0.05 * s, 6), "lr": 1e-3} for s in range(1, steps + 1)]
         return dict(
-            status="completed" if done else "diverged", method=self.method, steps=steps,
-            val_loss=self.val_loss if done else float("nan"), accuracy=0.7 if done else None, base_val_loss=0.9,
-            base_accuracy=0.5, merged_val_loss=self.val_loss + 1e-7 if done and lora else None,
-            merged_accuracy=0.7 if done and lora else None, max_abs_logit_diff=self.logit_diff if done and lora else None,
-            trainable_params=self.trainable(), total_params=TOTAL,
+            status="completed" if done else "diverged",
+            method=self.method,
+            steps=steps,
+            val_loss=self.val_loss if done else float("nan"),
+            accuracy=0.7 if done else None,
+            base_val_loss=0.9,
+            base_accuracy=0.5,
+            merged_val_loss=self.val_loss + 1e-7 if done and lora else None,
+            merged_accuracy=0.7 if done and lora else None,
+            max_abs_logit_diff=self.logit_diff if done and lora else None,
+            trainable_params=self.trainable(),
+            total_params=TOTAL,
             adapter_bytes=self.trainable() * 4 + 1000 if done and lora else None,
             checkpoint_bytes=(self.trainable() * 4 + 1000 if lora else TOTAL * 4) if done else None,
-            peak_mem_bytes=self.peak_mem_bytes, time_per_step_s=self.time_per_step_s, tokens_per_s=1000.0,
-            train_time_s=self.time_per_step_s * steps, eval_time_s=0.1, setup_time_s=0.2, device="cpu",
-            reason=self.reason if not done else "", history=history, evals=evals)
+            peak_mem_bytes=self.peak_mem_bytes,
+            time_per_step_s=self.time_per_step_s,
+            tokens_per_s=1000.0,
+            train_time_s=self.time_per_step_s * steps,
+            eval_time_s=0.1,
+            setup_time_s=0.2,
+            device="cpu",
+            reason=self.reason if not done else "",
+            history=history,
+            evals=evals,
+        )
 
 
 def _lora(study: str, trial: int, r: int, lr: str, loss: float, *more: str, **kw) -> FakeRun:
@@ -97,6 +114,8 @@ RUNS = [
     FakeRun("g_methods", "trial", 0, [*TINY, "lora.r=8", "lora.rslora=true", "optim.lr=3e-3"], 0.545),
     FakeRun("g_methods", "trial", 1, [*TINY, "lora.r=8", "lora.lr_ratio=16", "optim.lr=1e-3"], 0.551),
     FakeRun("g_methods", "trial", 2, [*TINY, "lora.r=8", "optim.lr_mult=10", "optim.ref_lr=3e-4"], 0.552),
-    FakeRun("", "run", 0, [*TINY, "lora.r=4", "lora.targets=[q_proj,v_proj]", "optim.lr=2e-3"], 0.62, state="completed"),
+    FakeRun(
+        "", "run", 0, [*TINY, "lora.r=4", "lora.targets=[q_proj,v_proj]", "optim.lr=2e-3"], 0.62, state="completed"
+    ),
 ]
 STUDIES = sorted({r.study for r in RUNS if r.study})

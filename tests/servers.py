@@ -26,8 +26,15 @@ import pytest
 def pg_bin() -> Optional[Path]:
     """The folder with initdb/pg_ctl: $LORA_LAB_PG_BIN, else the newest /usr/lib/postgresql/<version>/bin."""
     env = os.environ.get("LORA_LAB_PG_BIN")
-    candidates = [Path(env)] if env else sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                                                key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    candidates = (
+        [Path(env)]
+        if env
+        else sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+            reverse=True,
+        )
+    )
     for c in candidates:
         if (c / "initdb").is_file() and (c / "pg_ctl").is_file():
             return c
@@ -64,12 +71,35 @@ class Postgres:
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
         os.chmod(self.root, 0o700)
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--locale=C")
-        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "server.log"),
-                  "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
+        opts = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self.started = True
         return self
 
@@ -114,8 +144,20 @@ class MlflowServer:
     def start(self, timeout: float = 180) -> "MlflowServer":
         self.artifacts.mkdir(parents=True, exist_ok=True)
         mlflow_cli = [sys.executable, "-m", "mlflow"]
-        cmd = [*mlflow_cli, "server", "--backend-store-uri", self.backend_uri, "--host", "127.0.0.1", "--port",
-               str(self.port), "--artifacts-destination", self.artifacts.as_uri(), "--workers", str(self.workers)]
+        cmd = [
+            *mlflow_cli,
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--artifacts-destination",
+            self.artifacts.as_uri(),
+            "--workers",
+            str(self.workers),
+        ]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -154,8 +196,10 @@ def require_postgres() -> Path:
     """The PostgreSQL bin folder, or skip the test saying what is missing."""
     found = pg_bin()
     if found is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
-                    "(or set LORA_LAB_PG_BIN)")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
+            "(or set LORA_LAB_PG_BIN)"
+        )
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.skip("running as root without `runuser`: cannot start PostgreSQL as the postgres user")
     return found

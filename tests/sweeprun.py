@@ -17,9 +17,19 @@ from optuna.trial import TrialState
 REPO = Path(__file__).resolve().parent.parent
 
 # Small and quiet: the tiny model, 8 steps, a checkpoint every 2, one CPU thread per worker, no system metrics.
-TRAIN = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "trainer.num_threads=1",
-         "trainer.max_steps=8", "trainer.eval_every=4", "trainer.batch_size=4", "trainer.checkpoint_every=2",
-         "trainer.eval_at_start=false", "tracking.system_metrics=false"]
+TRAIN = [
+    "model=tiny",
+    "data=tiny_sentiment",
+    "trainer=smoke",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
+    "trainer.max_steps=8",
+    "trainer.eval_every=4",
+    "trainer.batch_size=4",
+    "trainer.checkpoint_every=2",
+    "trainer.eval_at_start=false",
+    "tracking.system_metrics=false",
+]
 FAST_HEARTBEAT = ["sweep.heartbeat_s=1", "sweep.grace_s=3", "sweep.compare_full=false", "sweep.pruner=none"]
 
 
@@ -27,8 +37,9 @@ def start_worker(out: Path, args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), PYTHONUNBUFFERED="1")
     env.pop("LORA_LAB_SWEEP_WORKER", None)
     f = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "lora_lab.sweep", *args], cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_lab.sweep", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+    )
 
 
 def load(storage_url: str, name: str) -> optuna.Study:
@@ -36,8 +47,9 @@ def load(storage_url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(storage_url, engine_kwargs=kwargs))
 
 
-def kill_mid_trial(storage_url: str, name: str, trials_dir: Path, procs: dict[int, subprocess.Popen],
-                   timeout: float = 300) -> optuna.trial.FrozenTrial:
+def kill_mid_trial(
+    storage_url: str, name: str, trials_dir: Path, procs: dict[int, subprocess.Popen], timeout: float = 300
+) -> optuna.trial.FrozenTrial:
     """SIGKILL the worker of the first RUNNING trial that has written a checkpoint and not finished; return that
     trial as it was just before the kill."""
     deadline = time.time() + timeout
@@ -51,7 +63,11 @@ def kill_mid_trial(storage_url: str, name: str, trials_dir: Path, procs: dict[in
         for t in trials:
             pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
             folder = trials_dir / f"{t.number:04d}"
-            if pid in procs and (folder / "checkpoints" / "LATEST").is_file() and not (folder / "metrics.json").exists():
+            if (
+                pid in procs
+                and (folder / "checkpoints" / "LATEST").is_file()
+                and not (folder / "metrics.json").exists()
+            ):
                 os.kill(pid, signal.SIGKILL)
                 procs[pid].wait(timeout=30)
                 return t
@@ -69,7 +85,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
             for q in procs:
                 if q.poll() is None:
                     q.kill()
-            raise AssertionError("workers did not finish in time")
+            raise AssertionError("workers did not finish in time") from None
     return codes
 
 

@@ -25,28 +25,69 @@ def _configs() -> dict[str, tuple[object, str, str]]:
     return {
         "llama": (t.LlamaConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, **COMMON), "causal"),
         "qwen2": (t.Qwen2Config(hidden_size=16, intermediate_size=32, num_key_value_heads=2, **COMMON), "causal"),
-        "mistral": (t.MistralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, head_dim=4, **COMMON),
-                    "causal"),
-        "phi3": (t.Phi3Config(hidden_size=16, intermediate_size=32, num_key_value_heads=4, pad_token_id=0, **COMMON),
-                 "causal"),
+        "mistral": (
+            t.MistralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2, head_dim=4, **COMMON),
+            "causal",
+        ),
+        "phi3": (
+            t.Phi3Config(hidden_size=16, intermediate_size=32, num_key_value_heads=4, pad_token_id=0, **COMMON),
+            "causal",
+        ),
         "phi": (t.PhiConfig(hidden_size=16, intermediate_size=32, **COMMON), "causal"),
         "gpt2": (t.GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=V, n_positions=32), "causal"),
         "gpt_neox": (t.GPTNeoXConfig(hidden_size=16, intermediate_size=32, **COMMON), "causal"),
         "falcon": (t.FalconConfig(hidden_size=16, **COMMON), "causal"),
         "bert": (t.BertConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=32, **COMMON), "seq_cls"),
-        "roberta": (t.RobertaConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=40, **COMMON),
-                    "seq_cls"),
-        "distilbert": (t.DistilBertConfig(dim=16, hidden_dim=32, n_layers=2, n_heads=4, vocab_size=V,
-                                          max_position_embeddings=32), "seq_cls"),
-        "t5": (t.T5Config(d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=V,
-                          decoder_start_token_id=0), "seq2seq"),
-        "bart": (t.BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=2, decoder_layers=2,
-                              encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=V,
-                              max_position_embeddings=32), "seq2seq"),
-        "mixtral": (t.MixtralConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=2,
-                                    num_local_experts=4, num_experts_per_tok=2, **COMMON), "moe"),
-        "qwen3_moe": (t.Qwen3MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=16, head_dim=4,
-                                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **COMMON), "moe"),
+        "roberta": (
+            t.RobertaConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=40, **COMMON),
+            "seq_cls",
+        ),
+        "distilbert": (
+            t.DistilBertConfig(dim=16, hidden_dim=32, n_layers=2, n_heads=4, vocab_size=V, max_position_embeddings=32),
+            "seq_cls",
+        ),
+        "t5": (
+            t.T5Config(d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=V, decoder_start_token_id=0),
+            "seq2seq",
+        ),
+        "bart": (
+            t.BartConfig(
+                d_model=16,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                vocab_size=V,
+                max_position_embeddings=32,
+            ),
+            "seq2seq",
+        ),
+        "mixtral": (
+            t.MixtralConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                **COMMON,
+            ),
+            "moe",
+        ),
+        "qwen3_moe": (
+            t.Qwen3MoeConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                moe_intermediate_size=16,
+                head_dim=4,
+                num_key_value_heads=2,
+                num_experts=4,
+                num_experts_per_tok=2,
+                **COMMON,
+            ),
+            "moe",
+        ),
     }
 
 
@@ -59,9 +100,12 @@ HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
     cfg, kind = CONFIGS[arch]
     torch.manual_seed(seed)
-    auto = {"causal": transformers.AutoModelForCausalLM, "moe": transformers.AutoModelForCausalLM,
-            "seq2seq": transformers.AutoModelForSeq2SeqLM,
-            "seq_cls": transformers.AutoModelForSequenceClassification}[kind]
+    auto = {
+        "causal": transformers.AutoModelForCausalLM,
+        "moe": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "seq_cls": transformers.AutoModelForSequenceClassification,
+    }[kind]
     return auto.from_config(cfg).eval()
 
 
@@ -95,11 +139,18 @@ def peft_all_linear(arch: str) -> tuple[set[str], set[str]]:
     peft = pytest.importorskip("peft")
     kind = CONFIGS[arch][1]
     task = {"causal": "CAUSAL_LM", "moe": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS"}[kind]
-    pm = peft.get_peft_model(build(arch), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                                          task_type=None if arch == "distilbert" else task))
+    pm = peft.get_peft_model(
+        build(arch),
+        peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules="all-linear", task_type=None if arch == "distilbert" else task
+        ),
+    )
     prefix = "base_model.model."
-    modules = {n[len(prefix):] for n, m in pm.named_modules()
-               if isinstance(m, peft.tuners.lora.LoraLayer) and not isinstance(m, peft.tuners.lora.ParamWrapper)}
+    modules = {
+        n[len(prefix) :]
+        for n, m in pm.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer) and not isinstance(m, peft.tuners.lora.ParamWrapper)
+    }
     return modules, set(pm.peft_config["default"].target_parameters or ())
 
 
@@ -178,11 +229,15 @@ def test_encoder_decoder_layers_index_the_blocks_not_their_sub_layers():
     assert chosen and all(n.startswith(("encoder.block.1.", "decoder.block.1.")) for n in chosen)
     assert {n.split(".layer.")[1].split(".")[0] for n in chosen} == {"0", "1", "2"}  # every sub-layer of block 1
     assert set(lora.resolve_targets(model, ["q"], layers=[0], layers_pattern="block")) == {
-        "encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
-        "decoder.block.0.layer.1.EncDecAttention.q"}
+        "encoder.block.0.layer.0.SelfAttention.q",
+        "decoder.block.0.layer.0.SelfAttention.q",
+        "decoder.block.0.layer.1.EncDecAttention.q",
+    }
     bart = build("bart")
     assert set(lora.resolve_targets(bart, ["fc1"], layers=[1])) == {
-        "model.encoder.layers.1.fc1", "model.decoder.layers.1.fc1"}
+        "model.encoder.layers.1.fc1",
+        "model.decoder.layers.1.fc1",
+    }
 
 
 def test_classification_head_trains_in_full_and_is_saved_with_the_adapter(tmp_path):

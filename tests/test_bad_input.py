@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sweeprun import REPO
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "tracking.system_metrics=false"]
@@ -67,7 +66,9 @@ def test_train_rejects(case, out, capsys):
 
 
 def test_dataset_missing_its_text_column_and_empty_dataset(tmp_path, out, capsys):
-    rows = _write(tmp_path / "rows.jsonl", "\n".join('{"body": "good film %d", "label": %d}' % (i, i % 2) for i in range(40)))
+    rows = _write(
+        tmp_path / "rows.jsonl", "\n".join('{"body": "good film %d", "label": %d}' % (i, i % 2) for i in range(40))
+    )
     _check("train", [*TINY, f"data.name={rows}"], ["data.text_column", "'text'", "body"], out, capsys)
     empty = _write(tmp_path / "empty.jsonl", "")
     _check("train", [*TINY, f"data.name={empty}"], ["data.name", "empty"], out, capsys)
@@ -81,19 +82,27 @@ compare_full: false
 """
 
 
-@pytest.mark.parametrize("entry,expect", [
-    ("  optim.lr: {type: float, low: 1.0e-2, high: 1.0e-3}", ["sweep.space.optim.lr", "low <= high"]),
-    ("  lora.r: {type: categorical, choices: []}", ["sweep.space.lora.r.choices", "non-empty list"]),
-    ("  lora.r: {type: categorical, choices: [0, 4]}", ["lora.r=0", "expected an integer >= 1"]),
-])
+@pytest.mark.parametrize(
+    "entry,expect",
+    [
+        ("  optim.lr: {type: float, low: 1.0e-2, high: 1.0e-3}", ["sweep.space.optim.lr", "low <= high"]),
+        ("  lora.r: {type: categorical, choices: []}", ["sweep.space.lora.r.choices", "non-empty list"]),
+        ("  lora.r: {type: categorical, choices: [0, 4]}", ["lora.r=0", "expected an integer >= 1"]),
+    ],
+)
 def test_sweep_rejects_bad_spaces(entry, expect, tmp_path, out, capsys):
     path = _write(tmp_path / "bad_space.yaml", SPACE.format(entry=entry))
     _check("sweep", [f"sweep={path}", *TINY], expect, out, capsys)
 
 
 def test_sweep_rejects_unreachable_storage_and_bad_train_override(out, capsys):
-    _check("sweep", ["sweep.storage=postgresql+psycopg2://nobody@127.0.0.1:1/nodb", *TINY],
-           ["sweep.storage", "cannot open it"], out, capsys)
+    _check(
+        "sweep",
+        ["sweep.storage=postgresql+psycopg2://nobody@127.0.0.1:1/nodb", *TINY],
+        ["sweep.storage", "cannot open it"],
+        out,
+        capsys,
+    )
     _check("sweep", ["sweep.n_trials=0", *TINY], ["sweep.n_trials", "expected an integer >= 1"], out, capsys)
     _check("sweep", ["lora.alpha=-1", *TINY], ["lora.alpha", "expected a number > 0"], out, capsys)
 
@@ -110,7 +119,9 @@ def test_adapter_file_of_wrong_shape_or_truncated(tmp_path, build_tiny):
     lora.save_adapter(other, tmp_path / "r8")
     weights = (tmp_path / "r8" / lora.ADAPTER_WEIGHTS).read_bytes()
     (tmp_path / "good" / lora.ADAPTER_WEIGHTS).write_bytes(weights)  # r=8 tensors beside an r=4 config
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: mis-shaped keys.*file \(8, 32\) vs model \(4, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"adapter_model.safetensors: mis-shaped keys.*file \(8, 32\) vs model \(4, 32\)"
+    ):
         lora.load_adapter(build_tiny("llama"), tmp_path / "good")
     (tmp_path / "r8" / lora.ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: corrupt or truncated safetensors file"):
@@ -122,11 +133,23 @@ def test_cli_exit_code_2_through_subprocess(tmp_path):
     """The real command lines: an unknown key for train, a sweep file that is not valid YAML."""
     out = tmp_path / "out"
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-m", "lora_lab.train", *TINY, "lora.rank=8"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "lora_lab.train", *TINY, "lora.rank=8"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "lora.rank" in p.stderr and "expected one of" in p.stderr, p.stderr[-2000:]
     bad = _write(tmp_path / "broken.yaml", "space:\n  lora.r: {type: categorical, choices: [4, 8\n")
-    p = subprocess.run([sys.executable, "-m", "lora_lab.sweep", f"sweep={bad}", *TINY], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "lora_lab.sweep", f"sweep={bad}", *TINY],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and str(bad) in p.stderr and "not valid YAML" in p.stderr, p.stderr[-2000:]
     _nothing_created(out)

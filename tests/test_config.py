@@ -33,7 +33,9 @@ def test_every_yaml_starts_with_its_command() -> None:
     for path in files:
         first = path.read_text().splitlines()[0]
         # The command, optionally after environment settings: "# LORA_LAB_OUTPUTS=... python -m lora_lab.sweep ..."
-        assert re.match(r"# (\w+=\S+ )*python -m lora_lab\.", first), f"{path} does not start with the command that uses it"
+        assert re.match(r"# (\w+=\S+ )*python -m lora_lab\.", first), (
+            f"{path} does not start with the command that uses it"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
@@ -49,25 +51,33 @@ def test_every_study_file_loads_and_each_space_entry_composes(name: str) -> None
 
 def test_defaults_are_the_documented_ones() -> None:
     _, cfg = compose([])
-    assert (cfg.model.name, cfg.data.name, cfg.data.format, cfg.method) == ("smollm2-135m-instruct", "vader_movies", "prompted", "lora")
+    assert (cfg.model.name, cfg.data.name, cfg.data.format, cfg.method) == (
+        "smollm2-135m-instruct",
+        "vader_movies",
+        "prompted",
+        "lora",
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    ("lora.rr=3", "lora.rr"),
-    ("lora.r=abc", "lora.r"),
-    ("lora.r=0", "lora.r"),
-    ("lora.alpha=0", "lora.alpha"),
-    ("lora.dropout=1.5", "lora.dropout"),
-    ("lora.dropout=-0.1", "lora.dropout"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("trainer.max_steps=0", "trainer.max_steps"),
-    ("trainer.batch_size=1.5", "trainer.batch_size"),
-    ("method=qlora", "method"),
-    ("optim.schedule=linear", "optim.schedule"),
-    ("model=nope", "model/nope"),
-    ("foo=1", "foo"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("lora.rr=3", "lora.rr"),
+        ("lora.r=abc", "lora.r"),
+        ("lora.r=0", "lora.r"),
+        ("lora.alpha=0", "lora.alpha"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("lora.dropout=-0.1", "lora.dropout"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.batch_size=1.5", "trainer.batch_size"),
+        ("method=qlora", "method"),
+        ("optim.schedule=linear", "optim.schedule"),
+        ("model=nope", "model/nope"),
+        ("foo=1", "foo"),
+    ],
+)
 def test_bad_override_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         compose([override])
@@ -85,16 +95,23 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("space:\n  optim.lr: {type: float, low: 1.0e-2, high: 1.0e-4, log: true}\n", "low <= high"),
-    ("space:\n  lora.r: {type: categorical, choices: []}\n", "sweep.space.lora.r.choices"),
-    ("objectives: [val_loss, trainable_params]\npruner: median\nspace:\n  lora.r: {type: categorical, choices: [4]}\n", "sweep.pruner"),
-    ("space:\n  lora.r: {type: gaussian}\n", "sweep.space.lora.r.type"),
-    ("sampler: annealing\n", "sweep.sampler"),
-    ("n_trials: 0\n", "sweep.n_trials"),
-    ("unknown_field: 1\n", "unknown_field"),
-    ("space: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("space:\n  optim.lr: {type: float, low: 1.0e-2, high: 1.0e-4, log: true}\n", "low <= high"),
+        ("space:\n  lora.r: {type: categorical, choices: []}\n", "sweep.space.lora.r.choices"),
+        (
+            "objectives: [val_loss, trainable_params]\npruner: median\n"
+            "space:\n  lora.r: {type: categorical, choices: [4]}\n",
+            "sweep.pruner",
+        ),
+        ("space:\n  lora.r: {type: gaussian}\n", "sweep.space.lora.r.type"),
+        ("sampler: annealing\n", "sweep.sampler"),
+        ("n_trials: 0\n", "sweep.n_trials"),
+        ("unknown_field: 1\n", "unknown_field"),
+        ("space: [\n", "not valid YAML"),
+    ],
+)
 def test_malformed_study_fails_naming_the_entry(tmp_path: Path, body: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_sweep(str(_write(tmp_path, body)))

@@ -137,14 +137,18 @@ def test_split_is_deterministic_and_independent_of_run_seed(tmp_path, monkeypatc
     assert a.train["input_ids"] == b.train["input_ids"] and a.val["input_ids"] == b.val["input_ids"]
     assert a.fingerprint == b.fingerprint
     assert len(a.val) == 400 and len(a.train) == 1600
-    c = load_data(DataConfig(name="synthetic_sentiment", max_length=48, max_val_examples=None, val_fraction=0.2,
-                             split_seed=1), tok)
+    c = load_data(
+        DataConfig(name="synthetic_sentiment", max_length=48, max_val_examples=None, val_fraction=0.2, split_seed=1),
+        tok,
+    )
     assert c.val["input_ids"] != a.val["input_ids"]
 
 
 def test_caps_apply_after_the_split(tok):
     full = load_data(DataConfig(name="synthetic_sentiment", max_length=48, max_val_examples=None), tok)
-    capped = load_data(DataConfig(name="synthetic_sentiment", max_length=48, max_train_examples=10, max_val_examples=3), tok)
+    capped = load_data(
+        DataConfig(name="synthetic_sentiment", max_length=48, max_train_examples=10, max_val_examples=3), tok
+    )
     assert len(capped.train) == 10 and len(capped.val) == 3
     assert capped.val["input_ids"] == full.val["input_ids"][:3]  # the cap does not change which rows are held out
     assert capped.fingerprint != full.fingerprint
@@ -297,5 +301,12 @@ def test_kjv_from_debian(tok):
 def test_austen_from_debian():
     pytest.importorskip("rdata")
     raw = data_mod.SOURCES["austen"]()
-    assert set(raw["book"]) == {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
+    assert set(raw["book"]) == {
+        "emma",
+        "mansfieldpark",
+        "northangerabbey",
+        "persuasion",
+        "prideprejudice",
+        "sensesensibility",
+    }
     assert 700_000 < sum(len(t.split()) for t in raw["text"]) < 740_000  # 718k words

@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from optuna.trial import TrialState
-
-from sweeprun import FAST_HEARTBEAT, TRAIN, kill_mid_trial, load, retry_of, runs, start_worker, study_summary, tail, wait_all
+from sweeprun import (
+    FAST_HEARTBEAT,
+    TRAIN,
+    kill_mid_trial,
+    load,
+    retry_of,
+    runs,
+    start_worker,
+    study_summary,
+    tail,
+    wait_all,
+)
 
 
 def _no_partial_files(root: Path) -> None:
@@ -28,8 +38,8 @@ def _no_partial_files(root: Path) -> None:
 
 
 def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    """Trial 0's loss turns NaN (injected by a forward hook), trial 1 runs out of memory on both attempts (injected), trial 2 hits
-    ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
+    """Trial 0's loss turns NaN (injected by a forward hook), trial 1 runs out of memory on both attempts (injected),
+    trial 2 hits ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
     import safetensors.torch
 
     from lora_lab import sweep, train
@@ -67,8 +77,17 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     monkeypatch.setattr(train.Session, "fit", fit)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
-    code = sweep.main(["sweep=default", "sweep.name=faults", "sweep.n_trials=4", "sweep.sampler=random",
-                       "sweep.compare_full=false", "sweep.pruner=none", *TRAIN])
+    code = sweep.main(
+        [
+            "sweep=default",
+            "sweep.name=faults",
+            "sweep.n_trials=4",
+            "sweep.sampler=random",
+            "sweep.compare_full=false",
+            "sweep.pruner=none",
+            *TRAIN,
+        ]
+    )
     assert code == 0  # a trial completed: the sweep went on past the three failures
 
     study = load(f"sqlite:///{out / 'optuna.db'}", "faults")
@@ -86,9 +105,17 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())
     _no_partial_files(out / "studies")
 
-    by_trial = {r.data.tags.get("lora_lab.trial"): r for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
-                if r.data.tags.get("lora_lab.kind") == "trial"}
-    assert {k: by_trial[k].info.status for k in "0123"} == {"0": "FAILED", "1": "FAILED", "2": "FAILED", "3": "FINISHED"}
+    by_trial = {
+        r.data.tags.get("lora_lab.trial"): r
+        for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+        if r.data.tags.get("lora_lab.kind") == "trial"
+    }
+    assert {k: by_trial[k].info.status for k in "0123"} == {
+        "0": "FAILED",
+        "1": "FAILED",
+        "2": "FAILED",
+        "3": "FINISHED",
+    }
     assert "non-finite training loss" in by_trial["0"].data.tags["lora_lab.reason"]
     assert "No space left" in by_trial["2"].data.tags["lora_lab.reason"]
 
@@ -131,12 +158,18 @@ def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly
 
     # The same trial without the kill: same overrides, same seed, in-process.
     spec = load_sweep("default", ["n_trials=3"])
-    _, cfg = compose(list(spec.overrides) + TRAIN + retry.user_attrs["overrides"] + [f"output_dir={tmp_path / 'clean'}",
-                                                                                   "tracking.enabled=false"])
+    _, cfg = compose(
+        list(spec.overrides)
+        + TRAIN
+        + retry.user_attrs["overrides"]
+        + [f"output_dir={tmp_path / 'clean'}", "tracking.enabled=false"]
+    )
     clean = train.run(cfg)
     resumed = json.loads((folder / "metrics.json").read_text())
     assert resumed["steps"] == clean.steps == 8
-    assert [p["train_loss"] for p in resumed["history"]] == pytest.approx([p.train_loss for p in clean.history], abs=1e-6)
+    assert [p["train_loss"] for p in resumed["history"]] == pytest.approx(
+        [p.train_loss for p in clean.history], abs=1e-6
+    )
     assert resumed["val_loss"] == pytest.approx(clean.val_loss, abs=1e-6)
     _no_partial_files(out / "studies")
 

@@ -54,8 +54,9 @@ def test_cuda_peak_memory_is_not_zero(outputs: Path) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_merge_check_passes_a_right_merge_and_fails_a_double_fold(outputs: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                    precision: str) -> None:
+def test_merge_check_passes_a_right_merge_and_fails_a_double_fold(
+    outputs: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
     _, cfg = compose([*TINY, f"trainer.precision={precision}", "optim.lr=1e-2"])
     honest = train.run(cfg)
     assert honest.merge_ok is True

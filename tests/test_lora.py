@@ -35,8 +35,10 @@ def expand(prefix: str, suffixes: list[str], n_layers: int = 2) -> set[str]:
 
 LLAMA_ATTN = expand("model.layers", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
 LLAMA_MLP = expand("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
-BERT_ATTN = expand("bert.encoder.layer", ["attention.self.query", "attention.self.key", "attention.self.value",
-                                          "attention.output.dense"])
+BERT_ATTN = expand(
+    "bert.encoder.layer",
+    ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+)
 BERT_MLP = expand("bert.encoder.layer", ["intermediate.dense", "output.dense"])
 GPT2_ATTN = expand("transformer.h", ["attn.c_attn", "attn.c_proj"])
 GPT2_MLP = expand("transformer.h", ["mlp.c_fc", "mlp.c_proj"])
@@ -61,14 +63,20 @@ def test_preset_resolves_to_exact_module_set(build_tiny, kind, preset):
 
 def test_suffix_regex_exclude_layers_and_head(build_tiny):
     model = build_tiny("llama")
-    assert lora.resolve_targets(model, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert lora.resolve_targets(model, ["q_proj"]) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert lora.resolve_targets(model, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
     assert lora.resolve_targets(model, target_regex=r".*\.(k|v)_proj") == [
-        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"]
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"
+    ]
     assert set(lora.resolve_targets(model, ["attn"], exclude=["o_proj"])) == {
-        n for n in LLAMA_ATTN if not n.endswith("o_proj")}
+        n for n in LLAMA_ATTN if not n.endswith("o_proj")
+    }
     assert set(lora.resolve_targets(model, ["all-linear"], layers=[1])) == {
-        n for n in LLAMA_ATTN | LLAMA_MLP if ".1." in n}
+        n for n in LLAMA_ATTN | LLAMA_MLP if ".1." in n
+    }
     assert set(lora.resolve_targets(model, ["mlp"], include_head=True)) == LLAMA_MLP | {"lm_head"}
 
 
@@ -93,8 +101,15 @@ def test_wrapping_twice_is_an_error(build_tiny):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"r": 0}, "r"), ({"r": 2.0}, "r"), ({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"),
-     ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"init": "xavier"}, "init")],
+    [
+        ({"r": 0}, "r"),
+        ({"r": 2.0}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"init": "xavier"}, "init"),
+    ],
 )
 def test_bad_hyperparameters_name_the_argument(build_tiny, kwargs, name):
     model = build_tiny("llama")
@@ -191,10 +206,16 @@ def test_fused_function_gradients_match_autograd():
     torch.manual_seed(0)
     for fan_in_fan_out in (False, True):
         w = torch.randn((6, 5) if fan_in_fan_out else (5, 6), dtype=torch.double, requires_grad=True)
-        args = (torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True), w,
-                torch.randn(5, dtype=torch.double, requires_grad=True),
-                torch.randn(2, 6, dtype=torch.double, requires_grad=True),
-                torch.randn(5, 2, dtype=torch.double, requires_grad=True), 0.7, fan_in_fan_out, torch.double)
+        args = (
+            torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True),
+            w,
+            torch.randn(5, dtype=torch.double, requires_grad=True),
+            torch.randn(2, 6, dtype=torch.double, requires_grad=True),
+            torch.randn(5, 2, dtype=torch.double, requires_grad=True),
+            0.7,
+            fan_in_fan_out,
+            torch.double,
+        )
         assert torch.autograd.gradcheck(lora._LoraLinearFn.apply, args)
 
 
@@ -226,8 +247,15 @@ def test_counts_equal_r_times_din_plus_dout_with_gqa(build_tiny):
     total = sum(p.numel() for p in model.parameters())
     lora.apply_lora(model, r=4, alpha=8)
     c = lora.count_parameters(model)
-    dims = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
-            "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}  # (d_in, d_out); k/v narrow (GQA)
+    dims = {
+        "q_proj": (32, 32),
+        "k_proj": (32, 16),
+        "v_proj": (32, 16),
+        "o_proj": (32, 32),
+        "gate_proj": (32, 64),
+        "up_proj": (32, 64),
+        "down_proj": (64, 32),
+    }  # (d_in, d_out); k/v narrow (GQA)
     expected = 2 * sum(4 * (a + b) for a, b in dims.values())
     assert c.trainable == c.lora == expected == 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)
     assert c.total == total + expected
@@ -332,7 +360,10 @@ def test_lora_state_dict_keys(build_tiny):
     lora.apply_lora(model, r=2, alpha=2, targets=["mlp.c_fc"])
     sd = lora.lora_state_dict(model)
     assert sorted(sd) == sorted(f"transformer.h.{i}.mlp.c_fc.lora_{ab}" for i in range(2) for ab in "AB")
-    assert sd["transformer.h.0.mlp.c_fc.lora_A"].shape == (2, 32) and sd["transformer.h.0.mlp.c_fc.lora_B"].shape == (128, 2)
+    assert sd["transformer.h.0.mlp.c_fc.lora_A"].shape == (2, 32) and sd["transformer.h.0.mlp.c_fc.lora_B"].shape == (
+        128,
+        2,
+    )
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -368,7 +399,11 @@ def test_bench_tiny_writes_expected_json(tmp_path):
     paired = res["paired"]["lora_lab_over_full"]  # per-round ratios from the same rounds as the medians
     times = res["step"]
     expected = sorted(a / b for a, b in zip(times["lora_lab"]["times_s"], times["full"]["times_s"]))
-    assert paired["n"] == 2 and paired["min"] == pytest.approx(expected[0]) and paired["max"] == pytest.approx(expected[-1])
+    assert (
+        paired["n"] == 2
+        and paired["min"] == pytest.approx(expected[0])
+        and paired["max"] == pytest.approx(expected[-1])
+    )
     assert {"full", "lora_lab"} <= set(res["step"])
     assert {"base", "lora_lab_unmerged", "lora_lab_merged"} <= set(res["forward"])
     for s in res["step"].values():

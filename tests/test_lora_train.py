@@ -13,8 +13,15 @@ import torch
 from lora_lab import lora, train
 from lora_lab.config import ConfigError, compose
 
-TINY_CLS = ["model=tiny", "model.task=seq_cls", "data=tiny_sentiment", "data.format=classification", "trainer=smoke",
-            "trainer.progress=false", "tracking=off"]
+TINY_CLS = [
+    "model=tiny",
+    "model.task=seq_cls",
+    "data=tiny_sentiment",
+    "data.format=classification",
+    "trainer=smoke",
+    "trainer.progress=false",
+    "tracking=off",
+]
 
 
 def test_seq_cls_head_trains_is_checkpointed_resumed_and_saved(outputs: Path, tmp_path: Path) -> None:
@@ -59,15 +66,30 @@ def test_empty_modules_to_save_keeps_the_head_frozen(outputs: Path) -> None:
 
 @pytest.mark.parametrize("choice", ["lora=dora", "lora=pissa", "lora=olora"])
 def test_variants_train_and_merge_exactly(outputs: Path, choice: str) -> None:
-    _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "tracking=off",
-                      choice, "optim.lr=3e-3"])
+    _, cfg = compose(
+        [
+            "model=tiny",
+            "data=tiny_sentiment",
+            "trainer=smoke",
+            "trainer.progress=false",
+            "tracking=off",
+            choice,
+            "optim.lr=3e-3",
+        ]
+    )
     result = train.run(cfg)
     assert result.status == "completed" and result.val_loss < result.base_val_loss
     assert result.max_abs_logit_diff is not None and result.max_abs_logit_diff < 1e-4  # merged == unmerged
 
 
-@pytest.mark.parametrize("override, key", [("lora.variant=vera", "lora.variant"), ("lora.init=loftq", "lora.init"),
-                                            ("lora=dora lora.init=pissa", "lora.init")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("lora.variant=vera", "lora.variant"),
+        ("lora.init=loftq", "lora.init"),
+        ("lora=dora lora.init=pissa", "lora.init"),
+    ],
+)
 def test_bad_lora_choices_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         compose(override.split())

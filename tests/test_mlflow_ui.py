@@ -19,8 +19,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "tracking.system_metrics=false",
-        "trainer.num_threads=1"]
+TINY = [
+    "model=tiny",
+    "data=tiny_sentiment",
+    "trainer=smoke",
+    "trainer.progress=false",
+    "tracking.system_metrics=false",
+    "trainer.num_threads=1",
+]
 DEMO = """name: demo
 description: Rank and learning rate of LoRA on the tiny model
 overrides: [trainer.max_steps=6, trainer.eval_every=2, optim.grad_clip=0]
@@ -52,8 +58,9 @@ def free_port() -> int:
 
 
 def api(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -65,13 +72,34 @@ def ui(tmp_path_factory):
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), OMP_NUM_THREADS="1")
     for name, text, code in (("demo", DEMO, 0), ("broken", BROKEN, 1)):
         (root / f"{name}.yaml").write_text(text)
-        proc = subprocess.run([sys.executable, "-m", "lora_lab.sweep", f"sweep={root / name}.yaml", *TINY], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lora_lab.sweep", f"sweep={root / name}.yaml", *TINY],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == code, proc.stderr[-3000:]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               f"sqlite:///{out / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{out / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -107,8 +135,17 @@ def test_experiment_is_model_training_with_a_description_and_no_default(ui):
 
 def test_names_states_and_descriptions(ui):
     runs = by_name(ui)
-    assert set(runs) == {"demo", "demo/trial-0", "demo/trial-1 (FAIL)", "demo/trial-2", "demo/compare-lora-best",
-                         "demo/compare-full-lr0.001", "broken (FAIL)", "broken/trial-0 (FAIL)", "broken/trial-1 (FAIL)"}
+    assert set(runs) == {
+        "demo",
+        "demo/trial-0",
+        "demo/trial-1 (FAIL)",
+        "demo/trial-2",
+        "demo/compare-lora-best",
+        "demo/compare-full-lr0.001",
+        "broken (FAIL)",
+        "broken/trial-0 (FAIL)",
+        "broken/trial-1 (FAIL)",
+    }
     status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
     for name, r in runs.items():
         t = tags(r)
@@ -140,7 +177,14 @@ def test_metric_names_and_params(ui):
         assert not any(v.endswith("'of': 'lora.r'}") for v in params.values()), name
     trial = runs["demo/trial-0"]
     keys = {m["key"] for m in trial["data"]["metrics"]}
-    assert {"loss/train", "loss/val", "eval/accuracy", "perf/tokens_per_s", "params/trainable", "merge/val_loss"} <= keys
+    assert {
+        "loss/train",
+        "loss/val",
+        "eval/accuracy",
+        "perf/tokens_per_s",
+        "params/trainable",
+        "merge/val_loss",
+    } <= keys
     params = {p["key"]: p["value"] for p in trial["data"]["params"]}
     assert params["lora.r"] == "2" and params["method"] == "lora" and params["optim.lr"] == "0.003"
     full = {p["key"] for p in runs["demo/compare-full-lr0.001"]["data"]["params"]}
@@ -149,21 +193,43 @@ def test_metric_names_and_params(ui):
 
 
 def _chromium(url: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--window-size=1280,860", "--virtual-time-budget=25000", *flags, url],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,860",
+            "--virtual-time-budget=25000",
+            *flags,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (scripts/setup.sh --test installs it where apt exists)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium installed (scripts/setup.sh --test installs it where apt exists)"
+)
 def test_browser_shows_table_description_and_loss_chart(ui, tmp_path):
     runs = by_name(ui)
     exp = ui["experiments"][0]["experiment_id"]
     run_id = runs["demo/trial-0"]["info"]["run_id"]
-    pages = {"runs_table": f"#/experiments/{exp}/runs?{MODE}", "run_overview": f"#/experiments/{exp}/runs/{run_id}?{MODE}",
-             "run_charts": f"#/experiments/{exp}/runs/{run_id}/model-metrics?{MODE}",
-             "study": f"#/experiments/{exp}/runs/{runs['demo']['info']['run_id']}?{MODE}"}
-    needles = {"runs_table": "broken (FAIL)", "run_overview": "Trial 0 of study", "run_charts": "loss/val",
-               "study": "Compare the 3 trials"}
+    pages = {
+        "runs_table": f"#/experiments/{exp}/runs?{MODE}",
+        "run_overview": f"#/experiments/{exp}/runs/{run_id}?{MODE}",
+        "run_charts": f"#/experiments/{exp}/runs/{run_id}/model-metrics?{MODE}",
+        "study": f"#/experiments/{exp}/runs/{runs['demo']['info']['run_id']}?{MODE}",
+    }
+    needles = {
+        "runs_table": "broken (FAIL)",
+        "run_overview": "Trial 0 of study",
+        "run_charts": "loss/val",
+        "study": "Compare the 3 trials",
+    }
     dom = {}
     for k, v in pages.items():  # the single-page app renders late under load: a few tries
         for _ in range(3):

@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from lora_lab.config import ModelConfig, TinyModelConfig
 from lora_lab import models
+from lora_lab.config import ModelConfig, TinyModelConfig
 from lora_lab.models import ModelError, cache_dir, file_lock, load_model, tiny_tokenizer
 
 

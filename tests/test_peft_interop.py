@@ -29,8 +29,11 @@ def perturb_b(model, seed=0, std=0.2):
 
 @pytest.mark.parametrize(
     "kind, kwargs",
-    [("llama", {"targets": ["all-linear"]}), ("gpt2", {"targets": ["all-linear"]}),
-     ("llama", {"targets": ["attn"], "rslora": True})],
+    [
+        ("llama", {"targets": ["all-linear"]}),
+        ("gpt2", {"targets": ["all-linear"]}),
+        ("llama", {"targets": ["attn"], "rslora": True}),
+    ],
 )
 def test_lora_lab_adapter_loads_in_peft(build_tiny, tiny_ids, tmp_path, kind, kwargs):
     model = build_tiny(kind)
@@ -46,9 +49,11 @@ def test_lora_lab_adapter_loads_in_peft(build_tiny, tiny_ids, tmp_path, kind, kw
 
 @pytest.mark.parametrize(
     "kind, cfg",
-    [("llama", {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
-     ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
-     ("llama", {"target_modules": "all-linear", "use_rslora": True})],
+    [
+        ("llama", {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
+        ("llama", {"target_modules": "all-linear", "use_rslora": True}),
+    ],
 )
 def test_peft_adapter_loads_in_lora_lab(build_tiny, tiny_ids, tmp_path, kind, cfg):
     pm = peft.get_peft_model(build_tiny(kind), peft.LoraConfig(r=4, lora_alpha=8, **cfg)).eval()
@@ -126,8 +131,10 @@ def test_pissa_olora_init_matches_peft_and_saves_as_plain_lora(build_tiny, tiny_
     base_out = logits(build_tiny("llama"), tiny_ids)
     model = build_tiny("llama")
     lora.apply_lora(model, r=4, alpha=8, init=init, targets=["q_proj", "down_proj"])
-    pm = peft.get_peft_model(build_tiny("llama"), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
-                                                                  target_modules=["q_proj", "down_proj"])).eval()
+    pm = peft.get_peft_model(
+        build_tiny("llama"),
+        peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=["q_proj", "down_proj"]),
+    ).eval()
     ours = dict(model.named_parameters())
     for n, p in pm.named_parameters():  # same A, B and the same residual weights
         key = n.removeprefix("base_model.model.").replace(".default", "").replace(".lora_A.weight", ".lora_A")
@@ -176,8 +183,9 @@ def test_modules_to_save_head_both_ways(build_tiny, tiny_ids, tmp_path):
     other_head.bert.load_state_dict(build_tiny("bert").bert.state_dict())
     theirs = peft.PeftModel.from_pretrained(other_head, tmp_path / "lab").eval()
     assert torch.allclose(logits(theirs, tiny_ids), ours, atol=ATOL)
-    pm = peft.get_peft_model(build_tiny("bert"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                                 task_type="SEQ_CLS")).eval()
+    pm = peft.get_peft_model(
+        build_tiny("bert"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    ).eval()
     perturb_all(pm, seed=3)
     with torch.no_grad():
         pm.base_model.model.classifier.modules_to_save["default"].weight.mul_(3.0)
@@ -194,8 +202,9 @@ def test_modules_to_save_head_both_ways(build_tiny, tiny_ids, tmp_path):
 def test_layers_to_transform_on_an_encoder_decoder_both_ways(tmp_path):
     import transformers
 
-    cfg = transformers.T5Config(d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=96,
-                                decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=96, decoder_start_token_id=0
+    )
 
     def t5():
         torch.manual_seed(0)
@@ -214,8 +223,9 @@ def test_layers_to_transform_on_an_encoder_decoder_both_ways(tmp_path):
     lora.save_adapter(model, tmp_path / "lab")
     theirs = peft.PeftModel.from_pretrained(t5(), tmp_path / "lab").eval()
     assert torch.allclose(out(theirs), ours, atol=ATOL)
-    pm = peft.get_peft_model(t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"],
-                                                   layers_to_transform=[1])).eval()
+    pm = peft.get_peft_model(
+        t5(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"], layers_to_transform=[1])
+    ).eval()
     perturb_all(pm, seed=4)
     pm.save_pretrained(tmp_path / "peft")
     fresh = t5()

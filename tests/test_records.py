@@ -14,20 +14,64 @@ from lora_lab.records import EvalPoint, Identity, RecordError, Results, RunRecor
 
 
 def record() -> RunRecord:
-    settings = Settings(method="lora", model="tiny", data="tiny_sentiment", seed=0, lr=3e-3, batch_size=4, grad_accum=2,
-                        max_steps=4, max_length=48, precision="auto", device="auto",
-                        method_fields={"lora.r": 8, "lora.targets": ["q_proj", "v_proj"], "lora.target_regex": None,
-                                       "lora.rslora": False, "lora.alpha": 16.0},
-                        overrides={"trainer": "smoke", "optim.lr_mult": 10.0})
-    identity = Identity(kind="trial", name="s/trial-3", study="s", trial=3, model="tiny", data="tiny_sentiment",
-                        device="cpu", output_dir="/tmp/x")
-    return RunRecord(status="completed", steps=4, val_loss=0.5, accuracy=0.75, base_val_loss=0.9, base_accuracy=0.5,
-                     merged_val_loss=0.5, max_abs_logit_diff=1e-6, merge_ok=True, merge_tol=1e-4, trainable_params=10,
-                     total_params=100, peak_mem_bytes=2**20, time_per_step_s=0.1, tokens_per_s=1000.0,
-                     train_time_s=0.4, eval_time_s=0.1, setup_time_s=0.2, identity=identity, settings=settings,
-                     history=[TrainPoint(step=s, train_loss=1.0 / s, lr=3e-3) for s in range(1, 5)],
-                     evals=[EvalPoint(step=0, val_loss=0.9, accuracy=0.5), EvalPoint(step=4, val_loss=0.5, accuracy=0.75,
-                                                                                     tokens_per_s=1000.0)])
+    settings = Settings(
+        method="lora",
+        model="tiny",
+        data="tiny_sentiment",
+        seed=0,
+        lr=3e-3,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=4,
+        max_length=48,
+        precision="auto",
+        device="auto",
+        method_fields={
+            "lora.r": 8,
+            "lora.targets": ["q_proj", "v_proj"],
+            "lora.target_regex": None,
+            "lora.rslora": False,
+            "lora.alpha": 16.0,
+        },
+        overrides={"trainer": "smoke", "optim.lr_mult": 10.0},
+    )
+    identity = Identity(
+        kind="trial",
+        name="s/trial-3",
+        study="s",
+        trial=3,
+        model="tiny",
+        data="tiny_sentiment",
+        device="cpu",
+        output_dir="/tmp/x",
+    )
+    return RunRecord(
+        status="completed",
+        steps=4,
+        val_loss=0.5,
+        accuracy=0.75,
+        base_val_loss=0.9,
+        base_accuracy=0.5,
+        merged_val_loss=0.5,
+        max_abs_logit_diff=1e-6,
+        merge_ok=True,
+        merge_tol=1e-4,
+        trainable_params=10,
+        total_params=100,
+        peak_mem_bytes=2**20,
+        time_per_step_s=0.1,
+        tokens_per_s=1000.0,
+        train_time_s=0.4,
+        eval_time_s=0.1,
+        setup_time_s=0.2,
+        identity=identity,
+        settings=settings,
+        history=[TrainPoint(step=s, train_loss=1.0 / s, lr=3e-3) for s in range(1, 5)],
+        evals=[
+            EvalPoint(step=0, val_loss=0.9, accuracy=0.5),
+            EvalPoint(step=4, val_loss=0.5, accuracy=0.75, tokens_per_s=1000.0),
+        ],
+    )
 
 
 def test_metrics_json_round_trip_and_loud_failures() -> None:
@@ -73,7 +117,7 @@ def test_mlflow_params_and_metrics_round_trip() -> None:
 
 def test_every_field_has_a_unit_and_a_description() -> None:
     for cls in (Identity, Settings, TrainPoint, EvalPoint, Results):
-        for name, unit, doc, key in records.describe(cls):
+        for name, unit, doc, _key in records.describe(cls):
             assert doc, f"{cls.__name__}.{name} has no description"
             assert unit or cls in (Identity, Settings) or name in ("status", "reason"), f"{cls.__name__}.{name}"
     keys = [key for _, _, _, key in records.describe(Results) if key]

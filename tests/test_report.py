@@ -4,15 +4,23 @@ its tables are checked against the runs themselves (MLflow and trials.csv, read 
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from pathlib import Path
 
 import pytest
 
-TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.max_steps=4", "trainer.eval_every=2",
-        "data.max_train_examples=64", "data.max_val_examples=16", "trainer.progress=false", "tracking.system_metrics=false",
-        "tracking.experiment=report_test"]
+TINY = [
+    "model=tiny",
+    "data=tiny_sentiment",
+    "trainer=smoke",
+    "trainer.max_steps=4",
+    "trainer.eval_every=2",
+    "data.max_train_examples=64",
+    "data.max_val_examples=16",
+    "trainer.progress=false",
+    "tracking.system_metrics=false",
+    "tracking.experiment=report_test",
+]
 STUDIES = {
     "t_lora": """
 overrides:
@@ -80,8 +88,11 @@ def mlflow_runs(uri: str, study: str) -> list:
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("report_test")
-    return [r for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`lora_lab.study` = '{study}'")
-            if r.data.tags.get("lora_lab.kind") == "trial"]
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`lora_lab.study` = '{study}'")
+        if r.data.tags.get("lora_lab.kind") == "trial"
+    ]
 
 
 def trials(study: dict, name: str) -> list[dict[str, str]]:
@@ -128,7 +139,9 @@ def test_lr_table_best_lr_and_ratio(study):
         row = rows[f"LoRA r={r}"]
         assert float(row["best LR"]) == pytest.approx(best)
         assert float(row["best LR / best full-FT LR"]) == pytest.approx(best / best_full)
-        assert float(row["best val loss"]) == pytest.approx(min(float(t["value_val_loss"]) for t in lora if int(t["lora.r"]) == r))
+        assert float(row["best val loss"]) == pytest.approx(
+            min(float(t["value_val_loss"]) for t in lora if int(t["lora.r"]) == r)
+        )
     spread = rows["spread of best LoRA LR across ranks (max/min)"]
     b2, b8 = (argmin_lr([t for t in lora if int(t["lora.r"]) == r]) for r in (2, 8))
     assert float(spread["best LR / best full-FT LR"]) == pytest.approx(max(b2, b8) / min(b2, b8))
@@ -140,7 +153,9 @@ def test_capacity_table_follows_the_runs(study):
     best_full = min(float(t["value_val_loss"]) for t in full)
     for r in (2, 8):
         best = min(float(t["value_val_loss"]) for t in lora if int(t["lora.r"]) == r)
-        assert float(rows[f"LoRA r={r}"]["val loss @ step 4"]) == pytest.approx(best)  # the last evaluation is the final one
+        assert float(rows[f"LoRA r={r}"]["val loss @ step 4"]) == pytest.approx(
+            best
+        )  # the last evaluation is the final one
         assert float(rows[f"LoRA r={r}"]["gap to full FT at the last step"]) == pytest.approx(best - best_full)
     assert "val loss @ step 2" in rows["full FT"]
 
@@ -168,8 +183,17 @@ def test_targets_table_matched_counts(study):
     assert set(rows) == {"attention", "MLP"}
     assert int(rows["attention"]["# trainable params"]) == 4 * ATTN_DIMS * 2
     assert int(rows["MLP"]["# trainable params"]) == 3 * MLP_DIMS * 2
-    for name, run in ((n, [x for x in mlflow_runs(study["uri"], "t_targets") if ("attn" if n == "attention" else "mlp") in x.data.params["lora.targets"]][0])
-                      for n in rows):
+    for name, run in (
+        (
+            n,
+            [
+                x
+                for x in mlflow_runs(study["uri"], "t_targets")
+                if ("attn" if n == "attention" else "mlp") in x.data.params["lora.targets"]
+            ][0],
+        )
+        for n in rows
+    ):
         assert float(rows[name]["best single run"]) == pytest.approx(run.data.metrics["loss/val"])
 
 
@@ -193,8 +217,12 @@ def test_llama31_8b_published_counts():
     from lora_lab.report import llama31_8b_config, lora_param_count
 
     cfg = llama31_8b_config()
-    for (targets, r), without, with_head in ((("mlp",), 256), 0.453, 0.49), ((("attn",), 256), 0.218, 0.25), \
-            ((("all-linear",), 256), 0.671, 0.70), ((("mlp",), 128), 0.226, 0.24):
+    for (targets, r), without, with_head in (
+        ((("mlp",), 256), 0.453, 0.49),
+        ((("attn",), 256), 0.218, 0.25),
+        ((("all-linear",), 256), 0.671, 0.70),
+        ((("mlp",), 128), 0.226, 0.24),
+    ):
         n = lora_param_count(cfg, list(targets), r)
         assert round(n / 1e9, 3) == without
         assert round(lora_param_count(cfg, list(targets), r, include_head=True) / 1e9, 2) == with_head
@@ -219,7 +247,9 @@ def test_compute_and_merge_match_runs(study):
     assert float(rows["all linear r=8"]["FLOPs ratio, this model (theory)"]) == pytest.approx(theory)
     merge = {r["precision"]: r for r in table(study, "merge")}
     all_lora = lora + mlflow_runs(study["uri"], "t_targets")
-    assert float(merge["fp32"]["max |logit diff|"]) == pytest.approx(max(x.data.metrics["merge/max_abs_logit_diff"] for x in all_lora))
+    assert float(merge["fp32"]["max |logit diff|"]) == pytest.approx(
+        max(x.data.metrics["merge/max_abs_logit_diff"] for x in all_lora)
+    )
     assert int(merge["fp32"]["LoRA runs"]) == len(all_lora)
     assert merge["bf16"]["LoRA runs"] == "0"
 
@@ -227,7 +257,10 @@ def test_compute_and_merge_match_runs(study):
 def test_missing_study_or_experiment_exits_2(study, capsys):
     from lora_lab import report
 
-    assert report.main(["--tracking-uri", study["uri"], "--study", "no_such_study", "--out", str(study["root"] / "x")]) == 2
+    assert (
+        report.main(["--tracking-uri", study["uri"], "--study", "no_such_study", "--out", str(study["root"] / "x")])
+        == 2
+    )
     assert "no_such_study" in capsys.readouterr().err
     assert report.main(["--tracking-uri", study["uri"], "--experiment", "no_such_experiment"]) == 2
     assert report.main(["--tracking-uri", f"sqlite:///{study['root'] / 'nothing.db'}", "--study", "t_lora"]) == 2

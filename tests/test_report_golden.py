@@ -10,7 +10,6 @@ import io
 from pathlib import Path
 
 import pytest
-
 from report_fixture import RUNS
 
 GOLDEN = Path(__file__).parent / "data" / "report_golden"
@@ -44,17 +43,29 @@ def log_runs(root: Path, uri: str) -> None:
         res = fr.results()
         out = root / "runs" / f"{i:02d}"
         out.mkdir(parents=True, exist_ok=True)
-        identity = Identity(kind=fr.kind, name=f"{fr.study}/trial-{fr.trial}" if fr.study else "run", study=fr.study,
-                            trial=fr.trial if fr.study else None, model=cfg.model.name, data=cfg.data.name,
-                            device="cpu", output_dir=str(out))
+        identity = Identity(
+            kind=fr.kind,
+            name=f"{fr.study}/trial-{fr.trial}" if fr.study else "run",
+            study=fr.study,
+            trial=fr.trial if fr.study else None,
+            model=cfg.model.name,
+            data=cfg.data.name,
+            device="cpu",
+            output_dir=str(out),
+        )
         settings = settings_of(cfg, fr.overrides)
         history, evals = res.pop("history"), res.pop("evals")
-        record = RunRecord(**{k: v for k, v in res.items() if k not in ("method", "device")}, identity=identity,
-                           settings=settings, history=[TrainPoint(**h) for h in history],
-                           evals=[EvalPoint(**e) for e in evals])
+        record = RunRecord(
+            **{k: v for k, v in res.items() if k not in ("method", "device")},
+            identity=identity,
+            settings=settings,
+            history=[TrainPoint(**h) for h in history],
+            evals=[EvalPoint(**e) for e in evals],
+        )
         counts = {"params/trainable": record.trainable_params, "params/total": record.total_params}
-        with tracking.TrainingRun(cfg.tracking, identity, settings, parent_run_id=parents.get(fr.study),
-                                  start_metrics=counts) as run:
+        with tracking.TrainingRun(
+            cfg.tracking, identity, settings, parent_run_id=parents.get(fr.study), start_metrics=counts
+        ) as run:
             for e in evals:
                 pts = [h for h in history if e["step"] - 2 < h["step"] <= e["step"]]
                 run.on_eval(EvalEvent(e["step"], 4, {k: v for k, v in e.items() if k != "step"}, pts))

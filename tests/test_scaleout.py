@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 from optuna.trial import TrialState
-
 from servers import mlflow_server, postgres_server
 from sweeprun import FAST_HEARTBEAT, TRAIN, kill_mid_trial, load, retry_of, runs, start_worker, tail, wait_all
 
@@ -19,13 +18,23 @@ def test_three_workers_on_postgres_and_an_mlflow_server_share_one_budget(tmp_pat
         mlflow_url = pg.create_db("mlflow")
         with mlflow_server(mlflow_url, tmp_path / "mlartifacts") as server:
             out = tmp_path / "out"
-            args = ["sweep=default", "sweep.name=scale", "sweep.n_trials=12", "sweep.sampler=random",
-                    f"sweep.storage={optuna_url}", *FAST_HEARTBEAT, *TRAIN, f"tracking.uri={server.url}",
-                    "tracking.experiment=scaleout"]
+            args = [
+                "sweep=default",
+                "sweep.name=scale",
+                "sweep.n_trials=12",
+                "sweep.sampler=random",
+                f"sweep.storage={optuna_url}",
+                *FAST_HEARTBEAT,
+                *TRAIN,
+                f"tracking.uri={server.url}",
+                "tracking.experiment=scaleout",
+            ]
             logs = [tmp_path / f"worker{i}.log" for i in range(3)]
             procs = [start_worker(out, args, log) for log in logs]
             try:
-                killed = kill_mid_trial(optuna_url, "scale", out / "studies" / "scale" / "trials", {p.pid: p for p in procs})
+                killed = kill_mid_trial(
+                    optuna_url, "scale", out / "studies" / "scale" / "trials", {p.pid: p for p in procs}
+                )
                 survivors = [p for p in procs if p.returncode is None]
                 codes = wait_all(survivors, timeout=420)
             finally:
@@ -38,7 +47,9 @@ def test_three_workers_on_postgres_and_an_mlflow_server_share_one_budget(tmp_pat
             trials = study.get_trials(deepcopy=False)
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
             assert len(complete) == 12  # the exact global budget
-            assert [t.state for t in trials if t.state != TrialState.COMPLETE] == [TrialState.FAIL]  # only the killed one
+            assert [t.state for t in trials if t.state != TrialState.COMPLETE] == [
+                TrialState.FAIL
+            ]  # only the killed one
             assert len({t.number for t in trials}) == len(trials) == 13
             retry = retry_of(study, killed.number)
             assert retry is not None and retry.state == TrialState.COMPLETE and retry.params == killed.params
@@ -56,6 +67,8 @@ def test_three_workers_on_postgres_and_an_mlflow_server_share_one_budget(tmp_pat
             assert all(len(v) == 1 for v in by_trial.values()), "a trial ran twice"  # none run twice
             assert set(by_trial) == {str(t.number) for t in trials}
             lost = by_trial[str(killed.number)][0]
-            assert lost.info.status in ("KILLED", "FAILED") and "no heartbeat" in lost.data.tags.get("lora_lab.reason", "")
+            assert lost.info.status in ("KILLED", "FAILED") and "no heartbeat" in lost.data.tags.get(
+                "lora_lab.reason", ""
+            )
             assert sorted(r.info.status for k, (r,) in by_trial.items() if k != str(killed.number)) == ["FINISHED"] * 12
             assert parents[0].info.status == "FINISHED"  # the last worker to finish ended the study's run

