@@ -79,6 +79,11 @@ def _dims(module: nn.Module) -> tuple[int, int]:
     return int(w.shape[1]), int(w.shape[0])
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skips the call entirely when the dtype is already right: on a launch-bound step every dispatch counts.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """Fused y = x W0^T + b + scale * (x A^T) B^T.
 
@@ -94,15 +99,15 @@ class _LoraLinearFn(torch.autograd.Function):
         off = torch.is_autocast_enabled(x.device.type)  # autocast off inside: dtypes are explicit here
         with torch.autocast(x.device.type, enabled=False) if off else contextlib.nullcontext():
             shape = x.shape
-            x2 = x.reshape(-1, shape[-1]).to(dtype)  # (N, d_in)
-            weight, lora_A, lora_B = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+            x2 = _as(x.reshape(-1, shape[-1]), dtype)  # (N, d_in)
+            weight, lora_A, lora_B = _as(weight, dtype), _as(lora_A, dtype), _as(lora_B, dtype)
             w_t = weight if fan_in_fan_out else weight.t()  # (d_in, d_out), a view
             # The output is allocated in its final shape and the GEMMs write through a 2-D view of it: the Function
             # returns that base tensor, not a view made inside it, so model code may modify it in place (y += 1).
             out = x2.new_empty(*shape[:-1], w_t.shape[1])  # (..., d_out)
             y = out.view(-1, w_t.shape[1])  # (N, d_out)
             if bias is not None:
-                torch.addmm(bias.to(dtype), x2, w_t, out=y)
+                torch.addmm(_as(bias, dtype), x2, w_t, out=y)
             else:
                 torch.mm(x2, w_t, out=y)
             h = x2.mm(lora_A.t())  # (N, r)
@@ -116,16 +121,17 @@ class _LoraLinearFn(torch.autograd.Function):
         x2, h, weight, lora_A, lora_B = ctx.saved_tensors
         scale = ctx.scale
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, d_out)
+        g = _as(grad_out.reshape(-1, grad_out.shape[-1]), x2.dtype)  # (N, d_out)
         grad_x = grad_w = grad_b = grad_a = grad_bb = None
+        # The scale rides on the GEMMs' alpha (beta=0: the first argument only gives the shape and is ignored, NaNs
+        # in it included): one kernel each instead of a GEMM and a multiply.
         if need_bb:
-            grad_bb = g.t().mm(h).mul_(scale)  # (d_out, r)
-        g_h = g.mm(lora_B).mul_(scale)  # (N, r)
+            grad_bb = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scale)  # (d_out, r)
+        g_h = torch.addmm(h, g, lora_B, beta=0, alpha=scale)  # (N, r)
         if need_a:
             grad_a = g_h.t().mm(x2)  # (r, d_in)
         if need_x:
-            w_t = weight if ctx.fan_in_fan_out else weight.t()  # (d_in, d_out)
-            grad_x = g.mm(w_t.t())  # (N, d_in)
+            grad_x = g.mm(weight.t() if ctx.fan_in_fan_out else weight)  # (N, d_in): g W0, no view of a view
             grad_x.addmm_(g_h, lora_A)
             grad_x = grad_x.view(ctx.x_shape)
         if need_w:  # only when a user unfroze the base weight
