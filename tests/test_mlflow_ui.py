@@ -232,7 +232,7 @@ def test_browser_shows_table_description_and_loss_chart(ui, tmp_path):
     }
     dom = {}
     for k, v in pages.items():  # the single-page app renders late under load: a few tries
-        for _ in range(3):
+        for _ in range(6):
             dom[k] = _chromium(f"{ui['base']}/{v}", "--dump-dom").stdout
             if needles[k] in dom[k]:
                 break
