@@ -883,14 +883,14 @@ def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
 def apply_method(model: torch.nn.Module, cfg: Config) -> list[str]:
     """Apply cfg.method (bitfit, ia3, adapter, prompt, prefix: lora_lab.methods) to `model` as the config says; for
     seq_cls the task head trains too. Returns the modules it changed. Raises ConfigError for combinations the loop
-    cannot serve (resumable checkpoints hold LoRA weights only; prompt tuning shifts a classifier's last token)."""
+    cannot serve (resumable checkpoints hold LoRA or full weights only; prompt tuning shifts a classifier's token)."""
     from lora_lab import methods
 
     t = cfg.trainer
-    if t.checkpoint_every or t.resume:
+    if t.checkpoint_every:  # (resume=true finds no checkpoint then, and starts afresh: a sweep's trials set it)
         raise ConfigError(
-            f"trainer.checkpoint_every / trainer.resume: checkpoints hold LoRA or full weights only; "
-            f"set them to 0 / false with method={cfg.method}"
+            f"trainer.checkpoint_every: checkpoints hold LoRA or full weights only; "
+            f"set it to 0 with method={cfg.method}"
         )
     if cfg.method == "prompt" and cfg.model.task == "seq_cls":
         raise ConfigError(
