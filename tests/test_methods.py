@@ -222,3 +222,20 @@ def test_bad_method_settings_name_the_key():
         compose(["method=prompt", "prompt.n_tokens=0"])
     with pytest.raises(ConfigError, match="method: expected one of"):
         compose(["method=adapters"])
+
+
+def test_report_methods_table_has_the_paper_rows_and_latency(outputs):
+    from lora_lab.report import PUBLISHED_METHODS, Run, table_methods
+
+    runs = []
+    for i, extra in enumerate([["method=bitfit"], ["method=adapter", "adapter=pfeiffer", "adapter.bottleneck=4"]]):
+        _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "tracking=off", *extra])
+        cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, 2, 2
+        runs.append(Run(run_id=f"run{i}0000000", parent="", state="COMPLETE", rec=run(cfg)))
+    table = table_methods(runs)
+    by_method = {row["method"]: row for row in table.rows}
+    assert set(by_method) == {"BitFit", "AdapterL"}
+    assert by_method["AdapterL"]["trainable_params"] == 2 * (2 * 64 * 4 + 4 + 64)  # conf/model/tiny: d=64, 2 layers
+    assert by_method["BitFit"]["published"] == PUBLISHED_METHODS["BitFit"]
+    assert all(row["latency_ms"] > 0 for row in table.rows)
+    assert "latency_ms" in [c[0] for c in table.columns]
