@@ -20,6 +20,9 @@ CONF_DIR = REPO_ROOT / "conf"
 SWEEPS_DIR = REPO_ROOT / "sweeps"
 
 
+METHOD_CHOICES = ("lora", "full", "bitfit", "ia3", "adapter", "prompt", "prefix")  # values of `method`
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range. The message names the key."""
 
@@ -294,6 +297,56 @@ class ExportConfig:
 
 
 @dataclass
+class BitFitConfig:
+    """conf/bitfit/*.yaml: method=bitfit (only biases train; Ben Zaken et al. 2021)."""
+
+    # Models without biases (Llama, SmolLM2): true adds zero-initialised biases to every linear layer of the layer
+    # stack (step 0 equals the base model), false refuses such a model.
+    add_missing: bool = True
+
+
+@dataclass
+class AdapterConfig:
+    """conf/adapter/*.yaml: method=adapter (bottleneck adapters, up projection zero-initialised)."""
+
+    bottleneck: int = 16  # width r of the bottleneck: d -> r -> d
+    # 'houlsby' (after the attention output and after the MLP: Hu et al.'s AdapterH) or 'pfeiffer' (after the MLP
+    # only: Lin et al. / Pfeiffer et al., Hu et al.'s AdapterL)
+    placement: str = "houlsby"
+    activation: str = "relu"  # nonlinearity inside the bottleneck: 'relu' or 'gelu'
+
+    def __post_init__(self) -> None:
+        _check(self.bottleneck >= 1, "adapter.bottleneck", "an integer >= 1", self.bottleneck)
+        _one_of("adapter.placement", self.placement, ("houlsby", "pfeiffer"))
+        _one_of("adapter.activation", self.activation, ("relu", "gelu"))
+
+
+@dataclass
+class PromptConfig:
+    """conf/prompt/*.yaml: method=prompt (prompt tuning: trainable virtual tokens before the input; PreEmbed)."""
+
+    n_tokens: int = 20  # virtual tokens prepended to every input
+    init: str = "vocab"  # 'vocab' (copies of randomly drawn vocabulary embeddings) or 'random' (N(0, embedding std))
+
+    def __post_init__(self) -> None:
+        _check(self.n_tokens >= 1, "prompt.n_tokens", "an integer >= 1", self.n_tokens)
+        _one_of("prompt.init", self.init, ("vocab", "random"))
+
+
+@dataclass
+class PrefixConfig:
+    """conf/prefix/*.yaml: method=prefix (prefix tuning: trainable keys/values in every attention layer; PreLayer)."""
+
+    n_tokens: int = 10  # prefix positions per layer
+    projection: bool = False  # produce the prefixes with an MLP during training (Li & Liang's reparameterisation)
+    hidden: int = 512  # hidden width of that MLP
+
+    def __post_init__(self) -> None:
+        _check(self.n_tokens >= 1, "prefix.n_tokens", "an integer >= 1", self.n_tokens)
+        _check(self.hidden >= 1, "prefix.hidden", "an integer >= 1", self.hidden)
+
+
+@dataclass
 class Config:
     """conf/config.yaml: one training run (`python -m lora_lab.train`), and each sweep trial."""
 
@@ -304,12 +357,18 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    method: str = "lora"  # 'lora' (adapters on a frozen base) or 'full' (every weight trains)
+    bitfit: BitFitConfig = field(default_factory=BitFitConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    # 'lora' (adapters on a frozen base), 'full' (every weight trains), or a method LoRA is compared with
+    # (lora_lab/methods.py): 'bitfit', 'ia3', 'adapter', 'prompt', 'prefix' (their fields: bitfit.*, adapter.*, ...)
+    method: str = "lora"
     seed: int = 0  # seeds python, numpy, torch, LoRA init and data order
     output_dir: Optional[str] = None  # where this run's files go; null: <outputs>/runs/<time-stamp>
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, ("lora", "full"))
+        _one_of("method", self.method, METHOD_CHOICES)
         if self.data.format == "classification" and self.model.task != "seq_cls":
             raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
         if self.model.task == "seq_cls" and self.data.format != "classification":

@@ -271,6 +271,12 @@ class Results:
     train_time_s: float = spec("s", "time in optimizer steps (forward, backward, update)", "time/train_s")
     eval_time_s: float = spec("s", "time in evaluations, the merge and the merged evaluation", "time/eval_s")
     setup_time_s: float = spec("s", "model + data + LoRA, before the first step", "time/setup_s")
+    inference_latency_s: Optional[float] = spec(
+        "s",
+        "median time of one forward over an evaluation batch after training (merged where the method merges)",
+        "perf/inference_latency_s",
+        default=None,
+    )
 
     @classmethod
     def field_of(cls, name: str) -> dataclasses.Field:

@@ -50,6 +50,18 @@ PUBLISHED_METHODS = {  # our method label -> what the papers report for it
     "full FT": f"RoBERTa-base 125.0M, GLUE avg 86.4; GPT-3 175,255.8M, WikiSQL 73.8 [{HU} Tables 2, 4]; "
     f"Llama-3.2-3B 3.21B, GSM8K 0.500, 37.2 GB, 3111 s [{PEFT}]",
 }
+PUBLISHED_METHODS.update(  # Hu et al. Tables 2-4 (ANCHORS.md "Baselines beside LoRA"): the comparison methods
+    {
+        "BitFit": f"RoBERTa-base 0.1M, GLUE avg 85.2; GPT-3 14.2M, WikiSQL 71.3 / MNLI-m 91.0 [{HU} Tables 2, 4]",
+        "IA3": "not in Hu et al.; no same-quantity number in ANCHORS.md",
+        "AdapterH": f"RoBERTa-large 0.8M, GLUE avg 86.4; GPT-2 M 11.09M, E2E BLEU 67.3; GPT-3 7.1M, WikiSQL 71.9 "
+        f"[{HU} Tables 2-4]",
+        "AdapterL": f"GPT-2 M 0.37M, E2E BLEU 66.3; 11.09M, BLEU 68.9 [{HU} Table 3]",
+        "PreEmbed": f"GPT-3 3.2M, WikiSQL 63.1 / MNLI-m 88.6 [{HU} Table 4]",
+        "PreLayer": f"GPT-2 M 0.35M, E2E BLEU 69.7; GPT-3 20.2M, WikiSQL 70.1 / MNLI-m 89.5 [{HU} Tables 3, 4]",
+    }
+)
+BASELINES = ("BitFit", "IA3", "AdapterH", "AdapterL", "PreEmbed", "PreLayer")  # methods.py's methods, by paper name
 PUBLISHED_TARGETS = {  # Hu et al. Table 5, GPT-3 175B at 18M params: WikiSQL / MultiNLI accuracy (%)
     "Wq": "70.4 / 91.0 (r=8)",
     "Wk": "70.0 / 90.8 (r=8)",
@@ -163,6 +175,12 @@ class Run:
         full FT."""
         if self.method == "full":
             return "full FT"
+        if self.method == "adapter":
+            return "AdapterL" if self.p("adapter.placement") == "pfeiffer" else "AdapterH"
+        if self.method != "lora":
+            return {"bitfit": "BitFit", "ia3": "IA3", "prompt": "PreEmbed", "prefix": "PreLayer"}.get(
+                self.method, self.method
+            )
         parts = [
             {"dora": "DoRA"}.get(self.p("lora.variant") or "", ""),
             {"pissa": "PiSSA", "olora": "OLoRA"}.get(self.p("lora.init") or "", ""),
@@ -302,14 +320,14 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
 def table_methods(runs: list[Run]) -> Table:
     """Hu et al. Tables 2-4: the best run of each method (lowest final val loss)."""
     used, rows = [], []
-    for variant in ("LoRA", "rsLoRA", "LoRA+", "full FT"):
+    for variant in ("LoRA", "rsLoRA", "LoRA+", "full FT", *BASELINES):
         cands = [r for r in ok_runs(runs) if r.variant == variant]
         if not cands:
             continue
         b = min(cands, key=lambda r: r.val_loss)
         used += cands
         f = b.rec
-        size = f.adapter_bytes if b.method == "lora" else f.checkpoint_bytes
+        size = f.checkpoint_bytes if b.method == "full" else f.adapter_bytes
         rows.append(
             {
                 "method": variant + (" (best)" if variant == "LoRA" else ""),
@@ -322,6 +340,7 @@ def table_methods(runs: list[Run]) -> Table:
                 "settings": _settings(b),
                 "run": b.run_id[:8],
                 "published": PUBLISHED_METHODS[variant],
+                "latency_ms": None if f.inference_latency_s is None else 1000 * f.inference_latency_s,
             }
         )
     cols = [
@@ -341,6 +360,13 @@ def table_methods(runs: list[Run]) -> Table:
         f"found; size is the adapter for LoRA variants and all weights for full FT; peak memory is the process's peak "
         f"RSS on CPU. Methods with no run are left out. {_source(used)}"
     )
+    if any(r["method"] in BASELINES for r in rows):  # the comparison methods' study: their inference cost too
+        cols.insert(6, ("latency_ms", "inference latency (ms)", "{:.1f}"))
+        cap += (
+            " Inference latency: median forward over one evaluation batch after training, merged where the method "
+            "merges (LoRA, IA3; BitFit's biases are the model's own), as trained otherwise (adapters, PreEmbed, "
+            "PreLayer add computation)."
+        )
     return Table("methods", "Method comparison", cap, cols, rows)
 
 
@@ -348,6 +374,10 @@ def _settings(r: Run) -> str:
     bits = [f"lr={_fmt_lr(r.lr)}"]
     if r.method == "lora":
         bits = [f"{r.targets}", f"r={r.r}", f"alpha={r.p('lora.alpha')}"] + bits
+    elif r.method == "adapter":
+        bits = [f"bottleneck={r.p('adapter.bottleneck')}"] + bits
+    elif r.method in ("prompt", "prefix"):
+        bits = [f"n_tokens={r.p(r.method + '.n_tokens')}"] + bits
     if r.batch:
         bits.append(f"bs={r.batch}")
     return " ".join(bits)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_lab import lora
+from lora_lab import lora, methods
 from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
 from lora_lab.files import atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
@@ -544,20 +544,32 @@ class Session:
         base = evals[0] if evals and evals[0]["step"] == 0 else {}
         merged_val, merged_acc, logit_diff, adapter_bytes, ckpt_bytes = None, None, None, None, None
         merge_tol: Optional[float] = None
-        if status == "completed" and cfg.method == "lora":
+        latency: Optional[float] = None
+        mergeable = cfg.method == "lora" or cfg.method == "ia3"
+        if status == "completed" and mergeable:
             if not evals or evals[-1]["step"] != len(history) or self.probe_logits is None:
                 self.evaluate()  # no evaluation of the final weights yet (a run resumed at its end): take the probe
             before = self.probe_logits
             t0 = time.perf_counter()
-            lora.merge(self.model)  # fp32 inside, whatever the weight dtype
+            merge, unmerge = (lora.merge, lora.unmerge) if cfg.method == "lora" else (methods.merge, methods.unmerge)
+            merge(self.model)  # fp32 inside, whatever the weight dtype
             self.eval_time_s += time.perf_counter() - t0  # the merge is part of the merged evaluation
             merged = self.evaluate()
+            latency = self.inference_latency()  # merged: what serving the adapted model costs
             logit_diff = (self.probe_logits - before).abs().max().item()
             merge_tol = merge_tolerance(self.autocast_dtype, before)
             merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
             t0 = time.perf_counter()
-            lora.unmerge(self.model)
+            unmerge(self.model)
             self.eval_time_s += time.perf_counter() - t0
+        if status == "completed" and cfg.method not in ("lora", "full"):
+            if not mergeable:
+                latency = self.inference_latency()  # prompt/prefix/adapters/bitfit: as trained, nothing to fold in
+            if cfg.export.adapter:
+                with atomic_dir(out / "adapter") as tmp:
+                    methods.save(self.model, tmp, base_model_name=cfg.model.name)
+                adapter_bytes = ckpt_bytes = dir_bytes(out / "adapter")
+        elif status == "completed" and cfg.method == "lora":
             if cfg.export.adapter:
                 with atomic_dir(out / "adapter") as tmp:
                     lora.save_adapter(self.model, tmp, base_model_name=cfg.model.name)
@@ -565,6 +577,7 @@ class Session:
             if cfg.export.merged:
                 self.export_merged(out / "merged")
         elif status == "completed":
+            latency = self.inference_latency()
             # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps.
             ckpt_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         # The first step pays for allocations, kernel warm-up and compilation; the median keeps a later recompile
@@ -593,6 +606,7 @@ class Session:
             train_time_s=self.train_time_s,
             eval_time_s=self.eval_time_s,
             setup_time_s=self.setup_time_s,
+            inference_latency_s=latency,
             identity=self.identity(),
             settings=self.settings(),
             history=[build_record(TrainPoint, p, "history") for p in history],
@@ -600,6 +614,31 @@ class Session:
         )
         atomic_write_text(out / "metrics.json", json.dumps(result.to_json(), indent=2, default=float))
         return result
+
+    @torch.no_grad()
+    def inference_latency(self, repeats: int = 5) -> float:
+        """Median seconds of one eval-mode forward over the first eval_batch_size validation rows (right-padded,
+        full logits): the inference cost of the model as it stands (merged where the caller merged it)."""
+        from lora_lab.data import collate
+
+        rows = [row for _, row in zip(range(self.cfg.trainer.eval_batch_size), self.data.val)]
+        batch = _to(collate(rows, self.data.pad_id), self.device)
+        batch.pop("labels", None)
+        was_training = self.model.training
+        self.model.eval()
+        times = []
+        try:
+            for _ in range(repeats + 1):  # the first call warms caches and is left out
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self._forward_logits(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+        finally:
+            self.model.train(was_training)
+        return statistics.median(times[1:])
 
     # Who the run is and which overrides made it: run_tracked sets them; a bare fit() is a plain run.
     run_kind, run_name, study, trial, overrides = "run", None, "", None, ()
@@ -833,6 +872,59 @@ def apply_lora_config(model: torch.nn.Module, c: LoraConfig, task: str = "causal
     return lora.apply_lora(model, **lora_kwargs(model, c, task))
 
 
+def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
+    """A fresh transformers DynamicCache for `model` per call: how prefix tuning hands its keys/values to attention."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    return lambda: DynamicCache(config=config)
+
+
+def apply_method(model: torch.nn.Module, cfg: Config) -> list[str]:
+    """Apply cfg.method (bitfit, ia3, adapter, prompt, prefix: lora_lab.methods) to `model` as the config says; for
+    seq_cls the task head trains too. Returns the modules it changed. Raises ConfigError for combinations the loop
+    cannot serve (resumable checkpoints hold LoRA or full weights only; prompt tuning shifts a classifier's token)."""
+    from lora_lab import methods
+
+    t = cfg.trainer
+    if t.checkpoint_every:  # (resume=true finds no checkpoint then, and starts afresh: a sweep's trials set it)
+        raise ConfigError(
+            f"trainer.checkpoint_every: checkpoints hold LoRA or full weights only; "
+            f"set it to 0 with method={cfg.method}"
+        )
+    if cfg.method == "prompt" and cfg.model.task == "seq_cls":
+        raise ConfigError(
+            "method=prompt: needs model.task=causal_lm (virtual tokens shift a classifier's pooled token)"
+        )
+    heads = lora.head_modules(model) if cfg.model.task == "seq_cls" else []
+    try:
+        if cfg.method == "bitfit":
+            return methods.apply_bitfit(model, add_missing=cfg.bitfit.add_missing, heads=heads)
+        if cfg.method == "ia3":
+            return methods.apply_ia3(model, heads=heads)
+        if cfg.method == "adapter":
+            a = cfg.adapter
+            return methods.apply_adapter(
+                model, bottleneck=a.bottleneck, placement=a.placement, activation=a.activation, heads=heads
+            )
+        if cfg.method == "prompt":
+            return methods.apply_prompt(model, n_tokens=cfg.prompt.n_tokens, init=cfg.prompt.init, seed=cfg.seed)
+        if cfg.method == "prefix":
+            c = cfg.prefix
+            return methods.apply_prefix(
+                model,
+                n_tokens=c.n_tokens,
+                projection=c.projection,
+                hidden=c.hidden,
+                cache_factory=prefix_cache_factory(model),
+                seed=cfg.seed,
+                heads=heads,
+            )
+    except ValueError as exc:
+        raise ConfigError(f"method={cfg.method} on model.name={cfg.model.name}: {exc}") from None
+    raise ConfigError(f"method: no such method {cfg.method!r}")
+
+
 def build(cfg: Config) -> Session:
     """Load the model and data and apply LoRA (or unfreeze everything): every input error surfaces here, before
     anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets)."""
@@ -849,11 +941,14 @@ def build(cfg: Config) -> Session:
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # LoRA init is part of the run's seed, independent of model loading
         wrapped = apply_lora_config(model, cfg.lora, cfg.model.task)
-    else:
+    elif cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         wrapped = []
-    if cfg.method == "lora" and _autocast_dtype(cfg.trainer.precision, device) == torch.bfloat16:
+    else:
+        torch.manual_seed(cfg.seed)  # the method's init is part of the run's seed, as LoRA's
+        wrapped = apply_method(model, cfg)
+    if cfg.method != "full" and _autocast_dtype(cfg.trainer.precision, device) == torch.bfloat16:
         store_frozen_in(model, torch.bfloat16)
     if cfg.data.format == "classification":
         labels = set(data.train["labels"]) | set(data.val["labels"])
@@ -951,7 +1046,8 @@ def settings_of(cfg: Config, overrides: list[str]) -> Settings:
 
     from lora_lab.records import SETTINGS_PARAMS
 
-    own = {f"lora.{k}": v for k, v in asdict(cfg.lora).items()} if cfg.method == "lora" else {}
+    own_group = cfg.method if cfg.method in ("lora", "bitfit", "adapter", "prompt", "prefix") else None
+    own = {f"{own_group}.{k}": v for k, v in asdict(getattr(cfg, own_group)).items()} if own_group else {}
     common = set(SETTINGS_PARAMS.values())
     chosen: dict[str, Any] = {}
     for o in overrides:

@@ -1,0 +1,635 @@
+"""The methods LoRA is measured against (Hu et al. 2021, Tables 2-4), on the same frozen base: a leaf like lora.py.
+
+- ``bitfit``  (Ben Zaken et al. 2021): only biases train. Models without biases (Llama, SmolLM2) get zero-initialised
+  biases on every linear layer inside the layer stack (the choice of BitFit's follow-ups), so step 0 equals the base
+  model and BitFit works on the default model; ``add_missing=False`` refuses such models instead, naming them.
+- ``ia3``     (Liu et al. 2022): learned vectors rescale keys, values (outputs of the key/value projections) and the
+  MLP's intermediate activation (the input of its down projection); initialised to ones. Mergeable into the weights.
+- ``adapter`` (Houlsby et al. 2019; Lin et al. 2020 / Pfeiffer et al. 2021): a bottleneck h + up(act(down(h))) on the
+  attention output and the MLP output (``houlsby``) or on the MLP output only (``pfeiffer``, Hu et al.'s AdapterL);
+  the up projection is zero-initialised, so step 0 equals the base model. Not mergeable (a nonlinearity).
+- ``prompt``  (Lester et al. 2021, Hu et al.'s PreEmbed): n trainable virtual-token embeddings prepended to the input.
+- ``prefix``  (Li & Liang 2021, PreLayer): trainable key/value prefixes in every attention layer, fed through the
+  model's KV-cache interface (so grouped-query attention gets prefixes of its key/value heads), optionally produced by
+  a reparameterisation MLP during training.
+
+Torch and stdlib only: the model is passed in, layers are found from its module tree, and the prefix cache is built by
+a factory the caller passes (train.py gives transformers' ``DynamicCache``). Files: peft's layout for the methods peft
+has (PROMPT_TUNING, PREFIX_TUNING, IA3: adapter_config.json + adapter_model.safetensors), lora_lab's for BitFit and
+adapters (the same two files, with ``"peft_type": "LORA_LAB_BITFIT"`` / ``"LORA_LAB_ADAPTER"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("bitfit", "ia3", "adapter", "prompt", "prefix")
+MERGEABLE = ("bitfit", "ia3")  # bitfit's biases are the model's own: nothing to merge, no extra inference cost
+IGNORE = -100  # label of positions without loss (transformers' convention)
+
+# Names of the projections, as the model families call them (Llama/Mistral/Qwen/SmolLM2, BERT, DistilBERT, OPT, T5).
+KEY_NAMES = ("k_proj", "key", "k_lin", "k")
+VALUE_NAMES = ("v_proj", "value", "v_lin", "v")
+ATTN_OUT_NAMES = ("o_proj", "out_proj", "out_lin", "o", "attention.output.dense")
+MLP_DOWN_NAMES = ("down_proj", "fc2", "lin2", "wo", "w2", "output.dense")
+
+
+def _linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's repeated decoder/encoder blocks: the ModuleList of identical blocks holding the most parameters."""
+    best: list[tuple[str, nn.Module]] = []
+    best_n = -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 1 and len({type(m) for m in module}) == 1:
+            n = sum(p.numel() for p in module.parameters())
+            if n > best_n:
+                best, best_n = [(f"{name}.{i}", m) for i, m in enumerate(module)], n
+    if not best:
+        raise ValueError(f"{type(model).__name__}: no list of repeated layers found (expected e.g. model.layers)")
+    return best
+
+
+def _find(block_name: str, block: nn.Module, names: Sequence[str], what: str, model: nn.Module) -> list[str]:
+    """Linear modules of `block` whose name ends in one of `names` (the first name that matches anything)."""
+    for suffix in names:
+        found = [
+            f"{block_name}.{n}"
+            for n, m in block.named_modules()
+            if _linear(m) and (n == suffix or n.endswith("." + suffix))
+        ]
+        if found:
+            return found
+    raise ValueError(
+        f"{type(model).__name__}: layer {block_name} has no {what} linear (looked for {', '.join(names)}); "
+        f"fused projections such as GPT-2's c_attn are not supported by this method"
+    )
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _train_heads(model: nn.Module, heads: Sequence[str]) -> None:
+    for name in heads:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------- BitFit
+
+
+def apply_bitfit(model: nn.Module, *, add_missing: bool = True, heads: Sequence[str] = ()) -> list[str]:
+    """Freeze everything but the biases. Linear layers in the layer stack without a bias get a zero one (add_missing),
+    else a model without any bias is refused. Returns the names of the trainable biases."""
+    freeze(model)
+    added = []
+    if add_missing:
+        for block_name, block in layer_blocks(model):
+            for n, m in block.named_modules():
+                if _linear(m) and m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
+                    added.append(f"{block_name}.{n}.bias")
+    names = [n for n, _ in model.named_parameters() if n.rpartition(".")[2] == "bias"]
+    if not names:
+        raise ValueError(
+            f"method=bitfit: {type(model).__name__} has no bias parameters; set bitfit.add_missing=true to add "
+            f"zero-initialised biases to its linear layers"
+        )
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    _train_heads(model, heads)
+    model._lora_lab_method = {"method": "bitfit", "add_missing": add_missing, "added": added}
+    return names
+
+
+# ----------------------------------------------------------------------------------------------- (IA)3
+
+
+class IA3Linear(nn.Module):
+    """A linear whose output (key/value projections) or input (the MLP's down projection: `feedforward`) is rescaled
+    element-wise by the learned vector ``ia3_l`` (ones at init). merge() folds it into the weight (and the bias for
+    output scaling) and keeps the original weight, so unmerge() restores it bit for bit."""
+
+    def __init__(self, base_layer: nn.Linear, feedforward: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.feedforward = feedforward
+        n = base_layer.in_features if feedforward else base_layer.out_features
+        self.ia3_l = nn.Parameter(torch.ones(n, device=base_layer.weight.device, dtype=torch.float32))  # (n,)
+        self.merged = False
+        self._original: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.feedforward:
+            return self.base_layer(x * self.ia3_l.to(x.dtype))
+        out = self.base_layer(x)
+        return out * self.ia3_l.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w, b = self.base_layer.weight, self.base_layer.bias
+        self._original = (w.data.clone(), None if b is None else b.data.clone())
+        scale = self.ia3_l.float()
+        # W (out, in): scale rows for output scaling, columns for input scaling; computed in fp32.
+        w.data = (w.float() * (scale[None, :] if self.feedforward else scale[:, None])).to(w.dtype)
+        if b is not None and not self.feedforward:
+            b.data = (b.float() * scale).to(b.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged or self._original is None:
+            return
+        w, b = self._original
+        self.base_layer.weight.data = w
+        if b is not None:
+            self.base_layer.bias.data = b
+        self._original, self.merged = None, False
+
+
+def ia3_targets(model: nn.Module) -> list[tuple[str, bool]]:
+    """(module name, feedforward) of every key/value projection and MLP down projection in the layer stack."""
+    out: list[tuple[str, bool]] = []
+    for block_name, block in layer_blocks(model):
+        for name in _find(block_name, block, KEY_NAMES, "key projection", model):
+            out.append((name, False))
+        for name in _find(block_name, block, VALUE_NAMES, "value projection", model):
+            out.append((name, False))
+        for name in _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model):
+            out.append((name, True))
+    return out
+
+
+def apply_ia3(model: nn.Module, *, heads: Sequence[str] = ()) -> list[str]:
+    """Wrap keys, values and the MLP down projections in IA3Linear; freeze the rest. Returns the wrapped names."""
+    freeze(model)
+    targets = ia3_targets(model)
+    for name, ff in targets:
+        _set_module(model, name, IA3Linear(model.get_submodule(name), ff))
+    _train_heads(model, heads)
+    model._lora_lab_method = {"method": "ia3"}
+    return [n for n, _ in targets]
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+
+class AdapterLinear(nn.Module):
+    """A sub-layer's output projection followed by a bottleneck adapter: h + up(act(down(h))), h = base(x).
+    up is zero-initialised (weight and bias), so the adapted layer starts as the base layer exactly."""
+
+    def __init__(self, base_layer: nn.Linear, bottleneck: int, activation: str) -> None:
+        super().__init__()
+        d = base_layer.out_features
+        dev = base_layer.weight.device
+        self.base_layer = base_layer
+        self.adapter_down = nn.Linear(d, bottleneck, device=dev)  # default (Kaiming-uniform) init
+        self.adapter_up = nn.Linear(bottleneck, d, device=dev)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)  # (B, T, d)
+        z = self.adapter_down(h.to(self.adapter_down.weight.dtype))  # (B, T, r)
+        z = F.gelu(z) if self.activation == "gelu" else F.relu(z)
+        return h + self.adapter_up(z).to(h.dtype)
+
+
+def adapter_targets(model: nn.Module, placement: str) -> list[str]:
+    """Houlsby: the attention output and MLP output projections of every layer; pfeiffer: the MLP output only."""
+    out: list[str] = []
+    for block_name, block in layer_blocks(model):
+        if placement == "houlsby":
+            out += _find(block_name, block, ATTN_OUT_NAMES, "attention output projection", model)
+        out += _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model)
+    return out
+
+
+def apply_adapter(
+    model: nn.Module,
+    *,
+    bottleneck: int = 16,
+    placement: str = "houlsby",
+    activation: str = "relu",
+    heads: Sequence[str] = (),
+) -> list[str]:
+    """Insert bottleneck adapters (placement 'houlsby' or 'pfeiffer'); freeze the rest. Returns the wrapped names."""
+    if placement not in ("houlsby", "pfeiffer"):
+        raise ValueError(f"adapter.placement: expected houlsby or pfeiffer, got {placement!r}")
+    if not (isinstance(bottleneck, int) and bottleneck >= 1):
+        raise ValueError(f"adapter.bottleneck: expected an integer >= 1, got {bottleneck!r}")
+    freeze(model)
+    targets = adapter_targets(model, placement)
+    for name in targets:
+        _set_module(model, name, AdapterLinear(model.get_submodule(name), bottleneck, activation))
+    _train_heads(model, heads)
+    model._lora_lab_method = {
+        "method": "adapter",
+        "bottleneck": bottleneck,
+        "placement": placement,
+        "activation": activation,
+    }
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------- prompt / prefix
+
+
+def _model_dims(model: nn.Module) -> dict[str, int]:
+    """Width, layers, key/value heads and head size, from the model's own config object when it has one."""
+    c = getattr(model, "config", None)
+    if c is not None and hasattr(c, "get_text_config"):
+        c = c.get_text_config()
+
+    def get(*names: str) -> Optional[int]:
+        for n in names:
+            v = getattr(c, n, None)
+            if isinstance(v, int):
+                return v
+        return None
+
+    d = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head", "num_heads")
+    if d is None or heads is None:
+        raise ValueError(f"{type(model).__name__}: cannot read hidden_size / num_attention_heads from its config")
+    kv = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or d // heads
+    layers = len(layer_blocks(model))
+    return {"d": d, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "layers": layers}
+
+
+class PromptEncoder(nn.Module):
+    """Prompt tuning's virtual tokens (``embedding.weight``: (n, d)), or prefix tuning's per-layer keys and values:
+    ``embedding.weight`` (n, L * 2 * kv_dim) directly, or with ``projection`` an MLP from (n, kv_dim) embeddings
+    (peft's PrefixEncoder: Linear, Tanh, Linear). ``forward()`` returns the (n, width) output either way."""
+
+    def __init__(self, n: int, width: int, *, project_from: Optional[int] = None, hidden: int = 0, device=None):
+        super().__init__()
+        self.projection = project_from is not None
+        if self.projection:
+            self.embedding = nn.Embedding(n, project_from, device=device)
+            self.transform = nn.Sequential(
+                nn.Linear(project_from, hidden, device=device), nn.Tanh(), nn.Linear(hidden, width, device=device)
+            )
+        else:
+            self.embedding = nn.Embedding(n, width, device=device)
+
+    def forward(self) -> torch.Tensor:
+        w = self.embedding.weight  # (n, k)
+        return self.transform(w) if self.projection else w
+
+
+class _Hooks:
+    """The forward pre-hook and hook that put virtual tokens or prefixes into every call of the top model."""
+
+    def __init__(self, model: nn.Module, method: str, n: int, cache_factory: Optional[Callable[[], Any]]) -> None:
+        self.model, self.method, self.n, self.cache_factory = model, method, n, cache_factory
+        self.strip_len: Optional[int] = None  # prompt: sequence length with virtual tokens of the current call
+        params = inspect.signature(model.forward).parameters
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = ()
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            raise ValueError(f"method={self.method}: the model was called without input_ids or inputs_embeds")
+        b, n = ref.shape[0], self.n
+        dev = ref.device
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"method={self.method}: expected a 2-D attention_mask, got {tuple(mask.shape)}")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, n + T)
+        pos = kwargs.get("position_ids")
+        encoder = self.model.lora_lab_prompt
+        if self.method == "prompt":
+            if embeds is None:
+                embeds = self.model.get_input_embeddings()(ids)  # (B, T, d)
+            prompts = encoder().to(embeds.dtype)[None].expand(b, -1, -1)  # (B, n, d)
+            kwargs.pop("input_ids", None)
+            kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)  # (B, n + T, d)
+            if pos is not None:  # virtual tokens at 0..n-1, the real ones after them (as without position_ids)
+                virt = torch.arange(n, device=dev, dtype=pos.dtype)[None].expand(pos.shape[0], -1)
+                kwargs["position_ids"] = torch.cat([virt, pos + n], dim=1)
+            labels = kwargs.get("labels")
+            if labels is not None and labels.dim() == 2:
+                kwargs["labels"] = torch.cat([labels.new_full((b, n), IGNORE), labels], dim=1)
+            self.strip_len = kwargs["inputs_embeds"].shape[1]
+        else:
+            dims = self.model._lora_lab_method["dims"]
+            kv = encoder()  # (n, L * 2 * kv_heads * head_dim)
+            dtype = next(p for p in self.model.parameters() if p.dtype.is_floating_point and not p.requires_grad).dtype
+            if torch.is_autocast_enabled(dev.type):
+                dtype = torch.get_autocast_dtype(dev.type)
+            kv = kv.to(dtype).view(n, dims["layers"] * 2, dims["kv_heads"], dims["head_dim"])
+            kv = kv.permute(1, 2, 0, 3)  # (2L, kv_heads, n, head_dim)
+            cache = self.cache_factory()
+            cache_position = torch.arange(n, device=dev)
+            for i in range(dims["layers"]):
+                k = kv[2 * i][None].expand(b, -1, -1, -1)  # (B, kv_heads, n, head_dim)
+                v = kv[2 * i + 1][None].expand(b, -1, -1, -1)
+                cache.update(k, v, i, {"cache_position": cache_position})
+            kwargs[self.cache_key] = cache
+            kwargs["use_cache"] = True  # the cache carries the prefix; it is rebuilt for every call
+            if pos is not None:  # the real tokens sit after the n prefix positions, as without position_ids
+                kwargs["position_ids"] = pos + n
+        return args, kwargs
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Prompt tuning: drop the virtual tokens' logits, so logits line up with the caller's input_ids."""
+        if self.method == "prompt" and self.strip_len is not None:
+            logits = getattr(output, "logits", None)
+            if logits is not None and logits.dim() == 3 and logits.shape[1] == self.strip_len:
+                output.logits = logits[:, self.n :]
+            self.strip_len = None
+        return output
+
+
+def _install(model: nn.Module, method: str, n: int, cache_factory: Optional[Callable[[], Any]]) -> None:
+    hooks = _Hooks(model, method, n, cache_factory)
+    model._lora_lab_handles = (
+        model.register_forward_pre_hook(hooks.pre, with_kwargs=True),
+        model.register_forward_hook(hooks.post, with_kwargs=True),
+    )
+
+
+def apply_prompt(
+    model: nn.Module, *, n_tokens: int = 20, init: str = "vocab", seed: int = 0, heads: Sequence[str] = ()
+) -> list[str]:
+    """Prompt tuning: `n_tokens` trainable virtual-token embeddings prepended to every input (init 'vocab': copies
+    of randomly drawn vocabulary embeddings; 'random': N(0, std of the embedding matrix)). Freezes the rest."""
+    if init not in ("vocab", "random"):
+        raise ValueError(f"prompt.init: expected vocab or random, got {init!r}")
+    if not (isinstance(n_tokens, int) and n_tokens >= 1):
+        raise ValueError(f"prompt.n_tokens: expected an integer >= 1, got {n_tokens!r}")
+    freeze(model)
+    table = model.get_input_embeddings().weight  # (V, d)
+    enc = PromptEncoder(n_tokens, table.shape[1], device=table.device)
+    if table.device.type != "meta":
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            if init == "vocab":
+                idx = torch.randint(0, table.shape[0], (n_tokens,), generator=g)
+                enc.embedding.weight.copy_(table[idx.to(table.device)].float())
+            else:
+                noise = torch.randn(n_tokens, table.shape[1], generator=g)
+                enc.embedding.weight.copy_(noise * table.float().std().cpu())
+    model.lora_lab_prompt = enc
+    _install(model, "prompt", n_tokens, None)
+    _train_heads(model, heads)
+    model._lora_lab_method = {"method": "prompt", "n_tokens": n_tokens, "init": init, "d": table.shape[1]}
+    return ["lora_lab_prompt"]
+
+
+def apply_prefix(
+    model: nn.Module,
+    *,
+    n_tokens: int = 10,
+    projection: bool = False,
+    hidden: int = 512,
+    cache_factory: Callable[[], Any],
+    seed: int = 0,
+    heads: Sequence[str] = (),
+) -> list[str]:
+    """Prefix tuning: n trainable key/value vectors per attention layer (of the model's key/value heads, so GQA is
+    covered), handed to the model as a pre-filled KV cache made by `cache_factory`. With `projection`, an MLP produces
+    them from (n, kv_dim) embeddings during training (Li & Liang's reparameterisation); saved files hold its output."""
+    if not (isinstance(n_tokens, int) and n_tokens >= 1):
+        raise ValueError(f"prefix.n_tokens: expected an integer >= 1, got {n_tokens!r}")
+    freeze(model)
+    dims = _model_dims(model)
+    kv_dim = dims["kv_heads"] * dims["head_dim"]
+    width = dims["layers"] * 2 * kv_dim
+    dev = model.get_input_embeddings().weight.device
+    if dev.type != "meta":
+        torch.manual_seed(seed)
+    enc = PromptEncoder(n_tokens, width, project_from=kv_dim if projection else None, hidden=hidden, device=dev)
+    model.lora_lab_prompt = enc
+    _install(model, "prefix", n_tokens, cache_factory)
+    _train_heads(model, heads)
+    model._lora_lab_method = {
+        "method": "prefix",
+        "n_tokens": n_tokens,
+        "projection": projection,
+        "hidden": hidden,
+        "dims": dims,
+    }
+    return ["lora_lab_prompt"]
+
+
+# ----------------------------------------------------------------------------------------------- all methods
+
+
+def method_of(model: nn.Module) -> Optional[str]:
+    info = getattr(model, "_lora_lab_method", None)
+    return None if info is None else info["method"]
+
+
+def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's own trained parameters, by name (what is saved; heads trained alongside are not included)."""
+    method = method_of(model)
+    if method is None:
+        raise ValueError("no method applied to this model")
+    named = dict(model.named_parameters())
+    if method == "bitfit":
+        return {n: p for n, p in named.items() if n.rpartition(".")[2] == "bias" and p.requires_grad}
+    if method == "ia3":
+        return {n: p for n, p in named.items() if n.endswith(".ia3_l")}
+    if method == "adapter":
+        return {n: p for n, p in named.items() if ".adapter_down." in n or ".adapter_up." in n}
+    return {n: p for n, p in named.items() if n.startswith("lora_lab_prompt.")}
+
+
+def count_method_parameters(model: nn.Module) -> int:
+    """Parameters the method adds or trains (works on the meta device: numel only)."""
+    return sum(p.numel() for p in method_parameters(model).values())
+
+
+def merge(model: nn.Module) -> None:
+    """Fold IA3 vectors into the weights (idempotent); BitFit has nothing to fold; other methods raise."""
+    method = method_of(model)
+    if method not in MERGEABLE:
+        raise ValueError(f"method={method}: cannot be merged into the weights (it changes the computation itself)")
+    for m in model.modules():
+        if isinstance(m, IA3Linear):
+            m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo merge() exactly (the original weights were kept)."""
+    for m in model.modules():
+        if isinstance(m, IA3Linear):
+            m.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ia3": "IA3"}
+OWN_TYPES = {"bitfit": "LORA_LAB_BITFIT", "adapter": "LORA_LAB_ADAPTER"}
+
+
+def _peft_config(model: nn.Module, base_model_name: Optional[str], task_type: str) -> dict[str, Any]:
+    info = model._lora_lab_method
+    method = info["method"]
+    common = {"base_model_name_or_path": base_model_name, "task_type": task_type, "inference_mode": True}
+    if method in OWN_TYPES:
+        keep = {k: v for k, v in info.items() if k not in ("method", "added")}
+        return {"peft_type": OWN_TYPES[method], **common, **keep, "added_biases": info.get("added", [])}
+    if method == "ia3":
+        targets = ia3_targets_of(model)
+        return {
+            "peft_type": "IA3",
+            **common,
+            "target_modules": sorted({n.rpartition(".")[2] for n, _ in targets}),
+            "feedforward_modules": sorted({n.rpartition(".")[2] for n, ff in targets if ff}),
+            "fan_in_fan_out": False,
+            "init_ia3_weights": True,
+            "modules_to_save": None,
+        }
+    n = info["n_tokens"]
+    if method == "prompt":
+        d = info["d"]
+        return {
+            "peft_type": "PROMPT_TUNING",
+            **common,
+            "num_virtual_tokens": n,
+            "token_dim": d,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": _model_dims(model)["heads"],
+            "num_layers": len(layer_blocks(model)),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+        }
+    dims = info["dims"]
+    return {
+        "peft_type": "PREFIX_TUNING",
+        **common,
+        "num_virtual_tokens": n,
+        # peft's GQA convention: token_dim and num_attention_heads of the key/value heads
+        "token_dim": dims["kv_heads"] * dims["head_dim"],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": dims["kv_heads"],
+        "num_layers": dims["layers"],
+        "encoder_hidden_size": info["hidden"],
+        "prefix_projection": False,  # the saved prefix is the projection's output (as peft saves it)
+    }
+
+
+def ia3_targets_of(model: nn.Module) -> list[tuple[str, bool]]:
+    return [(n, m.feedforward) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+
+
+def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The saved tensors under their file keys: peft's for prompt/prefix/IA3, module names for BitFit/adapters."""
+    method = method_of(model)
+    if method in ("prompt", "prefix"):
+        with torch.no_grad():
+            return {"prompt_embeddings": model.lora_lab_prompt().detach().float().cpu().contiguous()}
+    out = {}
+    for name, p in method_parameters(model).items():
+        t = p.detach().cpu().contiguous()
+        if method == "ia3":  # peft: (out, 1) for output scaling, (1, in) for input scaling
+            ff = model.get_submodule(name.rpartition(".")[0]).feedforward
+            t = t[None, :] if ff else t[:, None]
+            name = "base_model.model." + name
+        out[name] = t
+    return out
+
+
+def save(model: nn.Module, folder: str | os.PathLike, base_model_name: Optional[str] = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into `folder` (the caller makes it atomic)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    task = "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
+    config = _peft_config(model, base_model_name, task)
+    save_file(method_state_dict(model), str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load(model: nn.Module, folder: str | os.PathLike, cache_factory: Optional[Callable[[], Any]] = None) -> str:
+    """Apply the method saved in `folder` (by lora_lab or peft) to a plain `model` and load its weights; returns the
+    method's name. Raises ValueError naming the file when it is not one of these methods or does not fit."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ValueError(f"{p}: missing (expected a saved method: adapter_config.json + adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    kind = cfg.get("peft_type")
+    weights = load_file(str(w_path))
+    if kind == "PROMPT_TUNING":
+        n = int(cfg["num_virtual_tokens"])
+        apply_prompt(model, n_tokens=n, init="random")
+        _copy(model.lora_lab_prompt.embedding.weight, weights["prompt_embeddings"][:n], w_path)
+        return "prompt"
+    if kind == "PREFIX_TUNING":
+        if cfg.get("num_transformer_submodules", 1) not in (1, None):
+            raise ValueError(f"{cfg_path}: num_transformer_submodules={cfg['num_transformer_submodules']} unsupported")
+        if cache_factory is None:
+            raise ValueError("loading a prefix needs cache_factory (e.g. transformers.DynamicCache)")
+        apply_prefix(model, n_tokens=int(cfg["num_virtual_tokens"]), projection=False, cache_factory=cache_factory)
+        _copy(model.lora_lab_prompt.embedding.weight, weights["prompt_embeddings"], w_path)
+        return "prefix"
+    if kind == "IA3":
+        apply_ia3(model)
+        own = method_parameters(model)
+        for key, t in weights.items():
+            name = key.removeprefix("base_model.model.")
+            if not name.endswith(".ia3_l"):
+                name = name.rpartition(".")[0] + ".ia3_l"  # peft may store 'ia3_l.default'-free keys only
+            if name not in own:
+                raise ValueError(f"{w_path}: key {key} has no IA3 layer in {type(model).__name__}")
+            _copy(own[name], t.reshape(-1), w_path)
+        return "ia3"
+    if kind == "LORA_LAB_BITFIT":
+        apply_bitfit(model, add_missing=bool(cfg.get("add_missing", True)))
+    elif kind == "LORA_LAB_ADAPTER":
+        apply_adapter(model, bottleneck=cfg["bottleneck"], placement=cfg["placement"], activation=cfg["activation"])
+    else:
+        raise ValueError(
+            f"{cfg_path}: peft_type={kind!r} is not one of {', '.join([*PEFT_TYPES.values(), *OWN_TYPES.values()])}"
+        )
+    params = dict(model.named_parameters())
+    for key, t in weights.items():
+        if key not in params:
+            raise ValueError(f"{w_path}: key {key} is not a parameter of {type(model).__name__}")
+        _copy(params[key], t, w_path)
+    return method_of(model)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, path: Path) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{path}: tensor of shape {tuple(src.shape)} where the model expects {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(src.to(dst.dtype))

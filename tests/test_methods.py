@@ -1,0 +1,241 @@
+"""The methods LoRA is measured against (lora_lab/methods.py): each trains only its own parameters, counts what the
+formula says (also on the meta device), starts at the base model where its init says so, scores left-padded prompts
+as unpadded ones, merges exactly (IA3), saves and loads; and runs through the training loop like LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_lab import methods
+from lora_lab.config import compose
+from lora_lab.train import prefix_cache_factory, run
+
+# The tiny llama of conftest: d=32, 2 layers, 4 heads, 2 key/value heads (head_dim 8), MLP width 64.
+D, L, KV, HD, FF = 32, 2, 2, 8, 64
+KV_DIM = KV * HD
+
+
+def apply(model, method, **kw):
+    if method == "prefix":
+        kw.setdefault("cache_factory", prefix_cache_factory(model))
+    return getattr(methods, f"apply_{method}")(model, **kw)
+
+
+def formula(method, **kw) -> int:
+    """Hu et al. section 5.1 style counts for the tiny llama, written out by hand."""
+    if method == "bitfit":  # a zero bias on every linear of a layer: q, k, v, o, gate, up, down
+        return L * (D + KV_DIM + KV_DIM + D + FF + FF + D)
+    if method == "ia3":  # keys, values (outputs), the MLP intermediate (input of down_proj)
+        return L * (KV_DIM + KV_DIM + FF)
+    if method == "adapter":  # L_adpt x (2 d r + r + d)
+        r, per_layer = kw["bottleneck"], 2 if kw["placement"] == "houlsby" else 1
+        return L * per_layer * (2 * D * r + r + D)
+    if method == "prompt":  # n x d
+        return kw["n_tokens"] * D
+    if method == "prefix":  # n x L x 2 (k, v) x kv_dim, or the reparameterisation MLP's inputs and weights
+        n, width = kw["n_tokens"], L * 2 * KV_DIM
+        if not kw.get("projection"):
+            return n * width
+        h = kw["hidden"]
+        return n * KV_DIM + (KV_DIM * h + h) + (h * width + width)
+    raise ValueError(method)
+
+
+CASES = [
+    ("bitfit", {}),
+    ("ia3", {}),
+    ("adapter", {"bottleneck": 4, "placement": "houlsby"}),
+    ("adapter", {"bottleneck": 4, "placement": "pfeiffer"}),
+    ("prompt", {"n_tokens": 3}),
+    ("prefix", {"n_tokens": 3}),
+    ("prefix", {"n_tokens": 3, "projection": True, "hidden": 16}),
+]
+IDS = [f"{m}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for m, kw in CASES]
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+def test_parameter_count_is_the_formula_also_on_meta(method, kw, build_tiny, tiny_config):
+    import transformers
+
+    model = build_tiny("llama")
+    apply(model, method, **kw)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert methods.count_method_parameters(model) == trainable == formula(method, **kw)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    apply(meta, method, **kw)
+    assert methods.count_method_parameters(meta) == formula(method, **kw)
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+def test_only_the_methods_parameters_change(method, kw, build_tiny, tiny_ids):
+    model = build_tiny("llama")
+    apply(model, method, **kw)
+    own = set(methods.method_parameters(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(input_ids=tiny_ids, labels=tiny_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= own, changed - own
+    frozen = [n for n in before if n not in own]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+
+
+@pytest.mark.parametrize("method,kw", CASES[:4], ids=IDS[:4])
+def test_zero_init_methods_start_at_the_base_model(method, kw, build_tiny, tiny_ids):
+    model = build_tiny("llama")
+    with torch.no_grad():
+        base = model(input_ids=tiny_ids).logits
+        apply(model, method, **kw)
+        assert torch.equal(model(input_ids=tiny_ids).logits, base)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_left_padded_scoring_matches_unpadded_rows(method, build_tiny):
+    """train.Session._last_token_logits left-pads prompts and passes position_ids from the mask: with virtual tokens
+    or prefixes in front, each row's next-token logits must equal the row's own unpadded forward."""
+    model = build_tiny("llama")
+    apply(model, method, n_tokens=3)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 96, (n,), generator=g) for n in (5, 2, 4)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        for i, r in enumerate(rows):
+            alone = model(input_ids=r[None]).logits[0, -1]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+        # Full logits line up with the caller's tokens (virtual tokens' logits dropped) and the loss ignores them.
+        out = model(input_ids=rows[0][None], labels=rows[0][None])
+        assert out.logits.shape[1] == len(rows[0]) and torch.isfinite(out.loss)
+
+
+def test_ia3_merge_is_exact_and_unmerge_restores_the_weights(build_tiny, tiny_ids):
+    model = build_tiny("llama")
+    apply(model, "ia3")
+    with torch.no_grad():
+        for p in methods.method_parameters(model).values():
+            p.uniform_(0.5, 1.5)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged = model(input_ids=tiny_ids).logits
+        methods.merge(model)
+        methods.merge(model)  # idempotent
+        merged = model(input_ids=tiny_ids).logits
+        assert not torch.equal(
+            model.model.layers[0].self_attn.k_proj.base_layer.weight,
+            weights["model.layers.0.self_attn.k_proj.base_layer.weight"],
+        )
+        methods.unmerge(model)
+        methods.unmerge(model)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="method=adapter: cannot be merged"):
+        m2 = build_tiny("llama")
+        apply(m2, "adapter")
+        methods.merge(m2)
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+def test_save_and_load_round_trip(method, kw, build_tiny, tiny_ids, tmp_path):
+    model = build_tiny("llama")
+    apply(model, method, **kw)
+    with torch.no_grad():
+        for p in methods.method_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+        expected = model(input_ids=tiny_ids).logits
+    methods.save(model, tmp_path, base_model_name="tiny")
+    fresh = build_tiny("llama")
+    assert methods.load(fresh, tmp_path, cache_factory=prefix_cache_factory(fresh)) == method
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=tiny_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bitfit_refuses_a_model_without_biases_when_asked_to(build_tiny):
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no bias parameters; set bitfit.add_missing"):
+        methods.apply_bitfit(build_tiny("llama"), add_missing=False)
+    names = methods.apply_bitfit(build_tiny("gpt2"), add_missing=False)  # GPT-2 has its own biases
+    assert names and all(n.endswith(".bias") for n in names)
+
+
+def test_a_fused_attention_model_is_refused_by_name(build_tiny):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel: layer transformer.h.0 has no key projection"):
+        methods.apply_ia3(build_tiny("gpt2"))
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix"])
+def test_train_runs_each_method_with_the_same_record(method, outputs):
+    _, cfg = compose(
+        [
+            "model=tiny",
+            "data=tiny_sentiment",
+            "trainer=smoke",
+            "tracking=off",
+            "trainer.progress=false",
+            f"method={method}",
+        ]
+    )
+    result = run(cfg)
+    assert result.completed and result.steps == cfg.trainer.max_steps
+    assert result.inference_latency_s is not None and result.inference_latency_s > 0
+    assert result.trainable_params == methods.count_method_parameters(build_method_model(cfg))
+    out = outputs / "runs"
+    (run_dir,) = list(out.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainable_params"] == result.trainable_params
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"ia3": "IA3", "prefix": "PREFIX_TUNING"}[method]
+    if method == "ia3":  # mergeable: the merged evaluation and its check, as for LoRA
+        assert result.merge_ok is True and result.merged_val_loss is not None
+    else:
+        assert result.merged_val_loss is None
+    assert result.settings.method == method
+
+
+def build_method_model(cfg):
+    from lora_lab.models import load_model
+    from lora_lab.train import apply_method
+
+    model, _ = load_model(cfg.model)
+    apply_method(model, cfg)
+    return model
+
+
+def test_bad_method_settings_name_the_key():
+    from lora_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter.placement"):
+        compose(["method=adapter", "adapter.placement=middle"])
+    with pytest.raises(ConfigError, match="prompt.n_tokens"):
+        compose(["method=prompt", "prompt.n_tokens=0"])
+    with pytest.raises(ConfigError, match="method: expected one of"):
+        compose(["method=adapters"])
+
+
+def test_report_methods_table_has_the_paper_rows_and_latency(outputs):
+    from lora_lab.report import PUBLISHED_METHODS, Run, table_methods
+
+    runs = []
+    for i, extra in enumerate([["method=bitfit"], ["method=adapter", "adapter=pfeiffer", "adapter.bottleneck=4"]]):
+        _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "tracking=off", *extra])
+        cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, 2, 2
+        runs.append(Run(run_id=f"run{i}0000000", parent="", state="COMPLETE", rec=run(cfg)))
+    table = table_methods(runs)
+    by_method = {row["method"]: row for row in table.rows}
+    assert set(by_method) == {"BitFit", "AdapterL"}
+    assert by_method["AdapterL"]["trainable_params"] == 2 * (2 * 64 * 4 + 4 + 64)  # conf/model/tiny: d=64, 2 layers
+    assert by_method["BitFit"]["published"] == PUBLISHED_METHODS["BitFit"]
+    assert all(row["latency_ms"] > 0 for row in table.rows)
+    assert "latency_ms" in [c[0] for c in table.columns]
