@@ -42,74 +42,70 @@ def smollm2_135m_config(tiny: bool = False) -> LlamaConfig:
     return shape_config("tiny" if tiny else "smollm2-135m")
 
 
-SHAPES = ("smollm2-135m", "deep-narrow", "llama-1b", "llama-8b", "tiny")
+_SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+)
+_LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
+# LlamaConfig fields of each named shape (random weights: speed, not quality). deep-narrow is SmolLM2's 30 layers at
+# width 64, where host work dominates the step as it does on a GPU: the CPU proxy for launch-bound training.
+SHAPE_FIELDS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _SMOLLM2,
+    "deep-narrow": {
+        **_SMOLLM2,
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "llama-1b": _LLAMA_1B,  # Llama-3.2-1B
+    "llama-8b": {
+        **_LLAMA_1B,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "tie_word_embeddings": False,
+    },  # Llama-3.1-8B
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    ),
+}
+SHAPES = tuple(SHAPE_FIELDS)
 
 
 def shape_config(shape: str) -> LlamaConfig:
-    """A LlamaConfig of a named shape (random weights: speed, not quality).
-
-    smollm2-135m: SmolLM2-135M-Instruct. deep-narrow: its 30 layers at width 64, where host work dominates the step as
-    it does on a GPU (the CPU proxy for launch-bound training). llama-1b / llama-8b: Llama-3.2-1B / Llama-3.1-8B.
-    """
+    """A LlamaConfig of a named shape (SHAPE_FIELDS)."""
     from transformers import LlamaConfig
 
-    common = dict(hidden_act="silu", attn_implementation="sdpa")
-    if shape == "tiny":
-        return LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            tie_word_embeddings=True,
-            max_position_embeddings=64,
-            **common,
-        )
-    if shape in ("smollm2-135m", "deep-narrow"):
-        narrow = shape == "deep-narrow"
-        return LlamaConfig(
-            hidden_size=64 if narrow else 576,
-            intermediate_size=192 if narrow else 1536,
-            num_hidden_layers=30,
-            num_attention_heads=4 if narrow else 9,
-            num_key_value_heads=2 if narrow else 3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            **common,
-        )
-    if shape == "llama-1b":
-        return LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=True,
-            rope_theta=500000.0,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            **common,
-        )
-    if shape == "llama-8b":
-        return LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=False,
-            rope_theta=500000.0,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            **common,
-        )
-    raise ValueError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}")
+    if shape not in SHAPE_FIELDS:
+        raise ValueError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}")
+    return LlamaConfig(**SHAPE_FIELDS[shape], hidden_act="silu", attn_implementation="sdpa")
 
 
 def _have_peft() -> bool:

@@ -634,18 +634,9 @@ def table_batch(runs: list[Run]) -> Table:
 
 def llama31_8b_config() -> Any:
     """Llama-3.1-8B's published shape (config.json), built in code: nothing is downloaded."""
-    from transformers import LlamaConfig
+    from lora_lab.bench import shape_config
 
-    return LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
-    )
+    return shape_config("llama-8b")
 
 
 def model_config(name: str, setting: Optional[Callable[[str], Any]] = None) -> Any:
