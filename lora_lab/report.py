@@ -320,7 +320,9 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
 def table_methods(runs: list[Run]) -> Table:
     """Hu et al. Tables 2-4: the best run of each method (lowest final val loss)."""
     used, rows = [], []
-    for variant in ("LoRA", "rsLoRA", "LoRA+", "full FT", *BASELINES):
+    known = ("LoRA", "rsLoRA", "LoRA+", "DoRA", "PiSSA", "OLoRA", "full FT", *BASELINES)
+    others = sorted({r.variant for r in ok_runs(runs)} - set(known))  # combinations such as DoRA+rsLoRA
+    for variant in (*known, *others):
         cands = [r for r in ok_runs(runs) if r.variant == variant]
         if not cands:
             continue
@@ -339,7 +341,7 @@ def table_methods(runs: list[Run]) -> Table:
                 "size_mib": None if size is None else size / 2**20,
                 "settings": _settings(b),
                 "run": b.run_id[:8],
-                "published": PUBLISHED_METHODS[variant],
+                "published": PUBLISHED_METHODS.get(variant, "not in Hu et al.; no same-quantity number in ANCHORS.md"),
                 "latency_ms": None if f.inference_latency_s is None else 1000 * f.inference_latency_s,
             }
         )
