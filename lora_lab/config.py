@@ -469,6 +469,14 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _finite(self, "sweep")
         _seed("sweep.seed", self.seed)
+        # The name is a folder under <outputs>/studies, an Optuna study name, an MLflow tag inside filter strings and
+        # part of Hydra overrides: plain ASCII letters, digits, '.', '_', '-'; no '..', no path separators, no quotes.
+        _check(
+            isinstance(self.name, str) and STUDY_NAME.fullmatch(self.name) is not None and ".." not in self.name,
+            "sweep.name",
+            "1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit (no '..', '/' or quotes)",
+            self.name,
+        )
         _one_of("sweep.sampler", self.sampler, ("tpe", "random", "grid", "gp", "cmaes", "nsga2"))
         _one_of("sweep.pruner", self.pruner, ("median", "hyperband", "none"))
         for objective in self.objectives:
@@ -529,6 +537,8 @@ class SweepConfig:
         """Optuna directions, one per objective."""
         return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
 
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 OBJECTIVE_DIRECTIONS = {
     "val_loss": "minimize",

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from lora_lab import search, tracking
-from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
+from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
 from lora_lab.records import RecordError, Results, RunRecord
 from lora_lab.train import build, free_memory, lora_targets, run_tracked
@@ -90,7 +90,9 @@ class Study:
 
     def __init__(self, spec: SweepConfig, inv: Invocation) -> None:
         self.spec = spec
+        self.file = study_file(inv.sweep)
         self.base_overrides = list(spec.overrides) + list(inv.train_overrides)
+        self.fingerprint = fingerprint(spec, self.base_overrides)
         _, self.base_cfg = compose(self.base_overrides)
         self.tracking = self.base_cfg.tracking
         self.dir = outputs_root() / "studies" / spec.name
@@ -173,7 +175,32 @@ class Study:
                 f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
                 f"use another sweep.name"
             )
+        self.check_fingerprint()
         return self.study
+
+    def check_fingerprint(self) -> None:
+        """One name, one study: a study records the fingerprint of its space and base overrides (and the file it came
+        from); another file or changed settings under the same name is refused, unless no trial of the study ever
+        finished well (then the study is being fixed: the new settings replace the old, and the old configuration's
+        failed trials do not count towards the budget)."""
+        attrs = self.study.user_attrs
+        old, old_file = attrs.get("fingerprint"), attrs.get("study_file")
+        if old is not None and old != self.fingerprint:
+            good = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if good:
+                which = (
+                    f"{old_file} has changed since"
+                    if old_file == str(self.file)
+                    else f"{self.file} is another study file with the same name as {old_file}"
+                )
+                raise ConfigError(
+                    f"sweep.name={self.spec.name!r}: study {self.spec.name!r} was created from {old_file} with other "
+                    f"settings (space or overrides, fingerprint {old} vs {self.fingerprint}); {which}. Give this one "
+                    f"its own name (sweep.name=...), or restore the settings the study ran with"
+                )
+        if old != self.fingerprint or old_file != str(self.file):
+            self.study.set_user_attr("fingerprint", self.fingerprint)
+            self.study.set_user_attr("study_file", str(self.file))
 
     # -- budget ----------------------------------------------------------------------------------------------
 
@@ -205,7 +232,21 @@ class Study:
         retried = {t.system_attrs.get("failed_trial") for t in trials} | {
             n for t in trials for n in t.system_attrs.get("retry_history", [])
         }
-        return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+        # Trials of a configuration that stopped the study (its first trials all failed the same way) or of settings
+        # the study has since been fixed to move away from do not count: the corrected study gets its full budget.
+        uncounted = set(self.study.user_attrs.get("uncounted_failures", []))
+        return sum(
+            1
+            for t in trials
+            if not (
+                t.state == TrialState.FAIL
+                and (
+                    t.number in retried
+                    or t.number in uncounted
+                    or t.user_attrs.get("fingerprint", self.fingerprint) != self.fingerprint
+                )
+            )
+        )
 
     def top_up(self) -> int:
         """Enqueue WAITING trials until the budget n_trials is reached; return how many were added."""
@@ -277,6 +318,31 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def check_study(spec: SweepConfig) -> None:
+    """The study file's own checks, before any storage, tracking store or folder exists: the space is sampled once
+    (and every tied/map entry resolves for every value), and a grid sampler gets a finite grid."""
+    search.check_space(spec.space)
+    if spec.sampler == "grid":
+        search.grid(spec.space)
+
+
+def study_file(name_or_path: str) -> Path:
+    """The file `sweep=NAME` reads (as load_sweep resolves it)."""
+    path = Path(name_or_path)
+    return (path if path.suffix in (".yaml", ".yml") else SWEEPS_DIR / f"{name_or_path}.yaml").resolve()
+
+
+def fingerprint(spec: SweepConfig, base_overrides: list[str]) -> str:
+    """What makes two runs of a command the same study: its space and the overrides every trial gets."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    space = {k: (asdict(v) if not isinstance(v, dict) else v) for k, v in spec.space.items()}
+    text = json.dumps({"space": space, "overrides": list(base_overrides)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def preflight(st: Study) -> None:
     """Everything that can be wrong with a study, checked before anything is written: each space entry's extreme
     values compose and validate, the model and data load, and every target choice matches modules."""
@@ -337,7 +403,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
 
     overrides = search.suggest(trial, st.spec.space)
     folder = trial_dir(st, trial)
-    extra = [f"output_dir={folder}", "trainer.resume=true"]
+    extra = [path_override("output_dir", folder), "trainer.resume=true"]
     resolved, cfg = compose(st.base_overrides + overrides + extra)
     if batch_shrink > 1:  # after an out-of-memory error: same effective batch, smaller micro-batches
         bs = cfg.trainer.batch_size // batch_shrink
@@ -446,6 +512,7 @@ def worker_loop(st: Study) -> None:
     heartbeats = is_heartbeat_enabled(study._storage)
     started = time.time()
     first_failures: list[str] = []
+    failed_numbers: list[int] = []
     bar = _study_bar(st)
     try:
         while True:
@@ -463,6 +530,7 @@ def worker_loop(st: Study) -> None:
                 _refresh_bar(bar, st)
                 continue
             trial = optuna.Trial(study, trial_id)
+            trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
             with get_heartbeat_thread(trial_id, study._storage):
@@ -485,17 +553,24 @@ def worker_loop(st: Study) -> None:
             _refresh_bar(bar, st)
             if state == TrialState.FAIL:
                 first_failures.append(reason.split(":")[0])
+                failed_numbers.append(trial.number)
                 if (
                     len(first_failures) == FIRST_FAILURES_TO_STOP
                     and len(set(first_failures)) == 1
                     and not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
                 ):
+                    # The configuration is broken, not these trials: once it is fixed they must not fill the budget.
+                    uncounted = set(study.user_attrs.get("uncounted_failures", [])) | set(failed_numbers)
+                    study.set_user_attr("uncounted_failures", sorted(uncounted))
                     raise ConfigError(
                         f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
                         f"({reason}); stopping the study: fix the cause and run the command again"
                     )
             elif len(first_failures) < FIRST_FAILURES_TO_STOP:
-                first_failures = [f"ok-{trial.number}"]  # a success breaks the run of identical failures
+                first_failures, failed_numbers = (
+                    [f"ok-{trial.number}"],
+                    [],
+                )  # a success breaks the run of identical failures
     finally:
         bar.close()
 
@@ -604,7 +679,7 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunReco
             return RunRecord.from_json(json.loads(metrics.read_text()), where=str(metrics))
         except (RecordError, json.JSONDecodeError) as exc:  # another lora_lab version's file: run it again
             log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
-    resolved, cfg = compose(full + [f"output_dir={folder}"])
+    resolved, cfg = compose(full + [path_override("output_dir", folder)])
     log.info("comparison run %s: %s", name, " ".join(overrides))
     return run_tracked(
         build(cfg),
@@ -772,6 +847,16 @@ def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
     return files
 
 
+def path_override(key: str, path: Path) -> str:
+    """`key='<path>'`: quoted for Hydra's override parser, so spaces, non-ASCII letters, '=' or brackets in the outputs
+    folder stay part of the path."""
+    import re
+
+    # Hydra's quoted strings: backslashes are literal except before a quote (and at the end, before the closing one).
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(path))
+    return f"{key}='{text}'"
+
+
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " []{}*?$") else arg
 
@@ -819,6 +904,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         inv = parse_args(argv)
         spec = load_sweep(inv.sweep, inv.sweep_overrides)
+        check_study(spec)
         if spec.workers > 1 and spec.storage is None:
             raise ConfigError(
                 f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "

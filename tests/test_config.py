@@ -42,6 +42,7 @@ def test_every_yaml_starts_with_its_command() -> None:
 def test_every_study_file_loads_and_each_space_entry_composes(name: str) -> None:
     spec = load_sweep(name)
     assert spec.name == name and spec.space, name
+    search.check_space(spec.space)  # sampled once, every tied/map entry resolvable
     _, base = compose(spec.overrides)
     for extra in search.preview(spec.space):
         compose(spec.overrides + extra)  # raises ConfigError on a bad value
