@@ -68,6 +68,27 @@ def _finite_value(value: Any, key: str) -> None:
             _finite_value(v, f"{key}.{k}")
 
 
+def check_writable(key: str, path: Path | str) -> None:
+    """`path` is a folder this run will write into: it is one, or can be made one, and a file can be written there.
+    Probed with a real file (read-only file systems and permissions alike), in the nearest folder that exists, so a
+    bad path is exit 2 naming it and the reason before anything is created."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == target else f"cannot be a folder: {probe} is a file"
+        raise ConfigError(f"{key}: {target} {where}; expected a folder to write into")
+    try:
+        fd = os.open(probe / f".lora_lab-probe-{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe / f".lora_lab-probe-{os.getpid()}")
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {target}: {probe}: {exc.strerror}") from None
+
+
 def _names(key: str, values: Optional[List[Any]]) -> None:
     """A list of names: every entry a non-empty string."""
     _check(values is None or all(isinstance(v, str) and v.strip() for v in values), key, "non-empty names", values)
@@ -406,6 +427,10 @@ class Config:
         _finite(self, "")  # every group, including any without its own check
         _seed("seed", self.seed)
         _text("output_dir", self.output_dir)
+        if self.output_dir is not None:
+            check_writable("output_dir", self.output_dir)
+        else:
+            check_writable("LORA_LAB_OUTPUTS", outputs_root())
         _one_of("method", self.method, ("lora", "full"))
         if self.data.format == "classification" and self.model.task != "seq_cls":
             raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
@@ -512,6 +537,12 @@ class SweepConfig:
             self.pruner_startup_trials,
         )
         _text("sweep.storage", self.storage)
+        check_writable("LORA_LAB_OUTPUTS", outputs_root())
+        if self.storage and self.storage.startswith("journal:"):
+            raw = self.storage[len("journal:") :]
+            journal = Path(raw[2:] if raw.startswith("//") else raw)
+            _check(not journal.is_dir(), "sweep.storage", "a journal file, not a folder", self.storage)
+            check_writable("sweep.storage", journal.absolute().parent)
         for key in ("overrides", "full_overrides"):
             for item in getattr(self, key):
                 _check(

@@ -162,6 +162,18 @@ class Study:
 
     def open(self, storage: optuna.storages.BaseStorage) -> optuna.Study:
         """Create the study, or load it when the same command runs again (resume)."""
+        if self.tracking.enabled and self.spec.name not in optuna.get_all_study_names(storage):
+            # A new study under a name that MLflow already has runs for: the storage the study ran in was emptied,
+            # replaced or is another one (a 0-byte optuna.db reads as empty). Starting over would run every finished
+            # trial again and add duplicate children under the old parent run.
+            n = tracking.existing_study_runs(self.tracking, self.spec.name)
+            if n:
+                raise ConfigError(
+                    f"sweep.storage: {self.storage_url()} has no study {self.spec.name!r}, but "
+                    f"{self.tracking.resolved_uri()} holds {n} MLflow runs of it: the study's storage is empty, "
+                    "replaced or another one. Restore the storage the study ran in (or point sweep.storage at it), "
+                    f"or start a new study with another sweep.name (or delete study {self.spec.name!r}'s MLflow runs)"
+                )
         self.study = optuna.create_study(
             study_name=self.spec.name,
             storage=storage,

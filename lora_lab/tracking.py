@@ -486,6 +486,17 @@ def study_parent_run(
     return chosen
 
 
+def existing_study_runs(tracking: TrackingConfig, study: str) -> int:
+    """How many active runs (parent, trials, comparisons) the tracking store already holds for `study`."""
+    import mlflow
+
+    experiment_id = connect(tracking)
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'", max_results=1000
+    )
+    return sum(1 for r in runs if r.info.lifecycle_stage == "active")
+
+
 def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, reason: str) -> int:
     """A worker died mid-trial: end its RUNNING MLflow run as KILLED (with the reason) rather than leave it RUNNING.
     Returns how many runs were marked."""
