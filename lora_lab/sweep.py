@@ -31,6 +31,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lora_lab import optuna_internals as internals
 from lora_lab import search, tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
@@ -137,8 +138,9 @@ class Study:
                 f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             ) from None
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        s, seed = self.spec.sampler, self.spec.seed
+    def sampler(self, seed: Optional[int] = None) -> optuna.samplers.BaseSampler:
+        """The study's sampler, seeded with `seed` (a trial's own seed) or the study's seed."""
+        s, seed = self.spec.sampler, self.spec.seed if seed is None else seed
         if s == "tpe":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(4, self.spec.n_trials))
         if s == "random":
@@ -387,8 +389,17 @@ def preflight(st: Study) -> None:
 
 def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     """A trial's folder; a retry uses the folder of the trial it retries, so it resumes from its checkpoint."""
-    original = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    original = internals.frozen(trial).system_attrs.get("failed_trial")
     return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """The sampler seed of trial `number`: a hash of (study seed, trial number), in numpy's seed range. Reproducible
+    (the same study proposes the same trials), and different for every trial whichever process runs it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"lora_lab:{study_seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def verdict(spec: SweepConfig, result: RunRecord) -> tuple[str, str]:
@@ -511,17 +522,14 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
-    return trial.study._storage.get_trial(trial._trial_id)
+    return internals.frozen(trial)
 
 
 def worker_loop(st: Study) -> None:
     """Pop WAITING trials until none is left and no trial is running anywhere (a running one might die and come
     back as a retry), or until the timeout."""
-    # optimize() runs these; a loop that pops WAITING trials must run them itself.
-    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-
     study, spec = st.study, st.spec
-    heartbeats = is_heartbeat_enabled(study._storage)
+    heartbeats = internals.heartbeats_enabled(study)
     started = time.time()
     first_failures: list[str] = []
     failed_numbers: list[int] = []
@@ -532,8 +540,7 @@ def worker_loop(st: Study) -> None:
             if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
                 log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
                 break
-            study._thread_local.cached_all_trials = None
-            trial_id = study._pop_waiting_trial_id()  # atomic across workers: only one pops each WAITING trial
+            trial_id = internals.pop_waiting_trial_id(study)  # atomic across workers: one pops each WAITING trial
             if trial_id is None:
                 # Without heartbeats (journal storage) a dead worker's trial stays RUNNING forever: don't wait on it.
                 if not heartbeats or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -541,15 +548,18 @@ def worker_loop(st: Study) -> None:
                 time.sleep(min(2.0, spec.heartbeat_s))  # someone else's trial runs; it may still die and be retried
                 _refresh_bar(bar, st)
                 continue
+            # Each trial samples with its own seed, derived from the study's seed and its number: every worker and
+            # every resumed process would otherwise replay the same random stream (trial 0's parameters again).
+            study.sampler = st.sampler(trial_seed(spec.seed, internals.trial_number(study, trial_id)))
             trial = optuna.Trial(study, trial_id)
             trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
-            with get_heartbeat_thread(trial_id, study._storage):
+            with internals.heartbeat(study, trial_id):
                 state, values, reason = run_one(st, trial)
             if reason:
                 trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
-            attrs = study._storage.get_trial_user_attrs(trial_id)
+            attrs = internals.storage(study).get_trial_user_attrs(trial_id)
             if state in (TrialState.COMPLETE, TrialState.PRUNED) and "train_time_s" in attrs:
                 # What the trial spent outside training steps and evaluations: compose, model and data from cache,
                 # MLflow logging. The sweep reports its share of the wall time (target: under 5%).
