@@ -36,12 +36,19 @@ from lora_lab import search, tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
 from lora_lab.records import RecordError, Results, RunRecord
-from lora_lab.train import build, free_memory, lora_targets, run_tracked
+from lora_lab.train import Interrupted, build, free_memory, interruptible, lora_targets, run_tracked
 
 log = logging.getLogger("lora_lab")
 
 WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
 FIRST_FAILURES_TO_STOP = 3  # the first trials all failing the same way means the study itself is broken
+
+
+class TrialLost(Exception):
+    """This worker's trial is no longer its own (it was paused past the grace period, failed as stale and retried
+    elsewhere): drop it without writing anything more to the trial."""
+
+    run_state, run_status = "FAIL", "KILLED"
 
 
 class TrialFailed(Exception):
@@ -99,6 +106,7 @@ class Study:
         self.dir = outputs_root() / "studies" / spec.name
         self.parent_run_id: Optional[str] = None
         self.study: Optional[optuna.Study] = None
+        self.folders: dict[int, Path] = {}  # trial number -> the folder this worker claimed for it
 
     # -- storage ---------------------------------------------------------------------------------------------
 
@@ -389,8 +397,42 @@ def preflight(st: Study) -> None:
 
 def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     """A trial's folder; a retry uses the folder of the trial it retries, so it resumes from its checkpoint."""
+    if trial.number in st.folders:
+        return st.folders[trial.number]
     original = internals.frozen(trial).system_attrs.get("failed_trial")
     return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
+
+
+def claim_trial_dir(st: Study, trial: optuna.Trial) -> tuple[Path, Any]:
+    """Lock the trial's folder for this worker (an flock held until the trial ends, released if the process dies).
+    A retry whose original folder is still locked (its first worker is paused, not dead) takes its own folder and
+    starts from step 0: two workers never write one folder. Returns the folder and the open lock file."""
+    import fcntl
+
+    original = internals.frozen(trial).system_attrs.get("failed_trial")
+    for number in [n for n in (original, trial.number) if n is not None]:
+        folder = st.dir / "trials" / f"{number:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".owner.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            log.warning("trial %d: folder %s is held by a live (paused?) worker; starting afresh", trial.number, folder)
+            continue
+        st.folders[trial.number] = folder
+        return folder, handle
+    raise TrialLost(f"trial {trial.number}: its folder is held by another worker")
+
+
+def still_mine(trial: optuna.Trial) -> None:
+    """Raise TrialLost when the trial is no longer RUNNING (failed as stale while this worker was paused)."""
+    state = internals.frozen(trial).state
+    if state != TrialState.RUNNING:
+        raise TrialLost(
+            f"trial {trial.number} is {state.name} in the study (this worker stopped past the grace period and it "
+            "was retried elsewhere); dropped here"
+        )
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -440,6 +482,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
     warmup = st.spec.pruner_warmup_evals * cfg.trainer.eval_every
 
     def on_eval(event: Any) -> None:
+        still_mine(trial)
         if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
             trial.report(event.metrics["val_loss"], event.step)
             if event.step >= warmup and trial.should_prune():
@@ -461,8 +504,9 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             verdict=lambda r: verdict(st.spec, r),
         )
     finally:  # pruned trials too: the overhead share counts every trial that ran
-        trial.set_user_attr("train_time_s", session.train_time_s)
-        trial.set_user_attr("eval_time_s", session.eval_time_s)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
+            trial.set_user_attr("train_time_s", session.train_time_s)
+            trial.set_user_attr("eval_time_s", session.eval_time_s)
     state, reason = verdict(st.spec, result)
     if state != "COMPLETE":
         raise TrialFailed(reason)
@@ -493,11 +537,17 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
     Checkpoints exist to resume a trial whose worker died; a trial that ends here in any state drops them.
     """
     checkpoints = trial_dir(st, trial) / "checkpoints"
+    keep = False
     try:
         for attempt in (1, 2):
             oom = None
             try:
                 return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
+            except Interrupted:
+                keep = True  # SIGINT/SIGTERM: the rerun resumes from these
+                raise
+            except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                return None, None, str(exc)
             except optuna.TrialPruned as exc:
                 return TrialState.PRUNED, None, str(exc)
             except TrialFailed as exc:
@@ -518,7 +568,8 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
             shutil.rmtree(checkpoints, ignore_errors=True)  # written with the other micro-batch size
         raise AssertionError("unreachable")
     finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
@@ -555,8 +606,23 @@ def worker_loop(st: Study) -> None:
             trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
-            with internals.heartbeat(study, trial_id):
-                state, values, reason = run_one(st, trial)
+            try:
+                with internals.heartbeat(study, trial_id):
+                    _, lock = claim_trial_dir(st, trial)
+                    try:
+                        state, values, reason = run_one(st, trial)
+                        if state is not None:
+                            still_mine(trial)
+                    finally:
+                        lock.close()
+            except Interrupted as exc:
+                interrupted(st, trial, str(exc))
+                raise
+            except TrialLost as exc:
+                state, values, reason = None, None, str(exc)
+            if state is None:  # taken away while this worker was paused: the retry owns it now
+                log.warning("%s", reason)
+                continue
             if reason:
                 trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
             attrs = internals.storage(study).get_trial_user_attrs(trial_id)
@@ -595,6 +661,27 @@ def worker_loop(st: Study) -> None:
                 )  # a success breaks the run of identical failures
     finally:
         bar.close()
+
+
+def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
+    """A signal stopped this trial: FAIL it with the reason and queue a retry with the same parameters at once (not
+    counted against max_retry: the trial did nothing wrong); the retry resumes from the kept checkpoints."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr("fail_reason", reason)
+        st.study.tell(trial, state=TrialState.FAIL)
+        frozen = internals.frozen(trial)
+        system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+        system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
+        st.study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=frozen.params,
+                distributions=frozen.distributions,
+                user_attrs={**frozen.user_attrs, "retried_because": f"trial {frozen.number}: {reason}"},
+                system_attrs=system_attrs,
+            )
+        )
+    log.warning("trial %d %s", trial.number, reason)
 
 
 def _study_bar(st: Study) -> Any:
@@ -907,7 +994,15 @@ def launch_workers(st: Study, inv: Invocation, n: int) -> int:
             *inv.train_overrides,
         ]
         procs.append(subprocess.Popen(args, env=env))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except Interrupted as exc:  # pass the signal on (a terminal's Ctrl-C reaches them already; a SIGTERM does not)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(exc.signum)
+        for p in procs:
+            p.wait()
+        raise
     return max(codes)
 
 
@@ -944,6 +1039,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 2
     if st.tracking.enabled:
+        if not is_worker:
+            live = {t.number for t in st.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            closed = tracking.close_unfinished(
+                st.tracking, spec.name, live, "not finished when the study resumed: its process was killed or stopped"
+            )
+            if closed:
+                log.info("closed %d runs left RUNNING as KILLED: %s", len(closed), ", ".join(closed))
         st.parent_run_id = tracking.study_parent_run(
             st.tracking,
             spec.name,
@@ -965,15 +1067,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         code = 0
-        if spec.workers > 1:
-            code = launch_workers(st, inv, spec.workers)
-            if code != 0:
-                log.error("a worker exited with code %d", code)
-        else:
-            worker_loop(st)
+        with interruptible():
+            if spec.workers > 1:
+                code = launch_workers(st, inv, spec.workers)
+                if code != 0:
+                    log.error("a worker exited with code %d", code)
+            else:
+                worker_loop(st)
     except ConfigError as exc:
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"lora_lab.sweep: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     if is_worker:
         return 0
     return max(finish(st), 1 if code else 0)

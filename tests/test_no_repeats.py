@@ -26,31 +26,31 @@ TRAIN = [
 ]
 
 
-def _sweep(out: Path, journal: Path, workers: int, n_trials: int) -> None:
-    args = [
-        "sweep=default",
-        "sweep.name=norepeat",
-        "sweep.sampler=random",
-        "sweep.compare_full=false",
-        "sweep.pruner=none",
+def _sweep(out: Path, journal: Path, processes: int, n_trials: int) -> None:
+    """`processes` sweep processes at once on one journal-file study (as worker processes: no preflight, no plots)."""
+    args = ["sweep=default", "sweep.name=norepeat", "sweep.sampler=random", "sweep.compare_full=false"]
+    args += ["sweep.pruner=none", f"sweep.storage=journal://{journal}", f"sweep.n_trials={n_trials}"]
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), OMP_NUM_THREADS="1", LORA_LAB_SWEEP_WORKER="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lora_lab.sweep", *args, *TRAIN],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(processes)
     ]
-    args += [f"sweep.storage=journal://{journal}", f"sweep.workers={workers}", f"sweep.n_trials={n_trials}"]
-    env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "lora_lab.sweep", *args, *TRAIN],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    for p in procs:
+        text, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, text[-3000:]
 
 
 def test_three_workers_and_a_two_process_resume_repeat_no_configuration(tmp_path: Path) -> None:
     out, journal = tmp_path / "out", tmp_path / "study.journal"
-    _sweep(out, journal, workers=3, n_trials=4)
-    _sweep(out, journal, workers=2, n_trials=7)
+    _sweep(out, journal, processes=3, n_trials=4)
+    _sweep(out, journal, processes=2, n_trials=7)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     study = optuna.load_study(study_name="norepeat", storage=JournalStorage(JournalFileBackend(str(journal))))
