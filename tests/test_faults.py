@@ -257,3 +257,38 @@ def test_sigint_inside_interruptible_raises_interrupted_once() -> None:
             sum(range(100))  # the handler runs between bytecodes
     assert err.value.signum == signal.SIGINT and "SIGINT" in str(err.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_paused_worker_whose_trial_was_retried_elsewhere_drops_it_and_exits_0(tmp_path):
+    """SIGSTOP a worker mid-trial past the grace period: another worker fails the trial as stale and retries it in
+    its own folder (the first one is still held). SIGCONT: the woken worker sees the trial is no longer its own,
+    drops it without touching the study or flipping MLflow states, and exits 0."""
+    import signal
+
+    out = tmp_path / "out"
+    trials = out / "studies" / "default" / "trials"
+    args = ["sweep=default", "sweep.n_trials=1", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN]
+    a = start_worker(out, args, tmp_path / "a.log")
+    b = None
+    try:
+        _wait(lambda: (trials / "0000" / "checkpoints" / "LATEST").is_file(), a, tmp_path / "a.log")
+        a.send_signal(signal.SIGSTOP)
+        b = start_worker(out, args, tmp_path / "b.log")
+        assert b.wait(timeout=120) == 0, tail(tmp_path / "b.log")
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=60) == 0, tail(tmp_path / "a.log")
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+    assert "no longer" in (tmp_path / "a.log").read_text() or "dropped here" in (tmp_path / "a.log").read_text()
+    study = load(f"sqlite:///{out / 'optuna.db'}", "default")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["output_dir"] == str(trials / "0001")  # never the held folder
+    by_trial = {
+        r.data.tags["lora_lab.trial"]: r.info.status
+        for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+        if r.data.tags.get("lora_lab.kind") == "trial"
+    }
+    assert by_trial == {"0": "KILLED", "1": "FINISHED"}
