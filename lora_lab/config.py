@@ -8,8 +8,11 @@ Every bad value raises `ConfigError`, which names the key and what was expected;
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+import re
+import string
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -41,6 +44,87 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, "one of " + ", ".join(choices), value)
 
 
+SEED_MAX = 2**32 - 1  # numpy's (and so every Optuna sampler's) seed range is [0, 2**32 - 1]
+
+
+def _seed(key: str, value: Any) -> None:
+    _check(isinstance(value, int) and 0 <= value <= SEED_MAX, key, f"an integer in [0, {SEED_MAX}]", value)
+
+
+def _finite(obj: Any, prefix: str) -> None:
+    """Every float of a config group (and of lists and mappings inside it) is finite: nan and inf pass `> 0` style
+    range checks (`inf > 0`) and only blow up in the middle of a run. Nested groups are walked with their own key."""
+    for f in fields(obj):
+        _finite_value(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def _finite_value(value: Any, key: str) -> None:
+    if isinstance(value, float):
+        _check(math.isfinite(value), key, "a finite number", value)
+    elif is_dataclass(value) and not isinstance(value, type):
+        _finite(value, key)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _finite_value(v, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _finite_value(v, f"{key}.{k}")
+
+
+def check_writable(key: str, path: Path | str) -> None:
+    """`path` is a folder this run will write into: it is one, or can be made one, and a file can be written there.
+    Probed with a real file (read-only file systems and permissions alike), in the nearest folder that exists, so a
+    bad path is exit 2 naming it and the reason before anything is created."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == target else f"cannot be a folder: {probe} is a file"
+        raise ConfigError(f"{key}: {target} {where}; expected a folder to write into")
+    try:
+        fd = os.open(probe / f".lora_lab-probe-{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe / f".lora_lab-probe-{os.getpid()}")
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {target}: {probe}: {exc.strerror}") from None
+
+
+def _names(key: str, values: Optional[List[Any]]) -> None:
+    """A list of names: every entry a non-empty string."""
+    _check(values is None or all(isinstance(v, str) and v.strip() for v in values), key, "non-empty names", values)
+
+
+def _text(key: str, value: Optional[str], optional: bool = True) -> None:
+    _check(
+        (optional and value is None) or (isinstance(value, str) and value.strip() != ""),
+        key,
+        "a non-empty text" + (" or null" if optional else ""),
+        value,
+    )
+
+
+def _template(key: str, template: str, allowed: tuple[str, ...]) -> None:
+    """A str.format template: only {name} fields from `allowed`, braces otherwise doubled ({{ }})."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # "Single '}' encountered in format string" and friends
+        raise ConfigError(
+            f"{key}: expected a template whose literal braces are doubled ({{{{ and }}}}), got {template!r} ({exc})"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        _check(
+            name in allowed and not spec and conversion is None,
+            key,
+            "a template whose only fields are " + ", ".join("{" + a + "}" for a in allowed) + f" (found {{{name}}})",
+            template,
+        )
+
+
 @dataclass
 class TinyModelConfig:
     """Shape of the `tiny` model: a Llama built from a config with seeded random weights (tests, smoke runs)."""
@@ -53,6 +137,7 @@ class TinyModelConfig:
     seed: int = 0  # seed of the random weights
 
     def __post_init__(self) -> None:
+        _seed("model.tiny.seed", self.seed)
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _check(getattr(self, key) >= 1, f"model.tiny.{key}", "an integer >= 1", getattr(self, key))
         _check(
@@ -84,6 +169,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a model name, hub id or folder", self.name)
+        _text("model.revision", self.revision)
         _one_of("model.task", self.task, ("causal_lm", "seq_cls"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check(self.num_labels >= 2, "model.num_labels", "an integer >= 2", self.num_labels)
@@ -116,7 +202,12 @@ class DataConfig:
     hub_subset: Optional[str] = None  # configuration name of a hub dataset
 
     def __post_init__(self) -> None:
+        _finite(self, "data")
         _check(bool(self.name), "data.name", "a source name, hub id or file", self.name)
+        for key in ("text_column", "label_column", "prompt_column", "response_column", "hub_split"):
+            _text(f"data.{key}", getattr(self, key), optional=False)
+        _text("data.hub_subset", self.hub_subset)
+        _seed("data.split_seed", self.split_seed)
         _one_of("data.format", self.format, ("prompted", "classification", "chat", "text"))
         _check(self.max_length >= 8, "data.max_length", "an integer >= 8", self.max_length)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)", self.val_fraction)
@@ -131,12 +222,14 @@ class DataConfig:
                 "distinct words",
                 self.label_words,
             )
+            _template("data.prompt_template", self.prompt_template, ("text",))
             _check(
                 "{text}" in self.prompt_template,
                 "data.prompt_template",
                 "a template containing {text}",
                 self.prompt_template,
             )
+            _names("data.label_words", self.label_words)
 
 
 @dataclass
@@ -165,7 +258,24 @@ class LoraConfig:
     lr_ratio: float = 1.0  # LoRA+: B's learning rate is lr_ratio times A's (1: plain LoRA)
 
     def __post_init__(self) -> None:
+        _finite(self, "lora")
         _check(isinstance(self.r, int) and self.r >= 1, "lora.r", "an integer >= 1", self.r)
+        _names("lora.targets", self.targets)
+        _names("lora.exclude", self.exclude)
+        _names("lora.layers_pattern", self.layers_pattern)
+        _check(
+            self.layers is None or all(isinstance(i, int) and i >= 0 for i in self.layers),
+            "lora.layers",
+            "null or layer indices >= 0",
+            self.layers,
+        )
+        if self.target_regex is not None:
+            try:
+                re.compile(self.target_regex)
+            except re.error as exc:
+                raise ConfigError(
+                    f"lora.target_regex: expected a regular expression, got {self.target_regex!r} ({exc})"
+                ) from None
         _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "a number in [0, 1)", self.dropout)
         _check(
@@ -209,7 +319,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
 
     def __post_init__(self) -> None:
+        _finite(self, "optim")
         _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(self.eps > 0, "optim.eps", "a number > 0", self.eps)
         _check(self.lr_mult is None or self.lr_mult > 0, "optim.lr_mult", "null or a number > 0", self.lr_mult)
         _check(self.ref_lr > 0, "optim.ref_lr", "a number > 0", self.ref_lr)
         _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
@@ -258,6 +370,7 @@ class TrainerConfig:
     pad_to_multiple: int = 1
 
     def __post_init__(self) -> None:
+        _finite(self, "trainer")
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", "an integer >= 1", getattr(self, key))
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", "an integer >= 0", self.checkpoint_every)
@@ -281,6 +394,8 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
+        _text("tracking.uri", self.uri)
+        _text("tracking.run_name", self.run_name)
         _check(self.log_every >= 1, "tracking.log_every", "an integer >= 1", self.log_every)
 
     def resolved_uri(self) -> str:
@@ -368,6 +483,13 @@ class Config:
     output_dir: Optional[str] = None  # where this run's files go; null: <outputs>/runs/<time-stamp>
 
     def __post_init__(self) -> None:
+        _finite(self, "")  # every group, including any without its own check
+        _seed("seed", self.seed)
+        _text("output_dir", self.output_dir)
+        if self.output_dir is not None:
+            check_writable("output_dir", self.output_dir)
+        else:
+            check_writable("LORA_LAB_OUTPUTS", outputs_root())
         _one_of("method", self.method, METHOD_CHOICES)
         if self.data.format == "classification" and self.model.task != "seq_cls":
             raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
@@ -429,6 +551,16 @@ class SweepConfig:
     full_overrides: List[str] = field(default_factory=list)  # extra overrides for the full-FT comparison runs
 
     def __post_init__(self) -> None:
+        _finite(self, "sweep")
+        _seed("sweep.seed", self.seed)
+        # The name is a folder under <outputs>/studies, an Optuna study name, an MLflow tag inside filter strings and
+        # part of Hydra overrides: plain ASCII letters, digits, '.', '_', '-'; no '..', no path separators, no quotes.
+        _check(
+            isinstance(self.name, str) and STUDY_NAME.fullmatch(self.name) is not None and ".." not in self.name,
+            "sweep.name",
+            "1-100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit (no '..', '/' or quotes)",
+            self.name,
+        )
         _one_of("sweep.sampler", self.sampler, ("tpe", "random", "grid", "gp", "cmaes", "nsga2"))
         _one_of("sweep.pruner", self.pruner, ("median", "hyperband", "none"))
         for objective in self.objectives:
@@ -445,6 +577,7 @@ class SweepConfig:
         _check(self.n_trials >= 1, "sweep.n_trials", "an integer >= 1", self.n_trials)
         _check(self.workers >= 1, "sweep.workers", "an integer >= 1", self.workers)
         _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
+        _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", "an integer >= 1", self.heartbeat_s)
         _check(
             self.grace_s > self.heartbeat_s >= 1,
             "sweep.grace_s",
@@ -455,6 +588,28 @@ class SweepConfig:
         _check(all(lr > 0 for lr in self.full_lr_grid), "sweep.full_lr_grid", "numbers > 0", self.full_lr_grid)
         if self.compare_full and self.full_lr is None and not self.full_lr_grid:
             raise ConfigError("sweep.full_lr_grid: compare_full needs full_lr or a non-empty full_lr_grid")
+        _check(self.max_retry >= 0, "sweep.max_retry", "an integer >= 0", self.max_retry)
+        _check(
+            self.pruner_startup_trials >= 0,
+            "sweep.pruner_startup_trials",
+            "an integer >= 0",
+            self.pruner_startup_trials,
+        )
+        _text("sweep.storage", self.storage)
+        check_writable("LORA_LAB_OUTPUTS", outputs_root())
+        if self.storage and self.storage.startswith("journal:"):
+            raw = self.storage[len("journal:") :]
+            journal = Path(raw[2:] if raw.startswith("//") else raw)
+            _check(not journal.is_dir(), "sweep.storage", "a journal file, not a folder", self.storage)
+            check_writable("sweep.storage", journal.absolute().parent)
+        for key in ("overrides", "full_overrides"):
+            for item in getattr(self, key):
+                _check(
+                    isinstance(item, str) and "=" in item and not item.startswith("="),
+                    f"sweep.{key}",
+                    "training overrides KEY=VALUE",
+                    item,
+                )
         _check(self.pruner_warmup_evals >= 1, "sweep.pruner_warmup_evals", "an integer >= 1", self.pruner_warmup_evals)
         sampled = {p for p, spec in self.space.items() if spec.type in ("categorical", "float", "int")}
         for path, spec in self.space.items():
@@ -473,6 +628,8 @@ class SweepConfig:
         return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
 OBJECTIVE_DIRECTIONS = {
     "val_loss": "minimize",
     "merged_val_loss": "minimize",
@@ -490,6 +647,7 @@ def _check_param(path: str, spec: ParamSpec) -> None:
         _check(spec.low is not None and spec.high is not None, key, "both low and high", (spec.low, spec.high))
         _check(spec.low <= spec.high, key, "low <= high", f"low={spec.low}, high={spec.high}")
         _check(not spec.log or spec.low > 0, f"{key}.low", "a number > 0 on a log scale", spec.low)
+        _check(spec.step is None or spec.step > 0, f"{key}.step", "null or a number > 0", spec.step)
     elif spec.type == "tied":
         _check(spec.ratio is not None and spec.ratio > 0, f"{key}.ratio", "a number > 0", spec.ratio)
     elif spec.type == "map":

@@ -89,6 +89,63 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> list[str]:
     return [override(p, v) for p, v in {**values, **derived}.items()]
 
 
+def values_of(spec: ParamSpec) -> list[Any] | None:
+    """Every value a sampled entry can take, as stored by Optuna; None for a continuous (or huge) range."""
+    if spec.type == "categorical":
+        return [choice_value(c) for c in spec.choices]
+    if spec.type == "int":
+        step = int(spec.step or 1)
+        n = (int(spec.high) - int(spec.low)) // step + 1
+        return list(range(int(spec.low), int(spec.high) + 1, step)) if n <= 10_000 else None
+    if spec.type == "float" and spec.step is not None:
+        n = int(round((spec.high - spec.low) / spec.step)) + 1
+        return [spec.low + i * spec.step for i in range(n)] if n <= 10_000 else None
+    return None
+
+
+def check_space(space: dict[str, ParamSpec]) -> None:
+    """Everything a trial would find wrong with the space, found at load: log-scaled ranges with a step, `tied` to a
+    value that is not a number, a `map` without an entry for some value of `of`; then the space is sampled once, so
+    whatever Optuna itself refuses is refused here too, before any trial or storage exists."""
+    for path, spec in space.items():
+        key = f"sweep.space.{path}"
+        if spec.type in ("float", "int") and spec.log and spec.step not in (None, 1):
+            raise ConfigError(f"{key}: a log-scaled range cannot have a step (got step={spec.step}); drop one of them")
+        if spec.type == "int":
+            for name in ("low", "high", "step"):
+                v = getattr(spec, name)
+                if v is not None and float(v) != int(v):
+                    raise ConfigError(f"{key}.{name}: expected an integer for type int, got {v!r}")
+        if spec.type not in ("tied", "map"):
+            continue
+        values = values_of(space[spec.of])
+        if spec.type == "tied":
+            bad = [v for v in values or [] if isinstance(v, bool) or not isinstance(v, (int, float))]
+            if bad:
+                raise ConfigError(
+                    f"{key}.of: tied needs `{spec.of}` to take numbers (value = ratio * {spec.of}), "
+                    f"but it takes {', '.join(repr(b) for b in bad)}"
+                )
+        else:
+            if values is None:
+                raise ConfigError(
+                    f"{key}.of: map needs `{spec.of}` to take a finite set of values (categorical, int, or a "
+                    "float range with a step)"
+                )
+            missing = [str(v) for v in values if str(v) not in spec.map]
+            if missing:
+                raise ConfigError(
+                    f"{key}.map: no entry for {spec.of}={', '.join(missing)}; entries: {', '.join(map(str, spec.map))}"
+                )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    try:
+        suggest(study.ask(), space)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"sweep.space: sampling it once failed: {type(exc).__name__}: {exc}") from None
+
+
 def grid(space: dict[str, ParamSpec]) -> dict[str, list[Any]]:
     """The search space of Optuna's GridSampler: every categorical entry's choices (ranges need `step`)."""
     out: dict[str, list[Any]] = {}

@@ -31,16 +31,24 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lora_lab import optuna_internals as internals
 from lora_lab import search, tracking
-from lora_lab.config import ConfigError, SweepConfig, compose, load_sweep, outputs_root
+from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
 from lora_lab.records import RecordError, Results, RunRecord
-from lora_lab.train import build, free_memory, lora_targets, run_tracked
+from lora_lab.train import Interrupted, build, free_memory, interruptible, lora_targets, run_tracked
 
 log = logging.getLogger("lora_lab")
 
 WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
 FIRST_FAILURES_TO_STOP = 3  # the first trials all failing the same way means the study itself is broken
+
+
+class TrialLost(Exception):
+    """This worker's trial is no longer its own (it was paused past the grace period, failed as stale and retried
+    elsewhere): drop it without writing anything more to the trial."""
+
+    run_state, run_status = "FAIL", "KILLED"
 
 
 class TrialFailed(Exception):
@@ -90,12 +98,15 @@ class Study:
 
     def __init__(self, spec: SweepConfig, inv: Invocation) -> None:
         self.spec = spec
+        self.file = study_file(inv.sweep)
         self.base_overrides = list(spec.overrides) + list(inv.train_overrides)
+        self.fingerprint = fingerprint(spec, self.base_overrides)
         _, self.base_cfg = compose(self.base_overrides)
         self.tracking = self.base_cfg.tracking
         self.dir = outputs_root() / "studies" / spec.name
         self.parent_run_id: Optional[str] = None
         self.study: Optional[optuna.Study] = None
+        self.folders: dict[int, Path] = {}  # trial number -> the folder this worker claimed for it
 
     # -- storage ---------------------------------------------------------------------------------------------
 
@@ -135,8 +146,9 @@ class Study:
                 f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             ) from None
 
-    def sampler(self) -> optuna.samplers.BaseSampler:
-        s, seed = self.spec.sampler, self.spec.seed
+    def sampler(self, seed: Optional[int] = None) -> optuna.samplers.BaseSampler:
+        """The study's sampler, seeded with `seed` (a trial's own seed) or the study's seed."""
+        s, seed = self.spec.sampler, self.spec.seed if seed is None else seed
         if s == "tpe":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(4, self.spec.n_trials))
         if s == "random":
@@ -160,6 +172,18 @@ class Study:
 
     def open(self, storage: optuna.storages.BaseStorage) -> optuna.Study:
         """Create the study, or load it when the same command runs again (resume)."""
+        if self.tracking.enabled and self.spec.name not in optuna.get_all_study_names(storage):
+            # A new study under a name that MLflow already has runs for: the storage the study ran in was emptied,
+            # replaced or is another one (a 0-byte optuna.db reads as empty). Starting over would run every finished
+            # trial again and add duplicate children under the old parent run.
+            n = tracking.existing_study_runs(self.tracking, self.spec.name)
+            if n:
+                raise ConfigError(
+                    f"sweep.storage: {self.storage_url()} has no study {self.spec.name!r}, but "
+                    f"{self.tracking.resolved_uri()} holds {n} MLflow runs of it: the study's storage is empty, "
+                    "replaced or another one. Restore the storage the study ran in (or point sweep.storage at it), "
+                    f"or start a new study with another sweep.name (or delete study {self.spec.name!r}'s MLflow runs)"
+                )
         self.study = optuna.create_study(
             study_name=self.spec.name,
             storage=storage,
@@ -173,7 +197,32 @@ class Study:
                 f"sweep.objectives: study {self.spec.name!r} already exists with other directions; "
                 f"use another sweep.name"
             )
+        self.check_fingerprint()
         return self.study
+
+    def check_fingerprint(self) -> None:
+        """One name, one study: a study records the fingerprint of its space and base overrides (and the file it came
+        from); another file or changed settings under the same name is refused, unless no trial of the study ever
+        finished well (then the study is being fixed: the new settings replace the old, and the old configuration's
+        failed trials do not count towards the budget)."""
+        attrs = self.study.user_attrs
+        old, old_file = attrs.get("fingerprint"), attrs.get("study_file")
+        if old is not None and old != self.fingerprint:
+            good = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if good:
+                which = (
+                    f"{old_file} has changed since"
+                    if old_file == str(self.file)
+                    else f"{self.file} is another study file with the same name as {old_file}"
+                )
+                raise ConfigError(
+                    f"sweep.name={self.spec.name!r}: study {self.spec.name!r} was created from {old_file} with other "
+                    f"settings (space or overrides, fingerprint {old} vs {self.fingerprint}); {which}. Give this one "
+                    f"its own name (sweep.name=...), or restore the settings the study ran with"
+                )
+        if old != self.fingerprint or old_file != str(self.file):
+            self.study.set_user_attr("fingerprint", self.fingerprint)
+            self.study.set_user_attr("study_file", str(self.file))
 
     # -- budget ----------------------------------------------------------------------------------------------
 
@@ -205,7 +254,21 @@ class Study:
         retried = {t.system_attrs.get("failed_trial") for t in trials} | {
             n for t in trials for n in t.system_attrs.get("retry_history", [])
         }
-        return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+        # Trials of a configuration that stopped the study (its first trials all failed the same way) or of settings
+        # the study has since been fixed to move away from do not count: the corrected study gets its full budget.
+        uncounted = set(self.study.user_attrs.get("uncounted_failures", []))
+        return sum(
+            1
+            for t in trials
+            if not (
+                t.state == TrialState.FAIL
+                and (
+                    t.number in retried
+                    or t.number in uncounted
+                    or t.user_attrs.get("fingerprint", self.fingerprint) != self.fingerprint
+                )
+            )
+        )
 
     def top_up(self) -> int:
         """Enqueue WAITING trials until the budget n_trials is reached; return how many were added."""
@@ -277,6 +340,31 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def check_study(spec: SweepConfig) -> None:
+    """The study file's own checks, before any storage, tracking store or folder exists: the space is sampled once
+    (and every tied/map entry resolves for every value), and a grid sampler gets a finite grid."""
+    search.check_space(spec.space)
+    if spec.sampler == "grid":
+        search.grid(spec.space)
+
+
+def study_file(name_or_path: str) -> Path:
+    """The file `sweep=NAME` reads (as load_sweep resolves it)."""
+    path = Path(name_or_path)
+    return (path if path.suffix in (".yaml", ".yml") else SWEEPS_DIR / f"{name_or_path}.yaml").resolve()
+
+
+def fingerprint(spec: SweepConfig, base_overrides: list[str]) -> str:
+    """What makes two runs of a command the same study: its space and the overrides every trial gets."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    space = {k: (asdict(v) if not isinstance(v, dict) else v) for k, v in spec.space.items()}
+    text = json.dumps({"space": space, "overrides": list(base_overrides)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def preflight(st: Study) -> None:
     """Everything that can be wrong with a study, checked before anything is written: each space entry's extreme
     values compose and validate, the model and data load, and every target choice matches modules."""
@@ -309,8 +397,51 @@ def preflight(st: Study) -> None:
 
 def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     """A trial's folder; a retry uses the folder of the trial it retries, so it resumes from its checkpoint."""
-    original = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    if trial.number in st.folders:
+        return st.folders[trial.number]
+    original = internals.frozen(trial).system_attrs.get("failed_trial")
     return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
+
+
+def claim_trial_dir(st: Study, trial: optuna.Trial) -> tuple[Path, Any]:
+    """Lock the trial's folder for this worker (an flock held until the trial ends, released if the process dies).
+    A retry whose original folder is still locked (its first worker is paused, not dead) takes its own folder and
+    starts from step 0: two workers never write one folder. Returns the folder and the open lock file."""
+    import fcntl
+
+    original = internals.frozen(trial).system_attrs.get("failed_trial")
+    for number in [n for n in (original, trial.number) if n is not None]:
+        folder = st.dir / "trials" / f"{number:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".owner.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            log.warning("trial %d: folder %s is held by a live (paused?) worker; starting afresh", trial.number, folder)
+            continue
+        st.folders[trial.number] = folder
+        return folder, handle
+    raise TrialLost(f"trial {trial.number}: its folder is held by another worker")
+
+
+def still_mine(trial: optuna.Trial) -> None:
+    """Raise TrialLost when the trial is no longer RUNNING (failed as stale while this worker was paused)."""
+    state = internals.frozen(trial).state
+    if state != TrialState.RUNNING:
+        raise TrialLost(
+            f"trial {trial.number} is {state.name} in the study (this worker stopped past the grace period and it "
+            "was retried elsewhere); dropped here"
+        )
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """The sampler seed of trial `number`: a hash of (study seed, trial number), in numpy's seed range. Reproducible
+    (the same study proposes the same trials), and different for every trial whichever process runs it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"lora_lab:{study_seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def verdict(spec: SweepConfig, result: RunRecord) -> tuple[str, str]:
@@ -337,7 +468,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
 
     overrides = search.suggest(trial, st.spec.space)
     folder = trial_dir(st, trial)
-    extra = [f"output_dir={folder}", "trainer.resume=true"]
+    extra = [path_override("output_dir", folder), "trainer.resume=true"]
     resolved, cfg = compose(st.base_overrides + overrides + extra)
     if batch_shrink > 1:  # after an out-of-memory error: same effective batch, smaller micro-batches
         bs = cfg.trainer.batch_size // batch_shrink
@@ -351,6 +482,7 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
     warmup = st.spec.pruner_warmup_evals * cfg.trainer.eval_every
 
     def on_eval(event: Any) -> None:
+        still_mine(trial)
         if single and event.step > 0:  # step 0 is the untouched base model, the same for every trial
             trial.report(event.metrics["val_loss"], event.step)
             if event.step >= warmup and trial.should_prune():
@@ -372,8 +504,9 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             verdict=lambda r: verdict(st.spec, r),
         )
     finally:  # pruned trials too: the overhead share counts every trial that ran
-        trial.set_user_attr("train_time_s", session.train_time_s)
-        trial.set_user_attr("eval_time_s", session.eval_time_s)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
+            trial.set_user_attr("train_time_s", session.train_time_s)
+            trial.set_user_attr("eval_time_s", session.eval_time_s)
     state, reason = verdict(st.spec, result)
     if state != "COMPLETE":
         raise TrialFailed(reason)
@@ -404,11 +537,17 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
     Checkpoints exist to resume a trial whose worker died; a trial that ends here in any state drops them.
     """
     checkpoints = trial_dir(st, trial) / "checkpoints"
+    keep = False
     try:
         for attempt in (1, 2):
             oom = None
             try:
                 return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
+            except Interrupted:
+                keep = True  # SIGINT/SIGTERM: the rerun resumes from these
+                raise
+            except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                return None, None, str(exc)
             except optuna.TrialPruned as exc:
                 return TrialState.PRUNED, None, str(exc)
             except TrialFailed as exc:
@@ -429,23 +568,22 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
             shutil.rmtree(checkpoints, ignore_errors=True)  # written with the other micro-batch size
         raise AssertionError("unreachable")
     finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
-    return trial.study._storage.get_trial(trial._trial_id)
+    return internals.frozen(trial)
 
 
 def worker_loop(st: Study) -> None:
     """Pop WAITING trials until none is left and no trial is running anywhere (a running one might die and come
     back as a retry), or until the timeout."""
-    # optimize() runs these; a loop that pops WAITING trials must run them itself.
-    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-
     study, spec = st.study, st.spec
-    heartbeats = is_heartbeat_enabled(study._storage)
+    heartbeats = internals.heartbeats_enabled(study)
     started = time.time()
     first_failures: list[str] = []
+    failed_numbers: list[int] = []
     bar = _study_bar(st)
     try:
         while True:
@@ -453,8 +591,7 @@ def worker_loop(st: Study) -> None:
             if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
                 log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
                 break
-            study._thread_local.cached_all_trials = None
-            trial_id = study._pop_waiting_trial_id()  # atomic across workers: only one pops each WAITING trial
+            trial_id = internals.pop_waiting_trial_id(study)  # atomic across workers: one pops each WAITING trial
             if trial_id is None:
                 # Without heartbeats (journal storage) a dead worker's trial stays RUNNING forever: don't wait on it.
                 if not heartbeats or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -462,14 +599,33 @@ def worker_loop(st: Study) -> None:
                 time.sleep(min(2.0, spec.heartbeat_s))  # someone else's trial runs; it may still die and be retried
                 _refresh_bar(bar, st)
                 continue
+            # Each trial samples with its own seed, derived from the study's seed and its number: every worker and
+            # every resumed process would otherwise replay the same random stream (trial 0's parameters again).
+            study.sampler = st.sampler(trial_seed(spec.seed, internals.trial_number(study, trial_id)))
             trial = optuna.Trial(study, trial_id)
+            trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
-            with get_heartbeat_thread(trial_id, study._storage):
-                state, values, reason = run_one(st, trial)
+            try:
+                with internals.heartbeat(study, trial_id):
+                    _, lock = claim_trial_dir(st, trial)
+                    try:
+                        state, values, reason = run_one(st, trial)
+                        if state is not None:
+                            still_mine(trial)
+                    finally:
+                        lock.close()
+            except Interrupted as exc:
+                interrupted(st, trial, str(exc))
+                raise
+            except TrialLost as exc:
+                state, values, reason = None, None, str(exc)
+            if state is None:  # taken away while this worker was paused: the retry owns it now
+                log.warning("%s", reason)
+                continue
             if reason:
                 trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
-            attrs = study._storage.get_trial_user_attrs(trial_id)
+            attrs = internals.storage(study).get_trial_user_attrs(trial_id)
             if state in (TrialState.COMPLETE, TrialState.PRUNED) and "train_time_s" in attrs:
                 # What the trial spent outside training steps and evaluations: compose, model and data from cache,
                 # MLflow logging. The sweep reports its share of the wall time (target: under 5%).
@@ -485,19 +641,47 @@ def worker_loop(st: Study) -> None:
             _refresh_bar(bar, st)
             if state == TrialState.FAIL:
                 first_failures.append(reason.split(":")[0])
+                failed_numbers.append(trial.number)
                 if (
                     len(first_failures) == FIRST_FAILURES_TO_STOP
                     and len(set(first_failures)) == 1
                     and not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
                 ):
+                    # The configuration is broken, not these trials: once it is fixed they must not fill the budget.
+                    uncounted = set(study.user_attrs.get("uncounted_failures", [])) | set(failed_numbers)
+                    study.set_user_attr("uncounted_failures", sorted(uncounted))
                     raise ConfigError(
                         f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
                         f"({reason}); stopping the study: fix the cause and run the command again"
                     )
             elif len(first_failures) < FIRST_FAILURES_TO_STOP:
-                first_failures = [f"ok-{trial.number}"]  # a success breaks the run of identical failures
+                first_failures, failed_numbers = (
+                    [f"ok-{trial.number}"],
+                    [],
+                )  # a success breaks the run of identical failures
     finally:
         bar.close()
+
+
+def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
+    """A signal stopped this trial: FAIL it with the reason and queue a retry with the same parameters at once (not
+    counted against max_retry: the trial did nothing wrong); the retry resumes from the kept checkpoints."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr("fail_reason", reason)
+        st.study.tell(trial, state=TrialState.FAIL)
+        frozen = internals.frozen(trial)
+        system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+        system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
+        st.study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=frozen.params,
+                distributions=frozen.distributions,
+                user_attrs={**frozen.user_attrs, "retried_because": f"trial {frozen.number}: {reason}"},
+                system_attrs=system_attrs,
+            )
+        )
+    log.warning("trial %d %s", trial.number, reason)
 
 
 def _study_bar(st: Study) -> Any:
@@ -604,7 +788,7 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunReco
             return RunRecord.from_json(json.loads(metrics.read_text()), where=str(metrics))
         except (RecordError, json.JSONDecodeError) as exc:  # another lora_lab version's file: run it again
             log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
-    resolved, cfg = compose(full + [f"output_dir={folder}"])
+    resolved, cfg = compose(full + [path_override("output_dir", folder)])
     log.info("comparison run %s: %s", name, " ".join(overrides))
     return run_tracked(
         build(cfg),
@@ -772,6 +956,16 @@ def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
     return files
 
 
+def path_override(key: str, path: Path) -> str:
+    """`key='<path>'`: quoted for Hydra's override parser, so spaces, non-ASCII letters, '=' or brackets in the outputs
+    folder stay part of the path."""
+    import re
+
+    # Hydra's quoted strings: backslashes are literal except before a quote (and at the end, before the closing one).
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(path))
+    return f"{key}='{text}'"
+
+
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " []{}*?$") else arg
 
@@ -800,7 +994,15 @@ def launch_workers(st: Study, inv: Invocation, n: int) -> int:
             *inv.train_overrides,
         ]
         procs.append(subprocess.Popen(args, env=env))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except Interrupted as exc:  # pass the signal on (a terminal's Ctrl-C reaches them already; a SIGTERM does not)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(exc.signum)
+        for p in procs:
+            p.wait()
+        raise
     return max(codes)
 
 
@@ -819,6 +1021,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         inv = parse_args(argv)
         spec = load_sweep(inv.sweep, inv.sweep_overrides)
+        check_study(spec)
         if spec.workers > 1 and spec.storage is None:
             raise ConfigError(
                 f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "
@@ -836,6 +1039,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 2
     if st.tracking.enabled:
+        if not is_worker:
+            live = {t.number for t in st.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            closed = tracking.close_unfinished(
+                st.tracking, spec.name, live, "not finished when the study resumed: its process was killed or stopped"
+            )
+            if closed:
+                log.info("closed %d runs left RUNNING as KILLED: %s", len(closed), ", ".join(closed))
         st.parent_run_id = tracking.study_parent_run(
             st.tracking,
             spec.name,
@@ -857,15 +1067,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         code = 0
-        if spec.workers > 1:
-            code = launch_workers(st, inv, spec.workers)
-            if code != 0:
-                log.error("a worker exited with code %d", code)
-        else:
-            worker_loop(st)
+        with interruptible():
+            if spec.workers > 1:
+                code = launch_workers(st, inv, spec.workers)
+                if code != 0:
+                    log.error("a worker exited with code %d", code)
+            else:
+                worker_loop(st)
     except ConfigError as exc:
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"lora_lab.sweep: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     if is_worker:
         return 0
     return max(finish(st), 1 if code else 0)

@@ -393,7 +393,9 @@ class TrainingRun:
         elif exc is not None:
             self.outcome = ("FAIL", f"{type(exc).__name__}: {exc}"[:500])
         state, reason = self.outcome or ("COMPLETE", "")
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else MLFLOW_STATUS.get(state, "FAILED")
+        # Interrupted (a signal) or taken away (a trial retried elsewhere): the run did not fail, it was stopped.
+        killed = isinstance(exc, KeyboardInterrupt) or getattr(exc, "run_status", None) == "KILLED"
+        status = "KILLED" if killed else MLFLOW_STATUS.get(state, "FAILED")
         try:  # a tag or a file must never hide the exception that ended the run
             tags = {
                 STATE_TAG: state,
@@ -484,6 +486,45 @@ def study_parent_run(
     if chosen != run.info.run_id:
         client.delete_run(run.info.run_id)
     return chosen
+
+
+def existing_study_runs(tracking: TrackingConfig, study: str) -> int:
+    """How many active runs (parent, trials, comparisons) the tracking store already holds for `study`."""
+    import mlflow
+
+    experiment_id = connect(tracking)
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'", max_results=1000
+    )
+    return sum(1 for r in runs if r.info.lifecycle_stage == "active")
+
+
+def close_unfinished(tracking: TrackingConfig, study: str, live_trials: set[int], reason: str) -> list[str]:
+    """End every RUNNING run of `study` (trials, comparison runs; not the study's parent) that nothing runs any
+    more, as KILLED with `reason`: a study resuming after a crash leaves none RUNNING forever. Trials numbered in
+    `live_trials` are still running in some worker and are left alone. Returns the run names closed."""
+    import mlflow
+
+    experiment_id = connect(tracking)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    closed = []
+    for r in runs:
+        tags = r.data.tags
+        if tags.get(KIND_TAG) == "study" or r.info.lifecycle_stage != "active":
+            continue
+        if tags.get(KIND_TAG) == "trial" and tags.get(TRIAL_TAG, "").isdigit() and int(tags[TRIAL_TAG]) in live_trials:
+            continue
+        client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
+        client.set_tag(r.info.run_id, REASON_TAG, reason)
+        client.update_run(r.info.run_id, name=f"{r.info.run_name} (FAIL)")
+        client.set_terminated(r.info.run_id, status="KILLED")
+        closed.append(r.info.run_name)
+    return closed
 
 
 def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, reason: str) -> int:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import threading
@@ -748,8 +749,13 @@ class Checkpointer:
     """Resumable state every N steps: trainable weights (safetensors), optimizer, scheduler, RNG states, step.
 
     Each checkpoint is a folder written whole under a temp name and renamed; `LATEST` (written atomically) names
-    the newest, so a crash at any point leaves the previous checkpoint intact and no truncated file.
+    the newest, so a crash at any point leaves the previous checkpoint intact and no truncated file. Each folder
+    holds `manifest.json` (size and SHA-256 of every file); a checkpoint that fails it (a file missing, truncated
+    or changed) or does not load is set aside under `bad/` with the reason, and the run resumes from the newest
+    good one, or from step 0.
     """
+
+    MANIFEST = "manifest.json"
 
     def __init__(
         self,
@@ -760,8 +766,11 @@ class Checkpointer:
         full: bool,
     ) -> None:
         self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
+        self.loaded: Optional[Path] = None  # the checkpoint load_latest() resumed from
 
     def latest_path(self) -> Optional[Path]:
+        if self.loaded is not None:
+            return self.loaded
         marker = self.root / "LATEST"
         if not marker.is_file():
             return None
@@ -792,18 +801,72 @@ class Checkpointer:
             )
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            (tmp / self.MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
         previous = self.latest_path()
         atomic_write_text(self.root / "LATEST", name)
         if previous is not None and previous.name != name:
             shutil.rmtree(previous, ignore_errors=True)
+        self.loaded = None
         return self.root / name
 
+    def verify(self, path: Path) -> str:
+        """'' if the checkpoint at `path` matches its manifest, else what is wrong."""
+        try:
+            manifest = json.loads((path / self.MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"no readable {self.MANIFEST} ({type(exc).__name__})"
+        for name in ("weights.safetensors", "optim.pt", "rng.pt", "state.json"):
+            if name not in files:
+                return f"{name} is not in the manifest"
+        for name, want in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest"
+        return ""
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Move a bad checkpoint to bad/<name>-<time> with a REASON file: kept to look at, never loaded again."""
+        dest = self.root / "bad" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(dest)
+        atomic_write_text(dest / "REASON", reason + "\n")
+        log.warning("checkpoint %s: %s; set aside as %s", path, reason, dest)
+        return dest
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders, newest first: the one LATEST names, then any other complete one left behind."""
+        named = []
+        marker = self.root / "LATEST"
+        if marker.is_file():
+            named = [self.root / marker.read_text().strip()]
+        others = sorted((p for p in self.root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+        return [p for p in dict.fromkeys(named + others) if p.is_dir()]
+
     def load_latest(self) -> Optional[dict[str, Any]]:
+        """Restore the newest good checkpoint (weights, optimizer, scheduler, RNG) and return its state.json; None
+        when there is none (start at step 0). Bad ones on the way are set aside."""
+        for path in self.candidates():
+            problem = self.verify(path)
+            if not problem:
+                try:
+                    state = self._load(path)
+                except Exception as exc:  # noqa: BLE001 - a checkpoint that passes its manifest but does not load
+                    problem = f"does not load: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                else:
+                    self.loaded = path
+                    return state
+            self.set_aside(path, problem)
+        return None
+
+    def _load(self, path: Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        path = self.latest_path()
-        if path is None:
-            return None
         weights = load_file(str(path / "weights.safetensors"))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or (not self.full and any("lora_" in k for k in missing)):
@@ -813,6 +876,56 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return json.loads((path / "state.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run: it ends as interrupted (MLflow KILLED, with this message as the reason); its
+    checkpoints stay, so the same command resumes it."""
+
+    run_state = "FAIL"
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}: checkpoints kept; run the same command again to resume"
+        )
+
+
+@contextlib.contextmanager
+def interruptible() -> Any:
+    """Inside the block, SIGINT and SIGTERM raise `Interrupted` (once: a second signal while the run closes is
+    ignored, so its MLflow run and trial still get their reason). Only in the main thread; handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            log.warning("%s again: already stopping", signal.Signals(signum).name)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -1116,7 +1229,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
-    result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), argv)
+    try:
+        with interruptible():  # SIGINT/SIGTERM: the MLflow run ends KILLED with the reason; checkpoints stay
+            result = run_tracked(session, OmegaConf.to_container(resolved, resolve=True), argv)
+    except Interrupted as exc:
+        print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
+        return 128 + exc.signum
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")

@@ -153,3 +153,75 @@ def test_cli_exit_code_2_through_subprocess(tmp_path):
     )
     assert p.returncode == 2 and str(bad) in p.stderr and "not valid YAML" in p.stderr, p.stderr[-2000:]
     _nothing_created(out)
+
+
+def _unwritable_cases(tmp_path: Path) -> dict[str, tuple[str, list[str], dict[str, str], list[str]]]:
+    """entry, argv, environment, expected words: outputs that cannot be written are exit 2 with the path and why."""
+    a_file = _write(tmp_path / "a_file", "not a folder")
+    return {
+        "output_dir is a file": ("train", [f"output_dir={a_file}"], {}, ["output_dir", str(a_file), "is a file"]),
+        "output_dir under a file": (
+            "train",
+            [f"output_dir={a_file}/run"],
+            {},
+            ["output_dir", f"{a_file}/run", "is a file"],
+        ),
+        "outputs root is a file (train)": ("train", [], {"LORA_LAB_OUTPUTS": str(a_file)}, ["LORA_LAB_OUTPUTS"]),
+        "outputs root is a file (sweep)": ("sweep", [], {"LORA_LAB_OUTPUTS": str(a_file)}, ["LORA_LAB_OUTPUTS"]),
+        "outputs root read-only (sweep)": (
+            "sweep",
+            [],
+            {"LORA_LAB_OUTPUTS": "/sys/lora_lab_outputs"},
+            ["LORA_LAB_OUTPUTS", "/sys/lora_lab_outputs", "Permission denied"],
+        ),
+        "journal under a file": (
+            "sweep",
+            [f"sweep.storage=journal://{a_file}/study.journal"],
+            {},
+            ["sweep.storage", str(a_file)],
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "output_dir is a file",
+        "output_dir under a file",
+        "outputs root is a file (train)",
+        "outputs root is a file (sweep)",
+        "outputs root read-only (sweep)",
+        "journal under a file",
+    ],
+)
+def test_unwritable_outputs_are_exit_2_with_path_and_reason(case, tmp_path, out, capsys, monkeypatch):
+    entry, argv, env, expect = _unwritable_cases(tmp_path)[case]
+    if "read-only" in case and os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):
+        pytest.skip("no read-only folder here")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _check(entry, [*TINY, *argv], expect, out, capsys)
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_empty_or_foreign_storage_beside_a_studys_mlflow_runs_is_exit_2(tmp_path, out, capsys):
+    from lora_lab import sweep
+
+    quick = ["sweep.n_trials=1", "sweep.compare_full=false", "sweep.pruner=none", "trainer.max_steps=2"]
+    quick += ["trainer.eval_every=2", "trainer.eval_at_start=false"]
+    assert sweep.main([*TINY, *quick]) == 0
+    capsys.readouterr()
+    db, runs = out / "optuna.db", out / "mlflow.db"
+    before = runs.stat().st_size
+    foreign = tmp_path / "foreign.db"
+    foreign.write_bytes(db.read_bytes())
+    import optuna
+
+    optuna.delete_study(study_name="default", storage=f"sqlite:///{foreign}")
+    db.write_bytes(b"")  # a 0-byte optuna.db, as left by a full disk or a bad copy
+    for argv in ([], [f"sweep.storage=sqlite:///{foreign}"]):
+        assert sweep.main([*TINY, *quick, *argv]) == 2
+        err = capsys.readouterr().err
+        assert "sweep.storage" in err and "MLflow runs" in err and "sweep.name" in err, err
+    assert runs.stat().st_size == before  # no duplicate children under the old parent
+    assert not optuna.get_all_study_names(f"sqlite:///{db}")

@@ -44,6 +44,7 @@ def test_every_yaml_starts_with_its_command() -> None:
 def test_every_study_file_loads_and_each_space_entry_composes(name: str) -> None:
     spec = load_sweep(name)
     assert spec.name == name and spec.space, name
+    search.check_space(spec.space)  # sampled once, every tied/map entry resolvable
     _, base = compose(spec.overrides)
     for extra in search.preview(spec.space):
         compose(spec.overrides + extra)  # raises ConfigError on a bad value
@@ -133,3 +134,97 @@ def test_search_overrides_round_trip() -> None:
     assert search.choice_value(["q_proj", "v_proj"]) == "q_proj,v_proj"
     _, cfg = compose([search.override("lora.targets", "q_proj,v_proj")])
     assert cfg.lora.targets == ["q_proj", "v_proj"]
+
+
+# Non-finite numbers pass `> 0` range checks (inf > 0): every float field refuses nan and inf, naming its key.
+NON_FINITE = [
+    "optim.lr",
+    "optim.lr_mult",
+    "optim.ref_lr",
+    "optim.eps",
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.lr_ratio",
+    "data.val_fraction",
+]
+
+
+@pytest.mark.parametrize("key", NON_FINITE)
+def test_non_finite_numbers_are_refused(key: str) -> None:
+    # nan and -inf already fail the range checks; inf passed them all
+    with pytest.raises(ConfigError) as err:
+        compose([f"{key}=inf"])
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,key,expected",
+    [
+        ("optim.eps=-1", "optim.eps", "> 0"),
+        ("optim.eps=0", "optim.eps", "> 0"),
+        ("optim.betas=[0.9,inf]", "optim.betas", "finite"),
+        ("seed=-1", "seed", "[0, 4294967295]"),
+        ("seed=4294967296", "seed", "[0, 4294967295]"),
+        ("model.tiny.seed=-3", "model.tiny.seed", "[0, 4294967295]"),
+        ("data.split_seed=-1", "data.split_seed", "[0, 4294967295]"),
+        ("data.prompt_template='Review: {text} {title}'", "data.prompt_template", "{title}"),
+        ("data.prompt_template='Review: {text} }'", "data.prompt_template", "doubled"),
+        ("data.prompt_template='Review: {text} {'", "data.prompt_template", "doubled"),
+        ("data.prompt_template='Review: {} {text}'", "data.prompt_template", "only fields"),
+        ("data.text_column=''", "data.text_column", "non-empty"),
+        ("data.label_words=['',' b']", "data.label_words", "non-empty"),
+        ("lora.targets=['']", "lora.targets", "non-empty"),
+        ("lora.layers=[-1]", "lora.layers", ">= 0"),
+        ("lora.target_regex='(q_proj'", "lora.target_regex", "regular expression"),
+        ("output_dir=''", "output_dir", "non-empty"),
+        ("tracking.run_name=''", "tracking.run_name", "non-empty"),
+    ],
+)
+def test_unvalidated_fields_name_their_key(override: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert str(err.value).startswith(key + ":") and expected in str(err.value), str(err.value)
+
+
+def test_prompt_template_with_doubled_braces_is_fine() -> None:
+    _, cfg = compose(["data.prompt_template='{{json}} {text} =>'"])
+    assert cfg.data.prompt_template.format(text="x") == "{json} x =>"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("seed=-1", "sweep.seed"),
+        ("seed=4294967296", "sweep.seed"),
+        ("timeout_s=inf", "sweep.timeout_s"),
+        ("full_lr=inf", "sweep.full_lr"),
+        ("full_lr_grid=[1e-4,inf]", "sweep.full_lr_grid"),
+        ("max_retry=-1", "sweep.max_retry"),
+        ("pruner_startup_trials=-1", "sweep.pruner_startup_trials"),
+        ("heartbeat_s=0", "sweep.heartbeat_s"),
+        ("overrides=[lora.r]", "sweep.overrides"),
+        ("storage=''", "sweep.storage"),
+    ],
+)
+def test_study_fields_name_their_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sweep("default", [override])
+    assert key in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entry,key",
+    [
+        ("optim.lr: {type: float, low: 1.0e-4, high: .inf, log: true}", "sweep.space.optim.lr.high"),
+        ("optim.lr: {type: float, low: .nan, high: 1.0e-3}", "sweep.space.optim.lr.low"),
+        ("lora.alpha: {type: tied, ratio: .inf}", "sweep.space.lora.alpha.ratio"),
+        ("trainer.batch_size: {type: int, low: 2, high: 8, step: 0}", "sweep.space.trainer.batch_size.step"),
+    ],
+)
+def test_non_finite_or_bad_space_numbers_name_the_entry(tmp_path: Path, entry: str, key: str) -> None:
+    body = f"space:\n  lora.r: {{type: categorical, choices: [4, 8]}}\n  {entry}\n"
+    with pytest.raises(ConfigError) as err:
+        load_sweep(str(_write(tmp_path, body)))
+    assert key in str(err.value), str(err.value)

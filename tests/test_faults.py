@@ -3,6 +3,7 @@ and a worker SIGKILLed mid-trial next to another process on the same embedded (S
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -183,3 +184,111 @@ def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly
     lost_run = [r for r in children if r.data.tags["lora_lab.trial"] == str(killed.number)][0]
     assert "no heartbeat" in lost_run.data.tags.get("lora_lab.reason", "")
     assert sorted(status.values()) == ["FINISHED"] * 3 and len(children) == 4
+
+
+def _wait(predicate, proc, log: Path, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"exited early with {proc.returncode}: {tail(log)}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {tail(log)}")
+
+
+def test_sigterm_keeps_checkpoints_and_resumes_and_a_sigkilled_comparison_run_is_closed_on_resume(tmp_path):
+    """SIGTERM mid-trial: exit 143, the trial FAILs as interrupted with a queued retry, its checkpoints stay, its MLflow
+    run is KILLED with the reason; the rerun resumes it from the checkpoint. A SIGKILL during the full-fine-tuning
+    comparison leaves that MLflow run RUNNING; the next run of the command closes it as KILLED with the reason."""
+    import signal
+
+    out = tmp_path / "out"
+    folder = out / "studies" / "default" / "trials" / "0000"
+    args = ["sweep=default", "sweep.n_trials=1", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN]
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    p = start_worker(out, args, tmp_path / "a.log")
+    _wait(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, tmp_path / "a.log")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 143, tail(tmp_path / "a.log")
+    assert (folder / "checkpoints" / "LATEST").is_file()  # kept for the retry
+    study = load(f"sqlite:///{out / 'optuna.db'}", "default")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "interrupted by SIGTERM" in study.trials[0].user_attrs["fail_reason"]
+    (run,) = [r for r in runs(uri, "lora_lab") if r.data.tags.get("lora_lab.kind") == "trial"]
+    assert run.info.status == "KILLED" and "interrupted by SIGTERM" in run.data.tags["lora_lab.reason"]
+
+    # the rerun resumes the trial; SIGKILL it while a comparison run is RUNNING in MLflow
+    compare = ["sweep.compare_full=true", "sweep.full_lr_grid=[1e-4]"]
+    p = start_worker(out, [*args, *compare], tmp_path / "b.log")
+
+    def comparing() -> bool:
+        with contextlib.suppress(Exception):
+            return any(
+                r.data.tags.get("lora_lab.kind") == "compare" and r.info.status == "RUNNING"
+                for r in runs(uri, "lora_lab")
+            )
+        return False
+
+    _wait(comparing, p, tmp_path / "b.log")
+    p.kill()
+    p.wait(timeout=30)
+    assert f"resumed from {folder / 'checkpoints'}" in (tmp_path / "b.log").read_text()
+    p = start_worker(out, [*args, *compare], tmp_path / "c.log")
+    assert p.wait(timeout=120) == 0, tail(tmp_path / "c.log")
+    every = runs(uri, "lora_lab")
+    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
+    killed = [r for r in every if r.data.tags.get("lora_lab.kind") == "compare" and r.info.status == "KILLED"]
+    assert len(killed) == 1 and "study resumed" in killed[0].data.tags["lora_lab.reason"]
+    study = load(f"sqlite:///{out / 'optuna.db'}", "default")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_sigint_inside_interruptible_raises_interrupted_once() -> None:
+    import os
+    import signal
+
+    from lora_lab.train import Interrupted, interruptible
+
+    with pytest.raises(Interrupted) as err, interruptible():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            sum(range(100))  # the handler runs between bytecodes
+    assert err.value.signum == signal.SIGINT and "SIGINT" in str(err.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_paused_worker_whose_trial_was_retried_elsewhere_drops_it_and_exits_0(tmp_path):
+    """SIGSTOP a worker mid-trial past the grace period: another worker fails the trial as stale and retries it in
+    its own folder (the first one is still held). SIGCONT: the woken worker sees the trial is no longer its own,
+    drops it without touching the study or flipping MLflow states, and exits 0."""
+    import signal
+
+    out = tmp_path / "out"
+    trials = out / "studies" / "default" / "trials"
+    args = ["sweep=default", "sweep.n_trials=1", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN]
+    a = start_worker(out, args, tmp_path / "a.log")
+    b = None
+    try:
+        _wait(lambda: (trials / "0000" / "checkpoints" / "LATEST").is_file(), a, tmp_path / "a.log")
+        a.send_signal(signal.SIGSTOP)
+        b = start_worker(out, args, tmp_path / "b.log")
+        assert b.wait(timeout=120) == 0, tail(tmp_path / "b.log")
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=60) == 0, tail(tmp_path / "a.log")
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+    assert "no longer" in (tmp_path / "a.log").read_text() or "dropped here" in (tmp_path / "a.log").read_text()
+    study = load(f"sqlite:///{out / 'optuna.db'}", "default")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["output_dir"] == str(trials / "0001")  # never the held folder
+    by_trial = {
+        r.data.tags["lora_lab.trial"]: r.info.status
+        for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+        if r.data.tags.get("lora_lab.kind") == "trial"
+    }
+    assert by_trial == {"0": "KILLED", "1": "FINISHED"}
