@@ -780,6 +780,8 @@ class Checkpointer:
     def _weights(self) -> dict[str, torch.Tensor]:
         if self.full:
             return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        if methods.method_of(self.model) is not None:  # BitFit, IA3, adapters, prompt, prefix: what trains
+            return {k: v.detach().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
         return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(self.model).items()}
 
     def save(self, step: int, history: list, evals: list) -> Path:
@@ -869,7 +871,8 @@ class Checkpointer:
 
         weights = load_file(str(path / "weights.safetensors"))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or (not self.full and any("lora_" in k for k in missing)):
+        needed = {k for k, v in self.model.named_parameters() if v.requires_grad} if not self.full else set()
+        if unexpected or (not self.full and (any("lora_" in k for k in missing) or needed & set(missing))):
             raise ValueError(f"checkpoint {path}: does not fit this model (unexpected keys {unexpected[:5]})")
         state = torch.load(path / "optim.pt", weights_only=True)  # never unpickle arbitrary objects
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1004,16 +1007,10 @@ def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
 
 def apply_method(model: torch.nn.Module, cfg: Config) -> list[str]:
     """Apply cfg.method (bitfit, ia3, adapter, prompt, prefix: lora_lab.methods) to `model` as the config says; for
-    seq_cls the task head trains too. Returns the modules it changed. Raises ConfigError for combinations the loop
-    cannot serve (resumable checkpoints hold LoRA or full weights only; prompt tuning shifts a classifier's token)."""
+    seq_cls the task head trains too. Returns the modules it changed. Raises ConfigError for a combination the loop
+    cannot serve (prompt tuning shifts a classifier's pooled token)."""
     from lora_lab import methods
 
-    t = cfg.trainer
-    if t.checkpoint_every:  # (resume=true finds no checkpoint then, and starts afresh: a sweep's trials set it)
-        raise ConfigError(
-            f"trainer.checkpoint_every: checkpoints hold LoRA or full weights only; "
-            f"set it to 0 with method={cfg.method}"
-        )
     if cfg.method == "prompt" and cfg.model.task == "seq_cls":
         raise ConfigError(
             "method=prompt: needs model.task=causal_lm (virtual tokens shift a classifier's pooled token)"

@@ -75,3 +75,24 @@ def test_only_a_damaged_checkpoint_restarts_from_step_0_and_the_run_completes(tr
     result = run(_cfg(folder, resume=True))
     assert result.completed and result.steps == 6
     assert (folder / "checkpoints" / "bad").is_dir()
+
+
+@pytest.mark.parametrize("method", ["ia3", "adapter", "prefix"])
+def test_methods_resume_from_their_checkpoints_as_if_never_stopped(tmp_path: Path, method: str) -> None:
+    # Checkpoints of the comparison methods hold what trains (their own parameters): a resumed run continues exactly.
+    common = [*TINY, f"method={method}", "optim.lr=1e-2"]
+    straight = run(compose([*common, f"output_dir={tmp_path / 'straight'}"])[1])
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(event) -> None:
+        if event.step == 4:
+            raise Stop
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stop):
+        run(compose([*common, "trainer.eval_every=2", f"output_dir={stopped}"])[1], on_eval=stop_at_4)
+    resumed = run(compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1])
+    assert resumed.steps == 6
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
