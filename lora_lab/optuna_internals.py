@@ -3,7 +3,7 @@
 The sweep pops WAITING trials itself (an exact budget across workers and hosts) instead of calling `optimize()`, so it
 needs what `optimize()` does inside: pop a waiting trial atomically, run the heartbeat thread, and reach a trial's
 storage by id. tests/test_optuna_internals.py checks each function against the installed Optuna; pyproject.toml
-allows `optuna>=4.0`, and `SUPPORTED` below is the range these were written and tested for.
+allows `optuna>=4.0,<6`, and `SUPPORTED` below is the range these were written and tested for.
 """
 
 from __future__ import annotations
