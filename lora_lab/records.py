@@ -340,6 +340,25 @@ class RunRecord(Results):
         )
 
 
+@dataclass(kw_only=True)
+class StudyThroughput:
+    """How well a study's trial phase used its devices (logged on the study's parent run)."""
+
+    trials: int = spec("trials", "trials finished (complete, pruned or failed) by this invocation of the study")
+    wall_s: float = spec("s", "wall time of this invocation's trial phase (all workers, no comparison runs)")
+    trials_per_hour: float = spec("trials/h", "trials finished per hour of wall time", "perf/trials_per_hour")
+    busy_share: float = spec(
+        "fraction", "time inside training steps and evaluations / wall time, mean over devices", "perf/busy_share"
+    )
+    overhead_share: Optional[float] = spec(
+        "fraction",
+        "time outside training steps and evaluations / trial wall time, over every timed trial of the study",
+        "perf/overhead_share",
+        default=None,
+    )
+    per_device: dict[str, float] = field(default_factory=dict)  # device -> its busy share
+
+
 def result_metrics(results: Results) -> dict[str, float]:
     """The results MLflow logs as metrics, by metric name (curve values are logged with their curve)."""
     out = {}

@@ -35,8 +35,9 @@ from lora_lab import optuna_internals as internals
 from lora_lab import search, tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
-from lora_lab.records import RecordError, Results, RunRecord
+from lora_lab.records import RecordError, Results, RunRecord, StudyThroughput
 from lora_lab.train import Interrupted, build, free_memory, interruptible, lora_targets, run_tracked
+from lora_lab.warm import Warm
 
 log = logging.getLogger("lora_lab")
 
@@ -107,6 +108,10 @@ class Study:
         self.parent_run_id: Optional[str] = None
         self.study: Optional[optuna.Study] = None
         self.folders: dict[int, Path] = {}  # trial number -> the folder this worker claimed for it
+        # The model, tokenizer and data kept between this worker's trials (sweep.warm=false: none, load per trial).
+        self.warm: Optional[Warm] = Warm() if spec.warm else None
+        # This invocation's trial phase (all its workers), for trials per hour and the devices' busy share.
+        self.phase: Optional[tuple[float, float]] = None
 
     # -- storage ---------------------------------------------------------------------------------------------
 
@@ -477,7 +482,10 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         overrides += shrink
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("output_dir", str(folder))
-    session = build(cfg)
+    session = build(cfg, warm=st.warm)
+    # Which device ran it (its busy share) and whether the model came warm (kept from this worker's last trial).
+    trial.set_user_attr("device", device_label(session.device))
+    trial.set_user_attr("warm", bool(st.warm and st.warm.last_hit))
     single = len(st.spec.objectives) == 1
     warmup = st.spec.pruner_warmup_evals * cfg.trainer.eval_every
 
@@ -504,6 +512,8 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             verdict=lambda r: verdict(st.spec, r),
         )
     finally:  # pruned trials too: the overhead share counts every trial that ran
+        if st.warm is not None:
+            st.warm.give_back()  # the kept model is the loaded one again (or dropped) before anything else runs
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
             trial.set_user_attr("train_time_s", session.train_time_s)
             trial.set_user_attr("eval_time_s", session.eval_time_s)
@@ -790,15 +800,19 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunReco
             log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
     resolved, cfg = compose(full + [path_override("output_dir", folder)])
     log.info("comparison run %s: %s", name, " ".join(overrides))
-    return run_tracked(
-        build(cfg),
-        OmegaConf.to_container(resolved, resolve=True),
-        full,
-        kind="compare",
-        study=st.spec.name,
-        run_name=f"{st.spec.name}/compare-{name}",
-        parent_run_id=st.parent_run_id,
-    )  # closes (frees) the session
+    try:
+        return run_tracked(
+            build(cfg, warm=st.warm),
+            OmegaConf.to_container(resolved, resolve=True),
+            full,
+            kind="compare",
+            study=st.spec.name,
+            run_name=f"{st.spec.name}/compare-{name}",
+            parent_run_id=st.parent_run_id,
+        )  # closes (frees) the session
+    finally:
+        if st.warm is not None:
+            st.warm.give_back()
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -1067,13 +1081,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         code = 0
+        started = time.time()
         with interruptible():
-            if spec.workers > 1:
-                code = launch_workers(st, inv, spec.workers)
-                if code != 0:
-                    log.error("a worker exited with code %d", code)
-            else:
-                worker_loop(st)
+            try:
+                if spec.workers > 1:
+                    code = launch_workers(st, inv, spec.workers)
+                    if code != 0:
+                        log.error("a worker exited with code %d", code)
+                else:
+                    worker_loop(st)
+            finally:
+                st.phase = (started, time.time())
     except ConfigError as exc:
         print(f"lora_lab.sweep: error: {exc}", file=sys.stderr)
         return 1
@@ -1095,12 +1113,15 @@ def finish(st: Study) -> int:
         rows = compare_with_full(st, best)
     files = write_outputs(st, rows)
     all_done = not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    rate = throughput(study, st.phase) if st.phase else None
     if st.parent_run_id:
         # The best trial's objectives under the trials' own metric names: one `loss/val` column for parent and trials.
         metrics = {objective_metric(o): v for o, v in zip(spec.objectives, best.values)} if best else {}
         metrics.update({f"trials/{k.lower()}": v for k, v in counts.items()})
         if overhead_share(study) is not None:
             metrics["perf/overhead_share"] = overhead_share(study)
+        if rate is not None:
+            metrics.update(throughput_metrics(rate))
         state = "COMPLETE" if best is not None else ("FAIL" if all_done else "RUNNING")
         summary = tracking.StudySummary(
             state=state,
@@ -1126,6 +1147,8 @@ def finish(st: Study) -> int:
             f"time outside training steps and evaluations (compose, model/data from cache, logging): "
             f"{100 * share:.1f}% of trial wall time"
         )
+    if rate is not None:
+        print(throughput_line(rate))
     if rows:
         print("\n" + format_table(rows, COMPARE_COLUMNS))
     print(f"\nfiles: {st.dir}")
@@ -1139,6 +1162,76 @@ def overhead_share(study: optuna.Study) -> Optional[float]:
     done = [t for t in study.get_trials(deepcopy=False) if "overhead_s" in t.user_attrs]
     wall = sum(t.user_attrs["wall_s"] for t in done)
     return sum(t.user_attrs["overhead_s"] for t in done) / wall if wall > 0 else None
+
+
+def device_label(device: Any) -> str:
+    """A device as the study counts it: host and device, a GPU by its physical index (CUDA_VISIBLE_DEVICES maps a
+    worker's cuda:0 to the GPU it was given)."""
+    host = socket.gethostname()
+    if device.type != "cuda":
+        return f"{host}:{device.type}"
+    index = device.index or 0
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return f"{host}:cuda:{visible[index].strip() if index < len(visible) else index}"
+
+
+def throughput(study: optuna.Study, phase: tuple[float, float]) -> Optional[StudyThroughput]:
+    """Trials per hour and each device's busy share (time inside training steps and evaluations / wall time) over
+    this invocation's trial phase `phase` (start, end; epoch seconds): the trials that started in it and finished.
+    None when no trial ran."""
+    start, end = phase
+    wall = end - start
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ran = [
+        t
+        for t in study.get_trials(deepcopy=False, states=finished)
+        if t.datetime_start is not None and t.datetime_start.timestamp() >= start - 1.0  # Optuna's clock: local time
+    ]
+    if not ran or wall <= 0:
+        return None
+    busy: dict[str, float] = {}
+    for t in ran:
+        device = t.user_attrs.get("device", "unknown")
+        busy[device] = (
+            busy.get(device, 0.0) + t.user_attrs.get("train_time_s", 0.0) + t.user_attrs.get("eval_time_s", 0.0)
+        )
+    per_device = {d: b / wall for d, b in sorted(busy.items())}
+    return StudyThroughput(
+        trials=len(ran),
+        wall_s=wall,
+        trials_per_hour=3600.0 * len(ran) / wall,
+        busy_share=sum(per_device.values()) / len(per_device),
+        overhead_share=overhead_share(study),
+        per_device=per_device,
+    )
+
+
+def throughput_metrics(rate: StudyThroughput) -> dict[str, float]:
+    """The parent run's metrics of `rate`, by the names records.StudyThroughput gives them (one per device too, when
+    there are several)."""
+    import re
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(StudyThroughput):
+        key, value = f.metadata.get("key"), getattr(rate, f.name)
+        if key and value is not None:
+            out[key] = float(value)
+    if len(rate.per_device) > 1:
+        key = StudyThroughput.__dataclass_fields__["busy_share"].metadata["key"]
+        for device, share in rate.per_device.items():
+            out[f"{key}/{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}"] = share
+    return out
+
+
+def throughput_line(rate: StudyThroughput) -> str:
+    """The printed throughput: trials per hour and the devices' busy share."""
+    devices = ", ".join(f"{d} {100 * s:.1f}%" for d, s in rate.per_device.items())
+    return (
+        f"throughput: {rate.trials_per_hour:.1f} trials/hour ({rate.trials} trials in {rate.wall_s:.0f} s); "
+        f"device busy (inside training steps and evaluations): {100 * rate.busy_share:.1f}% of wall time"
+        + (f" ({devices})" if len(rate.per_device) > 1 else f" ({next(iter(rate.per_device))})")
+    )
 
 
 def objective_metric(name: str) -> str:

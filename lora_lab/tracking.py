@@ -104,7 +104,7 @@ def experiment_note() -> str:
     """The experiment's description: how its runs are laid out, and every metric with its unit."""
     rows = ["| metric | unit | what |", "|---|---|---|"]
     seen = set()
-    for cls in (records.TrainPoint, records.EvalPoint, records.Results):
+    for cls in (records.TrainPoint, records.EvalPoint, records.Results, records.StudyThroughput):
         for _name, unit, doc, key in records.describe(cls):
             if key and key not in seen:
                 seen.add(key)

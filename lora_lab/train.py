@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
 from lora_lab.files import atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 from lora_lab.records import build as build_record
+
+if TYPE_CHECKING:
+    from lora_lab.warm import Warm
 
 log = logging.getLogger("lora_lab")
 PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
@@ -1044,9 +1047,12 @@ def apply_method(model: torch.nn.Module, cfg: Config) -> list[str]:
     raise ConfigError(f"method: no such method {cfg.method!r}")
 
 
-def build(cfg: Config) -> Session:
+def build(cfg: Config, warm: Optional["Warm"] = None) -> Session:
     """Load the model and data and apply LoRA (or unfreeze everything): every input error surfaces here, before
-    anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets)."""
+    anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets).
+
+    `warm` (a sweep worker's lora_lab.warm.Warm): take the model, tokenizer and data from it when they are kept
+    already; the caller hands them back with `warm.give_back()` once the session is done. Same seeding either way."""
     from lora_lab.data import load_data
     from lora_lab.models import load_model
 
@@ -1055,8 +1061,26 @@ def build(cfg: Config) -> Session:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = pick_device(cfg.trainer.device)
     seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model)
-    data = load_data(cfg.data, tokenizer, seed=cfg.seed)
+    if warm is None:
+        model, tokenizer = load_model(cfg.model)
+        data = load_data(cfg.data, tokenizer, seed=cfg.seed)
+    else:
+        model, tokenizer, data = warm.take(cfg)
+    try:
+        wrapped = _prepare(cfg, model, data, device)
+    except BaseException:
+        if warm is not None:
+            warm.give_back()
+        raise
+    seed_everything(cfg.seed)
+    # Nothing is written yet: the folder appears when the run starts (fit, run_tracked), not on a bad input.
+    output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
+    return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir)
+
+
+def _prepare(cfg: Config, model: torch.nn.Module, data: Any, device: torch.device) -> list[str]:
+    """Apply the method to the loaded model (seeded as the run's seed says) and check the data against it; returns
+    the modules the method changed."""
     if cfg.method == "lora":
         torch.manual_seed(cfg.seed)  # LoRA init is part of the run's seed, independent of model loading
         wrapped = apply_lora_config(model, cfg.lora, cfg.model.task)
@@ -1076,10 +1100,7 @@ def build(cfg: Config) -> Session:
                 f"model.num_labels={cfg.model.num_labels}: the data has class {max(labels)}; "
                 f"expected labels 0..{cfg.model.num_labels - 1}"
             )
-    seed_everything(cfg.seed)
-    # Nothing is written yet: the folder appears when the run starts (fit, run_tracked), not on a bad input.
-    output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
-    return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir)
+    return wrapped
 
 
 def run(cfg: Config, on_eval: Optional[EvalCallback] = None) -> RunResult:
