@@ -112,3 +112,21 @@ def scatter(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def budget_points(
+    points: dict[str, tuple[float, float, Optional[float]]], path: Path, xlabel: str, ylabel: str, title: str = ""
+) -> Path:
+    """One labelled point per method at (trainable parameters, mean loss), with its spread over seeds as an error
+    bar where there is one: Hu et al.'s methods at their budgets, at a glance."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, (label, (x, y, err)) in enumerate(points.items()):
+        ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="o", color=f"C{i % 10}", capsize=4, label=label)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel + " (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    return save(fig, path)

@@ -305,6 +305,8 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
     for k in sorted(keys, key=lambda k: (k[0] != "lora", str(k[1]), k[2] or 0, k[4] or 0, k[5] or 0)):
         if k[0] == "full":
             label = "full FT"
+        elif k[0] != "lora":  # the comparison methods: BitFit, IA3, adapters, PreEmbed, PreLayer
+            label = k[3]
         else:
             label = ("LoRA" if k[3] == "LoRA" else k[3]) + f" r={k[2]}" + (f" {k[1]}" if varies[1] else "")
         if varies[4]:
@@ -317,34 +319,98 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
+SEED_FREE = ("seed", "optim.lr", "optim.lr_mult", "optim.ref_lr")  # not part of a configuration: seed, LR spellings
+
+
+def config_key(r: Run) -> tuple:
+    """Everything a run was given except its seed (the LR as used, however it was spelled): runs with one key
+    replicate one configuration."""
+    import json
+
+    s = r.rec.settings
+    rest = {k: v for k, v in s.overrides.items() if k not in SEED_FREE}
+    return (
+        s.method,
+        s.model,
+        s.data,
+        f"{s.lr:.6g}",
+        s.batch_size,
+        s.grad_accum,
+        s.max_steps,
+        s.max_length,
+        s.precision,
+        json.dumps(s.method_fields, sort_keys=True, default=str),
+        json.dumps(rest, sort_keys=True, default=str),
+    )
+
+
+def replicates(runs: Iterable[Run]) -> list[list[Run]]:
+    """COMPLETE runs grouped by configuration (`config_key`), one run per seed, in seed order. A seed run twice (the
+    same configuration in two studies) counts once, by its lower val loss: reruns differ only by nondeterminism."""
+    groups: dict[tuple, dict[int, Run]] = {}
+    for r in ok_runs(runs):
+        seeds = groups.setdefault(config_key(r), {})
+        if r.seed not in seeds or r.val_loss < seeds[r.seed].val_loss:
+            seeds[r.seed] = r
+    return [[g[s] for s in sorted(g)] for g in groups.values()]
+
+
+def best_replicated(groups: list[list[Run]]) -> list[Run]:
+    """The group (one configuration, its seeds) with the lowest mean final val loss; ties go to the lower LR."""
+    return min(groups, key=lambda g: (statistics.fmean(r.val_loss for r in g), g[0].lr))
+
+
+def _spread(vals: list[float]) -> str:
+    if len(vals) < 2:
+        return "1 seed"
+    return f"± {statistics.stdev(vals):.4f} sd, {len(vals)} seeds [{min(vals):.4f}, {max(vals):.4f}]"
+
+
 def table_methods(runs: list[Run]) -> Table:
-    """Hu et al. Tables 2-4: the best run of each method (lowest final val loss)."""
+    """Hu et al. Tables 2-4: each method at its best configuration (lowest mean final val loss over its seeds)."""
     used, rows = [], []
     known = ("LoRA", "rsLoRA", "LoRA+", "DoRA", "PiSSA", "OLoRA", "full FT", *BASELINES)
-    others = sorted({r.variant for r in ok_runs(runs)} - set(known))  # combinations such as DoRA+rsLoRA
+    ok = ok_runs(runs)
+    others = sorted({r.variant for r in ok} - set(known))  # combinations such as DoRA+rsLoRA
+    # Beside the comparison methods, LoRA gets a row per target set and rank, as Hu et al. list it at several budgets.
+    paper = any(r.variant in BASELINES for r in ok)
     for variant in (*known, *others):
-        cands = [r for r in ok_runs(runs) if r.variant == variant]
+        cands = [r for r in ok if r.variant == variant]
         if not cands:
             continue
-        b = min(cands, key=lambda r: r.val_loss)
         used += cands
-        f = b.rec
-        size = f.checkpoint_bytes if b.method == "full" else f.adapter_bytes
-        rows.append(
-            {
-                "method": variant + (" (best)" if variant == "LoRA" else ""),
-                "trainable_params": b.trainable,
-                "val_loss": b.val_loss,
-                "accuracy": f.accuracy,
-                "peak_mem_mib": f.peak_mem_bytes / 2**20,
-                "time_per_step_s": f.time_per_step_s,
-                "size_mib": None if size is None else size / 2**20,
-                "settings": _settings(b),
-                "run": b.run_id[:8],
-                "published": PUBLISHED_METHODS.get(variant, "not in Hu et al.; no same-quantity number in ANCHORS.md"),
-                "latency_ms": None if f.inference_latency_s is None else 1000 * f.inference_latency_s,
-            }
-        )
+        budgets: dict[tuple, list[Run]] = {}
+        for r in cands:
+            budgets.setdefault((r.targets, r.r) if paper and r.method == "lora" else (), []).append(r)
+        for budget, rs in sorted(budgets.items(), key=lambda kv: min(r.trainable for r in kv[1])):
+            group = best_replicated(replicates(rs))
+            b, vals = group[0], [r.val_loss for r in group]
+            f = b.rec
+            size = f.checkpoint_bytes if b.method == "full" else f.adapter_bytes
+            accs = [r.rec.accuracy for r in group]
+            lat = [r.rec.inference_latency_s for r in group if r.rec.inference_latency_s is not None]
+            label = variant + (" (best)" if variant == "LoRA" else "")
+            if budget:
+                label = f"{variant} {budget[0]} r={budget[1]}"
+            rows.append(
+                {
+                    "method": label,
+                    "trainable_params": b.trainable,
+                    "val_loss": statistics.fmean(vals),
+                    "val_sd": statistics.stdev(vals) if len(vals) > 1 else None,
+                    "spread": _spread(vals),
+                    "accuracy": None if None in accs else statistics.fmean(accs),
+                    "peak_mem_mib": max(r.rec.peak_mem_bytes for r in group) / 2**20,
+                    "time_per_step_s": statistics.median(r.rec.time_per_step_s for r in group),
+                    "size_mib": None if size is None else size / 2**20,
+                    "settings": _settings(b),
+                    "run": b.run_id[:8],
+                    "published": PUBLISHED_METHODS.get(
+                        variant, "not in Hu et al.; no same-quantity number in ANCHORS.md"
+                    ),
+                    "latency_ms": 1000 * statistics.median(lat) if lat else None,
+                }
+            )
     cols = [
         ("method", "method", ""),
         ("trainable_params", "# trainable params", "{:,}"),
@@ -362,12 +428,23 @@ def table_methods(runs: list[Run]) -> Table:
         f"found; size is the adapter for LoRA variants and all weights for full FT; peak memory is the process's peak "
         f"RSS on CPU. Methods with no run are left out. {_source(used)}"
     )
-    if any(r["method"] in BASELINES for r in rows):  # the comparison methods' study: their inference cost too
-        cols.insert(6, ("latency_ms", "inference latency (ms)", "{:.1f}"))
+    if any(r["spread"] != "1 seed" for r in rows):  # seeds replicate configurations: means and their spread
+        cols.insert(3, ("spread", "spread over seeds", ""))
+        cap = cap.replace(
+            "the best run (lowest final val loss) of each method found",
+            "each method at its best configuration (lowest mean final val loss over its seeds; a configuration run "
+            "with one seed competes with its one value, the spread column says which); val loss and accuracy are "
+            "means over the seeds, time/step and latency medians, the run column is the first seed's",
+        )
+    if paper:  # the comparison methods' study: their inference cost too
+        cols.insert(
+            cols.index(("size_mib", "adapter / checkpoint (MiB)", "{:.2f}")),
+            ("latency_ms", "inference latency (ms)", "{:.1f}"),
+        )
         cap += (
             " Inference latency: median forward over one evaluation batch after training, merged where the method "
             "merges (LoRA, IA3; BitFit's biases are the model's own), as trained otherwise (adapters, PreEmbed, "
-            "PreLayer add computation)."
+            "PreLayer add computation). LoRA has a row per target set and rank."
         )
     return Table("methods", "Method comparison", cap, cols, rows)
 
@@ -493,7 +570,7 @@ def lr_analysis(runs: list[Run]) -> dict[str, Any]:
     # The rank comparison: the target set (and batch, steps) with the most LoRA curves of different ranks.
     by_set: dict[tuple, list[str]] = {}
     for lbl, rs in curves.items():
-        if not lbl.startswith("full FT"):
+        if rs[0].method == "lora":  # ranks are LoRA's; the comparison methods have U-curves, not ranks
             by_set.setdefault((rs[0].targets, rs[0].batch, rs[0].steps), []).append(lbl)
     rank_set = max(by_set.values(), key=len, default=[])
     lora_best = [best[lbl][0] for lbl in rank_set if best[lbl][0]]
@@ -1015,7 +1092,7 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
     if ok:
         pts: dict[str, list[tuple[float, float]]] = {}
         for r in ok:
-            pts.setdefault("full FT" if r.method == "full" else f"LoRA {r.targets}", []).append(
+            pts.setdefault(r.variant + (f" {r.targets}" if r.method == "lora" else ""), []).append(
                 (r.trainable, r.val_loss)
             )
         front, best = [], math.inf
@@ -1032,6 +1109,20 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
                 ylabel="final validation loss (nats per token)",
                 front=front,
                 title="Validation loss vs trainable parameters, every completed run",
+            )
+        )
+    rows = table_methods(runs).rows if any(r.variant in BASELINES for r in ok) else []
+    if len(rows) >= 2:  # the comparison methods' study: each method at its budget, mean and spread over seeds
+        points = {}
+        for row in rows:
+            points[row["method"]] = (row["trainable_params"], row["val_loss"], row["val_sd"])
+        files.append(
+            plots.budget_points(
+                points,
+                out / "methods.png",
+                xlabel="trainable parameters",
+                ylabel="final validation loss (nats per token)",
+                title="Methods at their budgets (best configuration each; bars: 1 sd over seeds)",
             )
         )
     return files

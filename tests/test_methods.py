@@ -239,3 +239,67 @@ def test_report_methods_table_has_the_paper_rows_and_latency(outputs):
     assert by_method["BitFit"]["published"] == PUBLISHED_METHODS["BitFit"]
     assert all(row["latency_ms"] > 0 for row in table.rows)
     assert "latency_ms" in [c[0] for c in table.columns]
+
+
+def test_report_methods_table_means_seeds_and_splits_lora_by_budget(outputs, tmp_path, monkeypatch):
+    """Seeds of one configuration are averaged (a seed run twice counts once), the configuration with the lowest mean
+    wins, its spread is shown; beside the comparison methods LoRA has a row per target set and rank."""
+    from dataclasses import replace
+
+    from lora_lab.report import Run, table_methods
+
+    recs = {}
+    for name, extra in {
+        "bitfit": ["method=bitfit"],
+        "attn": ["lora.targets=[attn]", "lora.r=4"],
+        "all": ["lora.targets=[all-linear]", "lora.r=8"],
+    }.items():
+        _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "tracking=off", *extra])
+        cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, 2, 2
+        recs[name] = run(cfg)
+
+    def fake(name: str, lr: float, seed: int, loss: float, study: str = "s") -> Run:
+        rec = recs[name]
+        rec = replace(
+            rec,
+            val_loss=loss,
+            settings=replace(rec.settings, lr=lr, seed=seed),
+            identity=replace(rec.identity, study=study),
+        )
+        return Run(run_id=f"{name}{lr}{seed}{study}".ljust(8, "0"), parent="", state="COMPLETE", rec=rec)
+
+    runs = [
+        fake("bitfit", 1e-3, 0, 0.50),
+        fake("bitfit", 1e-3, 1, 0.52),
+        fake("bitfit", 1e-3, 2, 0.54),  # mean 0.52
+        fake("bitfit", 3e-3, 0, 0.515),  # one seed: 0.515 beats 0.52
+        fake("bitfit", 1e-2, 0, 0.49),
+        fake("bitfit", 1e-2, 1, 0.50),  # mean 0.495: the best
+        fake("bitfit", 1e-2, 1, 0.70, study="other"),  # the same seed again: its lower value counts, once
+        fake("attn", 1e-3, 0, 0.60),
+        fake("all", 1e-3, 0, 0.58),
+        fake("all", 3e-3, 0, 0.59),
+    ]
+    table = table_methods(runs)
+    rows = {row["method"]: row for row in table.rows}
+    assert set(rows) == {"BitFit", "LoRA attention r=4", "LoRA all linear r=8"}
+    assert rows["BitFit"]["val_loss"] == pytest.approx(0.495)
+    assert rows["BitFit"]["settings"].startswith("lr=1e-2")
+    assert rows["BitFit"]["spread"] == "± 0.0071 sd, 2 seeds [0.4900, 0.5000]"
+    assert rows["LoRA all linear r=8"]["val_loss"] == pytest.approx(0.58)
+    assert rows["LoRA attention r=4"]["spread"] == "1 seed"
+    assert "spread" in [c[0] for c in table.columns]
+    # Without replicated seeds no spread column: the one-seed layout of the golden tables stays as it was.
+    assert "spread" not in [c[0] for c in table_methods([fake("bitfit", 1e-3, 0, 0.5)]).columns]
+    # The plots: every method's LR U-curve under its own name, and the methods at their budgets with error bars.
+    from lora_lab import plots, report
+
+    monkeypatch.setattr(report, "_history", lambda uri, r: ([], []))  # loss curves read MLflow: not under test here
+    drawn = {}
+    monkeypatch.setattr(plots, "budget_points", lambda points, path, **kw: drawn.update(points) or path)
+    curves = report.curve_groups(runs)
+    assert set(curves) == {"BitFit", "LoRA r=8"}  # one LR for attention: no curve
+    files = report.make_plots("sqlite:///unused", runs, tmp_path)
+    assert tmp_path / "methods.png" in files and (tmp_path / "lr_curves.png").is_file()
+    assert drawn["BitFit"][1:] == (pytest.approx(0.495), pytest.approx(0.00707, abs=1e-5))
+    assert drawn["LoRA attention r=4"][2] is None
