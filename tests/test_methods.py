@@ -303,3 +303,53 @@ def test_report_methods_table_means_seeds_and_splits_lora_by_budget(outputs, tmp
     assert tmp_path / "methods.png" in files and (tmp_path / "lr_curves.png").is_file()
     assert drawn["BitFit"][1:] == (pytest.approx(0.495), pytest.approx(0.00707, abs=1e-5))
     assert drawn["LoRA attention r=4"][2] is None
+
+
+@pytest.mark.slow
+def test_every_method_on_the_real_packaged_model(monkeypatch):
+    """SmolLM2-135M (30 layers, 9 query / 3 key-value heads, tied embeddings): the zero-init methods start at its
+    output, prompt and prefix score left-padded rows as unpadded ones through its grouped-query attention (to fp32
+    rounding of logits ~20 in size: a wrong position or mask moves them by whole units), and three
+    steps on one sentence lower the loss while only the method's parameters move."""
+    import copy
+
+    from lora_lab.config import ModelConfig
+    from lora_lab.models import load_model
+
+    monkeypatch.delenv("LORA_LAB_CACHE", raising=False)  # the real cache, as test_models' packaged-model test uses it
+    base, tok = load_model(ModelConfig(name="smollm2-135m-instruct"))
+    base.eval()
+    ids = tok("The film was a delight from start to finish.", return_tensors="pt")["input_ids"]
+    rows = [ids[0], ids[0, :4]]
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    for method, kw in CASES:
+        kw = dict(kw, n_tokens=4) if method in ("prompt", "prefix") else kw
+        model = copy.deepcopy(base)
+        apply(model, method, **kw)
+        if method in ("bitfit", "ia3", "adapter"):
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids).logits, base_logits), method
+        else:
+            ids2 = torch.full((2, len(rows[0])), tok.pad_token_id)
+            mask = torch.zeros_like(ids2)
+            for i, r in enumerate(rows):
+                ids2[i, -len(r) :], mask[i, -len(r) :] = r, 1
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            with torch.no_grad():
+                batched = model(input_ids=ids2, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+                for i, r in enumerate(rows):
+                    torch.testing.assert_close(batched[i], model(input_ids=r[None]).logits[0, -1], atol=2e-3, rtol=1e-3)
+        own = set(methods.method_parameters(model))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in own}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.train()
+        losses = []
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert losses[-1] < losses[0], (method, losses)
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen), method
