@@ -69,6 +69,7 @@ def lr_curves(
     best: Optional[dict[str, float]] = None,
 ) -> Path:
     """The LR U-curves: final loss against learning rate (log scale), one line per rank or method."""
+    series = {k: list(v) for k, v in series.items()}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, points) in enumerate(series.items()):
         pts = sorted(points)
@@ -80,6 +81,10 @@ def lr_curves(
             ax.scatter([best[label]], [y], s=120, facecolors="none", edgecolors=f"C{i % 10}", linewidths=2)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
+    ys = [p[1] for pts in series.values() for p in pts if p[1] > 0]
+    if ys and max(ys) / min(ys) > 4:  # a diverged LR (loss 4 vs 0.4) would flatten every other curve: log scale
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
