@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import logging
 import math
@@ -390,7 +391,7 @@ def preflight(st: Study) -> None:
             raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
-    load_data(base.data, tokenizer, seed=base.seed)
+    data = load_data(base.data, tokenizer, seed=base.seed)
     for cfg in configs:
         if "accuracy" in st.spec.objectives and cfg.data.format not in ("prompted", "classification"):
             raise ConfigError(f"sweep.objectives: accuracy needs labelled data, but data.format={cfg.data.format}")
@@ -400,6 +401,8 @@ def preflight(st: Study) -> None:
             )
         if cfg.method == "lora":
             lora_targets(model, cfg.lora, cfg.model.task)
+    if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device == 1:
+        st.warm.keep(base, model, tokenizer, data)  # this process runs the trials: the first one starts warm
     del model
 
 
@@ -621,6 +624,10 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
             study.sampler = st.sampler(trial_seed(spec.seed, internals.trial_number(study, trial_id)))
             trial = optuna.Trial(study, trial_id)
             ran += 1
+            # What is alive between trials (imported modules, the kept model) stays: exempt it from the cyclic
+            # collector, so the collections after the trial (Session.close) scan only what the trial made. Warm.drop
+            # unfreezes before it collects, so a dropped model is still freed.
+            gc.freeze()
             trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()

@@ -144,3 +144,17 @@ def test_a_killed_process_trial_is_retried_by_its_neighbour(tmp_path: Path) -> N
     assert study.trials[killed.number].state == TrialState.FAIL
     retry = retry_of(study, killed.number)
     assert retry is not None and retry.state == TrialState.COMPLETE and retry.params == killed.params
+
+
+def test_first_trial_takes_the_preflight_model(outputs: Path, tmp_path: Path) -> None:
+    """The preflight's loaded base model goes to the warm holder: the first trial does not load it again."""
+    import optuna
+
+    study_file = tmp_path / "handoff.yaml"
+    study_file.write_text(
+        f"# python -m lora_lab.sweep sweep={study_file}\nname: handoff\nsampler: random\npruner: none\n"
+        "compare_full: false\nn_trials: 2\nspace:\n  optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}\n"
+    )
+    assert sweep.main([f"sweep={study_file}", *TRAIN, "trainer.checkpoint_every=0", "tracking=off"]) == 0
+    study = optuna.load_study(study_name="handoff", storage=f"sqlite:///{outputs / 'optuna.db'}")
+    assert [t.user_attrs["warm"] for t in sorted(study.trials, key=lambda t: t.number)] == [True, True]
