@@ -401,9 +401,23 @@ def preflight(st: Study) -> None:
             )
         if cfg.method == "lora":
             lora_targets(model, cfg.lora, cfg.model.task)
+    from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib, imported here rather than in the first trial
+
     if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device == 1:
         st.warm.keep(base, model, tokenizer, data)  # this process runs the trials: the first one starts warm
     del model
+
+
+def preload(st: Study) -> None:
+    """A warm worker process (`sweep.workers` or `trials_per_device` > 1) loads the base model, tokenizer and data
+    into its warm holder at start, and imports what a trial's logging uses: its first trial pays for neither."""
+    from lora_lab.data import load_data
+    from lora_lab.models import load_model
+    from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib: every trial's run plots its loss curve
+
+    base = st.base_cfg
+    model, tokenizer = load_model(base.model)
+    st.warm.keep(base, model, tokenizer, load_data(base.data, tokenizer, seed=base.seed))
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -1149,6 +1163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         st = Study(spec, inv)
         if not is_worker:
             preflight(st)
+        elif st.warm is not None:
+            preload(st)  # a started worker loads the base model before its first trial, as the preflight does
         storage = st.open_storage()  # an unreachable database stops here, before any study exists
         if st.tracking.enabled:
             tracking.connect(st.tracking)  # and an unusable tracking store too
