@@ -403,8 +403,8 @@ def preflight(st: Study) -> None:
             lora_targets(model, cfg.lora, cfg.model.task)
     from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib, imported here rather than in the first trial
 
-    if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device == 1:
-        st.warm.keep(base, model, tokenizer, data)  # this process runs the trials: the first one starts warm
+    if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device in (1, "auto"):
+        st.warm.keep(base, model, tokenizer, data)  # this process runs (the first) trials: it starts warm
     del model
 
 
@@ -1299,6 +1299,7 @@ def device_label(device: Any) -> str:
 def throughput(study: optuna.Study, phase: tuple[float, float]) -> Optional[StudyThroughput]:
     """Trials per hour and each device's busy share (time inside training steps and evaluations / wall time) over
     this invocation's trial phase `phase` (start, end; epoch seconds): the trials that started in it and finished.
+    With several processes on one device (sweep.trials_per_device) a device's share sums theirs: it can pass 1.
     None when no trial ran."""
     start, end = phase
     wall = end - start
