@@ -391,6 +391,7 @@ class TrainingRun:
         now = int(time.time() * 1000)
         metrics = {k: v for k, v in records.result_metrics(record).items() if k not in self.start_metrics}
         self._log(metrics=[Metric(k, v, now, record.steps) for k, v in metrics.items()])
+        self._flush()  # a write that failed (curves, results) fails the run here, inside the block
         out = Path(record.identity.output_dir)
         if (out / "metrics.json").is_file():
             self._client.log_artifact(self.run_id, str(out / "metrics.json"))

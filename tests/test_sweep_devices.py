@@ -158,3 +158,20 @@ def test_first_trial_takes_the_preflight_model(outputs: Path, tmp_path: Path) ->
     assert sweep.main([f"sweep={study_file}", *TRAIN, "trainer.checkpoint_every=0", "tracking=off"]) == 0
     study = optuna.load_study(study_name="handoff", storage=f"sqlite:///{outputs / 'optuna.db'}")
     assert [t.user_attrs["warm"] for t in sorted(study.trials, key=lambda t: t.number)] == [True, True]
+
+
+def test_auto_on_the_cpu_is_one_process(outputs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    journal = tmp_path / "auto.journal"
+    args = ["sweep=default", "sweep.n_trials=1", "sweep.trials_per_device=auto", f"sweep.storage=journal:///{journal}"]
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        assert sweep.main([*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off"]) == 0
+    assert "sweep.trials_per_device=auto: 1 on the CPU" in caplog.text
+    assert "starting" not in caplog.text  # no worker processes: the trial ran here
+    study = optuna.load_study(study_name="default", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["warm"]  # the preflight's model, handed on
