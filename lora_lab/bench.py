@@ -510,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         print(_peak_mem_child(kind, shape, steps, batch, seq))
         return 0
+    if argv and argv[0] == "sweep":  # sweep throughput: its own options (lora_lab/bench_sweep.py)
+        from lora_lab import bench_sweep
+
+        return bench_sweep.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
-    ap.add_argument("suite", choices=["core"])
+    ap.add_argument("suite", choices=["core", "sweep"])
     ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", help="write the results as JSON (atomically)")

@@ -541,7 +541,12 @@ class SweepConfig:
     # Optuna storage: null (sqlite:///<outputs>/optuna.db, one machine), postgresql://... (many workers, many hosts),
     # journal:///path/file.journal (many workers on one host, no heartbeats). workers > 1 needs one of the last two.
     storage: Optional[str] = None
-    workers: int = 1  # local worker processes (one per GPU where there are GPUs)
+    workers: int = 1  # devices used on this host: one per GPU where there are GPUs (the CPU counts as one device)
+    # Worker processes sharing each device: an integer >= 1, or 'auto' (CUDA: floor(0.9 * free memory / a measured
+    # trial's peak), at most 8; CPU: 1). Local processes = workers x trials_per_device; with N per device each gets
+    # ~0.95/N of its GPU's memory (torch.cuda.set_per_process_memory_fraction) or cores // processes CPU threads.
+    # More than one process needs sweep.storage (journal:// or postgresql://).
+    trials_per_device: Any = 1
     heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
     grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
     max_retry: int = 1  # how often a trial killed with its worker is retried with the same parameters
@@ -579,6 +584,13 @@ class SweepConfig:
             )
         _check(self.n_trials >= 1, "sweep.n_trials", "an integer >= 1", self.n_trials)
         _check(self.workers >= 1, "sweep.workers", "an integer >= 1", self.workers)
+        tpd = self.trials_per_device
+        _check(
+            tpd == "auto" or (isinstance(tpd, int) and not isinstance(tpd, bool) and tpd >= 1),
+            "sweep.trials_per_device",
+            "an integer >= 1 or 'auto'",
+            tpd,
+        )
         _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
         _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", "an integer >= 1", self.heartbeat_s)
         _check(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import logging
 import math
@@ -42,6 +43,12 @@ from lora_lab.warm import Warm
 log = logging.getLogger("lora_lab")
 
 WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
+# A worker's share of its GPU's memory (torch.cuda.set_per_process_memory_fraction), when processes share one GPU.
+MEMORY_FRACTION_ENV = "LORA_LAB_CUDA_MEMORY_FRACTION"
+THREADS_ENV = "LORA_LAB_NUM_THREADS"  # a worker's torch CPU threads: the host's cores split between its processes
+MEMORY_SHARE = 0.95  # of a GPU's memory, split between the processes on it (the rest: their CUDA contexts)
+AUTO_FILL = 0.9  # trials_per_device=auto fills this share of a device's free memory with measured trial peaks
+AUTO_MAX_PER_DEVICE = 8
 FIRST_FAILURES_TO_STOP = 3  # the first trials all failing the same way means the study itself is broken
 
 
@@ -384,7 +391,7 @@ def preflight(st: Study) -> None:
             raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
-    load_data(base.data, tokenizer, seed=base.seed)
+    data = load_data(base.data, tokenizer, seed=base.seed)
     for cfg in configs:
         if "accuracy" in st.spec.objectives and cfg.data.format not in ("prompted", "classification"):
             raise ConfigError(f"sweep.objectives: accuracy needs labelled data, but data.format={cfg.data.format}")
@@ -394,7 +401,23 @@ def preflight(st: Study) -> None:
             )
         if cfg.method == "lora":
             lora_targets(model, cfg.lora, cfg.model.task)
+    from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib, imported here rather than in the first trial
+
+    if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device in (1, "auto"):
+        st.warm.keep(base, model, tokenizer, data)  # this process runs (the first) trials: it starts warm
     del model
+
+
+def preload(st: Study) -> None:
+    """A warm worker process (`sweep.workers` or `trials_per_device` > 1) loads the base model, tokenizer and data
+    into its warm holder at start, and imports what a trial's logging uses: its first trial pays for neither."""
+    from lora_lab.data import load_data
+    from lora_lab.models import load_model
+    from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib: every trial's run plots its loss curve
+
+    base = st.base_cfg
+    model, tokenizer = load_model(base.model)
+    st.warm.keep(base, model, tokenizer, load_data(base.data, tokenizer, seed=base.seed))
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -586,17 +609,18 @@ def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     return internals.frozen(trial)
 
 
-def worker_loop(st: Study) -> None:
+def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
     """Pop WAITING trials until none is left and no trial is running anywhere (a running one might die and come
-    back as a retry), or until the timeout."""
+    back as a retry), or until the timeout, or until this worker ran `max_trials`."""
     study, spec = st.study, st.spec
     heartbeats = internals.heartbeats_enabled(study)
     started = time.time()
     first_failures: list[str] = []
     failed_numbers: list[int] = []
     bar = _study_bar(st)
+    ran = 0
     try:
-        while True:
+        while max_trials is None or ran < max_trials:
             optuna.storages.fail_stale_trials(study)
             if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
                 log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
@@ -613,6 +637,11 @@ def worker_loop(st: Study) -> None:
             # every resumed process would otherwise replay the same random stream (trial 0's parameters again).
             study.sampler = st.sampler(trial_seed(spec.seed, internals.trial_number(study, trial_id)))
             trial = optuna.Trial(study, trial_id)
+            ran += 1
+            # What is alive between trials (imported modules, the kept model) stays: exempt it from the cyclic
+            # collector, so the collections after the trial (Session.close) scan only what the trial made. Warm.drop
+            # unfreezes before it collects, so a dropped model is still freed.
+            gc.freeze()
             trial.set_user_attr("fingerprint", st.fingerprint)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
             t0 = time.time()
@@ -987,16 +1016,99 @@ def _quote(arg: str) -> str:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def launch_workers(st: Study, inv: Invocation, n: int) -> int:
-    """Start n local worker processes on the same study (one GPU each where there are GPUs); wait for all."""
+def worker_envs(devices: int, per_device: int, gpus: int, cores: int) -> list[dict[str, str]]:
+    """The environment variables of each local worker process: `devices` x `per_device` of them. On a GPU host
+    worker index i // per_device is pinned to GPU (i // per_device) % gpus with CUDA_VISIBLE_DEVICES, and every GPU
+    shared by k > 1 processes gives each MEMORY_SHARE / k of its memory; the host's `cores` are split between all
+    processes (at least one thread each)."""
+    total = devices * per_device
+    gpu_of = [(i // per_device) % gpus for i in range(total)] if gpus else [None] * total
+    threads = str(max(1, cores // total))
+    envs = []
+    for gpu in gpu_of:
+        env = {WORKER_ENV: "1", THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            sharing = gpu_of.count(gpu)
+            if sharing > 1:
+                env[MEMORY_FRACTION_ENV] = f"{MEMORY_SHARE / sharing:.4f}"
+        envs.append(env)
+    return envs
+
+
+def apply_worker_env() -> None:
+    """In a worker process, before any tensor exists: its CPU threads and its cap on the GPU's memory (an
+    allocation past the cap raises OutOfMemoryError in this process only: its trial is retried with half the
+    micro-batch, its neighbours never notice)."""
     import torch
 
-    gpus = torch.cuda.device_count()
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        torch.set_num_threads(int(threads))
+    fraction = os.environ.get(MEMORY_FRACTION_ENV)
+    if fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(float(fraction), 0)
+
+
+def auto_per_device(peak_bytes: int, free_bytes: int) -> int:
+    """trials_per_device=auto on a GPU: as many trials of peak `peak_bytes` as fill AUTO_FILL of `free_bytes`,
+    between 1 and AUTO_MAX_PER_DEVICE."""
+    if peak_bytes <= 0:
+        return 1
+    return max(1, min(AUTO_MAX_PER_DEVICE, math.floor(AUTO_FILL * free_bytes / peak_bytes)))
+
+
+def resolve_per_device(st: Study) -> int:
+    """sweep.trials_per_device as a number. 'auto' on CUDA runs the study's first trial here (it counts in the
+    budget) and sizes N from its peak memory and the device's free memory after it; on the CPU it is 1."""
+    import torch
+
+    from lora_lab.train import pick_device
+
+    n = st.spec.trials_per_device
+    if n != "auto":
+        return int(n)
+    device = pick_device(st.base_cfg.trainer.device)
+    if device.type != "cuda":
+        log.info("sweep.trials_per_device=auto: 1 on the CPU (more processes would only split the same cores)")
+        return 1
+    before = {t.number for t in st.study.get_trials(deepcopy=False)}
+    worker_loop(st, max_trials=1)
+    measured = [
+        t
+        for t in st.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.number not in before and t.user_attrs.get("peak_mem_bytes")
+    ]
+    if st.warm is not None:
+        st.warm.drop()  # this process only waits from now on: its kept model must not take the workers' memory
+    free_memory()
+    if not measured:
+        log.warning("sweep.trials_per_device=auto: the measuring trial did not complete; using 1 per device")
+        return 1
+    peak = int(measured[0].user_attrs["peak_mem_bytes"])
+    free, total = torch.cuda.mem_get_info(device)
+    n = auto_per_device(peak, free)
+    log.info(
+        "sweep.trials_per_device=auto: %d per device (trial %d peaked at %.0f MiB; %.0f of %.0f MiB free)",
+        n,
+        measured[0].number,
+        peak / 2**20,
+        free / 2**20,
+        total / 2**20,
+    )
+    return n
+
+
+def launch_workers(st: Study, inv: Invocation, devices: int, per_device: int) -> int:
+    """Start devices x per_device local worker processes on the same study (see worker_envs); wait for all."""
+    import torch
+
     procs = []
-    for i in range(n):
-        env = dict(os.environ, **{WORKER_ENV: "1"})
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    envs = worker_envs(devices, per_device, torch.cuda.device_count(), cores)
+    log.info("starting %d worker processes (%d devices x %d per device)", len(envs), devices, per_device)
+    for extra in envs:
+        env = dict(os.environ, **extra)
         args = [
             sys.executable,
             "-m",
@@ -1004,6 +1116,7 @@ def launch_workers(st: Study, inv: Invocation, n: int) -> int:
             f"sweep={inv.sweep}",
             *[f"sweep.{o}" for o in inv.sweep_overrides],
             "sweep.workers=1",
+            "sweep.trials_per_device=1",
             "sweep.compare_full=false",
             *inv.train_overrides,
         ]
@@ -1017,7 +1130,8 @@ def launch_workers(st: Study, inv: Invocation, n: int) -> int:
         for p in procs:
             p.wait()
         raise
-    return max(codes)
+    # A worker killed by a signal exits with a negative code: max() would hide it behind a 0.
+    return next((c for c in codes if c != 0), 0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1032,19 +1146,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     is_worker = os.environ.get(WORKER_ENV) == "1"
+    if is_worker:
+        apply_worker_env()
     try:
         inv = parse_args(argv)
         spec = load_sweep(inv.sweep, inv.sweep_overrides)
         check_study(spec)
-        if spec.workers > 1 and spec.storage is None:
+        many = spec.trials_per_device == "auto" or spec.trials_per_device > 1
+        if (spec.workers > 1 or many) and spec.storage is None:
+            key = "trials_per_device" if many else "workers"
             raise ConfigError(
-                f"sweep.workers={spec.workers}: the embedded SQLite storage is for one process; give "
+                f"sweep.{key}={getattr(spec, key)}: the embedded SQLite storage is for one process; give "
                 "sweep.storage=postgresql://USER@HOST/DB (many workers, many hosts) or "
                 "sweep.storage=journal:///path/to/study.journal (many workers, one host, no heartbeats)"
             )
         st = Study(spec, inv)
         if not is_worker:
             preflight(st)
+        elif st.warm is not None:
+            preload(st)  # a started worker loads the base model before its first trial, as the preflight does
         storage = st.open_storage()  # an unreachable database stops here, before any study exists
         if st.tracking.enabled:
             tracking.connect(st.tracking)  # and an unusable tracking store too
@@ -1084,8 +1204,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         started = time.time()
         with interruptible():
             try:
-                if spec.workers > 1:
-                    code = launch_workers(st, inv, spec.workers)
+                per_device = 1 if is_worker else resolve_per_device(st)
+                if spec.workers * per_device > 1:
+                    code = launch_workers(st, inv, spec.workers, per_device)
                     if code != 0:
                         log.error("a worker exited with code %d", code)
                 else:
@@ -1178,6 +1299,7 @@ def device_label(device: Any) -> str:
 def throughput(study: optuna.Study, phase: tuple[float, float]) -> Optional[StudyThroughput]:
     """Trials per hour and each device's busy share (time inside training steps and evaluations / wall time) over
     this invocation's trial phase `phase` (start, end; epoch seconds): the trials that started in it and finished.
+    With several processes on one device (sweep.trials_per_device) a device's share sums theirs: it can pass 1.
     None when no trial ran."""
     start, end = phase
     wall = end - start

@@ -93,23 +93,31 @@ class Warm:
         else:
             self.drop()
             model, tokenizer = load_model(cfg.model)
-            data = load_data(cfg.data, tokenizer, seed=cfg.seed)
-            self.entry = _Entry(
-                key=key,
-                model=model,
-                tokenizer=tokenizer,
-                data=data,
-                params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
-                buffers={n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()},
-                requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
-                training=model.training,
-                use_cache=getattr(getattr(model, "config", None), "use_cache", None),
-            )
+            self.keep(cfg, model, tokenizer, load_data(cfg.data, tokenizer, seed=cfg.seed))
             self.misses += 1
             self.last_hit = False
         self.in_use = cfg
         e = self.entry
         return e.model, e.tokenizer, e.data
+
+    def keep(self, cfg: "Config", model: torch.nn.Module, tokenizer: Any, data: Any) -> None:
+        """Keep a model, tokenizer and data loaded elsewhere for `cfg` (the sweep's preflight loads the base model:
+        the first trial takes it from here instead of loading it again). They must be as load_model and load_data
+        returned them: untouched by any method."""
+        if self.in_use is not None:
+            raise RuntimeError("Warm.keep: the kept model is in use (give_back first)")
+        self.drop()
+        self.entry = _Entry(
+            key=warm_key(cfg),
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
+            buffers={n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()},
+            requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+            training=model.training,
+            use_cache=getattr(getattr(model, "config", None), "use_cache", None),
+        )
 
     def give_back(self) -> None:
         """Undo what the trial did to the kept model (see the module docstring), or drop it. Idempotent."""
@@ -155,13 +163,16 @@ class Warm:
                 b.copy_(e.buffers[name])
         model.train(e.training)
         if e.use_cache is not None:
-            model.config.use_cache = e.use_cache
+            from lora_lab.train import _set_use_cache  # the one place that sets it (train.py uses it too)
+
+            _set_use_cache(model, e.use_cache)
         return ""
 
     def drop(self) -> None:
         """Forget the kept model and data (the next take loads afresh)."""
         if self.entry is not None:
             self.entry = None
+            gc.unfreeze()  # a sweep worker freezes what lives between trials (sweep.worker_loop): this model too
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
