@@ -92,7 +92,6 @@ def run_mode(name: str, args: list[str], root: Path) -> dict[str, Any]:
     wall = max(end - start, 1e-9)
     trial_s = sum(t.user_attrs["wall_s"] for t in timed)
     outside = sum(t.user_attrs["overhead_s"] for t in timed)
-    per_device = next((line.split("auto: ")[1].split(" ")[0] for line in text.splitlines() if "auto: " in line), None)
     return {
         "mode": name,
         "args": args,
@@ -106,7 +105,7 @@ def run_mode(name: str, args: list[str], root: Path) -> dict[str, Any]:
         "trial_s_mean": trial_s / len(timed) if timed else None,
         "warm_trials": sum(1 for t in trials if t.user_attrs.get("warm")),
         "workers": len({t.user_attrs.get("worker") for t in trials}),
-        "auto_per_device": int(per_device) if per_device and per_device.isdigit() else None,
+        "auto_per_device": study.user_attrs.get("trials_per_device"),  # set by sweep.resolve_per_device (CUDA)
         "values": {t.number: t.values[0] for t in trials if t.values},
     }
 

@@ -1088,6 +1088,7 @@ def resolve_per_device(st: Study) -> int:
     peak = int(measured[0].user_attrs["peak_mem_bytes"])
     free, total = torch.cuda.mem_get_info(device)
     n = auto_per_device(peak, free)
+    st.study.set_user_attr("trials_per_device", n)  # what auto chose, for the bench and for a later look
     log.info(
         "sweep.trials_per_device=auto: %d per device (trial %d peaked at %.0f MiB; %.0f of %.0f MiB free)",
         n,
