@@ -172,7 +172,7 @@ def _stepper(model, ids) -> Callable[[], None]:
             model(inputs_embeds=x, labels=ids).loss.backward()
 
         return frozen_step
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=ids.device.type == "cuda" or None)  # as the trainer does
+    opt = lora.adamw(params, lr=1e-5)  # as the trainer builds it (fused)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss

@@ -47,6 +47,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "param_groups",
+    "adamw",
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
     "atomic_write",
@@ -1122,3 +1123,18 @@ def param_groups(model: nn.Module, lr: float, lr_ratio: float = 1.0, weight_deca
     if not groups:
         raise ValueError("param_groups: the model has no parameter with requires_grad")
     return groups
+
+
+# torch's fused AdamW runs on these devices (CPU since torch 2.4). Without `fused`, torch picks foreach on CUDA but the
+# single-tensor Python loop on the CPU: ~30 aten calls per tensor, 13k per step for a LoRA model's 420 tensors.
+_FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `params` (tensors or param groups), fused (one kernel for every tensor) where torch has it
+    for all of them: floating tensors on CUDA or the CPU; otherwise torch's default. Same update as the per-tensor
+    loop up to float rounding (~1e-7 relative)."""
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)

@@ -395,11 +395,8 @@ class Session:
         o = self.cfg.optim
         lr_ratio = self.cfg.lora.lr_ratio if self.cfg.method == "lora" else 1.0
         groups = lora.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
-        # fused: one kernel for all parameters on CUDA (a LoRA model has hundreds of small tensors); foreach on CPU.
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
-        )
+        # fused on CUDA and CPU (lora.adamw): one kernel for a LoRA model's hundreds of small tensors
+        optimizer = lora.adamw(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps)
         )
