@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import statistics
 import sys
@@ -325,8 +326,6 @@ SEED_FREE = ("seed", "optim.lr", "optim.lr_mult", "optim.ref_lr")  # not part of
 def config_key(r: Run) -> tuple:
     """Everything a run was given except its seed (the LR as used, however it was spelled): runs with one key
     replicate one configuration."""
-    import json
-
     s = r.rec.settings
     rest = {k: v for k, v in s.overrides.items() if k not in SEED_FREE}
     return (
@@ -363,10 +362,8 @@ def best_replicated(groups: list[list[Run]]) -> list[Run]:
     return min((g for g in groups if len(g) == most), key=lambda g: (statistics.fmean(r.val_loss for r in g), g[0].lr))
 
 
-def _spread(vals: list[float]) -> str:
-    if len(vals) < 2:
-        return "1 seed"
-    return f"± {statistics.stdev(vals):.4f} sd, {len(vals)} seeds [{min(vals):.4f}, {max(vals):.4f}]"
+def _spread(vals: list[float], sd: Optional[float]) -> str:
+    return "1 seed" if sd is None else f"± {sd:.4f} sd, {len(vals)} seeds [{min(vals):.4f}, {max(vals):.4f}]"
 
 
 def table_methods(runs: list[Run]) -> Table:
@@ -388,6 +385,7 @@ def table_methods(runs: list[Run]) -> Table:
         for budget, rs in sorted(budgets.items(), key=lambda kv: min(r.trainable for r in kv[1])):
             group = best_replicated(replicates(rs))
             b, vals = group[0], [r.val_loss for r in group]
+            sd = statistics.stdev(vals) if len(vals) > 1 else None
             f = b.rec
             size = f.checkpoint_bytes if b.method == "full" else f.adapter_bytes
             accs = [r.rec.accuracy for r in group]
@@ -400,8 +398,8 @@ def table_methods(runs: list[Run]) -> Table:
                     "method": label,
                     "trainable_params": b.trainable,
                     "val_loss": statistics.fmean(vals),
-                    "val_sd": statistics.stdev(vals) if len(vals) > 1 else None,
-                    "spread": _spread(vals),
+                    "val_sd": sd,
+                    "spread": _spread(vals, sd),
                     "accuracy": None if None in accs else statistics.fmean(accs),
                     "peak_mem_mib": max(r.rec.peak_mem_bytes for r in group) / 2**20,
                     "time_per_step_s": statistics.median(r.rec.time_per_step_s for r in group),
@@ -426,20 +424,22 @@ def table_methods(runs: list[Run]) -> Table:
         ("run", "run", ""),
         ("published", "published (other model and task; source)", ""),
     ]
-    cap = (
-        f"Method comparison in the style of Hu et al. Tables 2-4: the best run (lowest final val loss) of each method "
-        f"found; size is the adapter for LoRA variants and all weights for full FT; peak memory is the process's peak "
-        f"RSS on CPU. Methods with no run are left out. {_source(used)}"
+    replicated = any(r["val_sd"] is not None for r in rows)  # seeds replicate configurations: means and spread
+    rule = (
+        "each method at its best configuration: the lowest mean final val loss over seeds among its configurations "
+        "run with the most seeds (single-seed search points do not compete with replicated means: they would win on "
+        "a lucky seed); val loss and accuracy are means over those seeds, time/step and latency medians, the run "
+        "column is the first seed's"
+        if replicated
+        else "the best run (lowest final val loss) of each method found"
     )
-    if any(r["spread"] != "1 seed" for r in rows):  # seeds replicate configurations: means and their spread
+    cap = (
+        f"Method comparison in the style of Hu et al. Tables 2-4: {rule}; size is the adapter for LoRA variants and "
+        f"all weights for full FT; peak memory is the process's peak RSS on CPU. Methods with no run are left out. "
+        f"{_source(used)}"
+    )
+    if replicated:
         cols.insert(3, ("spread", "spread over seeds", ""))
-        cap = cap.replace(
-            "the best run (lowest final val loss) of each method found",
-            "each method at its best configuration: the lowest mean final val loss over seeds among its "
-            "configurations run with the most seeds (single-seed search points do not compete with replicated means: "
-            "they would win on a lucky seed); val loss and accuracy are means over those seeds, time/step and latency "
-            "medians, the run column is the first seed's",
-        )
     if paper:  # the comparison methods' study: their inference cost too
         cols.insert(
             cols.index(("size_mib", "adapter / checkpoint (MiB)", "{:.2f}")),
