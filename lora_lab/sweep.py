@@ -700,6 +700,7 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
                 )  # a success breaks the run of identical failures
     finally:
         bar.close()
+        gc.unfreeze()  # what was frozen between trials goes back to the collector: an in-process caller runs on
 
 
 def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
