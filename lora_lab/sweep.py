@@ -411,13 +411,9 @@ def preflight(st: Study) -> None:
 def preload(st: Study) -> None:
     """A warm worker process (`sweep.workers` or `trials_per_device` > 1) loads the base model, tokenizer and data
     into its warm holder at start, and imports what a trial's logging uses: its first trial pays for neither."""
-    from lora_lab.data import load_data
-    from lora_lab.models import load_model
     from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib: every trial's run plots its loss curve
 
-    base = st.base_cfg
-    model, tokenizer = load_model(base.model)
-    st.warm.keep(base, model, tokenizer, load_data(base.data, tokenizer, seed=base.seed))
+    st.warm.load(st.base_cfg)
 
 
 # ----------------------------------------------------------------------------------------------- trials

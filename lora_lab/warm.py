@@ -81,9 +81,6 @@ class Warm:
 
     def take(self, cfg: "Config") -> tuple[torch.nn.Module, Any, Any]:
         """The model, tokenizer and data for `cfg`: the kept ones when the key matches, else freshly loaded."""
-        from lora_lab.data import load_data
-        from lora_lab.models import load_model
-
         if self.in_use is not None:
             raise RuntimeError("Warm.take: the kept model is still in use by another session (give_back first)")
         key = warm_key(cfg)
@@ -91,14 +88,21 @@ class Warm:
             self.hits += 1
             self.last_hit = True
         else:
-            self.drop()
-            model, tokenizer = load_model(cfg.model)
-            self.keep(cfg, model, tokenizer, load_data(cfg.data, tokenizer, seed=cfg.seed))
+            self.load(cfg)
             self.misses += 1
             self.last_hit = False
         self.in_use = cfg
         e = self.entry
         return e.model, e.tokenizer, e.data
+
+    def load(self, cfg: "Config") -> None:
+        """Load `cfg`'s model, tokenizer and data afresh and keep them (what was kept is dropped first, to free it)."""
+        from lora_lab.data import load_data
+        from lora_lab.models import load_model
+
+        self.drop()
+        model, tokenizer = load_model(cfg.model)
+        self.keep(cfg, model, tokenizer, load_data(cfg.data, tokenizer, seed=cfg.seed))
 
     def keep(self, cfg: "Config", model: torch.nn.Module, tokenizer: Any, data: Any) -> None:
         """Keep a model, tokenizer and data loaded elsewhere for `cfg` (the sweep's preflight loads the base model:
