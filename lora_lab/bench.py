@@ -99,6 +99,20 @@ SHAPE_FIELDS: dict[str, dict[str, Any]] = {
 SHAPES = tuple(SHAPE_FIELDS)
 
 
+def tiny_overrides(shape: str) -> list[str]:
+    """Training overrides that build a named shape (SHAPE_FIELDS) as `model=tiny` with random weights; the tiny
+    model's vocabulary is its tokenizer's."""
+    f = SHAPE_FIELDS[shape]
+    return [
+        "model=tiny",
+        f"model.tiny.hidden_size={f['hidden_size']}",
+        f"model.tiny.num_layers={f['num_hidden_layers']}",
+        f"model.tiny.num_heads={f['num_attention_heads']}",
+        f"model.tiny.num_kv_heads={f['num_key_value_heads']}",
+        f"model.tiny.intermediate_size={f['intermediate_size']}",
+    ]
+
+
 def shape_config(shape: str) -> LlamaConfig:
     """A LlamaConfig of a named shape (SHAPE_FIELDS)."""
     from transformers import LlamaConfig

@@ -25,21 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from lora_lab.bench import tiny_overrides
 from lora_lab.files import atomic_write
-
-SMOLLM2_SHAPE = [
-    "model=tiny",
-    "model.tiny.hidden_size=576",
-    "model.tiny.num_layers=30",
-    "model.tiny.num_heads=9",
-    "model.tiny.num_kv_heads=3",
-    "model.tiny.intermediate_size=1536",
-]
 
 
 def study_args(trials: int, steps: Optional[int], cuda: bool) -> list[str]:
     """The fixed study both runs share: the default study's space, random sampler, no pruner, no comparison."""
-    model = [*SMOLLM2_SHAPE, "trainer=gpu"] if cuda else ["model=tiny"]
+    model = [*tiny_overrides("smollm2-135m"), "trainer=gpu"] if cuda else ["model=tiny"]
     args = [
         "sweep=default",
         f"sweep.n_trials={trials}",
