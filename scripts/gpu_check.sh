@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run on the lent CUDA machine (issue #10: GPU path): bench rows at the three shapes of the issue with
-# compiled rows, the train loop with trainer=gpu (LoRA and full FT), the CUDA-visible tests. Prepare here with
-# `bash ../shared/device/prepare.sh`, copy this file to .gpu/, then one device call: `bash .gpu/gpu_check.sh`, carry
-# [".gpu"], timeout_s 590. It was prepared and dry-run on the CPU; its first device call was refused (no machine lent).
+# One prepared run on the lent CUDA machine. Prepare here with `bash ../shared/device/prepare.sh`, then one device call
+# with carry [".gpu"], timeout_s 590 (the device budget is 15 minutes a session: one mode per session):
+#   bash scripts/gpu_check.sh        issue #10 (GPU path): bench rows at the issue's three shapes with compiled rows,
+#                                    the train loop with trainer=gpu (LoRA and full FT), the CUDA-visible tests.
+#   bash scripts/gpu_check.sh sweep  issue #14 (sweeps that fill a GPU): `python -m lora_lab.bench sweep` (the default
+#                                    study's space on the SmolLM2-135M shape with trainer=gpu, cold with 1 trial per
+#                                    device vs warm with trials_per_device=auto), the trials_per_device tests.
+# Prepared and dry-run on the CPU; no device was lent when they were written.
 set -u
 export PYTHONUNBUFFERED=1
 S=$(date +%s); log(){ echo "=== [$(( $(date +%s) - S ))s] $*"; }
@@ -11,7 +15,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site LORA_LAB_OUTPUTS=/tmp/out LORA_LAB_CACHE=/tmp/cache OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tail -1
-SHAPE="model=tiny model.tiny.hidden_size=576 model.tiny.num_layers=30 model.tiny.num_heads=9 model.tiny.num_kv_heads=3 model.tiny.intermediate_size=1536 data=tiny_sentiment trainer.progress=false"
+if [ "${1:-path}" = sweep ]; then
+  log bench-sweep; timeout 460 python3 -m lora_lab.bench sweep --trials 24 --out "$OUT/bench_sweep.json" 2>&1 | grep -v "^W1\|Warning" | tail -20
+  log tests; timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_sweep_devices.py 2>&1 | tail -8
+  log done; exit 0
+fi
+# The SmolLM2-135M shape as model=tiny overrides, from the bench's shape table (lora_lab/bench.py SHAPE_FIELDS).
+SHAPE="$(python3 -c 'from lora_lab.bench import tiny_overrides; print(*tiny_overrides("smollm2-135m"))') data=tiny_sentiment trainer.progress=false"
 T="tracking.uri=sqlite:////tmp/out/mlflow.db"
 B="python3 -m lora_lab.bench core --compile --no-memory --steps 6 --warmup 3"
 log bench-16x1024; timeout 95 $B --batch 16 --seq 1024 --out "$OUT/b16x1024.json" 2>&1 | grep -v "^W1\|Warning" | tail -34
