@@ -366,6 +366,11 @@ def _spread(vals: list[float], sd: Optional[float]) -> str:
     return "1 seed" if sd is None else f"± {sd:.4f} sd, {len(vals)} seeds [{min(vals):.4f}, {max(vals):.4f}]"
 
 
+def comparison_study(runs: Iterable[Run]) -> bool:
+    """Whether the runs hold one of the methods LoRA is compared with (methods.py's): Hu et al.'s layout then."""
+    return any(r.variant in BASELINES for r in ok_runs(runs))
+
+
 def table_methods(runs: list[Run]) -> Table:
     """Hu et al. Tables 2-4: each method at its best configuration (lowest mean final val loss over its seeds)."""
     used, rows = [], []
@@ -373,7 +378,7 @@ def table_methods(runs: list[Run]) -> Table:
     ok = ok_runs(runs)
     others = sorted({r.variant for r in ok} - set(known))  # combinations such as DoRA+rsLoRA
     # Beside the comparison methods, LoRA gets a row per target set and rank, as Hu et al. list it at several budgets.
-    paper = any(r.variant in BASELINES for r in ok)
+    paper = comparison_study(ok)
     for variant in (*known, *others):
         cands = [r for r in ok if r.variant == variant]
         if not cands:
@@ -1115,7 +1120,7 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
                 title="Validation loss vs trainable parameters, every completed run",
             )
         )
-    rows = table_methods(runs).rows if any(r.variant in BASELINES for r in ok) else []
+    rows = table_methods(runs).rows if comparison_study(ok) else []
     if len(rows) >= 2:  # the comparison methods' study: each method at its budget, mean and spread over seeds
         points = {}
         for row in rows:
