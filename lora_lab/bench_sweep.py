@@ -1,12 +1,13 @@
-"""Sweep throughput benchmark: ``python -m lora_lab.bench sweep [--trials N] [--steps S] [--out FILE.json]``.
+"""Sweep throughput benchmark: ``python -m lora_lab.bench sweep [--trials N] [--steps S] [--out F.json] [--cpu]``.
 
 One fixed study run twice through the real CLI (`python -m lora_lab.sweep`), each in its own temporary outputs
 folder with journal storage: once with one trial per device and cold workers (sweep.warm=false, every trial loads
 the model and data), once with several trials per device (2 on the CPU, `auto` on CUDA) and warm workers. The study
 is the default one's space with a random sampler and no pruner, so both runs train the same trials (trial n gets
 the same parameters whichever process runs it) and do the same work. Model: the tiny model on the CPU; on CUDA the
-SmolLM2-135M shape with trainer=gpu. Printed side by side: trials, wall time, trials per hour, the share of trial
-time outside training steps and evaluations, the seconds outside per trial, and the ratios (warm+N / cold).
+SmolLM2-135M shape with trainer=gpu, not compiled (a warm worker does not keep a compiled model). Printed side by
+side: trials, wall time, trials per hour, the share of trial time outside training steps and evaluations, the
+seconds outside per trial, and the ratios (warm+N / cold).
 
 trials/hour counts the trial phase (first trial start to last trial end); `command_s` adds process start,
 imports, preflight and the final summary. Timings taken while other jobs share the machine are not final: the
@@ -31,7 +32,8 @@ from lora_lab.files import atomic_write
 
 def study_args(trials: int, steps: Optional[int], cuda: bool) -> list[str]:
     """The fixed study both runs share: the default study's space, random sampler, no pruner, no comparison."""
-    model = [*tiny_overrides("smollm2-135m"), "trainer=gpu"] if cuda else ["model=tiny"]
+    # trainer=gpu without compile: a warm worker drops a compiled model (warm.py), so warm and cold would both load.
+    model = [*tiny_overrides("smollm2-135m"), "trainer=gpu", "trainer.compile=false"] if cuda else ["model=tiny"]
     args = [
         "sweep=default",
         f"sweep.n_trials={trials}",
@@ -42,6 +44,8 @@ def study_args(trials: int, steps: Optional[int], cuda: bool) -> list[str]:
         "data=tiny_sentiment",
         "trainer.progress=false",
     ]
+    if not cuda:
+        args.append("trainer.device=cpu")  # also on a CUDA host when asked (--cpu)
     if steps is not None:  # fewer steps (tests): evaluate and checkpoint within them
         args += [f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}"]
     return args
@@ -102,10 +106,10 @@ def run_mode(name: str, args: list[str], root: Path) -> dict[str, Any]:
     }
 
 
-def run_bench(trials: int, steps: Optional[int], root: Path) -> dict[str, Any]:
+def run_bench(trials: int, steps: Optional[int], root: Path, cpu: bool = False) -> dict[str, Any]:
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not cpu
     base = study_args(trials, steps, cuda)
     load_before = os.getloadavg()
     results = {name: run_mode(name, [*base, *(gpu if cuda else cpu)], root) for name, (cpu, gpu) in MODES.items()}
@@ -166,15 +170,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per trial (default: the study's 24)")
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--cpu", action="store_true", help="the CPU study (tiny model) even where CUDA is available")
     args = ap.parse_args(argv)
     if args.trials < 1 or (args.steps is not None and args.steps < 1):
         ap.error("--trials and --steps must be >= 1")
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
-        res = run_bench(args.trials, args.steps, Path(args.keep))
+        res = run_bench(args.trials, args.steps, Path(args.keep), args.cpu)
     else:
         with tempfile.TemporaryDirectory(prefix="lora_lab-bench-sweep-") as tmp:
-            res = run_bench(args.trials, args.steps, Path(tmp))
+            res = run_bench(args.trials, args.steps, Path(tmp), args.cpu)
     print(format_table(res))
     if args.out:
         atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())

@@ -354,8 +354,9 @@ class TrainerConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0: never
     resume: bool = False  # continue from the last checkpoint in output_dir
     device: str = "auto"  # 'auto' (CUDA if present), 'cpu', 'cuda'
-    # 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16'. bf16: autocast, and under LoRA the frozen base weights are
-    # stored in bf16 (they never change, so they need no fp32 master copy); trainable weights stay fp32.
+    # 'auto' (bf16 on a GPU that has it natively, Ampere on; else fp32), 'fp32', 'bf16'. bf16: autocast, and under
+    # LoRA the frozen base weights are stored in bf16 (they never change, so they need no fp32 master copy);
+    # trainable weights stay fp32.
     precision: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0: all cores
     progress: bool = True  # show a progress bar with loss, tokens/s and ETA

@@ -276,7 +276,9 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (no-op if not merged)."""
+        """Take the update back out of the base weight (no-op if not merged). W0 comes back up to the rounding of
+        its dtype: (W0 + dW) - dW is rounded twice, so in a bf16 weight a few entries move by one unit in the last
+        place (~0.4%); whoever needs W0 bit-exact keeps a copy (the sweep's warm worker restores from one)."""
         if self.merged:
             self._add_to_weight(-1.0)
             self.merged = False

@@ -920,11 +920,9 @@ def table_merge(runs: list[Run]) -> Table:
     lora = [r for r in ok_runs(runs) if r.method == "lora" and r.rec.max_abs_logit_diff is not None]
     by: dict[str, list[Run]] = {}
     for r in lora:
+        # trainer.device as set is often 'auto': the device the run resolved to decides what precision=auto meant.
         prec = r.p("trainer.precision") or "auto"
-        dev = r.p("trainer.device") or "auto"
-        label = (
-            "bf16" if prec == "bf16" else ("fp32" if prec in ("fp32", "auto") and dev != "cuda" else f"{prec} on {dev}")
-        )
+        label = "bf16" if prec == "bf16" or (prec == "auto" and r.rec.identity.device.startswith("cuda")) else "fp32"
         by.setdefault(label, []).append(r)
     rows = []
     for label, rs in sorted(by.items()):

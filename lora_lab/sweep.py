@@ -1013,19 +1013,23 @@ def _quote(arg: str) -> str:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def worker_envs(devices: int, per_device: int, gpus: int, cores: int) -> list[dict[str, str]]:
+def worker_envs(
+    devices: int, per_device: int, gpus: int, cores: int, visible: str | None = None
+) -> list[dict[str, str]]:
     """The environment variables of each local worker process: `devices` x `per_device` of them. On a GPU host
     worker index i // per_device is pinned to GPU (i // per_device) % gpus with CUDA_VISIBLE_DEVICES, and every GPU
     shared by k > 1 processes gives each MEMORY_SHARE / k of its memory; the host's `cores` are split between all
-    processes (at least one thread each)."""
+    processes (at least one thread each). `visible` is the launcher's own CUDA_VISIBLE_DEVICES, if set: GPU k is
+    then its k-th entry (a worker given "1" under a launcher limited to "2,3" would land on someone else's GPU 1)."""
     total = devices * per_device
     gpu_of = [(i // per_device) % gpus for i in range(total)] if gpus else [None] * total
+    ids = [v.strip() for v in visible.split(",")] if visible else None
     threads = str(max(1, cores // total))
     envs = []
     for gpu in gpu_of:
         env = {WORKER_ENV: "1", THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
         if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = ids[gpu] if ids else str(gpu)
             sharing = gpu_of.count(gpu)
             if sharing > 1:
                 env[MEMORY_FRACTION_ENV] = f"{MEMORY_SHARE / sharing:.4f}"
@@ -1103,7 +1107,7 @@ def launch_workers(st: Study, inv: Invocation, devices: int, per_device: int) ->
 
     procs = []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    envs = worker_envs(devices, per_device, torch.cuda.device_count(), cores)
+    envs = worker_envs(devices, per_device, torch.cuda.device_count(), cores, os.environ.get("CUDA_VISIBLE_DEVICES"))
     log.info("starting %d worker processes (%d devices x %d per device)", len(envs), devices, per_device)
     for extra in envs:
         env = dict(os.environ, **extra)

@@ -227,6 +227,10 @@ def compile_blocks(model: torch.nn.Module) -> int:
 
     limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 32))
+    # Each run compiles afresh. Variants kept from earlier runs in this process (a sweep worker's previous trials:
+    # other ranks, scales and targets, each a guarded constant; ~4 per rank) would count against that limit, past
+    # which dynamo silently runs the blocks eager.
+    dynamo.reset()
     for block in best:
         block.compile()
     return len(best)
@@ -290,14 +294,16 @@ class Session:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (token-weighted mean) and, where the task has labels, accuracy."""
         t0 = time.perf_counter()
-        # Compiled blocks serve the training steps; evaluations run eager (no_grad, other shapes, the merged
-        # model) instead of adding compiled variants that each cost seconds and a slot of dynamo's cache.
-        eager = torch.compiler.set_stance("force_eager") if self.cfg.trainer.compile else contextlib.nullcontext()
         try:
-            with eager:
+            with self._eager():
                 return self._evaluate()
         finally:
             self.eval_time_s += time.perf_counter() - t0
+
+    def _eager(self) -> contextlib.AbstractContextManager:
+        # Compiled blocks serve the training steps; evaluations and latency run eager (no_grad, other shapes, the
+        # merged model) instead of adding compiled variants that each cost seconds and a slot of dynamo's cache.
+        return torch.compiler.set_stance("force_eager") if self.cfg.trainer.compile else contextlib.nullcontext()
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
@@ -558,7 +564,7 @@ class Session:
             merged = self.evaluate()
             latency = self.inference_latency()  # merged: what serving the adapted model costs
             logit_diff = (self.probe_logits - before).abs().max().item()
-            merge_tol = merge_tolerance(self.autocast_dtype, before)
+            merge_tol = merge_tolerance(self.autocast_dtype or frozen_dtype(self.model), before)
             merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
             t0 = time.perf_counter()
             unmerge(self.model)
@@ -623,7 +629,8 @@ class Session:
         evaluation time, so a sweep's share of time outside training and evaluation keeps meaning overhead."""
         t0 = time.perf_counter()
         try:
-            return self._inference_latency(repeats)
+            with self._eager():
+                return self._inference_latency(repeats)
         finally:
             self.eval_time_s += time.perf_counter() - t0
 
@@ -698,6 +705,12 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def frozen_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's frozen floating-point weights (those a merge rounds into): what its logits are
+    computed in when no autocast is on (model.dtype=bfloat16 with trainer.precision=fp32 computes in bf16)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
+
+
 def merge_tolerance(eval_dtype: Optional[torch.dtype], logits: torch.Tensor) -> float:
     """How far merged logits may sit from unmerged ones when the merge is right.
 
@@ -718,7 +731,10 @@ def _set_use_cache(model: torch.nn.Module, on: bool) -> None:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    # auto: bf16 on a GPU that computes in it natively (Ampere on); older cards only emulate it, slower than fp32.
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
         return torch.bfloat16
     return None
 
@@ -939,7 +955,9 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The run's device only (the current one): get_rng_state_all() would list every GPU this process sees, and a
+        # resume in a process that sees fewer (a sweep worker pinned to one) could not restore it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -950,7 +968,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------- build

@@ -9,6 +9,7 @@ table and compares the CSVs with tests/data/report_golden/, captured from the re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.max_steps=4", "trainer.eval_every=2"]
 # Tiny Llama (hidden 64, 4 heads, 2 KV heads -> k/v out 32, MLP 128, 2 layers): sum of d_in + d_out per layer.
@@ -81,6 +82,34 @@ class FakeRun:
             history=history,
             evals=evals,
         )
+
+    def record(self, output_dir: str = "", device: str = "cpu") -> tuple[Any, Any]:
+        """(config, RunRecord) of this run, as train would produce them on `device`."""
+        from lora_lab.config import compose
+        from lora_lab.records import EvalPoint, Identity, RunRecord, TrainPoint
+        from lora_lab.train import settings_of
+
+        _, cfg = compose(self.overrides)
+        res = self.results()
+        identity = Identity(
+            kind=self.kind,
+            name=f"{self.study}/trial-{self.trial}" if self.study else "run",
+            study=self.study,
+            trial=self.trial if self.study else None,
+            model=cfg.model.name,
+            data=cfg.data.name,
+            device=device,
+            output_dir=output_dir,
+        )
+        history, evals = res.pop("history"), res.pop("evals")
+        record = RunRecord(
+            **{k: v for k, v in res.items() if k not in ("method", "device")},
+            identity=identity,
+            settings=settings_of(cfg, self.overrides),
+            history=[TrainPoint(**h) for h in history],
+            evals=[EvalPoint(**e) for e in evals],
+        )
+        return cfg, record
 
 
 def _lora(study: str, trial: int, r: int, lr: str, loss: float, *more: str, **kw) -> FakeRun:

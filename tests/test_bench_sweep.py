@@ -13,7 +13,8 @@ from lora_lab import bench
 
 def test_bench_sweep_tiny_writes_both_modes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "res" / "sweep.json"
-    assert bench.main(["sweep", "--trials", "2", "--steps", "2", "--out", str(out), "--keep", str(tmp_path / "k")]) == 0
+    keep = str(tmp_path / "k")
+    assert bench.main(["sweep", "--trials", "2", "--steps", "2", "--out", str(out), "--keep", keep, "--cpu"]) == 0
     res = json.loads(out.read_text())
     assert res["bench"] == "sweep" and res["trials"] == 2 and res["steps"] == 2
     cold, warm = res["modes"]["cold_1"], res["modes"]["warm_n"]
@@ -33,3 +34,17 @@ def test_bench_sweep_tiny_writes_both_modes(tmp_path: Path, capsys: pytest.Captu
     assert res["max_abs_val_loss_diff"] == pytest.approx(0.0, abs=1e-6)
     printed = capsys.readouterr().out
     assert "trials/hour" in printed and "outside train+eval" in printed and "warm/cold" in printed
+
+
+def test_bench_sweep_cuda_study_can_come_warm() -> None:
+    # On CUDA the study is trainer=gpu on the SmolLM2 shape, but not compiled: a warm worker drops compiled models,
+    # so a compiled study would load every trial in both modes and measure nothing.
+    from lora_lab.bench_sweep import study_args
+    from lora_lab.config import compose
+
+    overrides = [a for a in study_args(4, None, cuda=True) if not a.startswith("sweep")]
+    _, cfg = compose(overrides)
+    assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16" and cfg.trainer.compile is False
+    assert cfg.model.tiny.hidden_size == 576 and cfg.model.tiny.num_layers == 30
+    _, cpu = compose([a for a in study_args(4, None, cuda=False) if not a.startswith("sweep")])
+    assert cpu.trainer.device == "cpu"

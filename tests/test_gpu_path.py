@@ -53,14 +53,22 @@ def test_cuda_peak_memory_is_not_zero(outputs: Path) -> None:
     assert result.peak_mem_bytes > 0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+PRECISIONS = {
+    "fp32": ["trainer.precision=fp32"],
+    "bf16": ["trainer.precision=bf16"],
+    # bf16 weights without autocast compute in bf16 too: the tolerance follows the weights (it read fp32's 1e-4)
+    "bf16 weights": ["model.dtype=bfloat16", "trainer.precision=fp32"],
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_merge_check_passes_a_right_merge_and_fails_a_double_fold(
     outputs: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
-    _, cfg = compose([*TINY, f"trainer.precision={precision}", "optim.lr=1e-2"])
+    _, cfg = compose([*TINY, *PRECISIONS[precision], "optim.lr=1e-2"])
     honest = train.run(cfg)
-    assert honest.merge_ok is True
-    assert honest.merge_tol == (1e-4 if precision == "fp32" else pytest.approx(honest.merge_tol))
+    assert honest.merge_ok is True, (honest.max_abs_logit_diff, honest.merge_tol)
+    assert honest.merge_tol == 1e-4 if precision == "fp32" else honest.merge_tol > 1e-3
     assert honest.max_abs_logit_diff <= honest.merge_tol
     monkeypatch.setattr(train.lora, "merge", _merge_twice)
     monkeypatch.setattr(train.lora, "unmerge", _unmerge_twice)
@@ -141,20 +149,36 @@ def test_divergence_between_syncs_names_the_first_bad_step(outputs: Path) -> Non
 
 
 def test_compiled_blocks_train_like_eager(outputs: Path) -> None:
-    # Regional compilation changes how the step runs, not what it computes.
-    results = {}
+    # Regional compilation changes how the step runs, not what it computes (fp32: to 1e-4; under bf16, CUDA's
+    # default, fused kernels round differently: to 1e-2).
+    from torch._dynamo.utils import counters
+
+    results, sessions = {}, {}
     for flag in ("false", "true"):
         _, cfg = compose([*TINY, f"trainer.compile={flag}", "trainer.max_steps=4", "trainer.eval_every=4"])
-        results[flag] = train.run(cfg)
+        sessions[flag] = session = train.build(cfg)
+        results[flag] = session.fit()
     eager, compiled = results["false"], results["true"]
     assert compiled.status == "completed" and compiled.merge_ok
+    rel = 1e-4 if sessions["true"].autocast_dtype is None else 1e-2
     for a, b in zip(eager.history, compiled.history):
-        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
-    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=rel)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=rel)
+    # Latency is measured eager, as evaluations are: no compiled variant for eval mode, no_grad or the merged model.
+    graphs = counters["stats"]["unique_graphs"]
+    sessions["true"].inference_latency()
+    assert counters["stats"]["unique_graphs"] == graphs
+    for session in sessions.values():
+        session.close()
 
 
-def test_compile_blocks_finds_the_layer_list(build_tiny) -> None:
+def test_compile_blocks_finds_the_layer_list(build_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo as dynamo
+
+    resets = []
+    monkeypatch.setattr(dynamo, "reset", lambda: resets.append(1))
     model = build_tiny("llama")
     assert train.compile_blocks(model) == 2
+    assert resets == [1]  # a fresh cache per run: earlier runs' variants must not use up the recompile limit
     with pytest.raises(ValueError, match="trainer.compile"):
         train.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

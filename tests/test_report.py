@@ -254,6 +254,22 @@ def test_compute_and_merge_match_runs(study):
     assert merge["bf16"]["LoRA runs"] == "0"
 
 
+def test_merge_table_reads_precision_auto_on_cuda_as_bf16() -> None:
+    # trainer.device=auto, precision=auto: a run that resolved to CUDA computed in bf16 and must not be pooled with
+    # the CPU's fp32 runs (the merge's logit differences are orders apart).
+    from report_fixture import RUNS
+
+    from lora_lab import report
+
+    fixture = RUNS[2]  # a completed LoRA trial with a merge check
+    runs = [
+        report.Run(run_id=device, parent="", state=report.OK_STATE, rec=fixture.record(device=device)[1])
+        for device in ("cpu", "cuda:0", "cuda")
+    ]
+    rows = {row["precision"]: row for row in report.table_merge(runs).rows}
+    assert rows["fp32"]["runs"] == 1 and rows["bf16"]["runs"] == 2
+
+
 def test_missing_study_or_experiment_exits_2(study, capsys):
     from lora_lab import report
 

@@ -33,8 +33,7 @@ def log_runs(root: Path, uri: str) -> None:
     """Every fixture run into the store, through tracking, as train and the sweep log them (records in, MLflow out)."""
     from lora_lab import tracking
     from lora_lab.config import compose
-    from lora_lab.records import EvalPoint, Identity, RunRecord, TrainPoint
-    from lora_lab.train import EvalEvent, settings_of
+    from lora_lab.train import EvalEvent
 
     track = [f"tracking.uri={uri}", "tracking.experiment=golden", "tracking.system_metrics=false"]
     parents: dict[str, str] = {}
@@ -42,31 +41,14 @@ def log_runs(root: Path, uri: str) -> None:
         _, cfg = compose(fr.overrides + track)
         if fr.study and fr.study not in parents:
             parents[fr.study] = tracking.study_parent_run(cfg.tracking, fr.study, {}, {})
-        res = fr.results()
         out = root / "runs" / f"{i:02d}"
         out.mkdir(parents=True, exist_ok=True)
-        identity = Identity(
-            kind=fr.kind,
-            name=f"{fr.study}/trial-{fr.trial}" if fr.study else "run",
-            study=fr.study,
-            trial=fr.trial if fr.study else None,
-            model=cfg.model.name,
-            data=cfg.data.name,
-            device="cpu",
-            output_dir=str(out),
-        )
-        settings = settings_of(cfg, fr.overrides)
-        history, evals = res.pop("history"), res.pop("evals")
-        record = RunRecord(
-            **{k: v for k, v in res.items() if k not in ("method", "device")},
-            identity=identity,
-            settings=settings,
-            history=[TrainPoint(**h) for h in history],
-            evals=[EvalPoint(**e) for e in evals],
-        )
+        _, record = fr.record(str(out))
+        res = fr.results()
+        history, evals = res["history"], res["evals"]
         counts = {"params/trainable": record.trainable_params, "params/total": record.total_params}
         with tracking.TrainingRun(
-            cfg.tracking, identity, settings, parent_run_id=parents.get(fr.study), start_metrics=counts
+            cfg.tracking, record.identity, record.settings, parent_run_id=parents.get(fr.study), start_metrics=counts
         ) as run:
             for e in evals:
                 pts = [h for h in history if e["step"] - 2 < h["step"] <= e["step"]]

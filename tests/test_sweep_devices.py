@@ -43,6 +43,14 @@ def test_worker_envs_cpu_and_oversubscribed_gpu() -> None:
     assert [e.get(sweep.MEMORY_FRACTION_ENV) for e in shared] == ["0.4750", None, "0.4750"]
 
 
+def test_worker_envs_keep_to_the_launchers_visible_gpus() -> None:
+    # A launcher limited to physical GPUs 2 and 3 sees them as 0 and 1; its workers must be given 2 and 3 (UUIDs too).
+    envs = sweep.worker_envs(devices=2, per_device=2, gpus=2, cores=8, visible="2,3")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "2", "3", "3"]
+    uuids = sweep.worker_envs(devices=2, per_device=1, gpus=2, cores=8, visible="GPU-aa, GPU-bb")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in uuids] == ["GPU-aa", "GPU-bb"]
+
+
 def test_auto_per_device() -> None:
     gib = 2**30
     assert sweep.auto_per_device(peak_bytes=10 * gib, free_bytes=100 * gib) == 8  # 9 fit, capped at 8
@@ -169,7 +177,7 @@ def test_auto_on_the_cpu_is_one_process(outputs: Path, tmp_path: Path, caplog: p
     journal = tmp_path / "auto.journal"
     args = ["sweep=default", "sweep.n_trials=1", "sweep.trials_per_device=auto", f"sweep.storage=journal:///{journal}"]
     with caplog.at_level(logging.INFO, logger="lora_lab"):
-        assert sweep.main([*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off"]) == 0
+        assert sweep.main([*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off", "trainer.device=cpu"]) == 0
     assert "sweep.trials_per_device=auto: 1 on the CPU" in caplog.text
     assert "starting" not in caplog.text  # no worker processes: the trial ran here
     study = optuna.load_study(study_name="default", storage=JournalStorage(JournalFileBackend(str(journal))))

@@ -278,8 +278,10 @@ def test_prompted_single_token_path_equals_the_general_path(outputs: Path) -> No
     session.model.eval()
     fast = session.evaluate()
     general = _general_prompted_eval(session)  # right-padded full forwards, one per label word
-    assert fast["accuracy"] == pytest.approx(general["accuracy"])
-    assert fast["val_loss"] == pytest.approx(general["val_loss"], rel=1e-4)
+    # fp32: the same numbers to 1e-4. bf16 (CUDA's default): other batch shapes round differently, a near-tie may flip.
+    bf16 = session.autocast_dtype is not None
+    assert fast["accuracy"] == pytest.approx(general["accuracy"], abs=1.5 / len(session.data.val) if bf16 else 1e-9)
+    assert fast["val_loss"] == pytest.approx(general["val_loss"], rel=1e-2 if bf16 else 1e-4)
 
 
 def _general_prompted_eval(session: train.Session) -> dict[str, float]:
@@ -289,10 +291,10 @@ def _general_prompted_eval(session: train.Session) -> dict[str, float]:
     scores = []
     with torch.no_grad():
         for word in session.data.label_token_ids:
-            batch = collate(rows, session.data.pad_id, candidate=word)
-            logits = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            lp, _ = train.sequence_logprobs(logits, batch["labels"])
-            scores.append(lp)
+            batch = train._to(collate(rows, session.data.pad_id, candidate=word), session.device)
+            logits = session._forward_logits(batch)  # on the run's device, in its precision
+            lp, _ = train.sequence_logprobs(logits.float(), batch["labels"])
+            scores.append(lp.cpu())
     scores = torch.stack(scores, 1)  # (N, K)
     truth = torch.tensor([r["class_label"] for r in rows])
     correct = (scores.argmax(1) == truth).float().mean().item()
