@@ -153,9 +153,22 @@ class TrainBatches:
 
     The rows are padded once into (N, T) tables, so a batch is an index_select and a trim instead of a Python
     collate per step; on CUDA each batch is built in pinned memory and copied without blocking the host.
+
+    `padding_mask=False` leaves the attention mask out, for causal LMs: the rows are right-padded, so the causal
+    mask alone keeps every real token from seeing the padding after it, and the padded positions' outputs carry no
+    label. Without a padding mask transformers neither reads the mask back to the host to decide whether it can be
+    skipped (a device sync in every forward on CUDA) nor keeps SDPA off its flash kernel.
     """
 
-    def __init__(self, data: Any, batch_size: int, seed: int, device: torch.device, pad_to_multiple: int = 1) -> None:
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        pad_to_multiple: int = 1,
+        padding_mask: bool = True,
+    ) -> None:
         from lora_lab.data import IGNORE
 
         rows = data.train["input_ids"]
@@ -182,6 +195,7 @@ class TrainBatches:
             self.labels = torch.tensor([int(v) for v in labels], dtype=torch.long)  # (N,)
         self._perm: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
         self.pin = device.type == "cuda"
+        self.padding_mask = padding_mask
 
     def rows(self, micro: int) -> torch.Tensor:
         """Row indices of micro-batch number `micro`: a seeded permutation per epoch, last partial batch dropped,
@@ -201,9 +215,10 @@ class TrainBatches:
         width = -(-int(lengths.max()) // self.multiple) * self.multiple
         batch = {
             "input_ids": self.ids[idx, :width],
-            "attention_mask": self.mask[idx, :width],
             "labels": self.labels[idx, :width] if self.per_token else self.labels[idx],
         }
+        if self.padding_mask:
+            batch["attention_mask"] = self.mask[idx, :width]
         if self.pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, int(lengths.sum())
@@ -221,8 +236,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
                 best = list(module)
     if not best:
         raise ValueError(f"trainer.compile: {type(model).__name__} has no list of repeated layers to compile")
-    # Training sees a few variants per block (layer 0's input needs no grad under LoRA, batches with and without
-    # padding, then dynamic lengths): room for them, so no block falls back to eager.
+    # Training sees a few variants per block (layer 0's input needs no grad under LoRA, an encoder's batches with and
+    # without padding, then dynamic lengths): room for them, so no block falls back to eager.
     import torch._dynamo as dynamo
 
     limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -445,7 +460,8 @@ class Session:
             evals.append({"step": 0, **metrics})
             if on_eval is not None:
                 on_eval(EvalEvent(0, t.max_steps, metrics, []))
-        batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple)
+        causal = cfg.model.task == "causal_lm"  # right-padded rows need no padding mask there (TrainBatches)
+        batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple, padding_mask=not causal)
         bar = _progress(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
         window: list[tuple[int, torch.Tensor, float]] = []  # steps since the last sync: (step, loss on device, lr)
         window_start = time.perf_counter()

@@ -130,6 +130,34 @@ def test_tensor_batches_equal_the_collated_rows(outputs: Path) -> None:
             assert n_tok == int(want["attention_mask"].sum())
 
 
+@pytest.mark.parametrize("method", ["lora", "full", "prompt", "prefix"])
+def test_causal_lm_batches_without_padding_mask_give_the_same_loss_and_grads(outputs: Path, method: str) -> None:
+    # Training batches of a causal LM leave the padding mask out (no host read of it per forward on CUDA): the rows
+    # are right-padded, so with the causal mask alone every labelled position computes what it did with the mask.
+    _, cfg = compose([*TINY, f"method={method}", "trainer.precision=fp32", "trainer.device=cpu"])
+    session = train.build(cfg)
+    model = session.model.train()
+    with_mask = train.TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=True)
+    without = train.TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=False)
+    padded = 0
+    for micro in range(3):
+        a, _ = with_mask.get(micro)
+        b, _ = without.get(micro)
+        assert "attention_mask" not in b and torch.equal(a["input_ids"], b["input_ids"])
+        padded += int((a["attention_mask"] == 0).sum())
+        losses, grads = [], []
+        for batch in (a, b):
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        for ga, gb in zip(*grads):
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    assert padded > 0  # the batches did have padding to hide
+
+
 def test_losses_read_every_n_steps_are_the_same_losses(outputs: Path) -> None:
     runs = []
     for every in (1, 3):
