@@ -225,18 +225,23 @@ class LoraLayer(nn.Module):
         if self.init in MUTATING_INITS:
             self._init_from_weight()
         else:
+            # Drawn on the CPU, whatever the layer's device: a seed gives the same A on every device (a model kept
+            # on the GPU by a warm sweep worker starts where a freshly loaded one does).
+            a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)  # (r, d_in)
             if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+                nn.init.normal_(a, std=1.0 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A.copy_(a)
             nn.init.zeros_(self.lora_B)
         if self.lora_magnitude_vector is not None:
             self.lora_magnitude_vector.copy_(self._weight_norm())
 
     def _init_from_weight(self) -> None:
-        """PiSSA (peft's init_lora_weights="pissa") or OLoRA ("olora"), in fp32 as peft does."""
+        """PiSSA (peft's init_lora_weights="pissa") or OLoRA ("olora"), in fp32 as peft does, on the CPU (LAPACK on
+        every device: the same factors wherever the model lives)."""
         w = self.base_layer.weight
-        weight = (w.t() if self.fan_in_fan_out else w).to(torch.float32)  # (d_out, d_in)
+        weight = (w.t() if self.fan_in_fan_out else w).to("cpu", torch.float32)  # (d_out, d_in)
         if self.init == "pissa":
             u, s, vh = torch.linalg.svd(weight, full_matrices=False)
             sr = s[: self.r] / self.scaling  # so that scaling * B A is the rank-r SVD truncation of W0

@@ -47,6 +47,23 @@ def test_peak_memory_is_read_after_the_steps(outputs: Path, monkeypatch: pytest.
 
 
 @cuda
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "pissa", "olora"])
+def test_lora_init_is_the_same_on_cuda_as_on_the_cpu(init: str) -> None:
+    # A warm sweep worker re-wraps a model that stayed on the GPU; a fresh trial wraps it on the CPU. Same seed,
+    # same adapters, or warm trials stop giving a fresh process's numbers.
+    made = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        base = torch.nn.Linear(48, 32)
+        layer = lora.LoraLayer(base.to(device), r=4, alpha=8, init=init)
+        torch.manual_seed(1)
+        layer.reset_lora_parameters()
+        made.append([t.detach().cpu() for t in (layer.lora_A, layer.lora_B, layer.base_layer.weight)])
+    for cpu, gpu in zip(*made):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+
+
+@cuda
 def test_cuda_peak_memory_is_not_zero(outputs: Path) -> None:
     _, cfg = compose([*TINY, "trainer.device=cuda", "trainer.max_steps=2"])
     result = train.run(cfg)

@@ -32,7 +32,7 @@ def test_seq_cls_head_trains_is_checkpointed_resumed_and_saved(outputs: Path, tm
     assert session.model.score.weight.requires_grad
     head0 = session.model.score.weight.detach().clone()
     straight = session.fit()
-    assert not torch.equal(session.model.score.weight, head0)  # the head learned
+    assert not torch.equal(session.model.score.weight.detach().cpu(), head0)  # the head learned (fit may use CUDA)
     session.close()
     adapter = tmp_path / "straight" / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
@@ -79,7 +79,9 @@ def test_variants_train_and_merge_exactly(outputs: Path, choice: str) -> None:
     )
     result = train.run(cfg)
     assert result.status == "completed" and result.val_loss < result.base_val_loss
-    assert result.max_abs_logit_diff is not None and result.max_abs_logit_diff < 1e-4  # merged == unmerged
+    # merged == unmerged: within 1e-4 in fp32 (the CPU), within the bf16 tolerance under CUDA's bf16
+    assert result.merge_ok and result.max_abs_logit_diff <= result.merge_tol
+    assert result.merge_tol == 1e-4 or result.identity.device != "cpu"
 
 
 @pytest.mark.parametrize(
