@@ -81,6 +81,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def frozen_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's frozen floating-point weights (those a merge rounds into, those a prefix must match):
+    what it computes in when no autocast is on (model.dtype=bfloat16 with trainer.precision=fp32 computes in bf16)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -344,7 +350,7 @@ class _Hooks:
         else:
             dims = self.model._lora_lab_method["dims"]
             kv = encoder()  # (n, L * 2 * kv_heads * head_dim)
-            dtype = next(p for p in self.model.parameters() if p.dtype.is_floating_point and not p.requires_grad).dtype
+            dtype = frozen_dtype(self.model)
             if torch.is_autocast_enabled(dev.type):
                 dtype = torch.get_autocast_dtype(dev.type)
             kv = kv.to(dtype).view(n, dims["layers"] * 2, dims["kv_heads"], dims["head_dim"])

@@ -580,7 +580,7 @@ class Session:
             merged = self.evaluate()
             latency = self.inference_latency()  # merged: what serving the adapted model costs
             logit_diff = (self.probe_logits - before).abs().max().item()
-            merge_tol = merge_tolerance(self.autocast_dtype or frozen_dtype(self.model), before)
+            merge_tol = merge_tolerance(self.autocast_dtype or methods.frozen_dtype(self.model), before)
             merged_val, merged_acc = merged["val_loss"], merged.get("accuracy")
             t0 = time.perf_counter()
             unmerge(self.model)
@@ -719,12 +719,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def frozen_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the model's frozen floating-point weights (those a merge rounds into): what its logits are
-    computed in when no autocast is on (model.dtype=bfloat16 with trainer.precision=fp32 computes in bf16)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
 
 
 def merge_tolerance(eval_dtype: Optional[torch.dtype], logits: torch.Tensor) -> float:

@@ -177,6 +177,6 @@ class Warm:
         if self.entry is not None:
             self.entry = None
             gc.unfreeze()  # a sweep worker freezes what lives between trials (sweep.worker_loop): this model too
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            from lora_lab.train import free_memory  # the one place that frees a model's memory (Session.close too)
+
+            free_memory()

@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh        issue #10 (GPU path): bench rows at the issue's three shapes with compiled rows,
 #                                    the train loop with trainer=gpu (LoRA and full FT), the CUDA-visible tests.
 #   bash scripts/gpu_check.sh sweep  issue #14 (sweeps that fill a GPU): `python -m lora_lab.bench sweep` (the default
-#                                    study's space on the SmolLM2-135M shape with trainer=gpu, cold with 1 trial per
+#                                    study's space, SmolLM2-135M shape, trainer=gpu uncompiled: cold with 1 trial per
 #                                    device vs warm with trials_per_device=auto), the trials_per_device tests.
 # Prepared and dry-run on the CPU; no device was lent when they were written.
 set -u
