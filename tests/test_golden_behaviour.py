@@ -1,0 +1,127 @@
+"""Behaviour pinned across restructurings: each of the seven methods and a 3-trial sweep with its full-FT comparison on
+the tiny model with fixed seeds, compared with golden values captured before issue 20 (exact in fp32): the numbers of
+metrics.json (times, throughput and memory left out), trials.csv and best.yaml, and the names of every MLflow param,
+metric, tag and artifact. `LORA_LAB_CAPTURE_GOLDEN=1 pytest tests/test_golden_behaviour.py` writes the file anew:
+only for a change of behaviour that is meant, said in its commit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lora_lab import sweep, train
+
+GOLDEN = Path(__file__).parent / "data" / "golden_behaviour.json"
+CAPTURE = os.environ.get("LORA_LAB_CAPTURE_GOLDEN") == "1"
+TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "tracking.system_metrics=false"]
+METHODS = {
+    "lora": ["lora.r=4"],
+    "full": ["optim.lr=1e-3"],
+    "bitfit": ["optim.lr=1e-2"],
+    "ia3": ["optim.lr=1e-2"],
+    "adapter": ["optim.lr=1e-3"],
+    "prompt": ["optim.lr=1e-2"],
+    "prefix": ["optim.lr=1e-2"],
+}
+# What changes from one run to the next on the same code: wall times, throughput, memory, folders.
+VOLATILE = {
+    "time_per_step_s",
+    "tokens_per_s",
+    "train_time_s",
+    "eval_time_s",
+    "setup_time_s",
+    "inference_latency_s",
+    "peak_mem_bytes",
+    "output_dir",
+    "wall_s",
+    "overhead_s",
+}
+TRIAL_COLUMNS_VOLATILE = {
+    "duration_s",
+    "time_per_step_s",
+    "tokens_per_s",
+    "wall_s",
+    "train_time_s",
+    "eval_time_s",
+    "overhead_s",
+}
+
+
+def _stable(obj: Any) -> Any:
+    """The value with its volatile keys dropped, recursively."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def _mlflow_names(outputs: Path) -> dict[str, Any]:
+    """Per run (by its name): the sorted names of its params, metrics, tags and top-level artifacts."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
+    out: dict[str, Any] = {}
+    for e in client.search_experiments():
+        for r in client.search_runs([e.experiment_id]):
+            name = r.data.tags.get("mlflow.runName", r.info.run_id)
+            out[name] = {
+                "params": sorted(r.data.params),
+                "metrics": sorted(r.data.metrics),
+                "tags": sorted(r.data.tags),
+                "artifacts": sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+            }
+    return out
+
+
+def _observed_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method, extra in METHODS.items():
+        outputs = tmp_path / method
+        monkeypatch.setenv("LORA_LAB_OUTPUTS", str(outputs))
+        code = train.main([*TINY, f"method={method}", *extra, "seed=3", f"output_dir={outputs / 'run'}"])
+        assert code == 0, method
+        metrics = json.loads((outputs / "run" / "metrics.json").read_text())
+        out[method] = {"metrics": _stable(metrics), "mlflow": _mlflow_names(outputs)}
+    return out
+
+
+def _observed_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    outputs = tmp_path / "sweep"
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(outputs))
+    code = sweep.main(
+        [
+            "sweep=default",
+            *TINY,
+            "sweep.n_trials=3",
+            "sweep.pruner=none",
+            "sweep.sampler=random",
+            "sweep.full_lr_grid=[1e-3,3e-3]",
+        ]
+    )
+    assert code == 0
+    folder = outputs / "studies" / "default"
+    with open(folder / "trials.csv") as f:
+        rows = [{k: v for k, v in row.items() if k not in TRIAL_COLUMNS_VOLATILE} for row in csv.DictReader(f)]
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    return {"trials": rows, "best": _stable(best), "mlflow": _mlflow_names(outputs)}
+
+
+@pytest.mark.slow
+def test_methods_and_a_sweep_behave_as_before_the_restructuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    observed = {"methods": _observed_methods(tmp_path, monkeypatch), "sweep": _observed_sweep(tmp_path, monkeypatch)}
+    if CAPTURE:
+        GOLDEN.write_text(json.dumps(observed, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    for method in METHODS:
+        assert observed["methods"][method] == golden["methods"][method], method
+    for part in ("trials", "best", "mlflow"):
+        assert observed["sweep"][part] == golden["sweep"][part], part
