@@ -115,10 +115,11 @@ SETTINGS_PARAMS = {
 
 @dataclass(kw_only=True)
 class Settings:
-    """The resolved config as a person chose it: the settings every run has, the method's own fields (LoRA's; none
-    for full fine-tuning) and every other override given. Derived values (parameter counts, folders) are not here."""
+    """The resolved config as a person chose it: the settings every run has, the method's own fields (its config
+    group's: lora.*, bitfit.*, ...; none for full fine-tuning and IA3) and every other override given. Derived values
+    (parameter counts, folders) are not here."""
 
-    method: str = spec("", "'lora' or 'full' (fine-tuning of every weight)")
+    method: str = spec("", "the method: lora, full (every weight trains), bitfit, ia3, adapter, prompt or prefix")
     model: str = spec("", "model.name")
     data: str = spec("", "data.name")
     seed: int = spec("", "seed of the init and the data order")
@@ -160,8 +161,9 @@ class Settings:
         return {k: param_text(v) for k, v in out.items()}
 
     @classmethod
-    def from_params(cls, params: dict[str, str], method_prefix: str = "lora.") -> "Settings":
-        """Back from MLflow params (what `params()` wrote); fails naming a missing setting."""
+    def from_params(cls, params: dict[str, str], method_group: Optional[str]) -> "Settings":
+        """Back from MLflow params (what `params()` wrote); `method_group` is the config group of the method's own
+        fields (lora_lab.adaptations knows it; None: the method has none). Fails naming a missing setting."""
         by_path = {p: name for name, p in SETTINGS_PARAMS.items()}
         missing = sorted(p for p in by_path if p not in params)
         if missing:
@@ -177,8 +179,7 @@ class Settings:
             values[name] = (
                 float(v) if kind == "float" else int(v) if kind == "int" else str(v) if v is not None else None
             )
-        method = values["method"]
-        own = {k: param_value(v) for k, v in params.items() if k.startswith(method_prefix) and method == "lora"}
+        own = {k: param_value(v) for k, v in params.items() if method_group and k.startswith(method_group + ".")}
         rest = {k: param_value(v) for k, v in params.items() if k not in by_path and k not in own}
         return cls(**values, method_fields=own, overrides=rest)
 

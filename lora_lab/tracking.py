@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lora_lab import records
+from lora_lab import adaptations, records
 from lora_lab.config import ConfigError, TrackingConfig, outputs_root
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 
@@ -171,7 +171,7 @@ def run_note(
         "compare": f"Comparison run of study `{identity.study}`",
         "run": "A single training run",
     }[identity.kind]
-    method = "LoRA" if settings.method == "lora" else "Full fine-tuning"
+    method = adaptations.of(settings.method).describe(settings.get)
     lines = [
         f"**{what}**: {method} of `{settings.model}` on `{settings.data}`, {settings.max_steps} steps, "
         f"peak LR {settings.lr:g}, batch {settings.batch}.",
@@ -742,7 +742,13 @@ def read_runs(
 
 def _tracked(client: Any, r: Any) -> TrackedRun:
     tags, metrics = r.data.tags, r.data.metrics
-    settings = Settings.from_params(dict(r.data.params))
+    params = dict(r.data.params)
+    method = params.get(records.SETTINGS_PARAMS["method"])
+    try:
+        group = adaptations.of(method).group if method is not None else None
+    except ValueError as exc:
+        raise records.RecordError(str(exc)) from None
+    settings = Settings.from_params(params, method_group=group)
     curves: dict[int, dict[str, float]] = {}
     for name, key in _keys(EvalPoint):
         if key in metrics:

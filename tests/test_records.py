@@ -98,7 +98,7 @@ def test_mlflow_params_and_metrics_round_trip() -> None:
     params = rec.settings.params()
     assert params["lora.targets"] == '["q_proj", "v_proj"]' and params["trainer"] == "smoke"
     assert params["optim.lr"] == "0.003" and params["lora.rslora"] == "false"
-    assert Settings.from_params(params) == rec.settings
+    assert Settings.from_params(params, method_group="lora") == rec.settings
     metrics = records.result_metrics(rec)
     assert "loss/val" not in metrics  # the final val loss is the curve's last point, not a second metric
     assert metrics["merge/ok"] == 1.0 and metrics["params/trainable"] == 10
@@ -112,7 +112,7 @@ def test_mlflow_params_and_metrics_round_trip() -> None:
     full = dataclasses.replace(rec.settings, method="full", method_fields={})
     assert not any(k.startswith("lora.") for k in full.params())
     with pytest.raises(RecordError, match="optim.lr"):
-        Settings.from_params({k: v for k, v in params.items() if k != "optim.lr"})
+        Settings.from_params({k: v for k, v in params.items() if k != "optim.lr"}, method_group="lora")
 
 
 def test_every_field_has_a_unit_and_a_description() -> None:

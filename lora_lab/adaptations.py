@@ -1,0 +1,364 @@
+"""The seven ways a run adapts its model (LoRA, full fine-tuning, BitFit, IA3, adapters, prompt, prefix tuning), as one
+table: the only place that knows a method by its name.
+
+Each entry says how the method is applied to a loaded model from the typed config, which of its settings are its own
+(its config group), whether and how it folds into the weights for serving, what it saves, whether a warm sweep worker
+can undo it exactly, and how people read it (label, key settings, the paper's name). Everything else asks the table:
+`adaptations.of(cfg.method).merges`, never `cfg.method == "lora"`.
+
+Imports: torch, the torch-only core (lora, methods, targets) and the typed config; nothing of Hydra, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from lora_lab import lora, methods
+from lora_lab.config import METHOD_CHOICES, Config, ConfigError, LoraConfig
+
+Getter = Callable[[str], Any]  # a run's setting by config path ("lora.r"), None when not set
+CacheFactory = Callable[[], Any]  # a fresh attention cache per forward (prefix tuning's keys/values travel in it)
+
+
+class Adaptation(Protocol):
+    """What the training loop, the sweep, the records and the report may ask of a method."""
+
+    name: str  # the value of `method`
+    label: str  # for people: "LoRA", "full fine-tuning", "BitFit", ...
+    group: Optional[str]  # the config group holding the method's own fields (lora, bitfit, ...); None: it has none
+    merges: bool  # folds into the weights for serving: the merged model is checked against the unmerged one
+    trains_all: bool  # every weight trains: checkpoints and the kept result are all weights, no adapter file
+    warm_reusable: bool  # a warm sweep worker can undo it exactly and reuse the loaded base model
+
+    def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+        """Adapt `model` in place as `cfg` says; returns the modules changed (ConfigError: a combination it refuses)."""
+        ...
+
+    def merge(self, model: nn.Module) -> None: ...
+
+    def unmerge(self, model: nn.Module) -> None: ...
+
+    def save(self, model: nn.Module, folder: str | os.PathLike, base_model_name: Optional[str]) -> None: ...
+
+    def lr_ratio(self, cfg: Config) -> float:
+        """LR of the second parameter group over the first (LoRA+'s B over A); 1.0: one LR."""
+        ...
+
+    def key_settings(self, get: Getter) -> list[str]:
+        """The settings that tell two runs of this method apart, as short `key=value` texts."""
+        ...
+
+    def describe(self, get: Getter) -> str:
+        """The label with the key settings, e.g. 'LoRA (r=8, alpha=16, targets=all-linear)'."""
+        ...
+
+    def paper_label(self, get: Getter) -> str:
+        """The name the papers' tables use (Hu et al.: AdapterH, PreEmbed; LoRA's variants combined: DoRA+rsLoRA)."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------- LoRA's arguments
+
+
+def lora_kwargs(model: nn.Module, c: LoraConfig, task: str) -> dict[str, Any]:
+    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what lora.resolve_targets takes, less
+    r/alpha/dropout/rslora/init/variant). modules_to_save=null means the task head for seq_cls: a freshly initialised
+    classifier must train, or LoRA learns against a random head."""
+    saved = c.modules_to_save
+    if saved is None:
+        saved = lora.head_modules(model) if task == "seq_cls" else []
+    return dict(
+        r=c.r,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        targets=tuple(c.targets),
+        target_regex=c.target_regex,
+        exclude=tuple(c.exclude),
+        layers=tuple(c.layers) if c.layers is not None else None,
+        layers_pattern=tuple(c.layers_pattern) if c.layers_pattern else None,
+        rslora=c.rslora,
+        init=c.init,
+        variant=c.variant,
+        modules_to_save=tuple(saved),
+    )
+
+
+def lora_targets(model: nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
+    """The modules LoRA would wrap, without wrapping (the sweep checks each trial's targets with it)."""
+    kw = lora_kwargs(model, c, task)
+    for key in ("r", "alpha", "dropout", "rslora", "init", "variant"):
+        del kw[key]
+    return lora.resolve_targets(model, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- apply
+
+
+def _heads(model: nn.Module, cfg: Config) -> list[str]:
+    """A classifier's task head trains beside every method (a fresh head must learn); causal LMs keep theirs."""
+    return lora.head_modules(model) if cfg.model.task == "seq_cls" else []
+
+
+def _apply_lora(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    return lora.apply_lora(model, **lora_kwargs(model, cfg.lora, cfg.model.task))
+
+
+def _apply_full(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return []
+
+
+def _named(apply: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """A comparison method's refusal of a model (ValueError from lora_lab.methods) as a ConfigError naming both."""
+
+    def wrapped(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+        try:
+            return apply(model, cfg, cache_factory)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"method={cfg.method} on model.name={cfg.model.name}: {exc}") from None
+
+    return wrapped
+
+
+@_named
+def _apply_bitfit(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    return methods.apply_bitfit(model, add_missing=cfg.bitfit.add_missing, heads=_heads(model, cfg))
+
+
+@_named
+def _apply_ia3(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    return methods.apply_ia3(model, heads=_heads(model, cfg))
+
+
+@_named
+def _apply_adapter(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    a = cfg.adapter
+    return methods.apply_adapter(
+        model, bottleneck=a.bottleneck, placement=a.placement, activation=a.activation, heads=_heads(model, cfg)
+    )
+
+
+@_named
+def _apply_prompt(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    if cfg.model.task == "seq_cls":
+        raise ConfigError(
+            "method=prompt: needs model.task=causal_lm (virtual tokens shift a classifier's pooled token)"
+        )
+    return methods.apply_prompt(model, n_tokens=cfg.prompt.n_tokens, init=cfg.prompt.init, seed=cfg.seed)
+
+
+@_named
+def _apply_prefix(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+    c = cfg.prefix
+    return methods.apply_prefix(
+        model,
+        n_tokens=c.n_tokens,
+        projection=c.projection,
+        hidden=c.hidden,
+        cache_factory=cache_factory,
+        seed=cfg.seed,
+        heads=_heads(model, cfg),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def _lora_settings(get: Getter) -> list[str]:
+    return [f"r={get('lora.r')}", f"alpha={get('lora.alpha')}", "targets=" + "+".join(get("lora.targets") or [])]
+
+
+def _lora_paper_label(get: Getter) -> str:
+    parts = [
+        {"dora": "DoRA"}.get(get("lora.variant") or "", ""),
+        {"pissa": "PiSSA", "olora": "OLoRA"}.get(get("lora.init") or "", ""),
+        "rsLoRA" if get("lora.rslora") is True else "",
+        "LoRA+" if (get("lora.lr_ratio") or 1.0) != 1.0 else "",
+    ]
+    return "+".join(x for x in parts if x) or "LoRA"
+
+
+def _nothing(model: nn.Module) -> None:
+    """Merge/unmerge of a method whose trained weights are the model's own (BitFit's biases): nothing to fold."""
+
+
+def _no_merge(model: nn.Module) -> None:
+    raise TypeError("this method changes the computation itself: it cannot be merged into the weights")
+
+
+def _save_nothing(model: nn.Module, folder: str | os.PathLike, base_model_name: Optional[str]) -> None:
+    raise TypeError("method=full keeps every weight: there is no adapter to save (export.merged writes the model)")
+
+
+def _one_lr(cfg: Config) -> float:
+    return 1.0
+
+
+def _none(get: Getter) -> list[str]:
+    return []
+
+
+def _label(text: str) -> Callable[[Getter], str]:
+    return lambda get: text
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table (see Adaptation for what each field means)."""
+
+    name: str
+    label: str
+    group: Optional[str]
+    merges: bool
+    trains_all: bool
+    warm_reusable: bool
+    apply_fn: Callable[..., list[str]]
+    merge_fn: Callable[[nn.Module], None] = _no_merge
+    unmerge_fn: Callable[[nn.Module], None] = _no_merge
+    save_fn: Callable[..., None] = methods.save
+    lr_ratio_fn: Callable[[Config], float] = _one_lr
+    key_settings_fn: Callable[[Getter], list[str]] = _none
+    paper_label_fn: Optional[Callable[[Getter], str]] = None
+
+    def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+        torch.manual_seed(cfg.seed)  # the method's init is part of the run's seed, independent of model loading
+        return self.apply_fn(model, cfg, cache_factory)
+
+    def merge(self, model: nn.Module) -> None:
+        self.merge_fn(model)
+
+    def unmerge(self, model: nn.Module) -> None:
+        self.unmerge_fn(model)
+
+    def save(self, model: nn.Module, folder: str | os.PathLike, base_model_name: Optional[str]) -> None:
+        self.save_fn(model, folder, base_model_name=base_model_name)
+
+    def lr_ratio(self, cfg: Config) -> float:
+        return self.lr_ratio_fn(cfg)
+
+    def key_settings(self, get: Getter) -> list[str]:
+        return self.key_settings_fn(get)
+
+    def paper_label(self, get: Getter) -> str:
+        return self.paper_label_fn(get) if self.paper_label_fn is not None else self.label
+
+    def describe(self, get: Getter) -> str:
+        """The label with the key settings: 'LoRA (r=8, alpha=16, targets=all-linear)', 'IA3'."""
+        bits = self.key_settings(get)
+        return f"{self.label} ({', '.join(bits)})" if bits else self.label
+
+
+LORA = Method(
+    name="lora",
+    label="LoRA",
+    group="lora",
+    merges=True,
+    trains_all=False,
+    warm_reusable=True,
+    apply_fn=_apply_lora,
+    merge_fn=lora.merge,
+    unmerge_fn=lora.unmerge,
+    save_fn=lora.save_adapter,
+    lr_ratio_fn=lambda cfg: cfg.lora.lr_ratio,
+    key_settings_fn=_lora_settings,
+    paper_label_fn=_lora_paper_label,
+)
+FULL = Method(
+    name="full",
+    label="full fine-tuning",
+    group=None,
+    merges=False,
+    trains_all=True,
+    warm_reusable=True,
+    apply_fn=_apply_full,
+    save_fn=_save_nothing,
+    paper_label_fn=_label("full FT"),
+)
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        LORA,
+        FULL,
+        Method(
+            name="bitfit",
+            label="BitFit",
+            group="bitfit",
+            merges=True,  # its biases are the model's own: nothing to fold, no extra inference cost
+            trains_all=False,
+            warm_reusable=False,  # added zero biases change the model's structure
+            apply_fn=_apply_bitfit,
+            merge_fn=_nothing,
+            unmerge_fn=_nothing,
+        ),
+        Method(
+            name="ia3",
+            label="IA3",
+            group=None,
+            merges=True,
+            trains_all=False,
+            warm_reusable=False,
+            apply_fn=_apply_ia3,
+            merge_fn=methods.merge,
+            unmerge_fn=methods.unmerge,
+        ),
+        Method(
+            name="adapter",
+            label="adapters",
+            group="adapter",
+            merges=False,
+            trains_all=False,
+            warm_reusable=False,
+            apply_fn=_apply_adapter,
+            key_settings_fn=lambda get: [
+                f"placement={get('adapter.placement')}",
+                f"bottleneck={get('adapter.bottleneck')}",
+            ],
+            paper_label_fn=lambda get: "AdapterL" if get("adapter.placement") == "pfeiffer" else "AdapterH",
+        ),
+        Method(
+            name="prompt",
+            label="prompt tuning",
+            group="prompt",
+            merges=False,
+            trains_all=False,
+            warm_reusable=False,
+            apply_fn=_apply_prompt,
+            key_settings_fn=lambda get: [f"n_tokens={get('prompt.n_tokens')}"],
+            paper_label_fn=_label("PreEmbed"),
+        ),
+        Method(
+            name="prefix",
+            label="prefix tuning",
+            group="prefix",
+            merges=False,
+            trains_all=False,
+            warm_reusable=False,
+            apply_fn=_apply_prefix,
+            key_settings_fn=lambda get: [f"n_tokens={get('prefix.n_tokens')}"],
+            paper_label_fn=_label("PreLayer"),
+        ),
+    )
+}
+if tuple(METHODS) != METHOD_CHOICES:  # config validates `method` against its own tuple (config is a leaf)
+    raise ImportError(f"adaptations.METHODS {tuple(METHODS)} != config.METHOD_CHOICES {METHOD_CHOICES}")
+
+
+def of(name: str) -> Method:
+    """The table's entry for `method=name`; ValueError naming the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method: no such method {name!r}; expected one of {', '.join(METHODS)}") from None
+
+
+def groups() -> set[str]:
+    """Every method's own config group (lora, bitfit, adapter, prompt, prefix)."""
+    return {m.group for m in METHODS.values() if m.group}
