@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab.errors import first_line
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
 SWEEPS_DIR = REPO_ROOT / "sweeps"
@@ -704,9 +706,8 @@ def _to_object(cfg: DictConfig, schema: type) -> Any:
 
 def _omegaconf_message(exc: Exception) -> str:
     """OmegaConf's first line names the key and the problem; its trailer (full_key/object_type) repeats it."""
-    text = str(exc).strip()
     full_key = getattr(exc, "full_key", None)
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first_line(exc)
     return f"{full_key}: {first}" if full_key and full_key not in first else first
 
 
@@ -721,7 +722,7 @@ def load_sweep(name_or_path: str, overrides: List[str] | None = None) -> SweepCo
     try:
         raw = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of study settings, got {type(raw).__name__}")
     if "name" not in raw:

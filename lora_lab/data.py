@@ -29,6 +29,7 @@ import datasets
 import torch
 
 from lora_lab.config import DataConfig
+from lora_lab.errors import first_line
 from lora_lab.files import atomic_write, build_cached_dir, cache_dir, file_lock, pip_download
 from lora_lab.models import hub_offline
 
@@ -356,10 +357,9 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     try:
         ds = datasets.load_dataset(name, cfg.hub_subset, split=cfg.hub_split)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise DataError(
             f"data.name={name!r}: not a packaged source ({known}), not a file, and the hub could not load it: "
-            f"{type(exc).__name__}: {first}"
+            f"{first_line(exc, with_type=True)}"
         ) from None
     return ds, f"hub {name}" + (f"/{cfg.hub_subset}" if cfg.hub_subset else "") + f" [{cfg.hub_split}]"
 
@@ -611,12 +611,9 @@ def tokenize_rows(
 def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
     """Tokenized train/validation rows of `cfg`, from the cache when the same source/tokenizer/config was seen.
 
-    `seed` is IGNORED, on purpose: the train/validation split depends on `cfg.split_seed` only, so every trial of a
-    sweep (whatever its run seed) trains and is scored on the same rows, and they share one cache entry. The run
-    seed orders batches in the trainer, not here. The parameter is kept only so existing callers
-    (`load_data(..., seed=cfg.seed)` in train.py and sweep.py) keep working; it is due to be removed with them.
+    The train/validation split depends on `cfg.split_seed` only (not on a run's seed), so every trial of a sweep
+    trains and is scored on the same rows, and they share one cache entry; the run seed orders batches in the trainer.
     """
-    del seed  # ignored: see the docstring
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise DataError(f"data: the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")

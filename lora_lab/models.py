@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from lora_lab.config import ModelConfig, TinyModelConfig
+from lora_lab.errors import first_line
 from lora_lab.files import build_cached_dir, cache_dir, file_lock, pip_download  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -221,11 +222,6 @@ def hub_offline() -> bool:
     return not _hub_reachable()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _from_pretrained(cfg: ModelConfig, source: str, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -274,7 +270,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
             return _from_pretrained(cfg, str(folder), local_files_only=True)
         except Exception as exc:
             raise ModelError(
-                f"model.name={name!r}: the cached copy in {folder} does not load ({_first_line(exc)}); "
+                f"model.name={name!r}: the cached copy in {folder} does not load ({first_line(exc, with_type=True)}); "
                 f"delete that folder to fetch it again"
             ) from exc
     folder = Path(name).expanduser()
@@ -284,11 +280,13 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
         try:
             return _from_pretrained(cfg, str(folder), local_files_only=True)
         except Exception as exc:
-            raise ModelError(f"model.name={name!r}: could not load the local checkpoint: {_first_line(exc)}") from exc
+            raise ModelError(
+                f"model.name={name!r}: could not load the local checkpoint: {first_line(exc, with_type=True)}"
+            ) from exc
     try:
         return _from_pretrained(cfg, name, revision=cfg.revision, local_files_only=hub_offline())
     except Exception as exc:
         raise ModelError(
             f"model.name={name!r}: not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, "
-            f"and loading it from the Hugging Face hub failed: {_first_line(exc)}"
+            f"and loading it from the Hugging Face hub failed: {first_line(exc, with_type=True)}"
         ) from None

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 
 from lora_lab import adaptations, records
 from lora_lab.config import ConfigError, TrackingConfig, outputs_root
+from lora_lab.errors import first_line
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 
 log = logging.getLogger("lora_lab")
@@ -95,8 +96,7 @@ def connect(tracking: TrackingConfig) -> str:
             except MlflowException:
                 time.sleep(0.2 * (attempt + 1))
     except Exception as exc:  # unknown scheme, unreachable server, unwritable file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"tracking.uri={uri!r}: cannot use this MLflow store ({first})") from None
+        raise ConfigError(f"tracking.uri={uri!r}: cannot use this MLflow store ({first_line(exc)})") from None
     raise ConfigError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
 
 
