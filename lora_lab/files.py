@@ -5,6 +5,7 @@ stay a leaf about LoRA."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -19,25 +20,68 @@ from typing import Callable, Iterator
 log = logging.getLogger("lora_lab")
 
 
+class WriteError(OSError):
+    """A file or folder could not be written (a full disk, a read-only or vanished folder, a quota): the message
+    names the path, the cause and what was kept. The writers below raise it; every command shows it in one line."""
+
+    def __init__(self, path: str | os.PathLike, cause: BaseException, kept: str = "") -> None:
+        errno_ = getattr(cause, "errno", None)
+        if not isinstance(errno_, int) and disk_full(os.path.dirname(os.path.abspath(path))):
+            errno_ = errno.ENOSPC  # a library's own error type (safetensors') for what the disk said
+        reason = {
+            errno.ENOSPC: "no space left on device",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system",
+        }.get(errno_ or 0, getattr(cause, "strerror", None) or str(cause) or type(cause).__name__)
+        kept = kept or (f"the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else "")
+        super().__init__(errno_, f"cannot write {path}: {reason}" + (f"; {kept}" if kept else ""))
+        self.path, self.cause = str(path), cause
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+def disk_full(folder: str | os.PathLike, margin: int = 1 << 20) -> bool:
+    """Whether the filesystem holding `folder` (or its nearest existing parent) has less than `margin` bytes free."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
+def write_error(path: str | os.PathLike, exc: BaseException, kept: str = "") -> WriteError:
+    """`exc` from writing `path` as a WriteError (itself when it already is one)."""
+    return exc if isinstance(exc, WriteError) else WriteError(path, exc, kept)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file, no file, or the complete new one.
 
     The bytes go to a temp file in the same folder (created if missing), are fsynced, then `os.replace`d onto
-    `path` (atomic on POSIX within one filesystem). On any error the temp file is removed and `path` is untouched.
-    This is the project's single atomic writer: text writers encode and call it.
+    `path` (atomic on POSIX within one filesystem). On any error the temp file is removed and `path` is untouched;
+    an OSError (a full disk) comes out as a WriteError naming `path`. This is the project's single atomic writer:
+    text writers encode and call it.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 
@@ -48,9 +92,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it is removed and `path`
+    stays as it was. A failed write into it (an OSError, or any error while the disk is full) is a WriteError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         yield tmp
         old = None
@@ -60,6 +108,10 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:
+        if isinstance(exc, OSError) or disk_full(path.parent):
+            raise write_error(path, exc) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
