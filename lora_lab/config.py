@@ -394,9 +394,16 @@ class TrackingConfig:
     run_name: Optional[str] = None  # MLflow run name; null: derived from method, model and data
     system_metrics: bool = True  # CPU/GPU/memory metrics sampled in the background
     log_every: int = 1  # log the training loss every N optimizer steps
+    # A tracking server that stops answering (http/https URIs): each request retries for a bounded time, and a run
+    # whose writes have gone unanswered for deadline_s ends FAIL ("tracking server unreachable since ...") instead of
+    # waiting. Writes that failed are kept and sent in order once the server answers again, so a server that comes
+    # back within the deadline loses nothing. The embedded SQLite store is not affected.
+    deadline_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "a non-empty name", self.experiment)
+        _finite_value(self.deadline_s, "tracking.deadline_s")
+        _check(self.deadline_s > 0, "tracking.deadline_s", "a number of seconds > 0", self.deadline_s)
         _text("tracking.uri", self.uri)
         _text("tracking.run_name", self.run_name)
         _check(self.log_every >= 1, "tracking.log_every", "an integer >= 1", self.log_every)

@@ -17,6 +17,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
+import os
 import subprocess
 import time
 import urllib.parse
@@ -68,6 +69,52 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# How long one HTTP request to a tracking server may retry (MLflow's defaults: 7 retries with backoff 2 and a 120 s
+# timeout, ~4 minutes or more per request, so a lost server stalled a sweep for good). A user's own settings win.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server has not answered for tracking.deadline_s: the run ends FAIL rather than waiting."""
+
+    run_state = "FAIL"  # how TrainingRun.__exit__ ends a run this stops
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, says the server did not answer (refused, reset, timed out, retries
+    used up), rather than that it refused the request."""
+    import requests
+
+    away = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (*away, ConnectionError, TimeoutError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _no_retries() -> Any:
+    """One attempt per request inside the block (the last calls to a server already given up on)."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    old = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def connect(tracking: TrackingConfig) -> str:
     """Point MLflow at the configured store and make sure the experiment exists (described, as model training);
     return the experiment id."""
@@ -76,6 +123,9 @@ def connect(tracking: TrackingConfig) -> str:
 
     _quiet_mlflow()
     uri = tracking.resolved_uri()
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
     try:
         mlflow.set_tracking_uri(uri)
         if uri.startswith("sqlite:///"):
@@ -290,9 +340,13 @@ class TrainingRun:
         self.history: list[TrainPoint] = []
         self.evals: list[EvalPoint] = []
         self._client: Any = None
-        # Writes queued on the writer thread (futures): the training loop never waits on the tracking store; they
-        # are all waited for before the run's state is written and the run ends.
-        self._pending: list[Any] = []
+        # Writes queued on the writer thread (futures, with the time each was queued): the training loop never waits
+        # on the tracking store; they are all waited for before the run's state is written and the run ends.
+        self._pending: list[tuple[Any, float]] = []
+        # Batches a lost server did not take, in order: sent first once it answers again.
+        self._backlog: list[dict[str, Any]] = []
+        self._down_since: Optional[float] = None  # time.time() of the first write the server did not answer
+        self.gone = False  # the server stayed away past tracking.deadline_s: nothing more is sent
 
     def __enter__(self) -> "TrainingRun":
         if not self.tracking.enabled:
@@ -337,15 +391,68 @@ class TrainingRun:
         return self
 
     def _log(self, **batch: Any) -> None:
-        """One log_batch, written by this process's tracking writer thread (`_flush` waits for it)."""
-        self._pending.append(_writer().submit(self._client.log_batch, self.run_id, **batch))
+        """One log_batch, written by this process's tracking writer thread (`_flush` waits for it). Raises
+        TrackingUnreachable once the server has not answered for tracking.deadline_s."""
+        self.check_reachable()
+        self._pending = [(f, t) for f, t in self._pending if not f.done() or f.exception() is not None]
+        self._pending.append((_writer().submit(self._write, batch), time.time()))
+
+    def _write(self, batch: Optional[dict[str, Any]] = None) -> None:
+        """On the writer thread: the backlog, then `batch`, in order; a server that does not answer keeps them."""
+        if batch is not None:
+            self._backlog.append(batch)
+        while self._backlog and not self.gone:
+            try:
+                self._client.log_batch(self.run_id, **self._backlog[0])
+            except Exception as exc:
+                if not unreachable(exc):
+                    self._backlog.pop(0)
+                    raise
+                self._down_since = self._down_since or time.time()
+                log.warning(
+                    "MLflow tracking server not answering (%s); keeping %d write(s)",
+                    first_line(exc),
+                    len(self._backlog),
+                )
+                return
+            self._backlog.pop(0)
+            self._down_since = None
+
+    def down_since(self) -> Optional[float]:
+        """Since when the server has left a write unanswered (a failed write, or the oldest one still waiting)."""
+        waiting = [t for f, t in self._pending if not f.done()]
+        times = [t for t in (self._down_since, min(waiting, default=None)) if t is not None]
+        return min(times) if times else None
+
+    def check_reachable(self) -> None:
+        """Raise TrackingUnreachable when the server has not answered for tracking.deadline_s."""
+        since = self.down_since()
+        if self.gone or (since is not None and time.time() - since > self.tracking.deadline_s):
+            self.gone = True
+            when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
+            raise TrackingUnreachable(
+                f"tracking server {self.tracking.resolved_uri()} unreachable since {when} "
+                f"(more than tracking.deadline_s={self.tracking.deadline_s:g} s); "
+                f"the run's files are in {self.identity.output_dir}"
+            )
 
     def _flush(self) -> None:
-        """Wait for every write of this run queued by `_log`; raises the first error."""
+        """Wait for every write of this run queued by `_log` (each request is bounded, see HTTP_LIMITS); raises the
+        first error, or TrackingUnreachable when writes are still kept back past the deadline."""
         pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
+        errors = [f.exception() for f, _ in pending]
         if any(errors):
             raise next(e for e in errors if e is not None)
+        # Writes kept back: try again until the deadline; a server back in time loses nothing.
+        while self._backlog and not self.gone:
+            since = self._down_since or time.time()
+            left = since + self.tracking.deadline_s - time.time()
+            if left <= 0:
+                self.check_reachable()  # raises: past the deadline
+            time.sleep(min(2.0, max(0.0, left)))
+            _writer().submit(self._write).result()
+        if self.gone:
+            self.check_reachable()
 
     def _parent_link(self) -> Optional[str]:
         return run_url(self.experiment_id, self.parent_run_id) if self.parent_run_id and self.experiment_id else None
@@ -419,6 +526,16 @@ class TrainingRun:
             return
         import mlflow
 
+        if self.gone:  # one attempt to close it; else the study's next start closes it (close_unfinished)
+            log.warning(
+                "MLflow run %s: the tracking server is gone; its files stay in %s",
+                self.run_id,
+                self.identity.output_dir,
+            )
+            with _no_retries(), contextlib.suppress(Exception):
+                mlflow.end_run(status="FAILED")  # leaves MLflow's active-run stack first, whatever the server says
+            return
+
         if exc is not None and getattr(exc, "run_state", None):  # e.g. a pruned trial: the exception says how it ended
             self.outcome = (exc.run_state, str(exc)[:500])
         elif exc is not None:
@@ -455,7 +572,14 @@ class TrainingRun:
             self._files()
         except Exception as log_exc:  # noqa: BLE001
             log.warning("MLflow run %s: could not log its state or files: %s", self.run_id, log_exc)
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except Exception as end_exc:  # noqa: BLE001 - a server lost at the very end must not hide the run's outcome
+            log.warning(
+                "MLflow run %s: could not be closed (%s); the study's next start closes it",
+                self.run_id,
+                first_line(end_exc),
+            )
 
 
 def _keys(cls: type) -> list[tuple[str, str]]:
