@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from servers import MlflowServer
 
 REPO = Path(__file__).resolve().parent.parent
