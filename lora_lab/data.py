@@ -539,6 +539,31 @@ def label_token_ids(cfg: DataConfig, tokenizer: Any) -> list[list[int]]:
     return ids
 
 
+# A token is never this many characters long: cutting a row's text to max_length x this before tokenizing keeps every
+# token that truncation keeps, and a 50 MB row no longer costs gigabytes of tokenizer memory (issue 24).
+MAX_CHARS_PER_TOKEN = 64
+PIECE_CHARS = 1 << 20  # text-format documents are tokenized in pieces of about this many characters
+
+
+def _clip(text: Any, max_length: int) -> str:
+    """The start of `text` that can still hold `max_length` tokens."""
+    text = "" if text is None else str(text)
+    return text[: max_length * MAX_CHARS_PER_TOKEN]
+
+
+def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` in consecutive pieces of about `size` characters, cut after a whitespace where there is one (a word is
+    tokenized whole); joined they are `text`."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = max(text.rfind(" ", start + size // 2, start + size), text.rfind("\n", start + size // 2, start + size))
+        cut = cut + 1 if cut > start else start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def _prompted_fn(cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]]) -> Callable[[dict], dict]:
     prefix = _bos_prefix(tokenizer)
     budget = cfg.max_length - max(len(ids) for ids in label_ids)  # room for the prompt next to any label word
@@ -549,7 +574,7 @@ def _prompted_fn(cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]]) ->
     tail = min(len(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0, budget - len(prefix) - 1)
 
     def fn(batch: dict) -> dict:
-        prompts = [cfg.prompt_template.format(text=t) for t in batch[cfg.text_column]]
+        prompts = [cfg.prompt_template.format(text=_clip(t, cfg.max_length)) for t in batch[cfg.text_column]]
         encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "class_label": []}
         for ids, label in zip(encoded, batch[cfg.label_column]):
@@ -569,7 +594,8 @@ def _prompted_fn(cfg: DataConfig, tokenizer: Any, label_ids: list[list[int]]) ->
 
 def _classification_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
     def fn(batch: dict) -> dict:
-        encoded = tokenizer(batch[cfg.text_column], truncation=True, max_length=cfg.max_length)
+        texts = [_clip(t, cfg.max_length) for t in batch[cfg.text_column]]
+        encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)
         return {"input_ids": encoded["input_ids"], "labels": [int(v) for v in batch[cfg.label_column]]}
 
     return fn
@@ -586,6 +612,7 @@ def _chat_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
     def fn(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": []}
         for prompt, response in zip(batch[cfg.prompt_column], batch[cfg.response_column]):
+            prompt, response = _clip(prompt, cfg.max_length), _clip(response, cfg.max_length)
             user = {"role": "user", "content": prompt}
             full = _render_chat(tokenizer, [user, {"role": "assistant", "content": response}])
             head = _render_chat(tokenizer, [user], add_generation_prompt=True)
@@ -613,10 +640,15 @@ def _text_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict], dict]:
         )
 
     def fn(batch: dict) -> dict:
+        pieces, ends = [], set()  # one batched tokenizer call over every document's pieces
+        for doc in batch[cfg.text_column]:
+            pieces += _pieces(doc)
+            ends.add(len(pieces) - 1)
         stream: list[int] = []
-        for ids in tokenizer(batch[cfg.text_column], add_special_tokens=False)["input_ids"]:
+        for i, ids in enumerate(tokenizer(pieces, add_special_tokens=False)["input_ids"]):
             stream.extend(ids)
-            stream.append(eos)
+            if i in ends:
+                stream.append(eos)
         n = len(stream) // cfg.max_length  # the remainder of each batch is dropped: blocks are exactly max_length
         blocks = [stream[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(n)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}

@@ -67,3 +67,28 @@ def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path: Path, tok,
     assert again.train["input_ids"] == good.train["input_ids"]
     assert [p.name for p in entry.parent.iterdir() if p.name.startswith(entry.name + ".damaged-")]
     assert "is damaged" in caplog.text
+
+
+def test_a_huge_row_is_cut_before_tokenizing_and_keeps_what_truncation_keeps(tmp_path: Path, tok) -> None:
+    import resource
+
+    from lora_lab import data as data_mod
+
+    words = " ".join(f"w{i % 97}" for i in range(2_000_000))  # ~8 MB in one row
+    path = tmp_path / "huge.jsonl"
+    path.write_text(
+        json.dumps({"text": words, "label": 1})
+        + "\n"
+        + "".join(json.dumps({"text": f"ok {i}", "label": i % 2}) + "\n" for i in range(20))
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    task = load_data(DataConfig(name=str(path), format="classification", max_length=16, val_fraction=0.2), tok)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    rows = list(task.train["input_ids"]) + list(task.val["input_ids"])
+    longest = max(rows, key=len)
+    assert len(longest) == 16 and longest == tok(words[:2000], truncation=True, max_length=16)["input_ids"]
+    assert grown_mib < 500, grown_mib  # the whole row through the tokenizer took gigabytes
+    # Text-format pieces join back into the document, each cut after a space.
+    doc = "ab " * 1000
+    pieces = data_mod._pieces(doc, size=64)
+    assert "".join(pieces) == doc and all(p.endswith(" ") for p in pieces[:-1])
