@@ -374,20 +374,30 @@ class TrainingRun:
         if self.searched:
             tags[SEARCHED_TAG] = " ".join(f"{k}={records.param_text(v)}" for k, v in self.searched.items())
         tags[NOTE_TAG] = run_note(i, s, self.searched, "RUNNING", "", None, None, self._parent_link())
-        run = mlflow.start_run(
-            experiment_id=self.experiment_id,
-            run_name=i.name,
-            tags=tags,
-            parent_run_id=self.parent_run_id,
-            log_system_metrics=self.tracking.system_metrics,
-        )
-        self.run_id = run.info.run_id
-        self._client = mlflow.MlflowClient()
-        now = int(time.time() * 1000)
-        self._log(
-            params=[Param(k, v) for k, v in s.params().items()],
-            metrics=[Metric(k, float(v), now, 0) for k, v in self.start_metrics.items()],
-        )
+        try:
+            run = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=i.name,
+                tags=tags,
+                parent_run_id=self.parent_run_id,
+                log_system_metrics=self.tracking.system_metrics,
+            )
+            self.run_id = run.info.run_id
+            self._client = mlflow.MlflowClient()
+            now = int(time.time() * 1000)
+            self._log(
+                params=[Param(k, v) for k, v in s.params().items()],
+                metrics=[Metric(k, float(v), now, 0) for k, v in self.start_metrics.items()],
+            )
+        except BaseException as exc:
+            # A run that started and then broke ends FAILED with the reason here: left active, MLflow's exit hook
+            # would end it FINISHED.
+            active = mlflow.active_run()
+            if self.run_id is None and active is not None and active.info.run_id != self.parent_run_id:
+                self.run_id, self._client = active.info.run_id, mlflow.MlflowClient()
+            if self.run_id is not None:
+                self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def _log(self, **batch: Any) -> None:
