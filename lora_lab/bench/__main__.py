@@ -69,8 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def sweep_main(argv: Optional[list[str]] = None) -> int:
     """``python -m lora_lab.bench sweep``: both modes of the fixed study, printed side by side."""
-    # The description is the sweep module's paragraph that says what the benchmark runs (after its usage line).
-    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench sweep", description=sweep.__doc__.split("\n\n")[2])
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench sweep", description=sweep.DESCRIPTION)
     ap.add_argument("--trials", type=int, default=16, help="trials in each of the two runs (default 16)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per trial (default: the study's 24)")
     ap.add_argument("--out", help="write the results as JSON (atomically)")

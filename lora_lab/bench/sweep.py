@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 from lora_lab.shapes import tiny_overrides
 
+DESCRIPTION = __doc__.split("\n\n")[2]  # what the benchmark runs: `python -m lora_lab.bench sweep --help` says it
+
 
 def study_args(trials: int, steps: Optional[int], cuda: bool) -> list[str]:
     """The fixed study both runs share: the default study's space, random sampler, no pruner, no comparison."""
