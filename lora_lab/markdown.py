@@ -7,15 +7,18 @@ from typing import Any, Iterable, Mapping, Sequence
 Column = tuple[str, str, str]  # (row key, header, format spec such as "{:.4f}"; "" for str())
 
 
-def cell(value: Any, fmt: str = "") -> str:
-    """One cell: '-' for a missing value, numbers through `fmt`, '|' escaped so it cannot end the cell."""
+def text(value: Any, fmt: str = "") -> str:
+    """A value as table text, in any format: '-' for a missing value, numbers through `fmt`, anything else str()."""
     if value is None or value == "":
-        text = "-"
-    elif fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
-        text = fmt.format(value)
-    else:
-        text = str(value)
-    return text.replace("|", "\\|")
+        return "-"
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt.format(value)
+    return str(value)
+
+
+def cell(value: Any, fmt: str = "") -> str:
+    """One Markdown cell: `text(value, fmt)` with '|' escaped so it cannot end the cell."""
+    return text(value, fmt).replace("|", "\\|")
 
 
 def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[Column]) -> str:

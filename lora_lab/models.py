@@ -25,6 +25,7 @@ import torch
 from lora_lab.config import ModelConfig, TinyModelConfig
 from lora_lab.errors import first_line
 from lora_lab.files import build_cached_dir, cache_dir, file_lock, pip_download  # noqa: F401 (re-exported)
+from lora_lab.shapes import tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +170,11 @@ def tiny_tokenizer() -> Any:
 
 
 def _tiny_model(tiny: TinyModelConfig, task: str, num_labels: int, tokenizer: Any) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    config = LlamaConfig(
+    config = tiny_config(
+        tiny,
         vocab_size=len(tokenizer),
-        hidden_size=tiny.hidden_size,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_kv_heads,
-        intermediate_size=tiny.intermediate_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -20,8 +20,8 @@ if [ "${1:-path}" = sweep ]; then
   log tests; timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_sweep_devices.py 2>&1 | tail -8
   log done; exit 0
 fi
-# The SmolLM2-135M shape as model=tiny overrides, from the bench's shape table (lora_lab/bench.py SHAPE_FIELDS).
-SHAPE="$(python3 -c 'from lora_lab.bench import tiny_overrides; print(*tiny_overrides("smollm2-135m"))') data=tiny_sentiment trainer.progress=false"
+# The SmolLM2-135M shape as model=tiny overrides, from the shape table (lora_lab/shapes.py SHAPE_FIELDS).
+SHAPE="$(python3 -c 'from lora_lab.shapes import tiny_overrides; print(*tiny_overrides("smollm2-135m"))') data=tiny_sentiment trainer.progress=false"
 T="tracking.uri=sqlite:////tmp/out/mlflow.db"
 B="python3 -m lora_lab.bench core --compile --no-memory --steps 6 --warmup 3"
 log bench-16x1024; timeout 95 $B --batch 16 --seq 1024 --out "$OUT/b16x1024.json" 2>&1 | grep -v "^W1\|Warning" | tail -34

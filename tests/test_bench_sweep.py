@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lora_lab import bench
+from lora_lab.bench.__main__ import main
 
 
 def test_bench_sweep_tiny_writes_both_modes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "res" / "sweep.json"
     keep = str(tmp_path / "k")
-    assert bench.main(["sweep", "--trials", "2", "--steps", "2", "--out", str(out), "--keep", keep, "--cpu"]) == 0
+    assert main(["sweep", "--trials", "2", "--steps", "2", "--out", str(out), "--keep", keep, "--cpu"]) == 0
     res = json.loads(out.read_text())
     assert res["bench"] == "sweep" and res["trials"] == 2 and res["steps"] == 2
     cold, warm = res["modes"]["cold_1"], res["modes"]["warm_n"]
@@ -39,7 +39,7 @@ def test_bench_sweep_tiny_writes_both_modes(tmp_path: Path, capsys: pytest.Captu
 def test_bench_sweep_cuda_study_can_come_warm() -> None:
     # On CUDA the study is trainer=gpu on the SmolLM2 shape, but not compiled: a warm worker drops compiled models,
     # so a compiled study would load every trial in both modes and measure nothing.
-    from lora_lab.bench_sweep import study_args
+    from lora_lab.bench.sweep import study_args
     from lora_lab.config import compose
 
     overrides = [a for a in study_args(4, None, cuda=True) if not a.startswith("sweep")]

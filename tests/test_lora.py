@@ -391,10 +391,10 @@ def test_lora_plus_param_groups(build_tiny):
 
 
 def test_bench_tiny_writes_expected_json(tmp_path):
-    from lora_lab import bench
+    from lora_lab.bench.__main__ import main
 
     out = tmp_path / "bench.json"
-    assert bench.main(["core", "--tiny", "--steps", "2", "--warmup", "0", "--no-memory", "--out", str(out)]) == 0
+    assert main(["core", "--tiny", "--steps", "2", "--warmup", "0", "--no-memory", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     paired = res["paired"]["lora_lab_over_full"]  # per-round ratios from the same rounds as the medians
     times = res["step"]
@@ -415,7 +415,7 @@ def test_bench_tiny_writes_expected_json(tmp_path):
 
 def test_bench_peak_memory_sees_a_known_allocation(monkeypatch):
     """The memory path, in-process: a step that allocates and fills 64 MiB must be measured as at least that."""
-    from lora_lab import bench
+    from lora_lab.bench import core as bench
 
     size = 64 << 20
     kept: list[torch.Tensor] = []
@@ -429,7 +429,7 @@ def test_bench_peak_memory_sees_a_known_allocation(monkeypatch):
     monkeypatch.setattr(bench, "_stepper", stepper)
     if not torch.cuda.is_available() and not bench._reset_hwm():
         pytest.skip("no /proc/self/clear_refs: only the coarse ru_maxrss fallback, which cannot see this")
-    peak = bench._peak_mem_child("lora_lab", "tiny", 1, 2, 8)
+    peak = bench.peak_memory_child("lora_lab", "tiny", 1, 2, 8)
     assert isinstance(peak, int) and size <= peak < 4 * size, peak
 
 

@@ -225,7 +225,9 @@ def test_bad_method_settings_name_the_key():
 
 
 def test_report_methods_table_has_the_paper_rows_and_latency(outputs):
-    from lora_lab.report import PUBLISHED_METHODS, Run, table_methods
+    from lora_lab.report.published import PUBLISHED_METHODS
+    from lora_lab.report.runs import Run
+    from lora_lab.report.tables import table_methods
 
     runs = []
     for i, extra in enumerate([["method=bitfit"], ["method=adapter", "adapter=pfeiffer", "adapter.bottleneck=4"]]):
@@ -247,7 +249,8 @@ def test_report_methods_table_means_seeds_and_splits_lora_by_budget(outputs, tmp
     set and rank."""
     from dataclasses import replace
 
-    from lora_lab.report import Run, table_methods
+    from lora_lab.report.runs import Run
+    from lora_lab.report.tables import table_methods
 
     recs = {}
     for name, extra in {
@@ -294,14 +297,16 @@ def test_report_methods_table_means_seeds_and_splits_lora_by_budget(outputs, tmp
     # Without replicated seeds no spread column: the one-seed layout of the golden tables stays as it was.
     assert "spread" not in [c[0] for c in table_methods([fake("bitfit", 1e-3, 0, 0.5)]).columns]
     # The plots: every method's LR U-curve under its own name, and the methods at their budgets with error bars.
-    from lora_lab import plots, report
+    from lora_lab import plots
+    from lora_lab.report import figures
+    from lora_lab.report.groups import curve_groups
 
-    monkeypatch.setattr(report, "_history", lambda uri, r: ([], []))  # loss curves read MLflow: not under test here
+    monkeypatch.setattr(figures, "history", lambda uri, r: ([], []))  # loss curves read MLflow: not under test here
     drawn = {}
     monkeypatch.setattr(plots, "budget_points", lambda points, path, **kw: drawn.update(points) or path)
-    curves = report.curve_groups(runs)
+    curves = curve_groups(runs)
     assert set(curves) == {"BitFit", "LoRA r=8"}  # one LR for attention: no curve
-    files = report.make_plots("sqlite:///unused", runs, tmp_path)
+    files = figures.make_plots("sqlite:///unused", runs, tmp_path)
     assert tmp_path / "methods.png" in files and (tmp_path / "lr_curves.png").is_file()
     assert drawn["BitFit"][1:] == (pytest.approx(0.50), pytest.approx(0.01, abs=1e-6))
     assert drawn["LoRA attention r=4"][2] is None

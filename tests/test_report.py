@@ -65,7 +65,8 @@ MLP_DIMS = 3 * (64 + 128)
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Three tiny studies (LoRA r x LR, full-FT LR, targets at two ranks) and the report on all of them."""
-    from lora_lab import report, sweep
+    from lora_lab import sweep
+    from lora_lab.report.__main__ import main
 
     root = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
@@ -79,7 +80,7 @@ def study(tmp_path_factory):
         args = ["--experiment", "report_test", "--tracking-uri", uri, "--out", str(out)]
         for name in STUDIES:
             args += ["--study", name]
-        assert report.main(args) == 0
+        assert main(args) == 0
         yield {"root": root, "uri": uri, "out": out, "studies": root / "outputs" / "studies"}
 
 
@@ -101,7 +102,7 @@ def trials(study: dict, name: str) -> list[dict[str, str]]:
 
 
 def table(study: dict, name: str) -> list[dict[str, str]]:
-    from lora_lab.report import read_csv
+    from lora_lab.report.render import read_csv
 
     return read_csv(study["out"] / f"{name}.csv")
 
@@ -214,7 +215,7 @@ def test_params_table_counts_from_config(study):
 
 def test_llama31_8b_published_counts():
     """From its config alone (meta device): 0.453B/0.218B/0.671B/0.226B without lm_head, 0.49/0.25/0.70/0.24B with."""
-    from lora_lab.report import llama31_8b_config, lora_param_count
+    from lora_lab.report.tables import llama31_8b_config, lora_param_count
 
     cfg = llama31_8b_config()
     for (targets, r), without, with_head in (
@@ -232,8 +233,8 @@ def test_llama31_8b_published_counts():
 
 
 def test_compute_and_merge_match_runs(study):
-    from lora_lab import bench
-    from lora_lab.report import model_config
+    from lora_lab.report.tables import model_config
+    from lora_lab.shapes import step_flops
 
     lora = mlflow_runs(study["uri"], "t_lora")
     full = mlflow_runs(study["uri"], "t_full")
@@ -243,7 +244,7 @@ def test_compute_and_merge_match_runs(study):
     t_full = statistics.median(x.data.metrics["perf/time_per_step_s"] for x in full)
     assert float(rows["all linear r=8"]["measured ratio"]) == pytest.approx(t_lora / t_full)
     cfg = model_config("tiny")
-    theory = bench.step_flops(cfg, 4, 48, 8) / bench.step_flops(cfg, 4, 48, None)
+    theory = step_flops(cfg, 4, 48, 8) / step_flops(cfg, 4, 48, None)
     assert float(rows["all linear r=8"]["FLOPs ratio, this model (theory)"]) == pytest.approx(theory)
     merge = {r["precision"]: r for r in table(study, "merge")}
     all_lora = lora + mlflow_runs(study["uri"], "t_targets")
@@ -263,26 +264,24 @@ def test_merge_table_reads_precision_auto_on_cuda_as_bf16() -> None:
     # the CPU's fp32 runs (the merge's logit differences are orders apart).
     from report_fixture import RUNS
 
-    from lora_lab import report
+    from lora_lab.report.runs import OK_STATE, Run
+    from lora_lab.report.tables import table_merge
 
     fixture = RUNS[2]  # a completed LoRA trial with a merge check
     runs = [
-        report.Run(run_id=device, parent="", state=report.OK_STATE, rec=fixture.record(device=device)[1])
+        Run(run_id=device, parent="", state=OK_STATE, rec=fixture.record(device=device)[1])
         for device in ("cpu", "cuda:0", "cuda")
     ]
-    rows = {row["precision"]: row for row in report.table_merge(runs).rows}
+    rows = {row["precision"]: row for row in table_merge(runs).rows}
     assert rows["fp32"]["runs"] == 1 and rows["bf16"]["runs"] == 2
 
 
 def test_missing_study_or_experiment_exits_2(study, capsys):
-    from lora_lab import report
+    from lora_lab.report.__main__ import main
 
-    assert (
-        report.main(["--tracking-uri", study["uri"], "--study", "no_such_study", "--out", str(study["root"] / "x")])
-        == 2
-    )
+    assert main(["--tracking-uri", study["uri"], "--study", "no_such_study", "--out", str(study["root"] / "x")]) == 2
     assert "no_such_study" in capsys.readouterr().err
-    assert report.main(["--tracking-uri", study["uri"], "--experiment", "no_such_experiment"]) == 2
-    assert report.main(["--tracking-uri", f"sqlite:///{study['root'] / 'nothing.db'}", "--study", "t_lora"]) == 2
-    assert report.main(["best-lr", "--tracking-uri", study["uri"], "--study", "t_full"]) == 0
+    assert main(["--tracking-uri", study["uri"], "--experiment", "no_such_experiment"]) == 2
+    assert main(["--tracking-uri", f"sqlite:///{study['root'] / 'nothing.db'}", "--study", "t_lora"]) == 2
+    assert main(["best-lr", "--tracking-uri", study["uri"], "--study", "t_full"]) == 0
     assert float(capsys.readouterr().out) == pytest.approx(argmin_lr(trials(study, "t_full")))

@@ -59,12 +59,12 @@ def log_runs(root: Path, uri: str) -> None:
 
 
 def test_report_tables_equal_the_captured_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_lab import report
+    from lora_lab.report.__main__ import main
 
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(tmp_path / "outputs"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_runs(tmp_path, uri)
     out = tmp_path / "report"
-    assert report.main(["--experiment", "golden", "--tracking-uri", uri, "--out", str(out), "--no-attach"]) == 0
+    assert main(["--experiment", "golden", "--tracking-uri", uri, "--out", str(out), "--no-attach"]) == 0
     for golden in sorted(GOLDEN.glob("*.csv")):
         assert normalise((out / golden.name).read_text()) == golden.read_text(), golden.name

@@ -1,4 +1,6 @@
-"""Sweep throughput benchmark: ``python -m lora_lab.bench sweep [--trials N] [--steps S] [--out F.json] [--cpu]``.
+"""The sweep benchmark: one fixed study's trials/hour, cold with 1 trial per device vs warm with N per device.
+
+``python -m lora_lab.bench sweep [--trials N] [--steps S] [--out F.json] [--cpu]``.
 
 One fixed study run twice through the real CLI (`python -m lora_lab.sweep`), each in its own temporary outputs
 folder with journal storage: once with one trial per device and cold workers (sweep.warm=false, every trial loads
@@ -16,18 +18,16 @@ JSON records the load average before and after.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_lab.bench import tiny_overrides
-from lora_lab.files import atomic_write
+from lora_lab.shapes import tiny_overrides
+
+DESCRIPTION = __doc__.split("\n\n")[2]  # what the benchmark runs: `python -m lora_lab.bench sweep --help` says it
 
 
 def study_args(trials: int, steps: Optional[int], cuda: bool) -> list[str]:
@@ -107,6 +107,7 @@ def run_mode(name: str, args: list[str], root: Path) -> dict[str, Any]:
 
 
 def run_bench(trials: int, steps: Optional[int], root: Path, cpu: bool = False) -> dict[str, Any]:
+    """Both modes of the study in `root` (the CPU study with `cpu`) and their ratios: the results dict (--out)."""
     import torch
 
     cuda = torch.cuda.is_available() and not cpu
@@ -132,59 +133,3 @@ def run_bench(trials: int, steps: Optional[int], root: Path, cpu: bool = False) 
         },
         "max_abs_val_loss_diff": max(diffs) if diffs else None,  # same trials, same parameters: same numbers?
     }
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else spec.format(v)
-
-
-def format_table(res: dict[str, Any]) -> str:
-    cold, warm = res["modes"]["cold_1"], res["modes"]["warm_n"]
-    per_device = warm["auto_per_device"] or warm["workers"]
-    rows = [
-        ("trials", "{:d}", "trials"),
-        ("trial phase wall (s)", "{:.1f}", "wall_s"),
-        ("command wall (s)", "{:.1f}", "command_s"),
-        ("trials/hour", "{:.0f}", "trials_per_hour"),
-        ("outside train+eval (share)", "{:.1%}", "outside_share"),
-        ("outside train+eval (s/trial)", "{:.2f}", "outside_s_per_trial"),
-        ("mean trial (s)", "{:.2f}", "trial_s_mean"),
-        ("trials that came warm", "{:d}", "warm_trials"),
-        ("worker processes", "{:d}", "workers"),
-    ]
-    head = f"{'':32}{'cold, 1/device':>16}{f'warm, {per_device}/device':>18}{'warm/cold':>11}"
-    lines = [f"sweep benchmark on {res['device']}, load avg before {res['load_avg_before'][0]:.1f}", head]
-    for label, spec, key in rows:
-        a, b = cold[key], warm[key]
-        ratio = f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
-        lines.append(f"{label:32}{_fmt(a, spec):>16}{_fmt(b, spec):>18}{ratio:>11}")
-    lines.append(
-        f"max |val_loss(warm) - val_loss(cold)| over the same trials: {_fmt(res['max_abs_val_loss_diff'], '{:.2e}')}"
-    )
-    return "\n".join(lines)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench sweep", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--trials", type=int, default=16, help="trials in each of the two runs (default 16)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per trial (default: the study's 24)")
-    ap.add_argument("--out", help="write the results as JSON (atomically)")
-    ap.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
-    ap.add_argument("--cpu", action="store_true", help="the CPU study (tiny model) even where CUDA is available")
-    args = ap.parse_args(argv)
-    if args.trials < 1 or (args.steps is not None and args.steps < 1):
-        ap.error("--trials and --steps must be >= 1")
-    if args.keep:
-        Path(args.keep).mkdir(parents=True, exist_ok=True)
-        res = run_bench(args.trials, args.steps, Path(args.keep), args.cpu)
-    else:
-        with tempfile.TemporaryDirectory(prefix="lora_lab-bench-sweep-") as tmp:
-            res = run_bench(args.trials, args.steps, Path(tmp), args.cpu)
-    print(format_table(res))
-    if args.out:
-        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

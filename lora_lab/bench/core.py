@@ -1,9 +1,10 @@
-"""Benchmark of the LoRA core: ``python -m lora_lab.bench core [--shape S] [--batch B --seq T] [--compile] [--out F]``.
+"""The core benchmark: training-step time, FLOPs, ops and peak memory of lora_lab, peft, full FT and the floor.
 
-One process, contenders interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape
-from a LlamaConfig (random init), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on
-CUDA). Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning, and the floor that bounds
-every LoRA implementation from below (frozen model, gradients through every layer, no adapter, no optimizer).
+``python -m lora_lab.bench core [--shape S] [--batch B --seq T] [--compile] [--out F]``. One process, contenders
+interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape from a LlamaConfig (random
+init; lora_lab.shapes), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on CUDA).
+Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning, and the floor that bounds every
+LoRA implementation from below (frozen model, gradients through every layer, no adapter, no optimizer).
 Peak memory on CPU = in a fresh subprocess per contender, the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs after the model is built) during the training steps minus the RSS before them, i.e. the
 memory the training steps add (activations, grads, optimizer state); on CUDA = torch.cuda.max_memory_allocated over
@@ -12,114 +13,25 @@ the steps minus the memory before them.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from lora_lab import lora
-from lora_lab.files import atomic_write
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
+from lora_lab.shapes import shape_config, step_flops
 
 R, ALPHA = 16, 32
 CONTENDERS = ("full", "lora_lab", "peft", "floor", "dora")
 # "floor" is no contender but the bound every LoRA implementation sits above: the frozen model's forward and its
 # input-gradient backward through every layer (what LoRA cannot skip), with no adapter and no optimizer.
-
-
-def smollm2_135m_config(tiny: bool = False) -> LlamaConfig:
-    """SmolLM2-135M-Instruct's shape (or a tiny one for tests), as a transformers LlamaConfig."""
-    return shape_config("tiny" if tiny else "smollm2-135m")
-
-
-_SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-)
-_LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-)
-# LlamaConfig fields of each named shape (random weights: speed, not quality). deep-narrow is SmolLM2's 30 layers at
-# width 64, where host work dominates the step as it does on a GPU: the CPU proxy for launch-bound training.
-SHAPE_FIELDS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": _SMOLLM2,
-    "deep-narrow": {
-        **_SMOLLM2,
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "llama-1b": _LLAMA_1B,  # Llama-3.2-1B
-    "llama-8b": {
-        **_LLAMA_1B,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "tie_word_embeddings": False,
-    },  # Llama-3.1-8B
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    ),
-}
-SHAPES = tuple(SHAPE_FIELDS)
-
-
-def tiny_overrides(shape: str) -> list[str]:
-    """Training overrides that build a named shape (SHAPE_FIELDS) as `model=tiny` with random weights; the tiny
-    model's vocabulary is its tokenizer's."""
-    f = SHAPE_FIELDS[shape]
-    return [
-        "model=tiny",
-        f"model.tiny.hidden_size={f['hidden_size']}",
-        f"model.tiny.num_layers={f['num_hidden_layers']}",
-        f"model.tiny.num_heads={f['num_attention_heads']}",
-        f"model.tiny.num_kv_heads={f['num_key_value_heads']}",
-        f"model.tiny.intermediate_size={f['intermediate_size']}",
-    ]
-
-
-def shape_config(shape: str) -> LlamaConfig:
-    """A LlamaConfig of a named shape (SHAPE_FIELDS)."""
-    from transformers import LlamaConfig
-
-    if shape not in SHAPE_FIELDS:
-        raise ValueError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}")
-    return LlamaConfig(**SHAPE_FIELDS[shape], hidden_act="silu", attn_implementation="sdpa")
 
 
 def _have_peft() -> bool:
@@ -228,31 +140,7 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     return 2 * n**3 / best / 1e9
 
 
-def step_flops(cfg: LlamaConfig, batch: int, seq: int, r: int | None) -> float:
-    """Matmul FLOPs of one training step (forward + backward), full fine-tuning if r is None, else LoRA on all linears.
-
-    Per token and per weight matrix (d_in x d_out): forward d_in*d_out multiply-adds, backward input-grad
-    d_in*d_out and weight-grad d_in*d_out. Full FT: 3 * d_in*d_out. LoRA: the frozen W needs forward and
-    input-grad only (2 * d_in*d_out); A and B need all three: 3 * r * (d_in + d_out). The tied lm_head is trained
-    in full FT (3x) and frozen under LoRA (2x). Attention scores/values (no weights) cost 3x in both.
-    """
-    h, i, n_l = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    hd = h // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * hd
-    mats = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (d_in, d_out) per layer
-    tokens = batch * seq
-    layer_w = sum(a * b for a, b in mats) * n_l
-    head = h * cfg.vocab_size
-    attn = 2 * seq * h * n_l  # QK^T and AV per token (full square, as SDPA computes without a mask-skip)
-    if r is None:
-        macs = 3 * (layer_w + head) + 3 * attn
-    else:
-        adapters = sum(r * (a + b) for a, b in mats) * n_l
-        macs = 2 * (layer_w + head) + 3 * adapters + 3 * attn
-    return 2.0 * macs * tokens
-
-
-def _peak_mem_child(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
+def peak_memory_child(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
     """Runs in a fresh process: bytes the training steps add on top of the built model."""
     device, dtype = _device_dtype()
     cfg = shape_config(shape)
@@ -301,9 +189,8 @@ def peak_memory(kind: str, shape: str, steps: int, batch: int, seq: int) -> int:
     mark."""
     cmd = [sys.executable, "-m", "lora_lab.bench", "_mem", kind, shape, str(steps), str(batch), str(seq)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
+    repo = str(Path(__file__).resolve().parents[2])  # the folder that holds lora_lab/: this code, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess for {kind} failed:\n{out.stderr[-2000:]}")
@@ -320,7 +207,7 @@ def run_core(
     shape: str | None = None,
     compile: bool = False,
 ) -> dict[str, Any]:
-    """Run the core benchmark and return the results dict (what --out writes). `shape` names a SHAPES entry
+    """Run the core benchmark and return the results dict (what --out writes). `shape` names a shapes.SHAPES entry
     (default SmolLM2-135M, or tiny); `compile` adds compiled rows (lora_lab, full, floor) as trainer.compile runs."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
@@ -479,91 +366,3 @@ def run_core(
 def _spread(xs: list[float]) -> dict[str, float]:
     """Median, min and max of per-round ratios."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def format_table(res: dict[str, Any]) -> str:
-    lines = [
-        f"shape {res['shape']}, device {res['device']} {res['dtype']}, {res['threads']} threads, "
-        f"batch {res['batch']}x{res['seq']}, "
-        f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
-        f"matmul peak (measured): {res['matmul_peak_gflops']:.1f} GFLOP/s",
-        f"{'train step':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}{'tok/s':>10}"
-        f"{'ops/step':>10}  ({res['ops_per_step_means']})",
-    ]
-    for k, s in res["step"].items():
-        mem = "n/a" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"{k:<22}{s['median_s']:>10.4f}{s['gflop']:>9.1f}{s['gflops']:>9.1f}{s['mfu']:>7.0%}{mem:>10}"
-            f"{s['tokens_per_s']:>10.0f}{s['ops_per_step']:>10}"
-        )
-    if not res["peft"]:
-        lines.append("peft not importable: its rows are skipped (pip install lora_lab[bench])")
-    lines.append(f"{'forward (inference)':<22}{'median s':>10}")
-    for k, s in res["forward"].items():
-        lines.append(f"{k:<22}{s['median_s']:>10.3f}")
-    targets = {
-        "step_lora_lab_over_peft": "<= 0.90",
-        "step_floor_over_peft": "(zero-cost adapters)",
-        "peak_mem_lora_lab_over_peft": "<= 1.00",
-        "merged_fwd_over_base": "within 2%",
-        "unmerged_fwd_over_base": "<= 1.08",
-    }
-    lines.append("ratios")
-    for k, v in res["ratios"].items():
-        lines.append(f"  {k:<34}{v:>7.3f}  {targets.get(k, '')}")
-    lines.append("paired per-round ratios (median [min, max] over rounds)")
-    for k, v in res.get("paired", {}).items():
-        lines.append(f"  {k:<34}{v['median']:>7.3f}  [{v['min']:.3f}, {v['max']:.3f}] n={v['n']}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_mem":  # internal: one contender's memory in a fresh process
-        kind, shape, steps, batch, seq = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
-        torch.set_num_threads(os.cpu_count() or 1)
-        print(_peak_mem_child(kind, shape, steps, batch, seq))
-        return 0
-    if argv and argv[0] == "sweep":  # sweep throughput: its own options (lora_lab/bench_sweep.py)
-        from lora_lab import bench_sweep
-
-        return bench_sweep.main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
-    ap.add_argument("suite", choices=["core", "sweep"])
-    ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", help="write the results as JSON (atomically)")
-    ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument(
-        "--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)"
-    )
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; 2 with --tiny)")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --tiny)")
-    ap.add_argument(
-        "--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)"
-    )
-    args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
-    for key in ("batch", "seq"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            ap.error(f"--{key} must be >= 1")
-    shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
-    res = run_core(
-        steps=args.steps,
-        warmup=args.warmup,
-        shape=shape,
-        compile=args.compile,
-        batch=args.batch or (2 if shape == "tiny" else 4),
-        seq=args.seq or (16 if shape == "tiny" else 128),
-        memory=not args.no_memory,
-    )
-    print(format_table(res))
-    if args.out:
-        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

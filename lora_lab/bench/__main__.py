@@ -1,0 +1,94 @@
+"""The bench CLI: `python -m lora_lab.bench core [...]` and `python -m lora_lab.bench sweep [...]`: args, print, JSON.
+
+Exit codes: 0 done, 2 bad arguments (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_lab.bench import core, sweep
+from lora_lab.bench.tables import core_table, sweep_table
+from lora_lab.files import atomic_write
+from lora_lab.shapes import SHAPES
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_mem":  # internal: one contender's memory in a fresh process (core.peak_memory)
+        kind, shape, steps, batch, seq = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(core.peak_memory_child(kind, shape, steps, batch, seq))
+        return 0
+    if argv and argv[0] == "sweep":  # sweep throughput: its own options
+        return sweep_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
+    ap.add_argument("suite", choices=["core", "sweep"])
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", help="write the results as JSON (atomically)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument(
+        "--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)"
+    )
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; 2 with --tiny)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --tiny)")
+    ap.add_argument(
+        "--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)"
+    )
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    for key in ("batch", "seq"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            ap.error(f"--{key} must be >= 1")
+    shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
+    res = core.run_core(
+        steps=args.steps,
+        warmup=args.warmup,
+        shape=shape,
+        compile=args.compile,
+        batch=args.batch or (2 if shape == "tiny" else 4),
+        seq=args.seq or (16 if shape == "tiny" else 128),
+        memory=not args.no_memory,
+    )
+    print(core_table(res))
+    if args.out:
+        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
+    return 0
+
+
+def sweep_main(argv: Optional[list[str]] = None) -> int:
+    """``python -m lora_lab.bench sweep``: both modes of the fixed study, printed side by side."""
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench sweep", description=sweep.DESCRIPTION)
+    ap.add_argument("--trials", type=int, default=16, help="trials in each of the two runs (default 16)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per trial (default: the study's 24)")
+    ap.add_argument("--out", help="write the results as JSON (atomically)")
+    ap.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--cpu", action="store_true", help="the CPU study (tiny model) even where CUDA is available")
+    args = ap.parse_args(argv)
+    if args.trials < 1 or (args.steps is not None and args.steps < 1):
+        ap.error("--trials and --steps must be >= 1")
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        res = sweep.run_bench(args.trials, args.steps, Path(args.keep), args.cpu)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lora_lab-bench-sweep-") as tmp:
+            res = sweep.run_bench(args.trials, args.steps, Path(tmp), args.cpu)
+    print(sweep_table(res))
+    if args.out:
+        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
