@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from lora_lab import lora
+from lora_lab import lora, optim
 from lora_lab.files import atomic_write
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def _stepper(model, ids) -> Callable[[], None]:
             model(inputs_embeds=x, labels=ids).loss.backward()
 
         return frozen_step
-    opt = lora.adamw(params, lr=1e-5)  # as the trainer builds it (fused)
+    opt = optim.adamw(params, lr=1e-5)  # as the trainer builds it (fused)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
