@@ -1,5 +1,6 @@
-"""The LoRA layer and its fused autograd node; apply by target, count, merge / unmerge / disable / unwrap, the trained
-state, and the adapter save / load entry points (Hu et al., 2021).
+"""The LoRA layer (Hu et al., 2021): its fused autograd node, apply, count, merge/unmerge/disable/unwrap, save/load.
+
+The trained state (``lora_state_dict``) and the adapter entry points (``save_adapter`` / ``load_adapter``) live here.
 
 y = W0 x + scaling * B A dropout(x), with A (r, d_in), B (d_out, r), scaling = alpha / r
 (or alpha / sqrt(r) with rsLoRA). The frozen base layer is reached through lora_lab.bases (``nn.Linear``, GPT-2's

@@ -1,5 +1,7 @@
-"""Adapter files in peft's layout, both ways: adapter_config.json + adapter_model.safetensors for LoRA and for the
-methods peft has (prompt tuning, prefix tuning, IA3), and lora_lab's own types for BitFit and bottleneck adapters.
+"""Adapter files in peft's layout, both ways, for LoRA and the methods peft has (lora_lab's own types for the rest).
+
+adapter_config.json + adapter_model.safetensors: LoRA, prompt tuning, prefix tuning and IA3 as peft writes them;
+BitFit and bottleneck adapters under lora_lab's own peft_type.
 
 This module knows the file format only: the config keys and their values, the tensor key names (peft's
 ``base_model.model.`` prefix, the ``.default`` adapter names some peft versions keep), the tensor layouts peft expects

@@ -1,5 +1,4 @@
-"""Model introspection: linear modules, output heads, layer stacks and indices, fused experts, target resolution, and
-the one repeated-block finder.
+"""Model introspection: linear modules, heads, layer stacks, fused experts, target resolution, the repeated blocks.
 
 Everything here is read from the model's module tree, never from a list of model names: the output heads
 (``head_modules``), the layer lists (``layer_stacks``: a module's layer index is its position in the stack that holds

@@ -70,6 +70,18 @@ def test_only_known_kinds_are_bases():
         lora.LoraLayer(nn.Embedding(4, 2), r=1, alpha=1)
 
 
+def test_a_lora_layers_base_follows_its_base_layer_through_copies():
+    import copy
+
+    layer = lora.LoraLayer(pair()[1], r=2, alpha=4)
+    assert layer.base.module is layer.base_layer
+    twin = copy.deepcopy(layer)  # warm workers, tests and bench copy models: the view must move with the module
+    assert twin.base.module is twin.base_layer and twin.base_layer is not layer.base_layer
+    with torch.no_grad():
+        twin.base.write(torch.zeros(7, 5))
+    assert twin.base_layer.weight.abs().sum() == 0 and layer.base_layer.weight.abs().sum() > 0
+
+
 def test_lora_on_conv1d_equals_lora_on_the_same_linear():
     linear, conv = pair()
     layers = []
