@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
-from lora_lab import lora, methods
+from lora_lab import lora, methods, targets
 from lora_lab.config import METHOD_CHOICES, Config, ConfigError, LoraConfig
 
 Getter = Callable[[str], Any]  # a run's setting by config path ("lora.r"), None when not set
@@ -66,12 +66,12 @@ class Adaptation(Protocol):
 
 
 def lora_kwargs(model: nn.Module, c: LoraConfig, task: str) -> dict[str, Any]:
-    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what lora.resolve_targets takes, less
+    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what targets.resolve_targets takes, less
     r/alpha/dropout/rslora/init/variant). modules_to_save=null means the task head for seq_cls: a freshly initialised
     classifier must train, or LoRA learns against a random head."""
     saved = c.modules_to_save
     if saved is None:
-        saved = lora.head_modules(model) if task == "seq_cls" else []
+        saved = targets.head_modules(model) if task == "seq_cls" else []
     return dict(
         r=c.r,
         alpha=c.alpha,
@@ -93,7 +93,7 @@ def lora_targets(model: nn.Module, c: LoraConfig, task: str = "causal_lm") -> li
     kw = lora_kwargs(model, c, task)
     for key in ("r", "alpha", "dropout", "rslora", "init", "variant"):
         del kw[key]
-    return lora.resolve_targets(model, **kw)
+    return targets.resolve_targets(model, **kw)
 
 
 # ----------------------------------------------------------------------------------------------- apply
@@ -101,7 +101,7 @@ def lora_targets(model: nn.Module, c: LoraConfig, task: str = "causal_lm") -> li
 
 def _heads(model: nn.Module, cfg: Config) -> list[str]:
     """A classifier's task head trains beside every method (a fresh head must learn); causal LMs keep theirs."""
-    return lora.head_modules(model) if cfg.model.task == "seq_cls" else []
+    return targets.head_modules(model) if cfg.model.task == "seq_cls" else []
 
 
 def _apply_lora(model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:

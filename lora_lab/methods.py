@@ -1,4 +1,4 @@
-"""The methods LoRA is measured against (Hu et al. 2021, Tables 2-4), on the same frozen base: a leaf like lora.py.
+"""The methods LoRA is measured against (Hu et al. 2021, Tables 2-4), on the same frozen base: torch core, as lora.py.
 
 - ``bitfit``  (Ben Zaken et al. 2021): only biases train. Models without biases (Llama, SmolLM2) get zero-initialised
   biases on every linear layer inside the layer stack (the choice of BitFit's follow-ups), so step 0 equals the base
@@ -13,23 +13,26 @@
   model's KV-cache interface (so grouped-query attention gets prefixes of its key/value heads), optionally produced by
   a reparameterisation MLP during training.
 
-Torch and stdlib only: the model is passed in, layers are found from its module tree, and the prefix cache is built by
-a factory the caller passes (train.py gives transformers' ``DynamicCache``). Files: peft's layout for the methods peft
-has (PROMPT_TUNING, PREFIX_TUNING, IA3: adapter_config.json + adapter_model.safetensors), lora_lab's for BitFit and
-adapters (the same two files, with ``"peft_type": "LORA_LAB_BITFIT"`` / ``"LORA_LAB_ADAPTER"``).
+Torch and stdlib, plus lora_lab's targets (the repeated blocks the methods adapt per layer) and peft_io (the file
+format): the model is passed in, layers are found from its module tree, and the prefix cache is built by a factory the
+caller passes (train.py gives transformers' ``DynamicCache``). Files: peft's layout for the methods peft has
+(PROMPT_TUNING, PREFIX_TUNING, IA3: adapter_config.json + adapter_model.safetensors), lora_lab's for BitFit and adapters
+(the same two files, with ``"peft_type": "LORA_LAB_BITFIT"`` / ``"LORA_LAB_ADAPTER"``); save / load read the model,
+lora_lab.peft_io writes and reads the files.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora_lab import peft_io
+from lora_lab.targets import repeated_blocks
 
 METHODS = ("bitfit", "ia3", "adapter", "prompt", "prefix")
 MERGEABLE = ("bitfit", "ia3")  # bitfit's biases are the model's own: nothing to merge, no extra inference cost
@@ -44,20 +47,6 @@ MLP_DOWN_NAMES = ("down_proj", "fc2", "lin2", "wo", "w2", "output.dense")
 
 def _linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
-
-
-def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's repeated decoder/encoder blocks: the ModuleList of identical blocks holding the most parameters."""
-    best: list[tuple[str, nn.Module]] = []
-    best_n = -1
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 1 and len({type(m) for m in module}) == 1:
-            n = sum(p.numel() for p in module.parameters())
-            if n > best_n:
-                best, best_n = [(f"{name}.{i}", m) for i, m in enumerate(module)], n
-    if not best:
-        raise ValueError(f"{type(model).__name__}: no list of repeated layers found (expected e.g. model.layers)")
-    return best
 
 
 def _find(block_name: str, block: nn.Module, names: Sequence[str], what: str, model: nn.Module) -> list[str]:
@@ -107,7 +96,7 @@ def apply_bitfit(model: nn.Module, *, add_missing: bool = True, heads: Sequence[
     freeze(model)
     added = []
     if add_missing:
-        for block_name, block in layer_blocks(model):
+        for block_name, block in repeated_blocks(model):
             for n, m in block.named_modules():
                 if _linear(m) and m.bias is None:
                     m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
@@ -178,7 +167,7 @@ class IA3Linear(nn.Module):
 def ia3_targets(model: nn.Module) -> list[tuple[str, bool]]:
     """(module name, feedforward) of every key/value projection and MLP down projection in the layer stack."""
     out: list[tuple[str, bool]] = []
-    for block_name, block in layer_blocks(model):
+    for block_name, block in repeated_blocks(model):
         for name in _find(block_name, block, KEY_NAMES, "key projection", model):
             out.append((name, False))
         for name in _find(block_name, block, VALUE_NAMES, "value projection", model):
@@ -227,7 +216,7 @@ class AdapterLinear(nn.Module):
 def adapter_targets(model: nn.Module, placement: str) -> list[str]:
     """Houlsby: the attention output and MLP output projections of every layer; pfeiffer: the MLP output only."""
     out: list[str] = []
-    for block_name, block in layer_blocks(model):
+    for block_name, block in repeated_blocks(model):
         if placement == "houlsby":
             out += _find(block_name, block, ATTN_OUT_NAMES, "attention output projection", model)
         out += _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model)
@@ -283,7 +272,7 @@ def _model_dims(model: nn.Module) -> dict[str, int]:
         raise ValueError(f"{type(model).__name__}: cannot read hidden_size / num_attention_heads from its config")
     kv = get("num_key_value_heads") or heads
     head_dim = get("head_dim") or d // heads
-    layers = len(layer_blocks(model))
+    layers = len(repeated_blocks(model))
     return {"d": d, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "layers": layers}
 
 
@@ -496,56 +485,31 @@ def unmerge(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- files
 
-PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ia3": "IA3"}
-OWN_TYPES = {"bitfit": "LORA_LAB_BITFIT", "adapter": "LORA_LAB_ADAPTER"}
 
-
-def _peft_config(model: nn.Module, base_model_name: Optional[str], task_type: str) -> dict[str, Any]:
+def _file_config(model: nn.Module, base_model_name: Optional[str], task_type: str) -> dict[str, Any]:
+    """adapter_config.json of the applied method (peft_io writes the format; this reads what it needs off the model)."""
     info = model._lora_lab_method
     method = info["method"]
-    common = {"base_model_name_or_path": base_model_name, "task_type": task_type, "inference_mode": True}
-    if method in OWN_TYPES:
+    common = {"base_model_name": base_model_name, "task_type": task_type}
+    if method in peft_io.OWN_TYPES:
         keep = {k: v for k, v in info.items() if k not in ("method", "added")}
-        return {"peft_type": OWN_TYPES[method], **common, **keep, "added_biases": info.get("added", [])}
+        return peft_io.own_config(method, keep, info.get("added", []), **common)
     if method == "ia3":
-        targets = ia3_targets_of(model)
-        return {
-            "peft_type": "IA3",
-            **common,
-            "target_modules": sorted({n.rpartition(".")[2] for n, _ in targets}),
-            "feedforward_modules": sorted({n.rpartition(".")[2] for n, ff in targets if ff}),
-            "fan_in_fan_out": False,
-            "init_ia3_weights": True,
-            "modules_to_save": None,
-        }
+        return peft_io.ia3_config(ia3_targets_of(model), **common)
     n = info["n_tokens"]
     if method == "prompt":
-        d = info["d"]
-        return {
-            "peft_type": "PROMPT_TUNING",
-            **common,
-            "num_virtual_tokens": n,
-            "token_dim": d,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": _model_dims(model)["heads"],
-            "num_layers": len(layer_blocks(model)),
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-        }
+        heads = _model_dims(model)["heads"]
+        layers = len(repeated_blocks(model))
+        return peft_io.prompt_config(n_tokens=n, token_dim=info["d"], heads=heads, layers=layers, **common)
     dims = info["dims"]
-    return {
-        "peft_type": "PREFIX_TUNING",
+    return peft_io.prefix_config(
+        n_tokens=n,
+        kv_heads=dims["kv_heads"],
+        head_dim=dims["head_dim"],
+        layers=dims["layers"],
+        hidden=info["hidden"],
         **common,
-        "num_virtual_tokens": n,
-        # peft's GQA convention: token_dim and num_attention_heads of the key/value heads
-        "token_dim": dims["kv_heads"] * dims["head_dim"],
-        "num_transformer_submodules": 1,
-        "num_attention_heads": dims["kv_heads"],
-        "num_layers": dims["layers"],
-        "encoder_hidden_size": info["hidden"],
-        "prefix_projection": False,  # the saved prefix is the projection's output (as peft saves it)
-    }
+    )
 
 
 def ia3_targets_of(model: nn.Module) -> list[tuple[str, bool]]:
@@ -557,47 +521,34 @@ def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     method = method_of(model)
     if method in ("prompt", "prefix"):
         with torch.no_grad():
-            return {"prompt_embeddings": model.lora_lab_prompt().detach().float().cpu().contiguous()}
+            return {peft_io.PROMPT_KEY: model.lora_lab_prompt().detach().float().cpu().contiguous()}
     out = {}
     for name, p in method_parameters(model).items():
         t = p.detach().cpu().contiguous()
-        if method == "ia3":  # peft: (out, 1) for output scaling, (1, in) for input scaling
-            ff = model.get_submodule(name.rpartition(".")[0]).feedforward
-            t = t[None, :] if ff else t[:, None]
-            name = "base_model.model." + name
+        if method == "ia3":
+            name, t = peft_io.ia3_tensor(name, t, model.get_submodule(name.rpartition(".")[0]).feedforward)
         out[name] = t
     return out
 
 
 def save(model: nn.Module, folder: str | os.PathLike, base_model_name: Optional[str] = None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into `folder` (the caller makes it atomic)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    task = "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
-    config = _peft_config(model, base_model_name, task)
-    save_file(method_state_dict(model), str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    """Write adapter_config.json and adapter_model.safetensors into `folder` (each file atomically)."""
+    config = _file_config(model, base_model_name, peft_io.method_task_type(type(model).__name__))
+    # As these files have always been written: no safetensors metadata, no final newline (adapter_bytes counts them).
+    peft_io.write_adapter(folder, method_state_dict(model), config, metadata=None, final_newline=False)
 
 
 def load(model: nn.Module, folder: str | os.PathLike, cache_factory: Optional[Callable[[], Any]] = None) -> str:
     """Apply the method saved in `folder` (by lora_lab or peft) to a plain `model` and load its weights; returns the
     method's name. Raises ValueError naming the file when it is not one of these methods or does not fit."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ValueError(f"{p}: missing (expected a saved method: adapter_config.json + adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg_path, w_path = peft_io.method_files(folder)
+    cfg = peft_io.read_config(cfg_path)
     kind = cfg.get("peft_type")
-    weights = load_file(str(w_path))
+    weights = peft_io.read_weights(w_path)
     if kind == "PROMPT_TUNING":
         n = int(cfg["num_virtual_tokens"])
         apply_prompt(model, n_tokens=n, init="random")
-        _copy(model.lora_lab_prompt.embedding.weight, weights["prompt_embeddings"][:n], w_path)
+        peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, weights[peft_io.PROMPT_KEY][:n], w_path)
         return "prompt"
     if kind == "PREFIX_TUNING":
         if cfg.get("num_transformer_submodules", 1) not in (1, None):
@@ -605,37 +556,27 @@ def load(model: nn.Module, folder: str | os.PathLike, cache_factory: Optional[Ca
         if cache_factory is None:
             raise ValueError("loading a prefix needs cache_factory (e.g. transformers.DynamicCache)")
         apply_prefix(model, n_tokens=int(cfg["num_virtual_tokens"]), projection=False, cache_factory=cache_factory)
-        _copy(model.lora_lab_prompt.embedding.weight, weights["prompt_embeddings"], w_path)
+        peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, weights[peft_io.PROMPT_KEY], w_path)
         return "prefix"
     if kind == "IA3":
         apply_ia3(model)
         own = method_parameters(model)
         for key, t in weights.items():
-            name = key.removeprefix("base_model.model.")
-            if not name.endswith(".ia3_l"):
-                name = name.rpartition(".")[0] + ".ia3_l"  # peft may store 'ia3_l.default'-free keys only
+            name = peft_io.ia3_parameter(key)
             if name not in own:
                 raise ValueError(f"{w_path}: key {key} has no IA3 layer in {type(model).__name__}")
-            _copy(own[name], t.reshape(-1), w_path)
+            peft_io.copy_tensor(own[name], t.reshape(-1), w_path)
         return "ia3"
     if kind == "LORA_LAB_BITFIT":
         apply_bitfit(model, add_missing=bool(cfg.get("add_missing", True)))
     elif kind == "LORA_LAB_ADAPTER":
         apply_adapter(model, bottleneck=cfg["bottleneck"], placement=cfg["placement"], activation=cfg["activation"])
     else:
-        raise ValueError(
-            f"{cfg_path}: peft_type={kind!r} is not one of {', '.join([*PEFT_TYPES.values(), *OWN_TYPES.values()])}"
-        )
+        known = [*peft_io.PEFT_TYPES.values(), *peft_io.OWN_TYPES.values()]
+        raise ValueError(f"{cfg_path}: peft_type={kind!r} is not one of {', '.join(known)}")
     params = dict(model.named_parameters())
     for key, t in weights.items():
         if key not in params:
             raise ValueError(f"{w_path}: key {key} is not a parameter of {type(model).__name__}")
-        _copy(params[key], t, w_path)
+        peft_io.copy_tensor(params[key], t, w_path)
     return method_of(model)
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, path: Path) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"{path}: tensor of shape {tuple(src.shape)} where the model expects {tuple(dst.shape)}")
-    with torch.no_grad():
-        dst.copy_(src.to(dst.dtype))

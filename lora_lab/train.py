@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_lab import lora, methods
+from lora_lab import lora, methods, optim, targets
 from lora_lab.config import Config, ConfigError, LoraConfig, outputs_root
 from lora_lab.files import atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
@@ -415,9 +415,9 @@ class Session:
     def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         o = self.cfg.optim
         lr_ratio = self.cfg.lora.lr_ratio if self.cfg.method == "lora" else 1.0
-        groups = lora.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
-        # fused on CUDA and CPU (lora.adamw): one kernel for a LoRA model's hundreds of small tensors
-        optimizer = lora.adamw(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        groups = optim.param_groups(self.model, lr=o.peak_lr, lr_ratio=lr_ratio, weight_decay=o.weight_decay)
+        # fused on CUDA and CPU (optim.adamw): one kernel for a LoRA model's hundreds of small tensors
+        optimizer = optim.adamw(groups, lr=o.peak_lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps)
         )
@@ -990,12 +990,12 @@ def default_output_dir(cfg: Config) -> Path:
 
 
 def lora_kwargs(model: torch.nn.Module, c: LoraConfig, task: str) -> dict[str, Any]:
-    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what lora.resolve_targets takes, less
+    """The typed LoraConfig as lora.apply_lora's plain keyword values (also what targets.resolve_targets takes, less
     r/alpha/dropout/rslora/init/variant). modules_to_save=null means the task head for seq_cls: a freshly initialised
     classifier must train, or LoRA learns against a random head."""
     saved = c.modules_to_save
     if saved is None:
-        saved = lora.head_modules(model) if task == "seq_cls" else []
+        saved = targets.head_modules(model) if task == "seq_cls" else []
     return dict(
         r=c.r,
         alpha=c.alpha,
@@ -1017,7 +1017,7 @@ def lora_targets(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm")
     kw = lora_kwargs(model, c, task)
     for key in ("r", "alpha", "dropout", "rslora", "init", "variant"):
         del kw[key]
-    return lora.resolve_targets(model, **kw)
+    return targets.resolve_targets(model, **kw)
 
 
 def apply_lora_config(model: torch.nn.Module, c: LoraConfig, task: str = "causal_lm") -> list[str]:
@@ -1043,7 +1043,7 @@ def apply_method(model: torch.nn.Module, cfg: Config) -> list[str]:
         raise ConfigError(
             "method=prompt: needs model.task=causal_lm (virtual tokens shift a classifier's pooled token)"
         )
-    heads = lora.head_modules(model) if cfg.model.task == "seq_cls" else []
+    heads = targets.head_modules(model) if cfg.model.task == "seq_cls" else []
     try:
         if cfg.method == "bitfit":
             return methods.apply_bitfit(model, add_missing=cfg.bitfit.add_missing, heads=heads)

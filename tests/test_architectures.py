@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_lab import lora
+from lora_lab import lora, targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,7 +157,7 @@ def peft_all_linear(arch: str) -> tuple[set[str], set[str]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heads_are_found_from_the_model_and_presets_equal_peft_all_linear(arch):
     model = build(arch)
-    heads = lora.head_modules(model)
+    heads = targets.head_modules(model)
     out_emb = model.get_output_embeddings()
     expected_heads = HEADS.get(arch) or [n for n, m in model.named_modules() if m is out_emb]
     assert heads == expected_heads
@@ -168,24 +168,24 @@ def test_heads_are_found_from_the_model_and_presets_equal_peft_all_linear(arch):
         # all-linear / mlp and names them, and 'attn' gives peft's module part.
         assert {"gate_up_proj", "down_proj"} <= their_params
         with pytest.raises(ValueError, match=r"'all-linear'.*fused 3-D.*experts\.gate_up_proj"):
-            lora.resolve_targets(model, ["all-linear"])
+            targets.resolve_targets(model, ["all-linear"])
         with pytest.raises(ValueError, match=r"'mlp'.*fused 3-D"):
-            lora.resolve_targets(model, ["mlp"])
+            targets.resolve_targets(model, ["mlp"])
         with pytest.raises(ValueError, match=r"'experts'.*fused 3-D expert weights"):
-            lora.resolve_targets(model, ["experts"])
-        assert set(lora.resolve_targets(model, ["attn"])) == theirs
+            targets.resolve_targets(model, ["experts"])
+        assert set(targets.resolve_targets(model, ["attn"])) == theirs
         return
-    ours = set(lora.resolve_targets(model, ["all-linear"]))
+    ours = set(targets.resolve_targets(model, ["all-linear"]))
     assert not their_params
     if arch == "distilbert":
         # pre_classifier and classifier are freshly initialised: heads we train in full (modules_to_save).
         theirs -= {"pre_classifier", "classifier"}
     assert ours == theirs
-    assert not any(lora._inside(n, heads) for n in ours)
-    attn, mlp = set(lora.resolve_targets(model, ["attn"])), set(lora.resolve_targets(model, ["mlp"]))
+    assert not any(targets.inside(n, heads) for n in ours)
+    attn, mlp = set(targets.resolve_targets(model, ["attn"])), set(targets.resolve_targets(model, ["mlp"]))
     assert attn and mlp and attn | mlp == ours - {n for n in ours if "pooler" in n} and not attn & mlp
-    head_linears = set(lora.resolve_targets(model, ["attn"], include_head=True)) - attn
-    assert head_linears and all(lora._inside(n, heads) for n in head_linears)  # only when asked
+    head_linears = set(targets.resolve_targets(model, ["attn"], include_head=True)) - attn
+    assert head_linears and all(targets.inside(n, heads) for n in head_linears)  # only when asked
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -193,9 +193,9 @@ def test_forward_backward_merge_disable_save_load_unwrap(arch, tmp_path):
     model = build(arch)
     keys = list(model.state_dict())
     base = out(model, arch)
-    targets = ["attn"] if CONFIGS[arch][1] == "moe" else ["all-linear"]
-    wrapped = lora.apply_lora(model, r=2, alpha=4, targets=targets)
-    assert not set(wrapped) & set(lora.head_modules(model))
+    chosen = ["attn"] if CONFIGS[arch][1] == "moe" else ["all-linear"]
+    wrapped = lora.apply_lora(model, r=2, alpha=4, targets=chosen)
+    assert not set(wrapped) & set(targets.head_modules(model))
     assert torch.allclose(out(model, arch), base, atol=ATOL)  # B = 0: the base model
     perturb(model)
     adapted = out(model, arch)
@@ -224,17 +224,17 @@ def test_forward_backward_merge_disable_save_load_unwrap(arch, tmp_path):
 
 def test_encoder_decoder_layers_index_the_blocks_not_their_sub_layers():
     model = build("t5")
-    assert lora.layer_stacks(model) == ["encoder.block", "decoder.block"]
-    chosen = lora.resolve_targets(model, ["all-linear"], layers=[1])
+    assert targets.layer_stacks(model) == ["encoder.block", "decoder.block"]
+    chosen = targets.resolve_targets(model, ["all-linear"], layers=[1])
     assert chosen and all(n.startswith(("encoder.block.1.", "decoder.block.1.")) for n in chosen)
     assert {n.split(".layer.")[1].split(".")[0] for n in chosen} == {"0", "1", "2"}  # every sub-layer of block 1
-    assert set(lora.resolve_targets(model, ["q"], layers=[0], layers_pattern="block")) == {
+    assert set(targets.resolve_targets(model, ["q"], layers=[0], layers_pattern="block")) == {
         "encoder.block.0.layer.0.SelfAttention.q",
         "decoder.block.0.layer.0.SelfAttention.q",
         "decoder.block.0.layer.1.EncDecAttention.q",
     }
     bart = build("bart")
-    assert set(lora.resolve_targets(bart, ["fc1"], layers=[1])) == {
+    assert set(targets.resolve_targets(bart, ["fc1"], layers=[1])) == {
         "model.encoder.layers.1.fc1",
         "model.decoder.layers.1.fc1",
     }
@@ -242,7 +242,7 @@ def test_encoder_decoder_layers_index_the_blocks_not_their_sub_layers():
 
 def test_classification_head_trains_in_full_and_is_saved_with_the_adapter(tmp_path):
     model = build("roberta")
-    lora.apply_lora(model, r=2, alpha=4, modules_to_save=lora.head_modules(model))
+    lora.apply_lora(model, r=2, alpha=4, modules_to_save=targets.head_modules(model))
     assert lora.modules_to_save_of(model) == ["classifier"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.dense.weight", "classifier.out_proj.weight", "classifier.out_proj.bias"} <= trainable

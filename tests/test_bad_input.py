@@ -109,7 +109,7 @@ def test_sweep_rejects_unreachable_storage_and_bad_train_override(out, capsys):
 
 def test_adapter_file_of_wrong_shape_or_truncated(tmp_path, build_tiny):
     """load_adapter names the file and what it expected; the entry points turn its ValueError into exit code 2."""
-    from lora_lab import lora
+    from lora_lab import lora, peft_io
 
     model = build_tiny("llama")
     lora.apply_lora(model, r=4, alpha=8, targets=("q_proj",))
@@ -117,13 +117,13 @@ def test_adapter_file_of_wrong_shape_or_truncated(tmp_path, build_tiny):
     other = build_tiny("llama")
     lora.apply_lora(other, r=8, alpha=8, targets=("q_proj",))
     lora.save_adapter(other, tmp_path / "r8")
-    weights = (tmp_path / "r8" / lora.ADAPTER_WEIGHTS).read_bytes()
-    (tmp_path / "good" / lora.ADAPTER_WEIGHTS).write_bytes(weights)  # r=8 tensors beside an r=4 config
+    weights = (tmp_path / "r8" / peft_io.ADAPTER_WEIGHTS).read_bytes()
+    (tmp_path / "good" / peft_io.ADAPTER_WEIGHTS).write_bytes(weights)  # r=8 tensors beside an r=4 config
     with pytest.raises(
         ValueError, match=r"adapter_model.safetensors: mis-shaped keys.*file \(8, 32\) vs model \(4, 32\)"
     ):
         lora.load_adapter(build_tiny("llama"), tmp_path / "good")
-    (tmp_path / "r8" / lora.ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "r8" / peft_io.ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: corrupt or truncated safetensors file"):
         lora.load_adapter(build_tiny("llama"), tmp_path / "r8")
 

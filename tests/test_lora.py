@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_lab import lora
+from lora_lab import lora, optim, targets
 
 ATOL = 1e-5
 
@@ -56,28 +56,28 @@ EXPECTED = {
 @pytest.mark.parametrize("preset", ["attn", "mlp", "all-linear"])
 def test_preset_resolves_to_exact_module_set(build_tiny, kind, preset):
     model = build_tiny(kind)
-    assert set(lora.resolve_targets(model, [preset])) == EXPECTED[kind][preset]
+    assert set(targets.resolve_targets(model, [preset])) == EXPECTED[kind][preset]
     wrapped = lora.apply_lora(model, r=2, alpha=4, targets=[preset])
     assert set(wrapped) == EXPECTED[kind][preset] == set(lora.wrapped_modules(model))
 
 
 def test_suffix_regex_exclude_layers_and_head(build_tiny):
     model = build_tiny("llama")
-    assert lora.resolve_targets(model, ["q_proj"]) == [
+    assert targets.resolve_targets(model, ["q_proj"]) == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.1.self_attn.q_proj",
     ]
-    assert lora.resolve_targets(model, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
-    assert lora.resolve_targets(model, target_regex=r".*\.(k|v)_proj") == [
+    assert targets.resolve_targets(model, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
+    assert targets.resolve_targets(model, target_regex=r".*\.(k|v)_proj") == [
         f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"
     ]
-    assert set(lora.resolve_targets(model, ["attn"], exclude=["o_proj"])) == {
+    assert set(targets.resolve_targets(model, ["attn"], exclude=["o_proj"])) == {
         n for n in LLAMA_ATTN if not n.endswith("o_proj")
     }
-    assert set(lora.resolve_targets(model, ["all-linear"], layers=[1])) == {
+    assert set(targets.resolve_targets(model, ["all-linear"], layers=[1])) == {
         n for n in LLAMA_ATTN | LLAMA_MLP if ".1." in n
     }
-    assert set(lora.resolve_targets(model, ["mlp"], include_head=True)) == LLAMA_MLP | {"lm_head"}
+    assert set(targets.resolve_targets(model, ["mlp"], include_head=True)) == LLAMA_MLP | {"lm_head"}
 
 
 def test_target_matching_nothing_names_it_and_lists_modules(build_tiny):
@@ -163,8 +163,8 @@ def test_conv1d_merge_uses_fan_in_fan_out_layout(build_tiny):
     lora.apply_lora(model, r=3, alpha=6, targets=["attn.c_attn"])
     perturb(model)
     layer = model.transformer.h[0].attn.c_attn
-    w0 = layer.base_layer.weight.detach().clone()  # (d_in, d_out) = (32, 96)
-    assert layer.fan_in_fan_out and layer.delta_weight().shape == w0.shape == (32, 96)
+    w0 = layer.base_layer.weight.detach().clone()  # stored (d_in, d_out) = (32, 96)
+    assert layer.fan_in_fan_out and w0.shape == (32, 96) and layer.delta_weight().shape == (96, 32)  # (d_out, d_in)
     x = torch.randn(5, 32)
     expected = x @ w0 + layer.base_layer.bias + layer.scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_training_changes_only_lora_parameters(build_tiny, tiny_ids):
     lora.apply_lora(model, r=4, alpha=8, dropout=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(p.requires_grad == (n.endswith(("lora_A", "lora_B"))) for n, p in model.named_parameters())
-    opt = torch.optim.AdamW(lora.param_groups(model, lr=1e-2), weight_decay=0.0)
+    opt = torch.optim.AdamW(optim.param_groups(model, lr=1e-2), weight_decay=0.0)
     for _ in range(3):
         model(input_ids=tiny_ids, labels=tiny_ids).loss.backward()
         opt.step()
@@ -372,7 +372,7 @@ def test_lora_state_dict_keys(build_tiny):
 def test_lora_plus_param_groups(build_tiny):
     model = build_tiny("llama")
     lora.apply_lora(model, r=2, alpha=4)
-    groups = lora.param_groups(model, lr=1e-3, lr_ratio=16.0, weight_decay=0.01)
+    groups = optim.param_groups(model, lr=1e-3, lr_ratio=16.0, weight_decay=0.01)
     b_ids = {id(m.lora_B) for m in model.modules() if isinstance(m, lora.LoraLayer)}
     a_ids = {id(m.lora_A) for m in model.modules() if isinstance(m, lora.LoraLayer)}
     assert len(groups) == 2
@@ -381,10 +381,10 @@ def test_lora_plus_param_groups(build_tiny):
     assert all(g["weight_decay"] == 0.01 for g in groups)
     torch.optim.AdamW(groups)  # accepted by torch
     full = build_tiny("llama")
-    (g,) = lora.param_groups(full, lr=1e-3, lr_ratio=16.0)
+    (g,) = optim.param_groups(full, lr=1e-3, lr_ratio=16.0)
     assert len(g["params"]) == len(list(full.parameters())) and g["lr"] == 1e-3
     with pytest.raises(ValueError, match="lr_ratio"):
-        lora.param_groups(full, lr=1e-3, lr_ratio=0)
+        optim.param_groups(full, lr=1e-3, lr_ratio=0)
 
 
 # ------------------------------------------------------------------------------------------ bench

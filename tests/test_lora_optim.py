@@ -1,4 +1,4 @@
-"""lora.adamw: the trainer's and the bench's AdamW is torch's fused one on the CPU too, with the per-tensor loop's
+"""optim.adamw: the trainer's and the bench's AdamW is torch's fused one on the CPU too, with the per-tensor loop's
 numerics; the LoRA node's gradients match the composed ops it replaces."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_lab import lora, train
+from lora_lab import lora, optim, train
 from lora_lab.config import compose
 
 
@@ -39,10 +39,10 @@ def test_fused_adamw_matches_the_per_tensor_loop() -> None:
     x = torch.randn(10, 16)
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     fused_model, loop_model = copy.deepcopy(model), copy.deepcopy(model)
-    fused = lora.adamw(lora.param_groups(fused_model, lr=1e-2, lr_ratio=4.0, weight_decay=0.1), **kw)
+    fused = optim.adamw(optim.param_groups(fused_model, lr=1e-2, lr_ratio=4.0, weight_decay=0.1), **kw)
     assert fused.defaults["fused"] is True  # CPU tensors: fused, not torch's CPU default (the Python for-loop)
     loop = torch.optim.AdamW(
-        lora.param_groups(loop_model, lr=1e-2, lr_ratio=4.0, weight_decay=0.1), foreach=False, **kw
+        optim.param_groups(loop_model, lr=1e-2, lr_ratio=4.0, weight_decay=0.1), foreach=False, **kw
     )
     start = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     got, want = _train(fused_model, fused, x), _train(loop_model, loop, x)
@@ -52,7 +52,7 @@ def test_fused_adamw_matches_the_per_tensor_loop() -> None:
 
 def test_adamw_falls_back_where_fused_is_unavailable() -> None:
     p = nn.Parameter(torch.zeros(3, device="meta"))
-    assert lora.adamw([p], lr=1e-3).defaults["fused"] is None  # torch's own choice, no error
+    assert optim.adamw([p], lr=1e-3).defaults["fused"] is None  # torch's own choice, no error
 
 
 def test_trainer_builds_the_fused_optimizer(outputs: Path) -> None:

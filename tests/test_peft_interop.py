@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lora_lab import lora
+from lora_lab import lora, targets
 
 peft = pytest.importorskip("peft")
 
@@ -171,7 +171,7 @@ def test_pissa_olora_init_matches_peft_and_saves_as_plain_lora(build_tiny, tiny_
 
 def test_modules_to_save_head_both_ways(build_tiny, tiny_ids, tmp_path):
     model = build_tiny("bert")  # BertForSequenceClassification: fresh classifier
-    lora.apply_lora(model, r=4, alpha=8, targets=["attn"], modules_to_save=lora.head_modules(model))
+    lora.apply_lora(model, r=4, alpha=8, targets=["attn"], modules_to_save=targets.head_modules(model))
     perturb_all(model)
     with torch.no_grad():
         model.classifier.weight.mul_(3.0)

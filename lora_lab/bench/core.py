@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from lora_lab import lora
+from lora_lab import lora, optim
 from lora_lab.shapes import shape_config, step_flops
 
 R, ALPHA = 16, 32
@@ -98,7 +98,7 @@ def _stepper(model, ids) -> Callable[[], None]:
             model(inputs_embeds=x, labels=ids).loss.backward()
 
         return frozen_step
-    opt = lora.adamw(params, lr=1e-5)  # as the trainer builds it (fused)
+    opt = optim.adamw(params, lr=1e-5)  # as the trainer builds it (fused)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
