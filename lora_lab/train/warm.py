@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from lora_lab import lora
+from lora_lab.train.runtime import free_memory, set_use_cache
 
 if TYPE_CHECKING:
     from lora_lab.config import Config
@@ -167,9 +168,7 @@ class Warm:
                 b.copy_(e.buffers[name])
         model.train(e.training)
         if e.use_cache is not None:
-            from lora_lab.train import _set_use_cache  # the one place that sets it (train.py uses it too)
-
-            _set_use_cache(model, e.use_cache)
+            set_use_cache(model, e.use_cache)
         return ""
 
     def drop(self) -> None:
@@ -177,6 +176,4 @@ class Warm:
         if self.entry is not None:
             self.entry = None
             gc.unfreeze()  # a sweep worker freezes what lives between trials (sweep.worker_loop): this model too
-            from lora_lab.train import free_memory  # the one place that frees a model's memory (Session.close too)
-
-            free_memory()
+            free_memory()  # the one place that frees a model's memory (Session.close too)
