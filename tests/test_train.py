@@ -20,6 +20,7 @@ from lora_lab.train.batches import to_device
 from lora_lab.train.build import build, build_and_fit
 from lora_lab.train.cli import main
 from lora_lab.train.evaluate import sequence_logprobs
+from lora_lab.train.finish import merged
 from lora_lab.train.loop import EvalEvent
 from lora_lab.train.session import Session
 
@@ -331,3 +332,44 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_merged_block_folds_once_and_unfolds_whatever_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(lora, "merge", lambda model: calls.append("merge"))
+    monkeypatch.setattr(lora, "unmerge", lambda model: calls.append("unmerge"))
+    block = merged(torch.nn.Linear(2, 2), "lora")
+    with pytest.raises(RuntimeError, match="inside"):
+        with block:
+            with block:  # entering again folds nothing twice; only the outer exit unfolds
+                assert calls == ["merge"]
+            assert calls == ["merge"]
+            raise RuntimeError("an error inside the block")
+    assert calls == ["merge", "unmerge"] and block.depth == 0
+    block.__exit__(None, None, None)  # an extra exit does nothing
+    assert calls == ["merge", "unmerge"]
+
+    def half_merge(model: torch.nn.Module) -> None:
+        calls.append("half")
+        raise ValueError("cannot merge")
+
+    monkeypatch.setattr(lora, "merge", half_merge)
+    calls.clear()
+    with pytest.raises(ValueError, match="cannot merge"), merged(torch.nn.Linear(2, 2), "lora"):
+        pass
+    assert calls == ["half", "unmerge"]  # a merge that failed part-way is undone
+
+
+def test_merged_block_restores_the_weights_of_a_real_model(build_tiny) -> None:
+    model = build_tiny("llama")
+    lora.apply_lora(model, r=4, alpha=8)
+    for layer in model.modules():
+        if isinstance(layer, lora.LoraLayer):
+            torch.nn.init.normal_(layer.lora_B)  # a non-zero update, so merging changes the weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with merged(model, "lora"):
+        assert all(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)
