@@ -39,6 +39,10 @@ class Adaptation(Protocol):
         """Adapt `model` in place as `cfg` says; returns the modules changed (ConfigError: a combination it refuses)."""
         ...
 
+    def check(self, model: nn.Module, cfg: Config) -> None:
+        """Check `cfg` against a loaded model without changing it (a sweep's trials before any runs); ValueError."""
+        ...
+
     def merge(self, model: nn.Module) -> None: ...
 
     def unmerge(self, model: nn.Module) -> None: ...
@@ -227,10 +231,17 @@ class Method:
     lr_ratio_fn: Callable[[Config], float] = _one_lr
     key_settings_fn: Callable[[Getter], list[str]] = _none
     paper_label_fn: Optional[Callable[[Getter], str]] = None
+    check_fn: Optional[Callable[[nn.Module, Config], Any]] = None
+    # Fold the update in for good and drop the method's modules: a plain model (export.merged); None: not offered.
+    unwrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
 
     def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
         torch.manual_seed(cfg.seed)  # the method's init is part of the run's seed, independent of model loading
         return self.apply_fn(model, cfg, cache_factory)
+
+    def check(self, model: nn.Module, cfg: Config) -> None:
+        if self.check_fn is not None:
+            self.check_fn(model, cfg)
 
     def merge(self, model: nn.Module) -> None:
         self.merge_fn(model)
@@ -264,12 +275,15 @@ LORA = Method(
     trains_all=False,
     warm_reusable=True,
     apply_fn=_apply_lora,
-    merge_fn=lora.merge,
-    unmerge_fn=lora.unmerge,
+    # Looked up at each call, not bound once: a test replaces lora.merge to check the merge check.
+    merge_fn=lambda model: lora.merge(model),
+    unmerge_fn=lambda model: lora.unmerge(model),
     save_fn=lora.save_adapter,
+    unwrap_fn=lora.unwrap,
     lr_ratio_fn=lambda cfg: cfg.lora.lr_ratio,
     key_settings_fn=_lora_settings,
     paper_label_fn=_lora_paper_label,
+    check_fn=lambda model, cfg: lora_targets(model, cfg.lora, cfg.model.task),  # bad targets raise, naming them
 )
 FULL = Method(
     name="full",
@@ -306,8 +320,8 @@ METHODS: dict[str, Method] = {
             trains_all=False,
             warm_reusable=False,
             apply_fn=_apply_ia3,
-            merge_fn=methods.merge,
-            unmerge_fn=methods.unmerge,
+            merge_fn=lambda model: methods.merge(model),
+            unmerge_fn=lambda model: methods.unmerge(model),
         ),
         Method(
             name="adapter",

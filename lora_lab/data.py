@@ -688,7 +688,7 @@ def tokenize_rows(
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def load_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0) -> TaskData:
+def load_data(cfg: DataConfig, tokenizer: Any) -> TaskData:
     """Tokenized train/validation rows of `cfg`, from the cache when the same source/tokenizer/config was seen.
 
     The train/validation split depends on `cfg.split_seed` only (not on a run's seed), so every trial of a sweep

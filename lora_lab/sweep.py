@@ -32,13 +32,13 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lora_lab import adaptations, search, tracking
 from lora_lab import optuna_internals as internals
-from lora_lab import search, tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, load_sweep, outputs_root
 from lora_lab.files import atomic_write_text, file_lock
 from lora_lab.records import RecordError, Results, RunRecord, StudyThroughput
-from lora_lab.train import Interrupted, build, free_memory, interruptible, lora_targets, run_tracked
-from lora_lab.warm import Warm
+from lora_lab.train import Interrupted, RunRole, build, fit_tracked, free_memory, interruptible
+from lora_lab.train.warm import Warm
 
 log = logging.getLogger("lora_lab")
 
@@ -391,7 +391,7 @@ def preflight(st: Study) -> None:
             raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
-    data = load_data(base.data, tokenizer, seed=base.seed)
+    data = load_data(base.data, tokenizer)
     for cfg in configs:
         if "accuracy" in st.spec.objectives and cfg.data.format not in ("prompted", "classification"):
             raise ConfigError(f"sweep.objectives: accuracy needs labelled data, but data.format={cfg.data.format}")
@@ -399,8 +399,7 @@ def preflight(st: Study) -> None:
             raise ConfigError(
                 f"sweep.objectives: merged_val_loss needs method=lora, but a trial can run method={cfg.method}"
             )
-        if cfg.method == "lora":
-            lora_targets(model, cfg.lora, cfg.model.task)
+        adaptations.of(cfg.method).check(model, cfg)
     from lora_lab.plots import loss_curve  # noqa: F401 - matplotlib, imported here rather than in the first trial
 
     if st.warm is not None and st.spec.workers == 1 and st.spec.trials_per_device in (1, "auto"):
@@ -501,7 +500,15 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         overrides += shrink
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("output_dir", str(folder))
-    session = build(cfg, warm=st.warm)
+    name = st.spec.name
+    role = RunRole(
+        kind="trial",
+        name=f"{name}/trial-{trial.number}",
+        study=name,
+        trial=trial.number,
+        overrides=tuple(st.base_overrides + overrides),
+    )
+    session = build(cfg, warm=st.warm, role=role)
     # Which device ran it (its busy share) and whether the model came warm (kept from this worker's last trial).
     trial.set_user_attr("device", device_label(session.device))
     trial.set_user_attr("warm", bool(st.warm and st.warm.last_hit))
@@ -515,16 +522,10 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             if event.step >= warmup and trial.should_prune():
                 raise Pruned(f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
 
-    name = st.spec.name
     try:
-        result = run_tracked(
+        result = fit_tracked(
             session,
             OmegaConf.to_container(resolved, resolve=True),
-            st.base_overrides + overrides,
-            kind="trial",
-            study=name,
-            trial=trial.number,
-            run_name=f"{name}/trial-{trial.number}",
             searched=dict(trial.params),
             parent_run_id=st.parent_run_id,
             on_eval=on_eval,
@@ -827,13 +828,10 @@ def _compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunReco
     resolved, cfg = compose(full + [path_override("output_dir", folder)])
     log.info("comparison run %s: %s", name, " ".join(overrides))
     try:
-        return run_tracked(
-            build(cfg, warm=st.warm),
+        role = RunRole(kind="compare", name=f"{st.spec.name}/compare-{name}", study=st.spec.name, overrides=tuple(full))
+        return fit_tracked(
+            build(cfg, warm=st.warm, role=role),
             OmegaConf.to_container(resolved, resolve=True),
-            full,
-            kind="compare",
-            study=st.spec.name,
-            run_name=f"{st.spec.name}/compare-{name}",
             parent_run_id=st.parent_run_id,
         )  # closes (frees) the session
     finally:

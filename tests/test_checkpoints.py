@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lora_lab.config import compose
-from lora_lab.train import Checkpointer, build, run
+from lora_lab.train.build import build, build_and_fit
+from lora_lab.train.checkpoint import Checkpointer
 
 TINY = [
     "model=tiny",
@@ -37,7 +38,7 @@ def _checkpointer(folder: Path) -> Checkpointer:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "run"
-    assert run(_cfg(folder)).completed
+    assert build_and_fit(_cfg(folder)).completed
     assert (folder / "checkpoints" / "step-0000004" / "manifest.json").is_file()
     return folder
 
@@ -72,7 +73,7 @@ def test_only_a_damaged_checkpoint_restarts_from_step_0_and_the_run_completes(tr
     shutil.copytree(trained, folder)
     (folder / "metrics.json").unlink()
     (folder / "checkpoints" / "step-0000004" / "weights.safetensors").unlink()  # the example
-    result = run(_cfg(folder, resume=True))
+    result = build_and_fit(_cfg(folder, resume=True))
     assert result.completed and result.steps == 6
     assert (folder / "checkpoints" / "bad").is_dir()
 
@@ -81,7 +82,7 @@ def test_only_a_damaged_checkpoint_restarts_from_step_0_and_the_run_completes(tr
 def test_methods_resume_from_their_checkpoints_as_if_never_stopped(tmp_path: Path, method: str) -> None:
     # Checkpoints of the comparison methods hold what trains (their own parameters): a resumed run continues exactly.
     common = [*TINY, f"method={method}", "optim.lr=1e-2"]
-    straight = run(compose([*common, f"output_dir={tmp_path / 'straight'}"])[1])
+    straight = build_and_fit(compose([*common, f"output_dir={tmp_path / 'straight'}"])[1])
 
     class Stop(Exception):
         pass
@@ -92,7 +93,7 @@ def test_methods_resume_from_their_checkpoints_as_if_never_stopped(tmp_path: Pat
 
     stopped = tmp_path / "stopped"
     with pytest.raises(Stop):
-        run(compose([*common, "trainer.eval_every=2", f"output_dir={stopped}"])[1], on_eval=stop_at_4)
-    resumed = run(compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1])
+        build_and_fit(compose([*common, "trainer.eval_every=2", f"output_dir={stopped}"])[1], on_eval=stop_at_4)
+    resumed = build_and_fit(compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1])
     assert resumed.steps == 6
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]

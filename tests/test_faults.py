@@ -165,7 +165,7 @@ def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly
         + retry.user_attrs["overrides"]
         + [f"output_dir={tmp_path / 'clean'}", "tracking.enabled=false"]
     )
-    clean = train.run(cfg)
+    clean = train.build_and_fit(cfg)
     resumed = json.loads((folder / "metrics.json").read_text())
     assert resumed["steps"] == clean.steps == 8
     assert [p["train_loss"] for p in resumed["history"]] == pytest.approx(

@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab import lora, train
+from lora_lab import lora
 from lora_lab.config import compose
 from lora_lab.data import collate
+from lora_lab.train import loop
+from lora_lab.train.batches import TrainBatches
+from lora_lab.train.build import build, build_and_fit
+from lora_lab.train.finish import merge_tolerance
+from lora_lab.train.runtime import PeakMemory, compile_blocks
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "tracking=off"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -34,16 +39,16 @@ def _unmerge_twice(model: torch.nn.Module) -> None:
 def test_peak_memory_is_read_after_the_steps(outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # CUDA's allocator peak is read in PeakMemory.__exit__: a result built inside the with-block reported 0 MiB.
     # This stand-in behaves like the CUDA path on any device (peak known only on exit).
-    class ExitOnlyPeak(train.PeakMemory):
+    class ExitOnlyPeak(PeakMemory):
         def __enter__(self) -> "ExitOnlyPeak":
             return self
 
         def __exit__(self, *exc: object) -> None:
             self.peak = 123_456_789
 
-    monkeypatch.setattr(train, "PeakMemory", ExitOnlyPeak)
+    monkeypatch.setattr(loop, "PeakMemory", ExitOnlyPeak)  # where the loop reads it
     _, cfg = compose([*TINY, "trainer.max_steps=2"])
-    assert train.run(cfg).peak_mem_bytes == 123_456_789
+    assert build_and_fit(cfg).peak_mem_bytes == 123_456_789
 
 
 @cuda
@@ -66,7 +71,7 @@ def test_lora_init_is_the_same_on_cuda_as_on_the_cpu(init: str) -> None:
 @cuda
 def test_cuda_peak_memory_is_not_zero(outputs: Path) -> None:
     _, cfg = compose([*TINY, "trainer.device=cuda", "trainer.max_steps=2"])
-    result = train.run(cfg)
+    result = build_and_fit(cfg)
     assert result.peak_mem_bytes > 0
 
 
@@ -83,26 +88,26 @@ def test_merge_check_passes_a_right_merge_and_fails_a_double_fold(
     outputs: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     _, cfg = compose([*TINY, *PRECISIONS[precision], "optim.lr=1e-2"])
-    honest = train.run(cfg)
+    honest = build_and_fit(cfg)
     assert honest.merge_ok is True, (honest.max_abs_logit_diff, honest.merge_tol)
     assert honest.merge_tol == 1e-4 if precision == "fp32" else honest.merge_tol > 1e-3
     assert honest.max_abs_logit_diff <= honest.merge_tol
-    monkeypatch.setattr(train.lora, "merge", _merge_twice)
-    monkeypatch.setattr(train.lora, "unmerge", _unmerge_twice)
-    faulty = train.run(cfg)
+    monkeypatch.setattr(lora, "merge", _merge_twice)
+    monkeypatch.setattr(lora, "unmerge", _unmerge_twice)
+    faulty = build_and_fit(cfg)
     assert faulty.merge_ok is False, (faulty.max_abs_logit_diff, faulty.merge_tol)
 
 
 def test_merge_tolerance_scales_with_dtype_and_logits() -> None:
     logits = torch.tensor([[-3.0, 12.0]])
-    assert train.merge_tolerance(None, logits) == 1e-4
-    assert train.merge_tolerance(torch.float32, logits) == 1e-4
-    assert train.merge_tolerance(torch.bfloat16, logits) == pytest.approx(8 * 2**-7 * 12.0)
+    assert merge_tolerance(None, logits) == 1e-4
+    assert merge_tolerance(torch.float32, logits) == 1e-4
+    assert merge_tolerance(torch.bfloat16, logits) == pytest.approx(8 * 2**-7 * 12.0)
 
 
 def test_bf16_precision_keeps_frozen_weights_bf16_and_adapters_fp32(outputs: Path) -> None:
     _, cfg = compose([*TINY, "trainer.precision=bf16"])
-    session = train.build(cfg)
+    session = build(cfg)
     dtypes = {n: p.dtype for n, p in session.model.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
@@ -132,10 +137,10 @@ def test_fused_node_under_autocast_matches_the_composed_ops() -> None:
 
 def test_tensor_batches_equal_the_collated_rows(outputs: Path) -> None:
     _, cfg = compose(TINY)
-    session = train.build(cfg)
+    session = build(cfg)
     data = session.data
     for multiple in (1, 16):
-        batches = train.TrainBatches(data, 4, cfg.seed, torch.device("cpu"), pad_to_multiple=multiple)
+        batches = TrainBatches(data, 4, cfg.seed, torch.device("cpu"), pad_to_multiple=multiple)
         for micro in (0, 1, 57):
             batch, n_tok = batches.get(micro)
             want = collate([data.train[int(i)] for i in batches.rows(micro)], data.pad_id)
@@ -152,10 +157,10 @@ def test_causal_lm_batches_without_padding_mask_give_the_same_loss_and_grads(out
     # Training batches of a causal LM leave the padding mask out (no host read of it per forward on CUDA): the rows
     # are right-padded, so with the causal mask alone every labelled position computes what it did with the mask.
     _, cfg = compose([*TINY, f"method={method}", "trainer.precision=fp32", "trainer.device=cpu"])
-    session = train.build(cfg)
+    session = build(cfg)
     model = session.model.train()
-    with_mask = train.TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=True)
-    without = train.TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=False)
+    with_mask = TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=True)
+    without = TrainBatches(session.data, 8, cfg.seed, torch.device("cpu"), padding_mask=False)
     padded = 0
     for micro in range(3):
         a, _ = with_mask.get(micro)
@@ -179,7 +184,7 @@ def test_losses_read_every_n_steps_are_the_same_losses(outputs: Path) -> None:
     runs = []
     for every in (1, 3):
         _, cfg = compose([*TINY, f"trainer.sync_every={every}", "trainer.max_steps=7", "trainer.eval_every=7"])
-        runs.append(train.run(cfg))
+        runs.append(build_and_fit(cfg))
     assert [p.train_loss for p in runs[0].history] == [p.train_loss for p in runs[1].history]
     assert [p.step for p in runs[1].history] == list(range(1, 8))
     assert len(runs[1].history) == 7 and runs[0].val_loss == runs[1].val_loss
@@ -187,7 +192,7 @@ def test_losses_read_every_n_steps_are_the_same_losses(outputs: Path) -> None:
 
 def test_divergence_between_syncs_names_the_first_bad_step(outputs: Path) -> None:
     _, cfg = compose([*TINY, "optim.lr=1e20", "optim.grad_clip=0", "trainer.max_steps=6", "trainer.sync_every=5"])
-    result = train.run(cfg)
+    result = build_and_fit(cfg)
     assert result.status == "diverged"
     bad = int(result.reason.rsplit(" ", 1)[-1])
     assert len(result.history) == bad - 1 and all(p.train_loss == p.train_loss for p in result.history)
@@ -201,7 +206,7 @@ def test_compiled_blocks_train_like_eager(outputs: Path) -> None:
     results, sessions = {}, {}
     for flag in ("false", "true"):
         _, cfg = compose([*TINY, f"trainer.compile={flag}", "trainer.max_steps=4", "trainer.eval_every=4"])
-        sessions[flag] = session = train.build(cfg)
+        sessions[flag] = session = build(cfg)
         results[flag] = session.fit()
     eager, compiled = results["false"], results["true"]
     assert compiled.status == "completed" and compiled.merge_ok
@@ -223,7 +228,7 @@ def test_compile_blocks_finds_the_layer_list(build_tiny, monkeypatch: pytest.Mon
     resets = []
     monkeypatch.setattr(dynamo, "reset", lambda: resets.append(1))
     model = build_tiny("llama")
-    assert train.compile_blocks(model) == 2
+    assert compile_blocks(model) == 2
     assert resets == [1]  # a fresh cache per run: earlier runs' variants must not use up the recompile limit
     with pytest.raises(ValueError, match="trainer.compile"):
-        train.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

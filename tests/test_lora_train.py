@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_lab import lora, train
+from lora_lab import adaptations, lora, train
 from lora_lab.config import ConfigError, compose
 
 TINY_CLS = [
@@ -48,11 +48,11 @@ def test_seq_cls_head_trains_is_checkpointed_resumed_and_saved(outputs: Path, tm
 
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}"])
     with pytest.raises(Interrupt):
-        train.run(cfg, on_eval=stop_at_4)
+        train.build_and_fit(cfg, on_eval=stop_at_4)
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-0000002" / "weights.safetensors"
     assert "score.weight" in safetensors.torch.load_file(ckpt)
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"])
-    resumed = train.run(cfg)
+    resumed = train.build_and_fit(cfg)
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
     assert resumed.val_loss == straight.val_loss
 
@@ -61,7 +61,7 @@ def test_empty_modules_to_save_keeps_the_head_frozen(outputs: Path) -> None:
     _, cfg = compose([*TINY_CLS, "lora.modules_to_save=[]"])
     session = train.build(cfg)
     assert not session.model.score.weight.requires_grad and lora.modules_to_save_of(session.model) == []
-    assert train.lora_targets(session.model, cfg.lora, cfg.model.task) == session.wrapped
+    assert adaptations.lora_targets(session.model, cfg.lora, cfg.model.task) == session.wrapped
 
 
 @pytest.mark.parametrize("choice", ["lora=dora", "lora=pissa", "lora=olora"])
@@ -77,7 +77,7 @@ def test_variants_train_and_merge_exactly(outputs: Path, choice: str) -> None:
             "optim.lr=3e-3",
         ]
     )
-    result = train.run(cfg)
+    result = train.build_and_fit(cfg)
     assert result.status == "completed" and result.val_loss < result.base_val_loss
     # merged == unmerged: within 1e-4 in fp32 (the CPU), within the bf16 tolerance under CUDA's bf16
     assert result.merge_ok and result.max_abs_logit_diff <= result.merge_tol

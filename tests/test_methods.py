@@ -11,7 +11,7 @@ import torch
 
 from lora_lab import methods
 from lora_lab.config import compose
-from lora_lab.train import prefix_cache_factory, run
+from lora_lab.train import build_and_fit, prefix_cache_factory
 
 # The tiny llama of conftest: d=32, 2 layers, 4 heads, 2 key/value heads (head_dim 8), MLP width 64.
 D, L, KV, HD, FF = 32, 2, 2, 8, 64
@@ -187,7 +187,7 @@ def test_train_runs_each_method_with_the_same_record(method, outputs):
             f"method={method}",
         ]
     )
-    result = run(cfg)
+    result = build_and_fit(cfg)
     assert result.completed and result.steps == cfg.trainer.max_steps
     assert result.inference_latency_s is not None and result.inference_latency_s > 0
     assert result.trainable_params == methods.count_method_parameters(build_method_model(cfg))
@@ -205,11 +205,11 @@ def test_train_runs_each_method_with_the_same_record(method, outputs):
 
 
 def build_method_model(cfg):
+    from lora_lab import adaptations
     from lora_lab.models import load_model
-    from lora_lab.train import apply_method
 
     model, _ = load_model(cfg.model)
-    apply_method(model, cfg)
+    adaptations.of(cfg.method).apply(model, cfg, prefix_cache_factory(model))
     return model
 
 
@@ -233,7 +233,7 @@ def test_report_methods_table_has_the_paper_rows_and_latency(outputs):
     for i, extra in enumerate([["method=bitfit"], ["method=adapter", "adapter=pfeiffer", "adapter.bottleneck=4"]]):
         _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "tracking=off", *extra])
         cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, 2, 2
-        runs.append(Run(run_id=f"run{i}0000000", parent="", state="COMPLETE", rec=run(cfg)))
+        runs.append(Run(run_id=f"run{i}0000000", parent="", state="COMPLETE", rec=build_and_fit(cfg)))
     table = table_methods(runs)
     by_method = {row["method"]: row for row in table.rows}
     assert set(by_method) == {"BitFit", "AdapterL"}
@@ -260,7 +260,7 @@ def test_report_methods_table_means_seeds_and_splits_lora_by_budget(outputs, tmp
     }.items():
         _, cfg = compose(["model=tiny", "data=tiny_sentiment", "trainer=smoke", "tracking=off", *extra])
         cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, 2, 2
-        recs[name] = run(cfg)
+        recs[name] = build_and_fit(cfg)
 
     def fake(name: str, lr: float, seed: int, loss: float, study: str = "s") -> Run:
         rec = recs[name]

@@ -12,9 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab import train
+from lora_lab import lora
 from lora_lab.config import compose
 from lora_lab.data import TaskData
+from lora_lab.files import atomic_write_text
+from lora_lab.train.batches import to_device
+from lora_lab.train.build import build, build_and_fit
+from lora_lab.train.cli import main
+from lora_lab.train.evaluate import sequence_logprobs
+from lora_lab.train.finish import merged
+from lora_lab.train.loop import EvalEvent
+from lora_lab.train.session import Session
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false"]
 
@@ -89,7 +97,7 @@ def test_cli_run_writes_metrics_config_adapter_and_mlflow_run(outputs: Path, tmp
 def test_bad_input_exits_2_and_creates_no_mlflow_run(
     outputs: Path, override: str, needle: str, capsys: pytest.CaptureFixture
 ) -> None:
-    assert train.main([*TINY, override]) == 2
+    assert main([*TINY, override]) == 2
     assert needle in capsys.readouterr().err
     assert mlflow_runs(outputs) == []
     assert not (outputs / "runs").exists()  # no half-made run folder either
@@ -100,23 +108,23 @@ def test_dataset_without_text_column_and_empty_dataset(
 ) -> None:
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("\n".join(json.dumps({"review": f"text {i}", "label": i % 2}) for i in range(20)) + "\n")
-    assert train.main([*TINY, f"data.name={wrong}"]) == 2
+    assert main([*TINY, f"data.name={wrong}"]) == 2
     err = capsys.readouterr().err
     assert "data.text_column" in err and "review" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert train.main([*TINY, f"data.name={empty}"]) == 2
+    assert main([*TINY, f"data.name={empty}"]) == 2
     assert "empty" in capsys.readouterr().err.lower()
     assert mlflow_runs(outputs) == []
 
 
 def test_lora_learns_and_only_lora_changes(outputs: Path) -> None:
     _, cfg = compose([*TINY, "tracking=off", "trainer.max_steps=30", "trainer.eval_every=10", "optim.lr=3e-3"])
-    session = train.build(cfg)
+    session = build(cfg)
     before = {k: v.clone() for k, v in session.model.state_dict().items()}
     after = {}
 
-    def snapshot(event: train.EvalEvent) -> None:  # before the end-of-run merge, which rounds base weights
+    def snapshot(event: EvalEvent) -> None:  # before the end-of-run merge, which rounds base weights
         if event.step == 30:
             after.update({k: v.detach().cpu().clone() for k, v in session.model.state_dict().items()})
 
@@ -133,24 +141,24 @@ def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.Mon
     # The merged-vs-unmerged check reuses the final and the merged evaluations' logits: a merge that adds the update
     # twice must show up in it (and in the merged val loss), while the real merge stays at rounding level.
     _, cfg = compose([*TINY, "tracking=off", "optim.lr=1e-2"])
-    honest = train.run(cfg)
+    honest = build_and_fit(cfg)
     assert honest.max_abs_logit_diff is not None and honest.merge_ok is True
 
     def merge_twice(model: torch.nn.Module) -> None:
         for layer in model.modules():
-            if isinstance(layer, train.lora.LoraLayer):
+            if isinstance(layer, lora.LoraLayer):
                 layer.merge()
                 layer._add_to_weight(+1.0)  # the bug: the update folded in twice
 
     def unmerge_twice(model: torch.nn.Module) -> None:
         for layer in model.modules():
-            if isinstance(layer, train.lora.LoraLayer):
+            if isinstance(layer, lora.LoraLayer):
                 layer._add_to_weight(-1.0)
                 layer.unmerge()
 
-    monkeypatch.setattr(train.lora, "merge", merge_twice)
-    monkeypatch.setattr(train.lora, "unmerge", unmerge_twice)
-    faulty = train.run(cfg)
+    monkeypatch.setattr(lora, "merge", merge_twice)
+    monkeypatch.setattr(lora, "unmerge", unmerge_twice)
+    faulty = build_and_fit(cfg)
     assert faulty.val_loss == pytest.approx(honest.val_loss, rel=1e-5)  # the same training
     assert faulty.max_abs_logit_diff > 1e-3 and faulty.merge_ok is False
     assert faulty.merged_val_loss != pytest.approx(honest.merged_val_loss, rel=1e-4)
@@ -158,7 +166,7 @@ def test_merge_check_compares_real_logits(outputs: Path, monkeypatch: pytest.Mon
 
 def test_full_finetuning_trains_every_weight(outputs: Path) -> None:
     _, cfg = compose([*TINY, "tracking=off", "method=full", "optim.lr=1e-3"])
-    result = train.run(cfg)
+    result = build_and_fit(cfg)
     assert result.status == "completed" and result.merged_val_loss is None
     assert result.trainable_params == result.total_params
     assert result.val_loss < result.base_val_loss
@@ -174,29 +182,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(outputs: Path, tmp_
         "lora.dropout=0.1",
     ]  # dropout: the RNG state must be restored too
     _, cfg = compose([*common, f"output_dir={tmp_path / 'straight'}"])
-    straight = train.run(cfg)
+    straight = build_and_fit(cfg)
 
     class Interrupt(Exception):
         pass
 
-    def stop_at_6(event: train.EvalEvent) -> None:
+    def stop_at_6(event: EvalEvent) -> None:
         if event.step == 6:
             raise Interrupt
 
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}"])
     with pytest.raises(Interrupt):
-        train.run(cfg, on_eval=stop_at_6)
+        build_and_fit(cfg, on_eval=stop_at_6)
     latest = (tmp_path / "resumed" / "checkpoints" / "LATEST").read_text()
     assert latest == "step-0000004"  # the step-6 checkpoint was never written: the eval stopped first
     _, cfg = compose([*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"])
-    resumed = train.run(cfg)
+    resumed = build_and_fit(cfg)
     assert resumed.steps == 8
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
     assert resumed.val_loss == straight.val_loss
 
 
 def test_diverging_run_ends_with_status_not_traceback(outputs: Path, capsys: pytest.CaptureFixture) -> None:
-    code = train.main([*TINY, "optim.lr=1e20", "optim.grad_clip=0", "trainer.max_steps=6"])
+    code = main([*TINY, "optim.lr=1e20", "optim.grad_clip=0", "trainer.max_steps=6"])
     assert code == 3
     assert "diverged" in capsys.readouterr().err
     runs = mlflow_runs(outputs)
@@ -217,7 +225,7 @@ def test_export_merged_loads_with_plain_transformers(outputs: Path, tmp_path: Pa
             f"output_dir={tmp_path / 'm'}",
         ]
     )
-    session = train.build(cfg)
+    session = build(cfg)
     session.fit()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged").eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -260,7 +268,7 @@ def test_prompted_accuracy_on_a_hand_made_case(outputs: Path) -> None:
         fingerprint="hand",
     )
     _, cfg = compose([*TINY, "tracking=off"])
-    session = train.Session(cfg, FixedLM(), None, data, torch.device("cpu"), [], 0.0, Path("."))
+    session = Session(cfg, FixedLM(), None, data, torch.device("cpu"), [], 0.0, Path("."))
     metrics = session.evaluate()
     assert metrics["accuracy"] == pytest.approx(2 / 3)
     # Loss: token-weighted mean of -log p over the true label's tokens: (2 * -log .7 + -log .2 - log .7) / 4.
@@ -272,7 +280,7 @@ def test_prompted_single_token_path_equals_the_general_path(outputs: Path) -> No
     # The tiny byte tokenizer makes label words multi-token; one-byte words take the fast path. Scores must agree
     # with scoring each candidate by a full forward (the general path), on a real (tiny) trained model.
     _, cfg = compose([*TINY, "tracking=off", "data.label_words=[n,p]", "trainer.max_steps=4", "optim.lr=1e-2"])
-    session = train.build(cfg)
+    session = build(cfg)
     session.fit()
     assert all(len(w) == 1 for w in session.data.label_token_ids)
     session.model.eval()
@@ -284,16 +292,16 @@ def test_prompted_single_token_path_equals_the_general_path(outputs: Path) -> No
     assert fast["val_loss"] == pytest.approx(general["val_loss"], rel=1e-2 if bf16 else 1e-4)
 
 
-def _general_prompted_eval(session: train.Session) -> dict[str, float]:
+def _general_prompted_eval(session: Session) -> dict[str, float]:
     from lora_lab.data import collate
 
     rows = [session.data.val[i] for i in range(len(session.data.val))]
     scores = []
     with torch.no_grad():
         for word in session.data.label_token_ids:
-            batch = train._to(collate(rows, session.data.pad_id, candidate=word), session.device)
-            logits = session._forward_logits(batch)  # on the run's device, in its precision
-            lp, _ = train.sequence_logprobs(logits.float(), batch["labels"])
+            batch = to_device(collate(rows, session.data.pad_id, candidate=word), session.device)
+            logits = session.evaluator.forward_logits(session.model, batch)  # on the run's device, in its precision
+            lp, _ = sequence_logprobs(logits.float(), batch["labels"])
             scores.append(lp.cpu())
     scores = torch.stack(scores, 1)  # (N, K)
     truth = torch.tensor([r["class_label"] for r in rows])
@@ -304,7 +312,7 @@ def _general_prompted_eval(session: train.Session) -> dict[str, float]:
 def test_sequence_logprobs_shifts_like_transformers() -> None:
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, 1, 2, 9]])
-    lp, n = train.sequence_logprobs(logits, labels)
+    lp, n = sequence_logprobs(logits, labels)
     ref = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )
@@ -314,13 +322,54 @@ def test_sequence_logprobs_shifts_like_transformers() -> None:
 
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "metrics.json"
-    train.atomic_write_text(target, "old")
+    atomic_write_text(target, "old")
 
     def boom(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(OSError):
-        train.atomic_write_text(target, "new")
+        atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_merged_block_folds_once_and_unfolds_whatever_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(lora, "merge", lambda model: calls.append("merge"))
+    monkeypatch.setattr(lora, "unmerge", lambda model: calls.append("unmerge"))
+    block = merged(torch.nn.Linear(2, 2), "lora")
+    with pytest.raises(RuntimeError, match="inside"):
+        with block:
+            with block:  # entering again folds nothing twice; only the outer exit unfolds
+                assert calls == ["merge"]
+            assert calls == ["merge"]
+            raise RuntimeError("an error inside the block")
+    assert calls == ["merge", "unmerge"] and block.depth == 0
+    block.__exit__(None, None, None)  # an extra exit does nothing
+    assert calls == ["merge", "unmerge"]
+
+    def half_merge(model: torch.nn.Module) -> None:
+        calls.append("half")
+        raise ValueError("cannot merge")
+
+    monkeypatch.setattr(lora, "merge", half_merge)
+    calls.clear()
+    with pytest.raises(ValueError, match="cannot merge"), merged(torch.nn.Linear(2, 2), "lora"):
+        pass
+    assert calls == ["half", "unmerge"]  # a merge that failed part-way is undone
+
+
+def test_merged_block_restores_the_weights_of_a_real_model(build_tiny) -> None:
+    model = build_tiny("llama")
+    lora.apply_lora(model, r=4, alpha=8)
+    for layer in model.modules():
+        if isinstance(layer, lora.LoraLayer):
+            torch.nn.init.normal_(layer.lora_B)  # a non-zero update, so merging changes the weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with merged(model, "lora"):
+        assert all(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)

@@ -1,5 +1,5 @@
-"""Warm sweep workers (lora_lab/warm.py): a trial on the kept model gives a fresh process's numbers, and anything a
-trial's overrides change in model.* or data.* is loaded again."""
+"""Warm sweep workers (lora_lab/train/warm.py): a trial on the kept model gives a fresh process's numbers, and
+anything a trial's overrides change in model.* or data.* is loaded again."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import optuna
 import pytest
 import torch
 
-from lora_lab import sweep, train
+from lora_lab import sweep
 from lora_lab.config import compose
-from lora_lab.warm import Warm
+from lora_lab.records import RunRecord
+from lora_lab.train.build import build
+from lora_lab.train.warm import Warm
 
 TINY = [
     "model=tiny",
@@ -26,9 +28,9 @@ TINY = [
 ]
 
 
-def _fit(overrides: list[str], out: Path, warm: Warm | None = None) -> train.RunRecord:
+def _fit(overrides: list[str], out: Path, warm: Warm | None = None) -> RunRecord:
     _, cfg = compose(TINY + overrides + [f"output_dir={out}"])
-    session = train.build(cfg, warm=warm)
+    session = build(cfg, warm=warm)
     try:
         return session.fit()
     finally:
@@ -37,7 +39,7 @@ def _fit(overrides: list[str], out: Path, warm: Warm | None = None) -> train.Run
             warm.give_back()
 
 
-def _same(a: train.RunRecord, b: train.RunRecord) -> None:
+def _same(a: RunRecord, b: RunRecord) -> None:
     assert len(a.history) == len(b.history) > 0
     for p, q in zip(a.history, b.history):
         assert p.train_loss == pytest.approx(q.train_loss, abs=1e-6, rel=0)

@@ -28,14 +28,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from lora_lab import lora
+from lora_lab import adaptations, lora
+from lora_lab.train.runtime import free_memory, set_use_cache
 
 if TYPE_CHECKING:
     from lora_lab.config import Config
 
 log = logging.getLogger("lora_lab")
-
-REUSABLE_METHODS = ("lora", "full")  # methods whose changes to the model the holder can undo exactly
 
 
 def warm_key(cfg: "Config") -> str:
@@ -102,7 +101,7 @@ class Warm:
 
         self.drop()
         model, tokenizer = load_model(cfg.model)
-        self.keep(cfg, model, tokenizer, load_data(cfg.data, tokenizer, seed=cfg.seed))
+        self.keep(cfg, model, tokenizer, load_data(cfg.data, tokenizer))
 
     def keep(self, cfg: "Config", model: torch.nn.Module, tokenizer: Any, data: Any) -> None:
         """Keep a model, tokenizer and data loaded elsewhere for `cfg` (the sweep's preflight loads the base model:
@@ -129,7 +128,7 @@ class Warm:
         if cfg is None or self.entry is None:
             return
         why = ""
-        if cfg.method not in REUSABLE_METHODS:
+        if not adaptations.of(cfg.method).warm_reusable:
             why = f"method={cfg.method} has no exact undo"
         elif cfg.trainer.compile:
             why = "trainer.compile=true left compiled blocks"
@@ -167,9 +166,7 @@ class Warm:
                 b.copy_(e.buffers[name])
         model.train(e.training)
         if e.use_cache is not None:
-            from lora_lab.train import _set_use_cache  # the one place that sets it (train.py uses it too)
-
-            _set_use_cache(model, e.use_cache)
+            set_use_cache(model, e.use_cache)
         return ""
 
     def drop(self) -> None:
@@ -177,6 +174,4 @@ class Warm:
         if self.entry is not None:
             self.entry = None
             gc.unfreeze()  # a sweep worker freezes what lives between trials (sweep.worker_loop): this model too
-            from lora_lab.train import free_memory  # the one place that frees a model's memory (Session.close too)
-
-            free_memory()
+            free_memory()  # the one place that frees a model's memory (Session.close too)

@@ -1,0 +1,96 @@
+"""Building a Session: load the model and data, apply the method (lora_lab.adaptations: LoRA, full fine-tuning or a
+comparison method).
+
+Every input error surfaces here, before anything is written or logged: ConfigError, models.ModelError,
+data.DataError, or ValueError for bad LoRA targets. `build_and_fit` is build + fit + close in one call (no MLflow).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from lora_lab import adaptations
+from lora_lab.config import Config, ConfigError, outputs_root
+from lora_lab.records import RunRecord
+from lora_lab.train.finish import RunRole
+from lora_lab.train.loop import EvalCallback
+from lora_lab.train.runtime import autocast_dtype, pick_device, seed_everything, store_frozen_in
+from lora_lab.train.session import Session
+from lora_lab.train.warm import Warm
+
+
+def default_output_dir(cfg: Config) -> Path:
+    """outputs/runs/<time>-<method>-<pid>: a run's folder when output_dir is not given."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return outputs_root() / "runs" / f"{stamp}-{cfg.method}-{os.getpid()}"
+
+
+def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
+    """A fresh transformers DynamicCache for `model` per call: how prefix tuning hands its keys/values to attention."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    return lambda: DynamicCache(config=config)
+
+
+def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = None) -> Session:
+    """Load the model and data and apply LoRA (or unfreeze everything): every input error surfaces here, before
+    anything is logged. Raises ConfigError, models.ModelError, data.DataError or ValueError (bad targets).
+
+    `warm` (a sweep worker's lora_lab.train.warm.Warm): take the model, tokenizer and data from it when they are kept
+    already; the caller hands them back with `warm.give_back()` once the session is done. Same seeding either way.
+    `role`: who the run is and the overrides that made it (finish.RunRole; default: a plain run, no overrides)."""
+    from lora_lab.data import load_data
+    from lora_lab.models import load_model
+
+    t0 = time.perf_counter()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = pick_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+    if warm is None:
+        model, tokenizer = load_model(cfg.model)
+        data = load_data(cfg.data, tokenizer)
+    else:
+        model, tokenizer, data = warm.take(cfg)
+    try:
+        wrapped = _prepare(cfg, model, data, device)
+    except BaseException:
+        if warm is not None:
+            warm.give_back()
+        raise
+    seed_everything(cfg.seed)
+    # Nothing is written yet: the folder appears when the run starts (fit, fit_tracked), not on a bad input.
+    output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
+    return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir, role)
+
+
+def _prepare(cfg: Config, model: torch.nn.Module, data: Any, device: torch.device) -> list[str]:
+    """Apply the method to the loaded model (seeded as the run's seed says) and check the data against it; returns
+    the modules the method changed."""
+    adaptation = adaptations.of(cfg.method)
+    wrapped = adaptation.apply(model, cfg, prefix_cache_factory(model))  # seeded by the run's seed
+    if not adaptation.trains_all and autocast_dtype(cfg.trainer.precision, device) == torch.bfloat16:
+        store_frozen_in(model, torch.bfloat16)  # frozen weights only: trainable ones stay fp32
+    if cfg.data.format == "classification":
+        labels = set(data.train["labels"]) | set(data.val["labels"])
+        if max(labels) >= cfg.model.num_labels:
+            raise ConfigError(
+                f"model.num_labels={cfg.model.num_labels}: the data has class {max(labels)}; "
+                f"expected labels 0..{cfg.model.num_labels - 1}"
+            )
+    return wrapped
+
+
+def build_and_fit(cfg: Config, on_eval: Optional[EvalCallback] = None) -> RunRecord:
+    """Build and fit in one call (no MLflow), then close the session: for tests and notebooks."""
+    session = build(cfg)
+    try:
+        return session.fit(on_eval)
+    finally:
+        session.close()

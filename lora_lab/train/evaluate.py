@@ -1,0 +1,249 @@
+"""Evaluation: validation loss and accuracy, with one scorer per data format; the probe rows; sequence log-probs.
+
+`Evaluator.evaluate(model)` walks the validation rows in batches of similar length and hands each batch to the
+scorer of the task's data format (`SCORERS`): classification (a head's logits), prompted (the label words'
+log-probabilities), chat and text (the labelled tokens' log-probabilities). The sums stay on the device, so an
+evaluation costs one host sync. Each evaluation keeps the logits of its first rows (the probe): the merge check
+compares the final evaluation's probe with the merged model's, at no extra forward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lora_lab.train.batches import prompt_batch, to_device
+from lora_lab.train.runtime import Clock, autocast, eager_when
+
+PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of log p(label token) over positions whose label is not -100, and how many such positions.
+
+    logits (B, T, V) predict the next token, so position t scores labels[:, t + 1], as in transformers' loss.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (logp * mask).sum(dim=1), mask.sum(dim=1)
+
+
+class Sums:
+    """One evaluation's running sums, on the device: summed loss, the tokens (or rows) it is over, correct rows."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss, self.tokens, self.correct = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+
+
+# ----------------------------------------------------------------------------------------------- scorers
+
+
+def score_classes(ev: Evaluator, model: torch.nn.Module, rows: list[dict], sums: Sums) -> None:
+    """classification: cross-entropy of the head's logits per row; correct when the argmax is the label."""
+    from lora_lab.data import collate
+
+    batch = to_device(collate(rows, ev.data.pad_id), ev.device)
+    logits = ev.forward_logits(model, batch).float()  # (B, K)
+    ev.keep_probe(logits)
+    sums.loss += F.cross_entropy(logits, batch["labels"], reduction="sum")
+    sums.tokens += len(rows)
+    sums.correct += (logits.argmax(-1) == batch["labels"]).sum()
+
+
+def score_label_words(ev: Evaluator, model: torch.nn.Module, rows: list[dict], sums: Sums) -> None:
+    """prompted: the log-probability of each label word after the prompt; the true word's is the loss (no extra
+    forward), the most likely word the answer."""
+    truth = torch.tensor([r["class_label"] for r in rows]).to(ev.device, non_blocking=True)  # (B,)
+    if all(len(w) == 1 for w in ev.data.label_token_ids):
+        _score_one_token_words(ev, model, rows, truth, sums)
+    else:
+        _score_word_sequences(ev, model, rows, truth, sums)
+
+
+def _score_one_token_words(
+    ev: Evaluator, model: torch.nn.Module, rows: list[dict], truth: torch.Tensor, sums: Sums
+) -> None:
+    # One-token label words: one forward over the prompts scores them all. Left padding puts every prompt's last
+    # token at the same position, so the head runs on that position only (the vocabulary projection dominates small
+    # models' cost).
+    words = torch.tensor([w[0] for w in ev.data.label_token_ids]).to(ev.device, non_blocking=True)  # (K,)
+    logits = ev.last_token_logits(model, rows)  # (B, V)
+    ev.keep_probe(logits)
+    logp = torch.log_softmax(logits, dim=-1)[:, words]  # (B, K)
+    sums.loss -= logp.gather(1, truth[:, None]).sum()
+    sums.tokens += len(rows)
+    sums.correct += (logp.argmax(1) == truth).sum()
+
+
+def _score_word_sequences(
+    ev: Evaluator, model: torch.nn.Module, rows: list[dict], truth: torch.Tensor, sums: Sums
+) -> None:
+    # Label words of several tokens: one right-padded forward per word, prompt + word, loss on the word's tokens.
+    from lora_lab.data import collate
+
+    scores = []
+    for k, word_ids in enumerate(ev.data.label_token_ids):
+        batch = to_device(collate(rows, ev.data.pad_id, candidate=word_ids), ev.device)
+        logits = ev.forward_logits(model, batch)  # (B, T, V)
+        if k == 0:
+            ev.keep_probe(logits)
+        lp, cnt = sequence_logprobs(logits, batch["labels"])  # (B,), (B,)
+        scores.append(lp)
+        is_true = truth == k
+        sums.loss -= torch.where(is_true, lp, 0.0).sum()
+        sums.tokens += torch.where(is_true, cnt, 0).sum()
+    sums.correct += (torch.stack(scores, dim=1).argmax(1) == truth).sum()
+
+
+def score_tokens(ev: Evaluator, model: torch.nn.Module, rows: list[dict], sums: Sums) -> None:
+    """chat, text: the log-probability of every labelled token (token-weighted); no accuracy."""
+    from lora_lab.data import collate
+
+    batch = to_device(collate(rows, ev.data.pad_id), ev.device)
+    logits = ev.forward_logits(model, batch)  # (B, T, V)
+    ev.keep_probe(logits)
+    lp, cnt = sequence_logprobs(logits, batch["labels"])
+    sums.loss -= lp.sum()
+    sums.tokens += cnt.sum()
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How one data format's validation rows are scored: `score` adds a batch of rows to the sums; `accuracy` says
+    whether the format has classes to be right about (then the evaluation reports accuracy too)."""
+
+    score: Callable[[Evaluator, torch.nn.Module, list[dict], Sums], None]
+    accuracy: bool
+
+
+SCORERS: dict[str, Scorer] = {
+    "classification": Scorer(score_classes, accuracy=True),
+    "prompted": Scorer(score_label_words, accuracy=True),
+    "chat": Scorer(score_tokens, accuracy=False),
+    "text": Scorer(score_tokens, accuracy=False),
+}
+
+
+# ----------------------------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+    """Evaluates a model on a task's validation rows, with the scorer of the task's data format.
+
+    Holds no model (each call gets it), only what the rows and the run fix: the device and autocast dtype, the
+    batch size, the rows in length order (computed on first use), the latest evaluation's probe logits, and the
+    session's clock, which every evaluation and latency measurement adds its time to. `compiled`: the model's
+    blocks are compiled for training; evaluations run eager (runtime.eager_when).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        device: torch.device,
+        dtype: Optional[torch.dtype],
+        batch_size: int,
+        compiled: bool,
+        clock: Clock,
+    ) -> None:
+        if data.format not in SCORERS:
+            raise ValueError(f"data.format: no scorer for {data.format!r}; expected one of {sorted(SCORERS)}")
+        self.data, self.device, self.dtype, self.batch_size, self.compiled = data, device, dtype, batch_size, compiled
+        self.scorer = SCORERS[data.format]
+        self.clock = clock
+        # Logits of the first validation rows from the latest evaluation: the merged-vs-unmerged check compares the
+        # final evaluation's probe with the merged evaluation's, so the check costs no forward of its own.
+        self.probe_logits: Optional[torch.Tensor] = None
+        self._order: Optional[list[int]] = None  # validation rows by length, computed on first use
+        self._rows: list[dict] = []
+
+    def forward_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's logits for a collated batch on the device, under the run's autocast."""
+        with autocast(self.device, self.dtype):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def last_token_logits(self, model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
+        """Next-token logits after each row's prompt, (B, V) in fp32: prompts left-padded, positions from the mask."""
+        ids, mask, positions = prompt_batch(rows, self.data.pad_id, self.device)
+        with autocast(self.device, self.dtype):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def keep_probe(self, logits: torch.Tensor) -> None:
+        """Keep the first evaluation batch's logits (at most PROBE_ROWS rows, fp32) as this evaluation's probe."""
+        if self.probe_logits is None:
+            self.probe_logits = logits[:PROBE_ROWS].detach().float().clone()
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation loss (token-weighted mean) and, where the task has labels, accuracy."""
+        t0 = time.perf_counter()
+        try:
+            with eager_when(self.compiled):
+                return self._evaluate(model)
+        finally:
+            self.clock.eval_s += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        sums = Sums(self.device)
+        n_rows = 0
+        self.probe_logits = None
+        if self._order is None:
+            # Rows as plain dicts once (a datasets row lookup per row per evaluation adds up); batches of similar
+            # lengths pad less (a quarter fewer tokens on the default task); the sums do not depend on the order.
+            self._rows = list(self.data.val)
+            lengths = [len(r["input_ids"]) for r in self._rows]
+            self._order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        order, bs = self._order, self.batch_size
+        for start in range(0, len(order), bs):
+            rows = [self._rows[i] for i in order[start : start + bs]]
+            n_rows += len(rows)
+            self.scorer.score(self, model, rows, sums)
+        model.train(was_training)
+        loss_sum, n_tokens, correct = torch.stack([sums.loss, sums.tokens, sums.correct]).tolist()  # the one sync
+        out = {"val_loss": loss_sum / max(1, n_tokens)}
+        if self.scorer.accuracy:
+            out["accuracy"] = correct / max(1, n_rows)
+        return out
+
+    def latency(self, model: torch.nn.Module, repeats: int = 3) -> float:
+        """Median seconds of one eval-mode forward over the first batch_size validation rows (right-padded, full
+        logits): the inference cost of the model as it stands (merged where the caller merged it). Counted as
+        evaluation time, so a sweep's share of time outside training and evaluation keeps meaning overhead."""
+        t0 = time.perf_counter()
+        try:
+            with eager_when(self.compiled):
+                return self._latency(model, repeats)
+        finally:
+            self.clock.eval_s += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _latency(self, model: torch.nn.Module, repeats: int) -> float:
+        from lora_lab.data import collate
+
+        rows = [row for _, row in zip(range(self.batch_size), self.data.val)]
+        batch = to_device(collate(rows, self.data.pad_id), self.device)
+        batch.pop("labels", None)
+        was_training = model.training
+        model.eval()
+        times = []
+        try:
+            for _ in range(repeats + 1):  # the first call warms caches and is left out
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self.forward_logits(model, batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
+        finally:
+            model.train(was_training)
+        return statistics.median(times[1:])
