@@ -43,12 +43,13 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     trial 2 hits ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
     import safetensors.torch
 
-    from lora_lab import sweep, train
+    from lora_lab import train
+    from lora_lab.sweep import cli, objective
 
     out = tmp_path / "out"
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
     current: dict[str, int] = {}
-    real_run_trial, real_fit = sweep.run_trial, train.Session.fit
+    real_run_trial, real_fit = objective.run_trial, train.Session.fit
     real_save_file = safetensors.torch.save_file
 
     def run_trial(st, trial, batch_shrink=1):
@@ -74,11 +75,11 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real_save_file(tensors, filename, metadata)
 
-    monkeypatch.setattr(sweep, "run_trial", run_trial)
+    monkeypatch.setattr(objective, "run_trial", run_trial)
     monkeypatch.setattr(train.Session, "fit", fit)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
-    code = sweep.main(
+    code = cli.main(
         [
             "sweep=default",
             "sweep.name=faults",
