@@ -21,7 +21,7 @@ from lora_lab.config import compose
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study
-from lora_lab.sweep.trials import TrialFailed, is_oom, verdict
+from lora_lab.sweep.trials import RESULTS, TrialAttrs, TrialFailed, is_oom, verdict
 from lora_lab.train import Interrupted, build, free_memory, run_tracked
 
 log = logging.getLogger("lora_lab")
@@ -114,12 +114,10 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         shrink = [f"trainer.batch_size={bs}", f"trainer.grad_accum={cfg.trainer.grad_accum * batch_shrink}"]
         resolved, cfg = compose(st.base_overrides + overrides + extra + shrink)
         overrides += shrink
-    trial.set_user_attr("overrides", overrides)
-    trial.set_user_attr("output_dir", str(folder))
+    TrialAttrs.write(trial, overrides=overrides, output_dir=str(folder))
     session = build(cfg, warm=st.warm)
     # Which device ran it (its busy share) and whether the model came warm (kept from this worker's last trial).
-    trial.set_user_attr("device", device_label(session.device))
-    trial.set_user_attr("warm", bool(st.warm and st.warm.last_hit))
+    TrialAttrs.write(trial, device=device_label(session.device), warm=bool(st.warm and st.warm.last_hit))
     single = len(st.spec.objectives) == 1
     warmup = st.spec.pruner_warmup_evals * cfg.trainer.eval_every
 
@@ -149,23 +147,11 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         if st.warm is not None:
             st.warm.give_back()  # the kept model is the loaded one again (or dropped) before anything else runs
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
-            trial.set_user_attr("train_time_s", session.train_time_s)
-            trial.set_user_attr("eval_time_s", session.eval_time_s)
+            TrialAttrs.write(trial, train_time_s=session.train_time_s, eval_time_s=session.eval_time_s)
     state, reason = verdict(st.spec, result)
     if state != "COMPLETE":
         raise TrialFailed(reason)
-    for key in (
-        "trainable_params",
-        "total_params",
-        "val_loss",
-        "merged_val_loss",
-        "accuracy",
-        "time_per_step_s",
-        "peak_mem_bytes",
-        "max_abs_logit_diff",
-        "checkpoint_bytes",
-    ):
-        trial.set_user_attr(key, result.value(key))
+    TrialAttrs.write(trial, **{key: result.value(key) for key in RESULTS})
     return [float(result.value(name)) for name in st.spec.objectives]
 
 
@@ -214,7 +200,7 @@ def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
     """A signal stopped this trial: FAIL it with the reason and queue a retry with the same parameters at once (not
     counted against max_retry: the trial did nothing wrong); the retry resumes from the kept checkpoints."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.set_user_attr("fail_reason", reason)
+        TrialAttrs.write(trial, fail_reason=reason)
         st.study.tell(trial, state=TrialState.FAIL)
         frozen = internals.frozen(trial)
         system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
@@ -224,7 +210,7 @@ def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
                 state=TrialState.WAITING,
                 params=frozen.params,
                 distributions=frozen.distributions,
-                user_attrs={**frozen.user_attrs, "retried_because": f"trial {frozen.number}: {reason}"},
+                user_attrs={**TrialAttrs.read(frozen).stored(), "retried_because": f"trial {frozen.number}: {reason}"},
                 system_attrs=system_attrs,
             )
         )

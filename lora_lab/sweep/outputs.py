@@ -18,6 +18,7 @@ from lora_lab.files import atomic_write_text
 from lora_lab.records import Results, StudyThroughput
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study, best_trial
+from lora_lab.sweep.trials import TrialAttrs
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -45,6 +46,19 @@ COMPARE_COLUMNS = [
 ]
 
 
+# trials.csv's attribute columns (TrialAttrs fields), after the trial's number, state, values and params.
+CSV_ATTRS = (
+    "trainable_params",
+    "val_loss",
+    "merged_val_loss",
+    "accuracy",
+    "time_per_step_s",
+    "overhead_s",
+    "fail_reason",
+    "retried_because",
+)
+
+
 def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
     """best.yaml, trials.csv, comparison.md/csv and plots into the study folder; returns the files written."""
     from lora_lab import plots
@@ -65,31 +79,22 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
         files.append(out / "best.yaml")
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    attrs = [
-        "trainable_params",
-        "val_loss",
-        "merged_val_loss",
-        "accuracy",
-        "time_per_step_s",
-        "overhead_s",
-        "fail_reason",
-        "retried_because",
-    ]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
-        ["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *attrs, "retry_of", "duration_s"]
+        ["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *CSV_ATTRS, "retry_of", "duration_s"]
     )
     for t in trials:
         values = t.values or [None] * len(st.spec.objectives)
         dur = t.duration.total_seconds() if t.duration else None
+        a = TrialAttrs.read(t)
         w.writerow(
             [
                 t.number,
                 t.state.name,
                 *values,
                 *[t.params.get(k) for k in keys],
-                *[t.user_attrs.get(a) for a in attrs],
+                *[getattr(a, k) for k in CSV_ATTRS],
                 t.system_attrs.get("failed_trial"),
                 dur,
             ]
@@ -182,9 +187,10 @@ def quote(arg: str) -> str:
 
 def overhead_share(study: optuna.Study) -> Optional[float]:
     """Share of the wall time of completed and pruned trials spent outside training steps and evaluations."""
-    done = [t for t in study.get_trials(deepcopy=False) if "overhead_s" in t.user_attrs]
-    wall = sum(t.user_attrs["wall_s"] for t in done)
-    return sum(t.user_attrs["overhead_s"] for t in done) / wall if wall > 0 else None
+    timed = [a for a in map(TrialAttrs.read, study.get_trials(deepcopy=False)) if a.overhead_s is not None]
+    split = [a.require("overhead_s", "wall_s") for a in timed]
+    wall = sum(w for _, w in split)
+    return sum(o for o, _ in split) / wall if wall > 0 else None
 
 
 def throughput(study: optuna.Study, phase: tuple[float, float]) -> Optional[StudyThroughput]:
@@ -204,10 +210,9 @@ def throughput(study: optuna.Study, phase: tuple[float, float]) -> Optional[Stud
         return None
     busy: dict[str, float] = {}
     for t in ran:
-        device = t.user_attrs.get("device", "unknown")
-        busy[device] = (
-            busy.get(device, 0.0) + t.user_attrs.get("train_time_s", 0.0) + t.user_attrs.get("eval_time_s", 0.0)
-        )
+        a = TrialAttrs.read(t)
+        device = a.device if a.device is not None else "unknown"
+        busy[device] = busy.get(device, 0.0) + (a.train_time_s or 0.0) + (a.eval_time_s or 0.0)
     per_device = {d: b / wall for d, b in sorted(busy.items())}
     return StudyThroughput(
         trials=len(ran),

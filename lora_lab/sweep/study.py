@@ -21,6 +21,7 @@ from lora_lab import tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, outputs_root
 from lora_lab.files import file_lock
 from lora_lab.sweep import search
+from lora_lab.sweep.trials import TrialAttrs
 from lora_lab.warm import Warm
 
 log = logging.getLogger("lora_lab")
@@ -203,18 +204,16 @@ class Study:
         # Trials of a configuration that stopped the study (its first trials all failed the same way) or of settings
         # the study has since been fixed to move away from do not count: the corrected study gets its full budget.
         uncounted = set(self.study.user_attrs.get("uncounted_failures", []))
-        return sum(
-            1
-            for t in trials
-            if not (
-                t.state == TrialState.FAIL
-                and (
-                    t.number in retried
-                    or t.number in uncounted
-                    or t.user_attrs.get("fingerprint", self.fingerprint) != self.fingerprint
-                )
+
+        def counts(t: optuna.trial.FrozenTrial) -> bool:
+            if t.state != TrialState.FAIL:
+                return True
+            ran_with = TrialAttrs.read(t).fingerprint
+            return not (
+                t.number in retried or t.number in uncounted or (ran_with is not None and ran_with != self.fingerprint)
             )
-        )
+
+        return sum(1 for t in trials if counts(t))
 
     def top_up(self) -> int:
         """Enqueue WAITING trials until the budget n_trials is reached; return how many were added."""
@@ -280,7 +279,7 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
         reason = "worker lost: no heartbeat (killed or preempted)"
         # Optuna has already made the lost trial FAIL, so its attributes are frozen: the reason travels with the
         # retry (built from this copy), and on the lost trial's MLflow run.
-        trial.user_attrs["retried_because"] = f"trial {trial.number}: {reason}"
+        TrialAttrs.write(trial, retried_because=f"trial {trial.number}: {reason}")
         if self._study.tracking.enabled:
             with contextlib.suppress(Exception):
                 tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)

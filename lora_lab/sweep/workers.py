@@ -20,6 +20,7 @@ from lora_lab.config import ConfigError
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep.objective import TrialLost, claim_trial_dir, interrupted, run_one, still_mine
 from lora_lab.sweep.study import Invocation, Study, best_trial, trial_seed
+from lora_lab.sweep.trials import TrialAttrs
 from lora_lab.train import Interrupted, free_memory
 
 log = logging.getLogger("lora_lab")
@@ -70,8 +71,8 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
             # collector, so the collections after the trial (Session.close) scan only what the trial made. Warm.drop
             # unfreezes before it collects, so a dropped model is still freed.
             gc.freeze()
-            trial.set_user_attr("fingerprint", st.fingerprint)
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (hosts, kill tests)
+            # Who ran it: the study's settings when it ran, and the process (hosts, the kill tests).
+            TrialAttrs.write(trial, fingerprint=st.fingerprint, worker=f"{socket.gethostname()}:{os.getpid()}")
             t0 = time.time()
             try:
                 with internals.heartbeat(study, trial_id):
@@ -90,15 +91,17 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
             if state is None:  # taken away while this worker was paused: the retry owns it now
                 log.warning("%s", reason)
                 continue
-            if reason:
-                trial.set_user_attr("fail_reason" if state == TrialState.FAIL else "prune_reason", reason)
-            attrs = internals.storage(study).get_trial_user_attrs(trial_id)
-            if state in (TrialState.COMPLETE, TrialState.PRUNED) and "train_time_s" in attrs:
+            if reason and state == TrialState.FAIL:
+                TrialAttrs.write(trial, fail_reason=reason)
+            elif reason:
+                TrialAttrs.write(trial, prune_reason=reason)
+            attrs = TrialAttrs.read(internals.storage(study).get_trial_user_attrs(trial_id))
+            if state in (TrialState.COMPLETE, TrialState.PRUNED) and attrs.train_time_s is not None:
                 # What the trial spent outside training steps and evaluations: compose, model and data from cache,
                 # MLflow logging. The sweep reports its share of the wall time (target: under 5%).
                 wall = time.time() - t0
-                trial.set_user_attr("overhead_s", wall - attrs["train_time_s"] - attrs["eval_time_s"])
-                trial.set_user_attr("wall_s", wall)
+                train_s, eval_s = attrs.require("train_time_s", "eval_time_s")
+                TrialAttrs.write(trial, overhead_s=wall - train_s - eval_s, wall_s=wall)
             study.tell(trial, values=values, state=state)
             if state != TrialState.COMPLETE:
                 # Session.close() already collected; but a trial that ended in an exception kept its frames (and the
@@ -244,7 +247,7 @@ def resolve_per_device(st: Study) -> int:
     measured = [
         t
         for t in st.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.number not in before and t.user_attrs.get("peak_mem_bytes")
+        if t.number not in before and TrialAttrs.read(t).peak_mem_bytes
     ]
     if st.warm is not None:
         st.warm.drop()  # this process only waits from now on: its kept model must not take the workers' memory
@@ -252,7 +255,8 @@ def resolve_per_device(st: Study) -> int:
     if not measured:
         log.warning("sweep.trials_per_device=auto: the measuring trial did not complete; using 1 per device")
         return 1
-    peak = int(measured[0].user_attrs["peak_mem_bytes"])
+    (peak,) = TrialAttrs.read(measured[0]).require("peak_mem_bytes")
+    peak = int(peak)
     free, total = torch.cuda.mem_get_info(device)
     n = auto_per_device(peak, free)
     st.study.set_user_attr("trials_per_device", n)  # what auto chose, for the bench and for a later look
