@@ -122,6 +122,29 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     assert "No space left" in by_trial["2"].data.tags["lora_lab.reason"]
 
 
+def test_a_runtime_error_that_says_out_of_memory_is_an_error_not_an_oom(tmp_path, monkeypatch):
+    """Out of memory is known by its type (torch.OutOfMemoryError; sweep.trials.is_oom): a RuntimeError whose message
+    says "out of memory" fails its trial as that error, at once, without the retry at half the micro-batch."""
+    from lora_lab import train
+    from lora_lab.sweep import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
+    calls = []
+
+    def fit(self, on_eval=None):
+        calls.append(self.cfg.trainer.batch_size)
+        raise RuntimeError("CUDA error: out of memory (a message, not the type)")
+
+    monkeypatch.setattr(train.Session, "fit", fit)
+    args = ["sweep=default", "sweep.name=says_oom", "sweep.n_trials=1", "sweep.sampler=random", "sweep.pruner=none"]
+    assert cli.main([*args, "sweep.compare_full=false", *TRAIN, "tracking=off"]) == 1  # no trial completed
+    (trial,) = load(f"sqlite:///{out / 'optuna.db'}", "says_oom").get_trials(deepcopy=False)
+    assert trial.state == TrialState.FAIL and calls == [4]  # one attempt, at the configured micro-batch
+    assert trial.user_attrs["fail_reason"] == "RuntimeError: CUDA error: out of memory (a message, not the type)"
+    assert not any("trainer.batch_size" in o for o in trial.user_attrs["overrides"])
+
+
 @pytest.mark.slow
 def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly(tmp_path):
     """Two `python -m lora_lab.sweep` processes on the embedded default study (SQLite, one outputs folder); one is

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
-from lora_lab.sweep.trials import KEYS, TrialAttrs
+from lora_lab.config import ConfigError, load_sweep
+from lora_lab.sweep.trials import KEYS, Failure, FailureKind, TrialAttrs, is_oom, verdict
 
 # The user_attrs keys that studies written before TrialAttrs existed hold (SQLite, journal, PostgreSQL): renaming one
 # would leave a resumed study's trials without it. trials.csv's columns are pinned by tests/test_golden_behaviour.py.
@@ -111,3 +113,74 @@ def test_a_missing_attribute_is_named() -> None:
     with pytest.raises(ValueError, match="'walltime'"):
         attrs.require("walltime")
     assert TrialAttrs.read({}) == TrialAttrs()  # a trial nobody wrote to: every attribute not recorded
+
+
+class Run:
+    """What verdict() reads of a records.RunRecord: its status, reason and results by name."""
+
+    def __init__(self, status: str = "completed", reason: str = "", **results: float) -> None:
+        self.status, self.reason, self.results = status, reason, results
+
+    def value(self, name: str) -> float:
+        return self.results.get(name)
+
+
+def test_a_diverged_trial_gets_its_kind_and_the_verdict_its_state() -> None:
+    spec = load_sweep("default", [])  # one objective: val_loss
+    stopped = verdict(spec, Run("diverged", "non-finite training loss at step 3"))
+    assert stopped.state == "FAIL" and stopped.failure.kind == FailureKind.DIVERGED
+    assert stopped.outcome() == ("FAIL", "diverged: non-finite training loss at step 3")  # the reason as before
+    nan = verdict(spec, Run(val_loss=float("nan")))
+    assert nan.failure.kind == FailureKind.DIVERGED and nan.failure.reason == "diverged: objective val_loss is nan"
+    inf = verdict(spec, Run(val_loss=float("inf")))  # Optuna would take +inf as COMPLETE
+    assert inf.state == "FAIL" and inf.failure.kind == FailureKind.DIVERGED
+    ok = verdict(spec, Run(val_loss=2.0))
+    assert ok.state == "COMPLETE" and ok.failure is None and ok.outcome() == ("COMPLETE", "")
+
+
+def test_an_oom_trial_and_a_bad_config_trial_get_their_kinds() -> None:
+    oom = Failure.of(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines"))
+    assert oom.kind == FailureKind.OOM and oom.reason == "oom: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert Failure.of(torch.cuda.OutOfMemoryError("again")).kind == FailureKind.OOM  # the same class
+    bad = Failure.of(ConfigError("lora.r: expected an integer >= 1, got 0"))
+    assert bad.kind == FailureKind.CONFIG and bad.reason == "ConfigError: lora.r: expected an integer >= 1, got 0"
+    error = Failure.of(OSError(28, "No space left on device"))
+    assert error.kind == FailureKind.ERROR and error.reason == "OSError: [Errno 28] No space left on device"
+    assert Failure.of(ValueError("x" * 5000)).reason == "ValueError: " + "x" * 988  # first line, 1000 characters
+
+
+def test_failing_the_same_way_compares_kinds_and_exception_types() -> None:
+    oom = [Failure.of(torch.OutOfMemoryError("a")), Failure.of(torch.OutOfMemoryError("b"))]
+    assert oom[0].signature == oom[1].signature
+    assert Failure.of(ValueError("a")).signature == Failure.of(ValueError("b")).signature
+    assert Failure.of(ValueError("a")).signature != Failure.of(KeyError("a")).signature
+    assert Failure.diverged("diverged: a").signature == Failure.diverged("diverged: b").signature
+    assert Failure.of(ConfigError("a")).signature != Failure.of(ValueError("a")).signature
+
+
+def test_oom_is_recognised_by_type_not_by_message() -> None:
+    # A message is not a type: these are errors, whatever they say.
+    assert not is_oom(RuntimeError("CUDA error: out of memory"))
+    assert Failure.of(RuntimeError("CUDA out of memory (a message only)")).kind == FailureKind.ERROR
+    assert not is_oom(ValueError("out of memory"))
+    # What torch raises when the CPU allocator fails: a plain RuntimeError, not OutOfMemoryError (never retried).
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert not isinstance(cpu.value, torch.OutOfMemoryError) and not is_oom(cpu.value)
+    # CUDA: the caching allocator raises torch.OutOfMemoryError; a failing CUDA call that allocates (pinned host
+    # memory, a library's cudaMalloc) raises torch.AcceleratorError with error_code cudaErrorMemoryAllocation (2).
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    accel = torch.AcceleratorError("CUDA error: out of memory")
+    accel.error_code = 2
+    assert is_oom(accel)
+    illegal = torch.AcceleratorError("CUDA error: an illegal memory access was encountered (says out of memory)")
+    illegal.error_code = 700
+    assert not is_oom(illegal)
+    # Raised from a real one (a wrapper's `raise ... from oom`): still out of memory.
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("compiling the step failed") from inner
+    except RuntimeError as wrapped:
+        assert is_oom(wrapped)

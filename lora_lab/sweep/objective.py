@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +19,11 @@ import optuna
 from optuna.trial import TrialState
 
 from lora_lab.config import compose
+from lora_lab.records import RunRecord
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study
-from lora_lab.sweep.trials import RESULTS, TrialAttrs, TrialFailed, is_oom, verdict
+from lora_lab.sweep.trials import RESULTS, Failure, FailureKind, TrialAttrs, TrialFailed, Verdict, verdict
 from lora_lab.train import Interrupted, build, free_memory, run_tracked
 
 log = logging.getLogger("lora_lab")
@@ -38,6 +40,21 @@ class Pruned(optuna.TrialPruned):
     """Optuna's pruning signal, carrying the MLflow state the run ends in (tracking reads `run_state`)."""
 
     run_state = "PRUNED"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a popped trial ended here: its state (None: taken away from this worker, which drops it), its objective
+    values when COMPLETE, its failure when FAIL, and `note`: why it was pruned or dropped."""
+
+    state: Optional[TrialState]
+    values: Optional[list[float]] = None
+    failure: Optional[Failure] = None
+    note: str = ""
+
+    @property
+    def reason(self) -> str:
+        return self.failure.reason if self.failure is not None else self.note
 
 
 def trial_dir(st: Study, trial: optuna.Trial) -> Path:
@@ -128,6 +145,12 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             if event.step >= warmup and trial.should_prune():
                 raise Pruned(f"pruned at step {event.step} (val_loss {event.metrics['val_loss']:.4f})")
 
+    judged: list[Verdict] = []
+
+    def judge(result: RunRecord) -> tuple[str, str]:
+        judged.append(verdict(st.spec, result))  # judged once: the run's MLflow outcome and the trial's state agree
+        return judged[-1].outcome()
+
     name = st.spec.name
     try:
         result = run_tracked(
@@ -141,22 +164,23 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
             searched=dict(trial.params),
             parent_run_id=st.parent_run_id,
             on_eval=on_eval,
-            verdict=lambda r: verdict(st.spec, r),
+            verdict=judge,
         )
     finally:  # pruned trials too: the overhead share counts every trial that ran
         if st.warm is not None:
             st.warm.give_back()  # the kept model is the loaded one again (or dropped) before anything else runs
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
             TrialAttrs.write(trial, train_time_s=session.train_time_s, eval_time_s=session.eval_time_s)
-    state, reason = verdict(st.spec, result)
-    if state != "COMPLETE":
-        raise TrialFailed(reason)
+    (judgement,) = judged
+    if judgement.failure is not None:
+        raise TrialFailed(judgement.failure)
     TrialAttrs.write(trial, **{key: result.value(key) for key in RESULTS})
     return [float(result.value(name)) for name in st.spec.objectives]
 
 
-def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[float]], str]:
-    """Run a popped trial to its end state; every failure becomes FAIL with a reason, and the sweep goes on.
+def run_one(st: Study, trial: optuna.Trial) -> Outcome:
+    """Run a popped trial to its end state; every failure becomes FAIL with its kind and reason, and the sweep goes
+    on.
 
     Checkpoints exist to resume a trial whose worker died; a trial that ends here in any state drops them.
     """
@@ -164,30 +188,28 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
     keep = False
     try:
         for attempt in (1, 2):
-            oom = None
             try:
-                return TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1), ""
+                return Outcome(TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1))
             except Interrupted:
                 keep = True  # SIGINT/SIGTERM: the rerun resumes from these
                 raise
             except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as exc:
-                return None, None, str(exc)
+                return Outcome(None, note=str(exc))
             except optuna.TrialPruned as exc:
-                return TrialState.PRUNED, None, str(exc)
+                return Outcome(TrialState.PRUNED, note=str(exc))
             except TrialFailed as exc:
-                return TrialState.FAIL, None, exc.reason
+                return Outcome(TrialState.FAIL, failure=exc.failure)
             except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
-                reason = f"oom: {exc}" if is_oom(exc) else f"{type(exc).__name__}: {exc}"
-                oom = is_oom(exc)
-                if not oom:
-                    log.error("trial %d failed: %s", trial.number, reason)
-                    return TrialState.FAIL, None, reason.splitlines()[0][:1000]
+                failure = Failure.of(exc)
+                if failure.kind != FailureKind.OOM:
+                    log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                    return Outcome(TrialState.FAIL, failure=failure)
             # Out of memory: free it outside the except block (the traceback pins the failed attempt's tensors),
             # then retry once with half the micro-batch and twice the accumulation, from step 0.
             free_memory()
             _, cfg = compose(st.base_overrides + search.trial_overrides(internals.frozen(trial)))
             if attempt == 2 or cfg.trainer.batch_size % 2:
-                return TrialState.FAIL, None, reason.splitlines()[0][:1000]
+                return Outcome(TrialState.FAIL, failure=failure)
             log.warning("trial %d ran out of memory; retrying once with half the micro-batch", trial.number)
             shutil.rmtree(checkpoints, ignore_errors=True)  # written with the other micro-batch size
         raise AssertionError("unreachable")
@@ -196,9 +218,10 @@ def run_one(st: Study, trial: optuna.Trial) -> tuple[TrialState, Optional[list[f
             shutil.rmtree(checkpoints, ignore_errors=True)
 
 
-def interrupted(st: Study, trial: optuna.Trial, reason: str) -> None:
+def interrupted(st: Study, trial: optuna.Trial, exc: Interrupted) -> None:
     """A signal stopped this trial: FAIL it with the reason and queue a retry with the same parameters at once (not
     counted against max_retry: the trial did nothing wrong); the retry resumes from the kept checkpoints."""
+    reason = Failure.interrupted(exc).reason
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         TrialAttrs.write(trial, fail_reason=reason)
         st.study.tell(trial, state=TrialState.FAIL)

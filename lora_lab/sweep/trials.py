@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
@@ -107,27 +108,108 @@ def check_keys(attrs: Mapping[str, Any], how: str) -> None:
         )
 
 
+class FailureKind(enum.Enum):
+    """How a trial failed. Its stored reason (fail_reason, the run's reason tag) reads as it always has."""
+
+    DIVERGED = "diverged"  # the run stopped on a non-finite loss, or an objective is not a finite number
+    OOM = "oom"  # out of memory (is_oom), also after the retry with half the micro-batch
+    CONFIG = "config"  # the trial's composed configuration is refused (ConfigError)
+    ERROR = "error"  # any other exception
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: retried at once, from its checkpoints
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a trial failed: its kind, the reason stored on it, and for an exception that exception's type name."""
+
+    kind: FailureKind
+    reason: str
+    error: str = ""
+
+    @property
+    def signature(self) -> tuple[FailureKind, str]:
+        """What "failed the same way" compares: the kind, and for an exception (oom aside) its type."""
+        return self.kind, "" if self.kind == FailureKind.OOM else self.error
+
+    @classmethod
+    def diverged(cls, reason: str) -> "Failure":
+        return cls(FailureKind.DIVERGED, reason)
+
+    @classmethod
+    def interrupted(cls, exc: BaseException) -> "Failure":
+        return cls(FailureKind.INTERRUPTED, str(exc), type(exc).__name__)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failure":
+        """The failure an exception out of a trial is: oom by its type (is_oom), a refused configuration, or an
+        error; the reason is its first line (at most 1000 characters)."""
+        from lora_lab.config import ConfigError
+
+        oom = is_oom(exc)
+        kind = FailureKind.OOM if oom else FailureKind.CONFIG if isinstance(exc, ConfigError) else FailureKind.ERROR
+        text = f"oom: {exc}" if oom else f"{type(exc).__name__}: {exc}"
+        return cls(kind, text.splitlines()[0][:1000], type(exc).__name__)
+
+
 class TrialFailed(Exception):
-    """A trial ended without a usable objective (diverged, oom, an error); `reason` goes on the trial and its run."""
+    """A trial ended without a usable objective; its `failure` goes on the trial and its run."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
 
 
-def verdict(spec: SweepConfig, result: RunRecord) -> tuple[str, str]:
-    """A finished run's trial state and reason: COMPLETE only with a finite value for every objective (Optuna takes
-    +-inf as COMPLETE; here it is a failed trial)."""
+@dataclass(frozen=True)
+class Verdict:
+    """A finished run's trial state: COMPLETE, or FAIL with its failure. Judged once per trial (verdict())."""
+
+    failure: Optional[Failure] = None
+
+    @property
+    def state(self) -> str:
+        return "COMPLETE" if self.failure is None else "FAIL"
+
+    def outcome(self) -> tuple[str, str]:
+        """(state, reason), as the trial's MLflow run records it (train.run_tracked's verdict)."""
+        return self.state, self.failure.reason if self.failure else ""
+
+
+def verdict(spec: SweepConfig, result: RunRecord) -> Verdict:
+    """COMPLETE only with a finite value for every objective (Optuna takes +-inf as COMPLETE; here it is a failed
+    trial); a run that did not complete (records: status 'diverged') FAILs with its reason."""
     if result.status != "completed":
-        return "FAIL", f"{result.status}: {result.reason}"
+        return Verdict(Failure.diverged(f"{result.status}: {result.reason}"))
     for name in spec.objectives:
         value = result.value(name)
         if value is None or not math.isfinite(float(value)):
-            return "FAIL", f"diverged: objective {name} is {value}"
-    return "COMPLETE", ""
+            return Verdict(Failure.diverged(f"diverged: objective {name} is {value}"))
+    return Verdict()
+
+
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation (HIP's hipErrorOutOfMemory has the same number)
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is torch running out of device memory, by type.
+
+    torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class): the CUDA caching allocator, also past
+    torch.cuda.set_per_process_memory_fraction (the cap of a worker sharing its GPU). torch.AcceleratorError with
+    error_code cudaErrorMemoryAllocation: a CUDA call that allocates outside that allocator (pinned host memory,
+    a library's own cudaMalloc) failing, "CUDA error: out of memory". Not out of memory: any other RuntimeError, even
+    one whose message says so (a message is not a type), and the CPU allocator's failure, a plain RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), which halving the micro-batch was never meant to retry; on Linux
+    a process out of host memory is mostly ended by the kernel's OOM killer, with no exception at all.
+    """
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if accelerator_error is not None and isinstance(exc, accelerator_error):
+            if getattr(exc, "error_code", None) == CUDA_ERROR_MEMORY_ALLOCATION:
+                return True
+        exc = exc.__cause__
+    return False

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from lora_lab.config import ConfigError
 from lora_lab.sweep import optuna_internals as internals
-from lora_lab.sweep.objective import TrialLost, claim_trial_dir, interrupted, run_one, still_mine
+from lora_lab.sweep.objective import Outcome, TrialLost, claim_trial_dir, interrupted, run_one, still_mine
 from lora_lab.sweep.study import Invocation, Study, best_trial, trial_seed
 from lora_lab.sweep.trials import TrialAttrs
 from lora_lab.train import Interrupted, free_memory
@@ -44,8 +44,9 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
     study, spec = st.study, st.spec
     heartbeats = internals.heartbeats_enabled(study)
     started = time.time()
-    first_failures: list[str] = []
-    failed_numbers: list[int] = []
+    # The failure signature of each of this worker's first FIRST_FAILURES_TO_STOP trials (None: it did not fail).
+    first: list[Optional[tuple[Any, str]]] = []
+    first_numbers: list[int] = []
     bar = study_bar(st)
     ran = 0
     try:
@@ -78,20 +79,21 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
                 with internals.heartbeat(study, trial_id):
                     _, lock = claim_trial_dir(st, trial)
                     try:
-                        state, values, reason = run_one(st, trial)
-                        if state is not None:
+                        outcome = run_one(st, trial)
+                        if outcome.state is not None:
                             still_mine(trial)
                     finally:
                         lock.close()
             except Interrupted as exc:
-                interrupted(st, trial, str(exc))
+                interrupted(st, trial, exc)
                 raise
             except TrialLost as exc:
-                state, values, reason = None, None, str(exc)
+                outcome = Outcome(None, note=str(exc))
+            state, values, reason = outcome.state, outcome.values, outcome.reason
             if state is None:  # taken away while this worker was paused: the retry owns it now
                 log.warning("%s", reason)
                 continue
-            if reason and state == TrialState.FAIL:
+            if outcome.failure is not None:
                 TrialAttrs.write(trial, fail_reason=reason)
             elif reason:
                 TrialAttrs.write(trial, prune_reason=reason)
@@ -109,25 +111,21 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
                 free_memory()
             log_trial(trial.number, state, values, reason, trial.params, time.time() - t0)
             refresh_bar(bar, st)
-            if state == TrialState.FAIL:
-                first_failures.append(reason.split(":")[0])
-                failed_numbers.append(trial.number)
+            if len(first) < FIRST_FAILURES_TO_STOP:
+                first.append(outcome.failure.signature if outcome.failure is not None else None)
+                first_numbers.append(trial.number)
                 if (
-                    len(first_failures) == FIRST_FAILURES_TO_STOP
-                    and len(set(first_failures)) == 1
+                    len(first) == FIRST_FAILURES_TO_STOP
+                    and None not in first  # a trial that did not fail breaks the run of identical failures
+                    and len(set(first)) == 1
                     and not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
                 ):
                     # The configuration is broken, not these trials: once it is fixed they must not fill the budget.
-                    st.stop_counting(failed_numbers)
+                    st.stop_counting(first_numbers)
                     raise ConfigError(
                         f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
                         f"({reason}); stopping the study: fix the cause and run the command again"
                     )
-            elif len(first_failures) < FIRST_FAILURES_TO_STOP:
-                first_failures, failed_numbers = (
-                    [f"ok-{trial.number}"],
-                    [],
-                )  # a success breaks the run of identical failures
     finally:
         bar.close()
         gc.unfreeze()  # what was frozen between trials goes back to the collector: an in-process caller runs on
