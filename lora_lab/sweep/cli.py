@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from lora_lab import tracking
 from lora_lab.config import ConfigError, load_sweep
+from lora_lab.markdown import table
 from lora_lab.sweep import outputs, search, workers
 from lora_lab.sweep.compare import compare_with_full
 from lora_lab.sweep.preflight import check_study, preflight
@@ -166,7 +167,7 @@ def finish(st: Study) -> int:
             best_overrides=" ".join(search.trial_overrides(best)) if best else "",
             counts=counts,
             description=study_note(st),
-            table=outputs.format_table(rows, outputs.COMPARE_COLUMNS) if rows else "",
+            table=table(rows, outputs.COMPARE_COLUMNS) if rows else "",
         )
         tracking.finish_parent(st.tracking, st.parent_run_id, spec.name, summary, files, end=all_done)
     print()
@@ -184,7 +185,7 @@ def finish(st: Study) -> int:
     if rate is not None:
         print(outputs.throughput_line(rate))
     if rows:
-        print("\n" + outputs.format_table(rows, outputs.COMPARE_COLUMNS))
+        print("\n" + table(rows, outputs.COMPARE_COLUMNS))
     print(f"\nfiles: {st.dir}")
     if st.tracking.enabled:
         print(f"See it in MLflow:  {tracking.ui_command(st.tracking)}")

@@ -15,27 +15,15 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from lora_lab.files import atomic_write_text
+from lora_lab.markdown import Column, table
 from lora_lab.records import Results, StudyThroughput
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study, best_trial
 from lora_lab.sweep.trials import TrialAttrs
 
-
-def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """A Markdown table: columns are (key, header, format)."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = []
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("-" if v is None else (fmt.format(v) if fmt else str(v)))
-        body.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, sep, *body])
-
-
-COMPARE_COLUMNS = [
+# The comparison table's columns (markdown.table: key, header, format), as printed and in MLflow; comparison.md adds
+# the settings of each row.
+COMPARE_COLUMNS: list[Column] = [
     ("method", "method", ""),
     ("val_loss", "val loss", "{:.4f}"),
     ("accuracy", "accuracy", "{:.3f}"),
@@ -60,7 +48,7 @@ CSV_ATTRS = (
 
 
 def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
-    """best.yaml, trials.csv, comparison.md/csv and plots into the study folder; returns the files written."""
+    """best.yaml, trials.csv, comparison.md and plots into the study folder; returns the files written."""
     from lora_lab import plots
 
     study, out = st.study, st.dir
@@ -102,7 +90,7 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
     atomic_write_text(out / "trials.csv", buf.getvalue())
     files.append(out / "trials.csv")
     if compare_rows:
-        md = format_table(compare_rows, COMPARE_COLUMNS + [("settings", "settings", "")])
+        md = table(compare_rows, COMPARE_COLUMNS + [("settings", "settings", "")])
         atomic_write_text(
             out / "comparison.md", f"Best LoRA trial vs full fine-tuning, study `{st.spec.name}`\n\n{md}\n"
         )
