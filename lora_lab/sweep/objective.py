@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,8 +61,13 @@ def trial_dir(st: Study, trial: optuna.Trial) -> Path:
     """A trial's folder; a retry uses the folder of the trial it retries, so it resumes from its checkpoint."""
     if trial.number in st.folders:
         return st.folders[trial.number]
-    original = internals.frozen(trial).system_attrs.get("failed_trial")
-    return st.dir / "trials" / f"{original if original is not None else trial.number:04d}"
+    original = retried_trial(trial)
+    return st.trial_folder(original if original is not None else trial.number)
+
+
+def retried_trial(trial: optuna.Trial) -> Optional[int]:
+    """The number of the trial this one retries (Optuna's system attribute `failed_trial`), or None."""
+    return internals.frozen(trial).system_attrs.get("failed_trial")
 
 
 def claim_trial_dir(st: Study, trial: optuna.Trial) -> tuple[Path, Any]:
@@ -71,9 +76,8 @@ def claim_trial_dir(st: Study, trial: optuna.Trial) -> tuple[Path, Any]:
     starts from step 0: two workers never write one folder. Returns the folder and the open lock file."""
     import fcntl
 
-    original = internals.frozen(trial).system_attrs.get("failed_trial")
-    for number in [n for n in (original, trial.number) if n is not None]:
-        folder = st.dir / "trials" / f"{number:04d}"
+    for number in [n for n in (retried_trial(trial), trial.number) if n is not None]:
+        folder = st.trial_folder(number)
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / ".owner.lock", "a")
         try:
@@ -228,12 +232,13 @@ def interrupted(st: Study, trial: optuna.Trial, exc: Interrupted) -> None:
         frozen = internals.frozen(trial)
         system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
         system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
+        attrs = replace(TrialAttrs.read(frozen), retried_because=f"trial {frozen.number}: {reason}")
         st.study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,
                 params=frozen.params,
                 distributions=frozen.distributions,
-                user_attrs={**TrialAttrs.read(frozen).stored(), "retried_because": f"trial {frozen.number}: {reason}"},
+                user_attrs=attrs.stored(),
                 system_attrs=system_attrs,
             )
         )

@@ -1,5 +1,8 @@
-"""What a study reports: best.yaml, trials.csv, comparison.md and plots in its folder, and its summary numbers
-(the overhead share, trials per hour, the devices' busy share)."""
+"""What a study reports: best.yaml, trials.csv, comparison.md, plots, and its summary numbers.
+
+The numbers: the share of trial wall time outside training steps and evaluations, trials per hour and each device's
+busy share (printed, and the parent MLflow run's metrics).
+"""
 
 from __future__ import annotations
 

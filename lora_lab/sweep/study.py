@@ -55,9 +55,14 @@ class Study:
         # This invocation's trial phase (all its workers), for trials per hour and the devices' busy share.
         self.phase: Optional[tuple[float, float]] = None
 
+    def trial_folder(self, number: int) -> Path:
+        """The folder of trial `number` (its config, checkpoints, metrics.json, adapter)."""
+        return self.dir / "trials" / f"{number:04d}"
+
     # -- storage ---------------------------------------------------------------------------------------------
 
     def storage_url(self) -> str:
+        """sweep.storage (PostgreSQL through an installed driver), or the embedded SQLite file in the outputs."""
         if self.spec.storage:
             return pg_driver(self.spec.storage)
         return f"sqlite:///{outputs_root() / 'optuna.db'}"
@@ -109,6 +114,7 @@ class Study:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, self.spec.n_trials // 2)))
 
     def pruner(self) -> optuna.pruners.BasePruner:
+        """The study's pruner: median (after pruner_startup_trials), hyperband over the steps, or none."""
         if self.spec.pruner == "median":
             return optuna.pruners.MedianPruner(
                 n_startup_trials=self.spec.pruner_startup_trials, n_warmup_steps=0, n_min_trials=1, interval_steps=1
@@ -251,6 +257,7 @@ class Study:
         self.study.set_user_attr("uncounted_failures", sorted(uncounted))
 
     def counts(self) -> dict[str, int]:
+        """How many of the study's trials are in each state (COMPLETE, FAIL, ...)."""
         states: dict[str, int] = {}
         for t in self.study.get_trials(deepcopy=False):
             states[t.state.name] = states.get(t.state.name, 0) + 1

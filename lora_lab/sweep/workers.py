@@ -1,5 +1,8 @@
-"""Who runs the trials: the loop one worker process runs, and the local worker processes (launch, device pinning,
-threads, memory caps, trials_per_device=auto)."""
+"""Who runs the trials: one worker's loop, and the local worker processes (launch, device pinning, threads).
+
+A local worker process is `python -m lora_lab.sweep` again, marked by WORKER_ENV, pinned to its GPU with
+CUDA_VISIBLE_DEVICES, capped to its share of that GPU's memory when processes share it, given its share of the cores.
+"""
 
 from __future__ import annotations
 
@@ -148,6 +151,7 @@ def study_bar(st: Study) -> Any:
 
 
 def refresh_bar(bar: Any, st: Study) -> None:
+    """The bar's count of finished trials (every worker's) and the best so far."""
     done = sum(1 for t in st.study.get_trials(deepcopy=False) if t.state.is_finished())
     bar.n = min(done, bar.total)
     best = best_trial(st.study)
@@ -159,6 +163,7 @@ def refresh_bar(bar: Any, st: Study) -> None:
 def log_trial(
     number: int, state: TrialState, values: Optional[list[float]], reason: str, params: dict, seconds: float
 ) -> None:
+    """One log line per finished trial: its state, values (or reason), parameters and time."""
     shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     value = ",".join(f"{v:.4f}" for v in values) if values else reason
     log.info("trial %d %s %s | %s (%.0f s)", number, state.name, value, shown, seconds)
