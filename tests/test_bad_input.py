@@ -34,9 +34,10 @@ def out(tmp_path, monkeypatch):
 
 
 def _check(entry: str, argv: list[str], expect: list[str], out: Path, capsys) -> None:
-    from lora_lab import sweep, train
+    from lora_lab import train
+    from lora_lab.sweep import cli
 
-    main = train.main if entry == "train" else sweep.main
+    main = train.main if entry == "train" else cli.main
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -205,11 +206,11 @@ def test_unwritable_outputs_are_exit_2_with_path_and_reason(case, tmp_path, out,
 
 
 def test_empty_or_foreign_storage_beside_a_studys_mlflow_runs_is_exit_2(tmp_path, out, capsys):
-    from lora_lab import sweep
+    from lora_lab.sweep import cli
 
     quick = ["sweep.n_trials=1", "sweep.compare_full=false", "sweep.pruner=none", "trainer.max_steps=2"]
     quick += ["trainer.eval_every=2", "trainer.eval_at_start=false"]
-    assert sweep.main([*TINY, *quick]) == 0
+    assert cli.main([*TINY, *quick]) == 0
     capsys.readouterr()
     db, runs = out / "optuna.db", out / "mlflow.db"
     before = runs.stat().st_size
@@ -220,7 +221,7 @@ def test_empty_or_foreign_storage_beside_a_studys_mlflow_runs_is_exit_2(tmp_path
     optuna.delete_study(study_name="default", storage=f"sqlite:///{foreign}")
     db.write_bytes(b"")  # a 0-byte optuna.db, as left by a full disk or a bad copy
     for argv in ([], [f"sweep.storage=sqlite:///{foreign}"]):
-        assert sweep.main([*TINY, *quick, *argv]) == 2
+        assert cli.main([*TINY, *quick, *argv]) == 2
         err = capsys.readouterr().err
         assert "sweep.storage" in err and "MLflow runs" in err and "sweep.name" in err, err
     assert runs.stat().st_size == before  # no duplicate children under the old parent

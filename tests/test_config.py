@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_lab import search
 from lora_lab.config import CONF_DIR, SWEEPS_DIR, ConfigError, compose, load_sweep
+from lora_lab.sweep import search
 
 # Group options that need a matching option elsewhere to make a valid run.
 PARTNERS = {("model", "minilm"): ["data=sentiment_head"], ("data", "sentiment_head"): ["model=minilm"]}

@@ -43,12 +43,13 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     trial 2 hits ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
     import safetensors.torch
 
-    from lora_lab import sweep, train
+    from lora_lab import train
+    from lora_lab.sweep import cli, objective
 
     out = tmp_path / "out"
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
     current: dict[str, int] = {}
-    real_run_trial, real_fit = sweep.run_trial, train.Session.fit
+    real_run_trial, real_fit = objective.run_trial, train.Session.fit
     real_save_file = safetensors.torch.save_file
 
     def run_trial(st, trial, batch_shrink=1):
@@ -74,11 +75,11 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real_save_file(tensors, filename, metadata)
 
-    monkeypatch.setattr(sweep, "run_trial", run_trial)
+    monkeypatch.setattr(objective, "run_trial", run_trial)
     monkeypatch.setattr(train.Session, "fit", fit)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
-    code = sweep.main(
+    code = cli.main(
         [
             "sweep=default",
             "sweep.name=faults",
@@ -119,6 +120,29 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     }
     assert "non-finite training loss" in by_trial["0"].data.tags["lora_lab.reason"]
     assert "No space left" in by_trial["2"].data.tags["lora_lab.reason"]
+
+
+def test_a_runtime_error_that_says_out_of_memory_is_an_error_not_an_oom(tmp_path, monkeypatch):
+    """Out of memory is known by its type (torch.OutOfMemoryError; sweep.trials.is_oom): a RuntimeError whose message
+    says "out of memory" fails its trial as that error, at once, without the retry at half the micro-batch."""
+    from lora_lab import train
+    from lora_lab.sweep import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
+    calls = []
+
+    def fit(self, on_eval=None):
+        calls.append(self.cfg.trainer.batch_size)
+        raise RuntimeError("CUDA error: out of memory (a message, not the type)")
+
+    monkeypatch.setattr(train.Session, "fit", fit)
+    args = ["sweep=default", "sweep.name=says_oom", "sweep.n_trials=1", "sweep.sampler=random", "sweep.pruner=none"]
+    assert cli.main([*args, "sweep.compare_full=false", *TRAIN, "tracking=off"]) == 1  # no trial completed
+    (trial,) = load(f"sqlite:///{out / 'optuna.db'}", "says_oom").get_trials(deepcopy=False)
+    assert trial.state == TrialState.FAIL and calls == [4]  # one attempt, at the configured micro-batch
+    assert trial.user_attrs["fail_reason"] == "RuntimeError: CUDA error: out of memory (a message, not the type)"
+    assert not any("trainer.batch_size" in o for o in trial.user_attrs["overrides"])
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lora_lab import sweep, train
+from lora_lab import train
+from lora_lab.sweep import cli
 
 GOLDEN = Path(__file__).parent / "data" / "golden_behaviour.json"
 CAPTURE = os.environ.get("LORA_LAB_CAPTURE_GOLDEN") == "1"
@@ -95,7 +96,7 @@ def _observed_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[s
 def _observed_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     outputs = tmp_path / "sweep"
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(outputs))
-    code = sweep.main(
+    code = cli.main(
         [
             "sweep=default",
             *TINY,

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from sweeprun import REPO
 
-from lora_lab.sweep import trial_seed
+from lora_lab.sweep.study import trial_seed
 
 TRAIN = [
     "model=tiny",

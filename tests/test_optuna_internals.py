@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from lora_lab import optuna_internals as internals
+from lora_lab.sweep import optuna_internals as internals
 
 
 def test_installed_optuna_is_in_the_supported_range() -> None:

@@ -65,8 +65,8 @@ MLP_DIMS = 3 * (64 + 128)
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Three tiny studies (LoRA r x LR, full-FT LR, targets at two ranks) and the report on all of them."""
-    from lora_lab import sweep
     from lora_lab.report.__main__ import main
+    from lora_lab.sweep import cli
 
     root = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
@@ -74,7 +74,7 @@ def study(tmp_path_factory):
         for name, text in STUDIES.items():
             path = root / f"{name}.yaml"
             path.write_text(f"name: {name}\n" + text)
-            assert sweep.main([f"sweep={path}", *TINY]) == 0
+            assert cli.main([f"sweep={path}", *TINY]) == 0
         uri = f"sqlite:///{root / 'outputs' / 'mlflow.db'}"
         out = root / "report"
         args = ["--experiment", "report_test", "--tracking-uri", uri, "--out", str(out)]

@@ -9,8 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_lab import sweep
 from lora_lab.config import ConfigError, load_sweep
+from lora_lab.sweep import cli, objective
 
 TINY = [
     "model=tiny",
@@ -66,7 +66,7 @@ def test_space_errors_are_found_at_load_and_nothing_is_created(
     space: str, sampler: str, expect: list[str], tmp_path: Path, outputs: Path, capsys: pytest.CaptureFixture
 ) -> None:
     path = _file(tmp_path, "bad", f"sampler: {sampler}\nn_trials: 2\nspace:\n  {space}\n")
-    assert sweep.main([f"sweep={path}", *TINY, *QUICK]) == 2
+    assert cli.main([f"sweep={path}", *TINY, *QUICK]) == 2
     err = capsys.readouterr().err
     for word in expect:
         assert word in err, f"{word!r} not in {err}"
@@ -89,11 +89,11 @@ def test_a_broken_configuration_does_not_eat_the_budget_of_the_fixed_one(
     def broken(cfg):  # the cause the user then fixes (say, a data file): every trial fails the same way
         raise RuntimeError("broken data file")
 
-    monkeypatch.setattr(sweep, "build", broken)
-    assert sweep.main([f"sweep={path}", *TINY, "tracking=off", *QUICK]) == 1
+    monkeypatch.setattr(objective, "build", broken)
+    assert cli.main([f"sweep={path}", *TINY, "tracking=off", *QUICK]) == 1
     monkeypatch.undo()
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(outputs))
-    assert sweep.main([f"sweep={path}", *TINY, "tracking=off", *QUICK]) == 0
+    assert cli.main([f"sweep={path}", *TINY, "tracking=off", *QUICK]) == 0
     study = optuna.load_study(study_name="fixme", storage=f"sqlite:///{outputs / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states.count(TrialState.FAIL) == 3 and states.count(TrialState.COMPLETE) == 3, states
@@ -103,18 +103,18 @@ def test_odd_outputs_path_is_quoted_and_one_name_is_one_study(tmp_path: Path, mo
     out = tmp_path / "résultats d'été [1]"
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
     first = _file(tmp_path, "same", "n_trials: 1\nspace:\n  lora.r: {type: categorical, choices: [2, 4]}\n", "first")
-    assert sweep.main([f"sweep={first}", *TINY, *QUICK]) == 0
+    assert cli.main([f"sweep={first}", *TINY, *QUICK]) == 0
     study = optuna.load_study(study_name="same", storage=f"sqlite:///{out / 'optuna.db'}")
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
     assert (out / "studies" / "same" / "trials" / "0000" / "metrics.json").is_file()
     capsys.readouterr()
 
     second = _file(tmp_path, "same", "n_trials: 2\nspace:\n  lora.r: {type: categorical, choices: [8]}\n", "second")
-    assert sweep.main([f"sweep={second}", *TINY, *QUICK]) == 2
+    assert cli.main([f"sweep={second}", *TINY, *QUICK]) == 2
     err = capsys.readouterr().err
     assert str(first) in err and str(second) in err and "sweep.name" in err, err
     # the same file with other trial overrides is another study too; the unchanged command still resumes
-    assert sweep.main([f"sweep={first}", *TINY, "lora.dropout=0.1", *QUICK]) == 2
+    assert cli.main([f"sweep={first}", *TINY, "lora.dropout=0.1", *QUICK]) == 2
     assert "has changed" in capsys.readouterr().err
-    assert sweep.main([f"sweep={first}", *TINY, *QUICK, "sweep.n_trials=1"]) == 0
+    assert cli.main([f"sweep={first}", *TINY, *QUICK, "sweep.n_trials=1"]) == 0
     assert len(study.get_trials()) == 1

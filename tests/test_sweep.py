@@ -14,7 +14,9 @@ import optuna
 import pytest
 import yaml
 
-from lora_lab import sweep, train
+from lora_lab import train
+from lora_lab.sweep import cli
+from lora_lab.sweep.outputs import overhead_share
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false"]
 
@@ -41,7 +43,7 @@ def study_file(tmp_path: Path, name: str, body: str) -> str:
 
 
 def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, capsys: pytest.CaptureFixture) -> None:
-    code = sweep.main(["sweep=default", *TINY, "sweep.n_trials=3", "sweep.compare_full=false", "sweep.pruner=none"])
+    code = cli.main(["sweep=default", *TINY, "sweep.n_trials=3", "sweep.compare_full=false", "sweep.pruner=none"])
     assert code == 0
     study = load_study(outputs, "default")
     trials = study.get_trials()
@@ -52,7 +54,7 @@ def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, cap
         a = t.user_attrs
         assert a["train_time_s"] > 0 and a["eval_time_s"] > 0 and a["overhead_s"] >= 0
         assert a["train_time_s"] + a["eval_time_s"] + a["overhead_s"] == pytest.approx(a["wall_s"], rel=1e-6)
-    share = sweep.overhead_share(study)
+    share = overhead_share(study)
     assert share == pytest.approx(
         sum(t.user_attrs["overhead_s"] for t in trials) / sum(t.user_attrs["wall_s"] for t in trials)
     )
@@ -86,11 +88,11 @@ def test_three_trial_study_runs_logs_and_best_yaml_reproduces(outputs: Path, cap
 
 def test_rerun_resumes_and_runs_no_finished_trial_again(outputs: Path) -> None:
     args = ["sweep=default", *TINY, "sweep.n_trials=2", "sweep.compare_full=false", "trainer.max_steps=4"]
-    assert sweep.main(args) == 0
+    assert cli.main(args) == 0
     first = {t.number: t.datetime_complete for t in load_study(outputs, "default").get_trials()}
-    assert sweep.main(args) == 0  # same budget: nothing to do
+    assert cli.main(args) == 0  # same budget: nothing to do
     assert {t.number: t.datetime_complete for t in load_study(outputs, "default").get_trials()} == first
-    assert sweep.main([*args[:-2], "sweep.n_trials=3", "sweep.compare_full=false", "trainer.max_steps=4"]) == 0
+    assert cli.main([*args[:-2], "sweep.n_trials=3", "sweep.compare_full=false", "trainer.max_steps=4"]) == 0
     trials = load_study(outputs, "default").get_trials()
     assert len(trials) == 3 and {t.number: t.datetime_complete for t in trials if t.number in first} == first
 
@@ -114,7 +116,7 @@ n_trials: 6
 compare_full: false
 """,
     )
-    assert sweep.main([f"sweep={path}", *TINY]) == 0
+    assert cli.main([f"sweep={path}", *TINY]) == 0
     trials = load_study(outputs, "prune").get_trials()
     assert len(trials) == 6
     by_state = {s: [t for t in trials if t.state == s] for s in optuna.trial.TrialState}
@@ -151,7 +153,7 @@ compare_full: false
 
 
 def test_multi_objective_study_yields_pareto_front(outputs: Path) -> None:
-    assert sweep.main(["sweep=pareto", *TINY, "sweep.n_trials=4", "trainer.max_steps=4"]) == 0
+    assert cli.main(["sweep=pareto", *TINY, "sweep.n_trials=4", "trainer.max_steps=4"]) == 0
     study = load_study(outputs, "pareto")
     assert len(study.directions) == 2
     complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
@@ -166,7 +168,7 @@ def test_multi_objective_study_yields_pareto_front(outputs: Path) -> None:
 
 
 def test_compare_full_writes_comparison_table(outputs: Path, capsys: pytest.CaptureFixture) -> None:
-    code = sweep.main(
+    code = cli.main(
         ["sweep=default", *TINY, "sweep.n_trials=1", "sweep.full_lr_grid=[1e-4,1e-3]", "trainer.max_steps=4"]
     )
     assert code == 0

@@ -18,45 +18,45 @@ import pytest
 from optuna.trial import TrialState
 from sweeprun import FAST_HEARTBEAT, TRAIN, load, retry_of, start_worker, study_summary, tail, wait_all
 
-from lora_lab import sweep
 from lora_lab.config import ConfigError, load_sweep
+from lora_lab.sweep import cli, workers
 
 
 def test_worker_envs_two_gpus_three_per_device() -> None:
-    envs = sweep.worker_envs(devices=2, per_device=3, gpus=2, cores=16)
+    envs = workers.worker_envs(devices=2, per_device=3, gpus=2, cores=16)
     assert len(envs) == 6
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0", "0", "1", "1", "1"]
-    assert all(e[sweep.MEMORY_FRACTION_ENV] == f"{0.95 / 3:.4f}" for e in envs)
-    assert all(e[sweep.THREADS_ENV] == e["OMP_NUM_THREADS"] == "2" for e in envs)  # 16 cores // 6 processes
-    assert all(e[sweep.WORKER_ENV] == "1" for e in envs)
+    assert all(e[workers.MEMORY_FRACTION_ENV] == f"{0.95 / 3:.4f}" for e in envs)
+    assert all(e[workers.THREADS_ENV] == e["OMP_NUM_THREADS"] == "2" for e in envs)  # 16 cores // 6 processes
+    assert all(e[workers.WORKER_ENV] == "1" for e in envs)
 
 
 def test_worker_envs_cpu_and_oversubscribed_gpu() -> None:
-    cpu = sweep.worker_envs(devices=1, per_device=2, gpus=0, cores=2)
-    assert [e[sweep.THREADS_ENV] for e in cpu] == ["1", "1"]
-    assert not any("CUDA_VISIBLE_DEVICES" in e or sweep.MEMORY_FRACTION_ENV in e for e in cpu)
-    assert sweep.worker_envs(devices=1, per_device=3, gpus=0, cores=2)[0][sweep.THREADS_ENV] == "1"  # at least one
+    cpu = workers.worker_envs(devices=1, per_device=2, gpus=0, cores=2)
+    assert [e[workers.THREADS_ENV] for e in cpu] == ["1", "1"]
+    assert not any("CUDA_VISIBLE_DEVICES" in e or workers.MEMORY_FRACTION_ENV in e for e in cpu)
+    assert workers.worker_envs(devices=1, per_device=3, gpus=0, cores=2)[0][workers.THREADS_ENV] == "1"  # at least one
     # One process per GPU: no cap. Three workers on two GPUs: GPU 0 is shared by two, each gets half the share.
-    assert sweep.MEMORY_FRACTION_ENV not in sweep.worker_envs(devices=2, per_device=1, gpus=2, cores=4)[0]
-    shared = sweep.worker_envs(devices=3, per_device=1, gpus=2, cores=4)
+    assert workers.MEMORY_FRACTION_ENV not in workers.worker_envs(devices=2, per_device=1, gpus=2, cores=4)[0]
+    shared = workers.worker_envs(devices=3, per_device=1, gpus=2, cores=4)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in shared] == ["0", "1", "0"]
-    assert [e.get(sweep.MEMORY_FRACTION_ENV) for e in shared] == ["0.4750", None, "0.4750"]
+    assert [e.get(workers.MEMORY_FRACTION_ENV) for e in shared] == ["0.4750", None, "0.4750"]
 
 
 def test_worker_envs_keep_to_the_launchers_visible_gpus() -> None:
     # A launcher limited to physical GPUs 2 and 3 sees them as 0 and 1; its workers must be given 2 and 3 (UUIDs too).
-    envs = sweep.worker_envs(devices=2, per_device=2, gpus=2, cores=8, visible="2,3")
+    envs = workers.worker_envs(devices=2, per_device=2, gpus=2, cores=8, visible="2,3")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "2", "3", "3"]
-    uuids = sweep.worker_envs(devices=2, per_device=1, gpus=2, cores=8, visible="GPU-aa, GPU-bb")
+    uuids = workers.worker_envs(devices=2, per_device=1, gpus=2, cores=8, visible="GPU-aa, GPU-bb")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in uuids] == ["GPU-aa", "GPU-bb"]
 
 
 def test_auto_per_device() -> None:
     gib = 2**30
-    assert sweep.auto_per_device(peak_bytes=10 * gib, free_bytes=100 * gib) == 8  # 9 fit, capped at 8
-    assert sweep.auto_per_device(peak_bytes=30 * gib, free_bytes=100 * gib) == 3  # floor(0.9 * 100 / 30)
-    assert sweep.auto_per_device(peak_bytes=80 * gib, free_bytes=60 * gib) == 1  # never below one
-    assert sweep.auto_per_device(peak_bytes=0, free_bytes=60 * gib) == 1
+    assert workers.auto_per_device(peak_bytes=10 * gib, free_bytes=100 * gib) == 8  # 9 fit, capped at 8
+    assert workers.auto_per_device(peak_bytes=30 * gib, free_bytes=100 * gib) == 3  # floor(0.9 * 100 / 30)
+    assert workers.auto_per_device(peak_bytes=80 * gib, free_bytes=60 * gib) == 1  # never below one
+    assert workers.auto_per_device(peak_bytes=0, free_bytes=60 * gib) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "2.5", "true", "many"])
@@ -70,7 +70,7 @@ def test_bad_trials_per_device_is_a_config_error(value: str, outputs: Path) -> N
 def test_cli_refuses_bad_value_or_embedded_storage_with_exit_2(
     value: str, outputs: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert sweep.main(["sweep=default", f"sweep.trials_per_device={value}", *TRAIN]) == 2
+    assert cli.main(["sweep=default", f"sweep.trials_per_device={value}", *TRAIN]) == 2
     err = capsys.readouterr().err
     assert "sweep.trials_per_device" in err
     if value != "0":
@@ -163,7 +163,7 @@ def test_first_trial_takes_the_preflight_model(outputs: Path, tmp_path: Path) ->
         f"# python -m lora_lab.sweep sweep={study_file}\nname: handoff\nsampler: random\npruner: none\n"
         "compare_full: false\nn_trials: 2\nspace:\n  optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}\n"
     )
-    assert sweep.main([f"sweep={study_file}", *TRAIN, "trainer.checkpoint_every=0", "tracking=off"]) == 0
+    assert cli.main([f"sweep={study_file}", *TRAIN, "trainer.checkpoint_every=0", "tracking=off"]) == 0
     study = optuna.load_study(study_name="handoff", storage=f"sqlite:///{outputs / 'optuna.db'}")
     assert [t.user_attrs["warm"] for t in sorted(study.trials, key=lambda t: t.number)] == [True, True]
 
@@ -177,7 +177,7 @@ def test_auto_on_the_cpu_is_one_process(outputs: Path, tmp_path: Path, caplog: p
     journal = tmp_path / "auto.journal"
     args = ["sweep=default", "sweep.n_trials=1", "sweep.trials_per_device=auto", f"sweep.storage=journal:///{journal}"]
     with caplog.at_level(logging.INFO, logger="lora_lab"):
-        assert sweep.main([*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off", "trainer.device=cpu"]) == 0
+        assert cli.main([*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off", "trainer.device=cpu"]) == 0
     assert "sweep.trials_per_device=auto: 1 on the CPU" in caplog.text
     assert "starting" not in caplog.text  # no worker processes: the trial ran here
     study = optuna.load_study(study_name="default", storage=JournalStorage(JournalFileBackend(str(journal))))

@@ -9,9 +9,10 @@ import optuna
 import pytest
 import torch
 
-from lora_lab import sweep
 from lora_lab.config import compose
 from lora_lab.records import RunRecord
+from lora_lab.sweep import cli
+from lora_lab.sweep.outputs import throughput, throughput_metrics
 from lora_lab.train.build import build
 from lora_lab.train.warm import Warm
 
@@ -129,7 +130,7 @@ def test_sweep_warm_and_cold_give_the_same_trials_and_reload_on_model_change(
     values = {}
     for mode in ("true", "false"):
         name = f"warm-{mode}"
-        code = sweep.main([f"sweep={_study(tmp_path, name, space)}", f"sweep.warm={mode}", *TINY])
+        code = cli.main([f"sweep={_study(tmp_path, name, space)}", f"sweep.warm={mode}", *TINY])
         assert code == 0
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{outputs / 'optuna.db'}")
         trials = sorted(study.get_trials(), key=lambda t: t.number)
@@ -163,11 +164,11 @@ def test_throughput_counts_this_invocations_trials(tmp_path: Path) -> None:
             )
         )
     start = t0.timestamp()
-    rate = sweep.throughput(study, (start, start + 100.0))
+    rate = throughput(study, (start, start + 100.0))
     assert rate.trials == 3 and rate.trials_per_hour == pytest.approx(108.0)
     assert rate.per_device == pytest.approx({"h:cpu": 0.7, "h:cuda:1": 0.5})
     assert rate.busy_share == pytest.approx(0.6)
-    metrics = sweep.throughput_metrics(rate)
+    metrics = throughput_metrics(rate)
     assert metrics["perf/trials_per_hour"] == pytest.approx(108.0) and metrics["perf/busy_share"] == 0.6
     assert metrics["perf/busy_share/h_cuda_1"] == 0.5
-    assert sweep.throughput(study, (start + 3600, start + 3700)) is None  # none of them ran in that phase
+    assert throughput(study, (start + 3600, start + 3700)) is None  # none of them ran in that phase

@@ -13,6 +13,7 @@ import optuna
 from omegaconf import ListConfig, OmegaConf
 
 from lora_lab.config import Config, ConfigError, ParamSpec
+from lora_lab.sweep.trials import TrialAttrs
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,7 +86,7 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> list[str]:
         elif spec.type == "fixed":
             derived[path] = spec.value
     if derived:
-        trial.set_user_attr("derived", {k: choice_value(v) for k, v in derived.items()})
+        TrialAttrs.write(trial, derived={k: choice_value(v) for k, v in derived.items()})
     return [override(p, v) for p, v in {**values, **derived}.items()]
 
 
@@ -180,5 +181,5 @@ def preview(space: dict[str, ParamSpec]) -> list[list[str]]:
 
 def trial_overrides(trial: optuna.trial.FrozenTrial) -> list[str]:
     """The overrides a finished trial ran with (sampled params, then derived values)."""
-    values = {**trial.params, **trial.user_attrs.get("derived", {})}
+    values = {**trial.params, **(TrialAttrs.read(trial).derived or {})}
     return [override(p, v) for p, v in values.items()]
