@@ -54,13 +54,21 @@ def _linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _find(block_name: str, block: nn.Module, names: Sequence[str], what: str, model: nn.Module) -> list[str]:
-    """Linear modules of `block` whose name ends in one of `names` (the first name that matches anything)."""
+def _ends_in(name: str, suffix: str) -> bool:
+    """`name` is `suffix` or ends in it at a dot ('mlp.down_proj' ends in 'down_proj', not in 'proj')."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _find(
+    block_name: str, block: nn.Module, names: Sequence[str], what: str, model: nn.Module, *, unless: Sequence[str] = ()
+) -> list[str]:
+    """Linear modules of `block` whose name ends in one of `names` (the first name that matches anything) and in
+    none of `unless`."""
     for suffix in names:
         found = [
             f"{block_name}.{n}"
             for n, m in block.named_modules()
-            if _linear(m) and (n == suffix or n.endswith("." + suffix))
+            if _linear(m) and _ends_in(n, suffix) and not any(_ends_in(n, u) for u in unless)
         ]
         if found:
             return found
@@ -68,6 +76,12 @@ def _find(block_name: str, block: nn.Module, names: Sequence[str], what: str, mo
         f"{type(model).__name__}: layer {block_name} has no {what} linear (looked for {', '.join(names)}); "
         f"fused projections such as GPT-2's c_attn are not supported by this method"
     )
+
+
+def _mlp_down(block_name: str, block: nn.Module, model: nn.Module) -> list[str]:
+    """The MLP down projection(s) of one layer. BERT's is `output.dense`, a suffix its attention output
+    `attention.output.dense` ends in too: a module named as an attention output is never the MLP's."""
+    return _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model, unless=ATTN_OUT_NAMES)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -177,7 +191,7 @@ def ia3_targets(model: nn.Module) -> list[tuple[str, bool]]:
             out.append((name, False))
         for name in _find(block_name, block, VALUE_NAMES, "value projection", model):
             out.append((name, False))
-        for name in _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model):
+        for name in _mlp_down(block_name, block, model):
             out.append((name, True))
     return out
 
@@ -224,7 +238,7 @@ def adapter_targets(model: nn.Module, placement: str) -> list[str]:
     for block_name, block in repeated_blocks(model):
         if placement == "houlsby":
             out += _find(block_name, block, ATTN_OUT_NAMES, "attention output projection", model)
-        out += _find(block_name, block, MLP_DOWN_NAMES, "MLP down projection", model)
+        out += _mlp_down(block_name, block, model)
     return out
 
 

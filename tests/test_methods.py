@@ -170,6 +170,42 @@ def test_bitfit_refuses_a_model_without_biases_when_asked_to(build_tiny):
     assert names and all(n.endswith(".bias") for n in names)
 
 
+@pytest.mark.parametrize(
+    "placement, wrapped",
+    [("houlsby", ["attention.output.dense", "output.dense"]), ("pfeiffer", ["output.dense"])],
+)
+def test_adapters_on_bert_wrap_each_sub_layer_output_once(placement, wrapped, build_tiny, tiny_ids):
+    """BERT's MLP down projection `output.dense` is also a suffix of its attention output `attention.output.dense`:
+    houlsby wrapped that one twice (AttributeError: 'AdapterLinear' has no out_features), pfeiffer wrapped both."""
+    base = build_tiny("bert")
+    model = build_tiny("bert")
+    names = methods.apply_adapter(model, bottleneck=4, placement=placement, heads=["classifier"])
+    layers = len(model.bert.encoder.layer)
+    assert names == [f"bert.encoder.layer.{i}.{n}" for i in range(layers) for n in wrapped]
+    adapters = [n for n, m in model.named_modules() if isinstance(m, methods.AdapterLinear)]
+    assert adapters == names  # once each: no adapter around an adapter
+    assert all(isinstance(model.get_submodule(n).base_layer, torch.nn.Linear) for n in names)
+    assert methods.count_method_parameters(model) == layers * len(wrapped) * (2 * 32 * 4 + 4 + 32)
+    with torch.no_grad():
+        out = model(input_ids=tiny_ids).logits  # (2, 3)
+        torch.testing.assert_close(out, base(input_ids=tiny_ids).logits, atol=0, rtol=0)  # up = 0: the base model
+    out = model(input_ids=tiny_ids).logits
+    out.sum().backward()
+    assert all(p.grad is not None for p in methods.method_parameters(model).values())
+
+
+def test_ia3_on_bert_rescales_the_mlp_down_projection_only(build_tiny):
+    """The input of BERT's MLP down projection is the intermediate activation IA3 rescales; the attention output
+    projection (whose name ends in the same `output.dense`) is not the MLP's."""
+    model = build_tiny("bert")
+    targets = methods.ia3_targets(model)
+    assert [(n.removeprefix("bert.encoder.layer.0."), ff) for n, ff in targets if ".layer.0." in n] == [
+        ("attention.self.key", False),
+        ("attention.self.value", False),
+        ("output.dense", True),
+    ]
+
+
 def test_a_fused_attention_model_is_refused_by_name(build_tiny):
     with pytest.raises(ValueError, match="GPT2LMHeadModel: layer transformer.h.0 has no key projection"):
         methods.apply_ia3(build_tiny("gpt2"))
