@@ -565,6 +565,22 @@ def _copy_named(model: nn.Module, weights: dict[str, torch.Tensor], w_path: Path
         peft_io.copy_tensor(params[key], t, w_path)
 
 
+def _misfit(key: str, file_shape: Sequence[int], expected: Sequence[int], w_path: Path) -> ValueError:
+    return ValueError(f"{w_path}: key {key}: file {tuple(file_shape)} vs config and model {tuple(expected)}")
+
+
+def _virtual_rows(weights: dict, n: int, width: int, w_path: Path, *, exact: bool) -> torch.Tensor:
+    """The file's (n, width) prompt/prefix tensor, checked before anything of n rows is built: a config's
+    num_virtual_tokens must not allocate what the file does not hold (peft may keep more rows for a prompt)."""
+    t = weights.get(peft_io.PROMPT_KEY)
+    if t is None:
+        raise ValueError(f"{w_path}: no {peft_io.PROMPT_KEY} tensor")
+    fits = t.dim() == 2 and t.shape[1] == width and (t.shape[0] == n if exact else t.shape[0] >= n)
+    if not fits:
+        raise _misfit(peft_io.PROMPT_KEY, t.shape, (n, width), w_path)
+    return t[:n]
+
+
 def _load_bitfit(
     model: nn.Module, cfg: dict, weights: dict, paths: Paths, cache_factory: Optional[CacheFactory]
 ) -> None:
@@ -575,6 +591,12 @@ def _load_bitfit(
 def _load_adapter(
     model: nn.Module, cfg: dict, weights: dict, paths: Paths, cache_factory: Optional[CacheFactory]
 ) -> None:
+    downs = {k: t.shape for k, t in weights.items() if k.endswith(".adapter_down.weight")}
+    if not downs:
+        raise ValueError(f"{paths[1]}: no adapter tensors (keys ending in .adapter_down.weight)")
+    for key, shape in downs.items():  # (bottleneck, d): the config's bottleneck before any adapter is built
+        if shape[0] != cfg["bottleneck"]:
+            raise _misfit(key, shape, (cfg["bottleneck"], *shape[1:]), paths[1])
     apply_adapter(model, bottleneck=cfg["bottleneck"], placement=cfg["placement"], activation=cfg["activation"])
     _copy_named(model, weights, paths[1])
 
@@ -593,8 +615,9 @@ def _load_prompt(
     model: nn.Module, cfg: dict, weights: dict, paths: Paths, cache_factory: Optional[CacheFactory]
 ) -> None:
     n = int(cfg["num_virtual_tokens"])
+    rows = _virtual_rows(weights, n, model.get_input_embeddings().weight.shape[1], paths[1], exact=False)
     apply_prompt(model, n_tokens=n, init="random")
-    peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, weights[peft_io.PROMPT_KEY][:n], paths[1])
+    peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, rows, paths[1])
 
 
 def _load_prefix(
@@ -604,8 +627,10 @@ def _load_prefix(
         raise ValueError(f"{paths[0]}: num_transformer_submodules={cfg['num_transformer_submodules']} unsupported")
     if cache_factory is None:
         raise ValueError("loading a prefix needs cache_factory (e.g. transformers.DynamicCache)")
-    apply_prefix(model, n_tokens=int(cfg["num_virtual_tokens"]), projection=False, cache_factory=cache_factory)
-    peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, weights[peft_io.PROMPT_KEY], paths[1])
+    n, dims = int(cfg["num_virtual_tokens"]), _model_dims(model)
+    rows = _virtual_rows(weights, n, dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"], paths[1], exact=True)
+    apply_prefix(model, n_tokens=n, projection=False, cache_factory=cache_factory)
+    peft_io.copy_tensor(model.lora_lab_prompt.embedding.weight, rows, paths[1])
 
 
 # ----------------------------------------------------------------------------------------------- one object per method

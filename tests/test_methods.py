@@ -163,6 +163,31 @@ def test_save_and_load_round_trip(method, kw, build_tiny, tiny_ids, tmp_path):
         torch.testing.assert_close(fresh(input_ids=tiny_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "method, kw, forged, key",
+    [
+        ("prompt", {"n_tokens": 3}, {"num_virtual_tokens": 10**9}, r"prompt_embeddings: file \(3, 32\)"),
+        ("prefix", {"n_tokens": 3}, {"num_virtual_tokens": 10**9}, r"prompt_embeddings: file \(3, 64\)"),
+        ("adapter", {"bottleneck": 4}, {"bottleneck": 10**9}, r"adapter_down\.weight: file \(4, 32\)"),
+    ],
+)
+def test_a_forged_size_in_the_config_fails_before_the_method_is_built(method, kw, forged, key, build_tiny, tmp_path):
+    """As LoRA's r (issue 24): a config's virtual tokens or bottleneck are checked against the file's tensor before
+    anything of that size is allocated."""
+    import time
+
+    model = build_tiny("llama")
+    apply(model, method, **kw)
+    methods.save(model, tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), **forged)))
+    fresh = build_tiny("llama")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: key .*{key} vs config and model \(10{{9}}"):
+        methods.load(fresh, tmp_path, cache_factory=prefix_cache_factory(fresh))
+    assert time.perf_counter() - t0 < 1.0 and methods.method_of(fresh) is None
+
+
 def test_bitfit_refuses_a_model_without_biases_when_asked_to(build_tiny):
     with pytest.raises(ValueError, match="LlamaForCausalLM has no bias parameters; set bitfit.add_missing"):
         methods.apply_bitfit(build_tiny("llama"), add_missing=False)
