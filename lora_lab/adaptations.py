@@ -20,9 +20,9 @@ from torch import nn
 
 from lora_lab import lora, methods, targets
 from lora_lab.config import METHOD_CHOICES, Config, ConfigError, LoraConfig
+from lora_lab.methods import CacheFactory
 
 Getter = Callable[[str], Any]  # a run's setting by config path ("lora.r"), None when not set
-CacheFactory = Callable[[], Any]  # a fresh attention cache per forward (prefix tuning's keys/values travel in it)
 
 
 class Adaptation(Protocol):
@@ -190,10 +190,6 @@ def _lora_paper_label(get: Getter) -> str:
     return "+".join(x for x in parts if x) or "LoRA"
 
 
-def _nothing(model: nn.Module) -> None:
-    """Merge/unmerge of a method whose trained weights are the model's own (BitFit's biases): nothing to fold."""
-
-
 def _no_merge(model: nn.Module) -> None:
     raise TypeError("this method changes the computation itself: it cannot be merged into the weights")
 
@@ -234,6 +230,7 @@ class Method:
     check_fn: Optional[Callable[[nn.Module, Config], Any]] = None
     # Fold the update in for good and drop the method's modules: a plain model (export.merged); None: not offered.
     unwrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
+    kind: Optional[methods.Kind] = None  # a comparison method's object in lora_lab.methods (None: LoRA, full)
 
     def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
         torch.manual_seed(cfg.seed)  # the method's init is part of the run's seed, independent of model loading
@@ -296,39 +293,54 @@ FULL = Method(
     save_fn=_save_nothing,
     paper_label_fn=_label("full FT"),
 )
+
+
+def _comparison(
+    kind: methods.Kind,
+    *,
+    label: str,
+    group: Optional[str],
+    warm_reusable: bool,
+    apply_fn: Callable[..., list[str]],
+    key_settings_fn: Callable[[Getter], list[str]] = _none,
+    paper_label_fn: Optional[Callable[[Getter], str]] = None,
+) -> Method:
+    """The row of one of lora_lab.methods' comparison methods: its name, whether it merges (the Kind's `folds`), how
+    it merges and saves come from its Kind, so each is said once; it trains its own parameters, not all weights."""
+    return Method(
+        name=kind.name,
+        label=label,
+        group=group,
+        merges=kind.folds,
+        trains_all=False,
+        warm_reusable=warm_reusable,
+        apply_fn=apply_fn,
+        merge_fn=methods.merge if kind.folds else _no_merge,
+        unmerge_fn=methods.unmerge if kind.folds else _no_merge,
+        save_fn=methods.save,
+        key_settings_fn=key_settings_fn,
+        paper_label_fn=paper_label_fn,
+        kind=kind,
+    )
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         LORA,
         FULL,
-        Method(
-            name="bitfit",
+        _comparison(
+            methods.BITFIT,  # merges: its biases are the model's own, nothing to fold, no extra inference cost
             label="BitFit",
             group="bitfit",
-            merges=True,  # its biases are the model's own: nothing to fold, no extra inference cost
-            trains_all=False,
             warm_reusable=False,  # added zero biases change the model's structure
             apply_fn=_apply_bitfit,
-            merge_fn=_nothing,
-            unmerge_fn=_nothing,
         ),
-        Method(
-            name="ia3",
-            label="IA3",
-            group=None,
-            merges=True,
-            trains_all=False,
-            warm_reusable=False,
-            apply_fn=_apply_ia3,
-            merge_fn=lambda model: methods.merge(model),
-            unmerge_fn=lambda model: methods.unmerge(model),
-        ),
-        Method(
-            name="adapter",
+        _comparison(methods.IA3, label="IA3", group=None, warm_reusable=False, apply_fn=_apply_ia3),
+        _comparison(
+            methods.ADAPTER,
             label="adapters",
             group="adapter",
-            merges=False,
-            trains_all=False,
             warm_reusable=False,
             apply_fn=_apply_adapter,
             key_settings_fn=lambda get: [
@@ -337,23 +349,19 @@ METHODS: dict[str, Method] = {
             ],
             paper_label_fn=lambda get: "AdapterL" if get("adapter.placement") == "pfeiffer" else "AdapterH",
         ),
-        Method(
-            name="prompt",
+        _comparison(
+            methods.PROMPT,
             label="prompt tuning",
             group="prompt",
-            merges=False,
-            trains_all=False,
             warm_reusable=False,
             apply_fn=_apply_prompt,
             key_settings_fn=lambda get: [f"n_tokens={get('prompt.n_tokens')}"],
             paper_label_fn=_label("PreEmbed"),
         ),
-        Method(
-            name="prefix",
+        _comparison(
+            methods.PREFIX,
             label="prefix tuning",
             group="prefix",
-            merges=False,
-            trains_all=False,
             warm_reusable=False,
             apply_fn=_apply_prefix,
             key_settings_fn=lambda get: [f"n_tokens={get('prefix.n_tokens')}"],

@@ -560,8 +560,8 @@ class SweepConfig:
     heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
     grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
     max_retry: int = 1  # how often a trial killed with its worker is retried with the same parameters
-    # Keep the model, tokenizer and tokenized data loaded between a worker's trials (lora_lab/train/warm.py); a trial pays
-    # only for what its overrides change. false: every trial loads them afresh (the cold baseline).
+    # Keep the model, tokenizer and tokenized data loaded between a worker's trials (lora_lab/train/warm.py); a trial
+    # pays only for what its overrides change. false: every trial loads them afresh (the cold baseline).
     warm: bool = True
     compare_full: bool = True  # at the end, compare the best LoRA trial with a full fine-tune
     full_lr: Optional[float] = None  # full-FT LR for the comparison; null: the best of full_lr_grid

@@ -39,6 +39,7 @@ __all__ = [
     "disable_adapters",
     "unwrap",
     "lora_state_dict",
+    "planned_state_shapes",
     "save_adapter",
     "load_adapter",
 ]
@@ -401,27 +402,25 @@ def apply_lora(
     Works on meta-device models (nothing is allocated or initialised there), so parameter counts of big models
     need no download.
     """
-    _check_hparams(r, alpha, dropout, init, variant)
-    if variant == "dora" and init in MUTATING_INITS:
-        raise ValueError(f"variant='dora' with init={init!r} is not supported (no conversion back to plain LoRA)")
     if isinstance(layers_pattern, str):
         layers_pattern = [layers_pattern]
-    names = resolve_targets(
+    names, saved = _plan(
         model,
-        targets,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        targets=targets,
         target_regex=target_regex,
         exclude=exclude,
         layers=layers,
         layers_pattern=layers_pattern,
+        rslora=rslora,
+        init=init,
+        variant=variant,
         include_head=include_head,
         modules_to_save=modules_to_save,
     )
-    saved = resolve_modules_to_save(model, modules_to_save) if modules_to_save else []
-    _check_trainable_untied(model, saved)
     linears = linear_modules(model)
-    already = [n for n in names if isinstance(linears[n], LoraLayer)]
-    if already:
-        raise ValueError(f"modules already wrapped with LoRA: {already}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -456,6 +455,65 @@ def apply_lora(
         new_cfg["layers"], new_cfg["layers_pattern"] = (layer_list, pattern) if same else (None, None)
     object.__setattr__(model, _CONFIG_ATTR, new_cfg)  # plain attribute, not a submodule
     return names
+
+
+def _plan(
+    model: nn.Module,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Sequence[str] | str | None = None,
+    target_regex: str | None = None,
+    exclude: Sequence[str] = (),
+    layers: Sequence[int] | int | None = None,
+    layers_pattern: Sequence[str] | str | None = None,
+    rslora: bool = False,
+    init: str = "kaiming",
+    variant: str = "lora",
+    include_head: bool = False,
+    modules_to_save: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
+    """apply_lora's checks and choices, allocating nothing: (the modules to wrap, the modules to train in full)."""
+    _check_hparams(r, alpha, dropout, init, variant)
+    if variant == "dora" and init in MUTATING_INITS:
+        raise ValueError(f"variant='dora' with init={init!r} is not supported (no conversion back to plain LoRA)")
+    names = resolve_targets(
+        model,
+        targets,
+        target_regex=target_regex,
+        exclude=exclude,
+        layers=layers,
+        layers_pattern=layers_pattern,
+        include_head=include_head,
+        modules_to_save=modules_to_save,
+    )
+    saved = resolve_modules_to_save(model, modules_to_save) if modules_to_save else []
+    _check_trainable_untied(model, saved)
+    linears = linear_modules(model)
+    already = [n for n in names if isinstance(linears[n], LoraLayer)]
+    if already:
+        raise ValueError(f"modules already wrapped with LoRA: {already}")
+    return names, saved
+
+
+def planned_state_shapes(model: nn.Module, **apply_kwargs: Any) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes lora_state_dict(model) will have after apply_lora(model, **apply_kwargs), found without
+    wrapping or allocating anything (load_adapter checks a file against them before it builds a layer)."""
+    names, saved = _plan(model, **apply_kwargs)
+    r, dora = apply_kwargs["r"], apply_kwargs.get("variant", "lora") == "dora"
+    linears = linear_modules(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        base = base_of(linears[name])
+        shapes[f"{name}.lora_A"] = (r, base.in_features)
+        shapes[f"{name}.lora_B"] = (base.out_features, r)
+        if dora:
+            shapes[f"{name}.lora_magnitude_vector"] = (base.out_features,)
+    for name in saved:
+        for k, v in model.get_submodule(name).state_dict().items():
+            shapes[f"{name}.{k}"] = tuple(v.shape)
+    return shapes
 
 
 _TRAINABLE_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -675,14 +733,22 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     cfg_path = os.path.join(folder, peft_io.ADAPTER_CONFIG)
     w_path = os.path.join(folder, peft_io.ADAPTER_WEIGHTS)
     cfg = peft_io.read_lora_config(cfg_path)
-    tensors = peft_io.read_weights(w_path)
+    file_shapes = {peft_io.normalize_key(k): s for k, s in peft_io.read_shapes(w_path).items()}  # the header only
     if not _layers(model):
         kwargs, save_specs = peft_io.lora_apply_kwargs(cfg, cfg_path)
         try:
-            saved = resolve_modules_to_save(model, save_specs, strict=False)
-            apply_lora(model, **kwargs, modules_to_save=saved)
+            kwargs["modules_to_save"] = resolve_modules_to_save(model, save_specs, strict=False)
+            planned = planned_state_shapes(model, **kwargs)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{cfg_path}: {exc}") from None
+        # The config against the file and the model before any layer is built: a forged r=10**9 would otherwise
+        # allocate r * d_in floats per layer before the tensors' shapes are looked at.
+        peft_io.check_shapes({peft_io.lora_key(k): s for k, s in planned.items()}, file_shapes, w_path)
+        try:
+            apply_lora(model, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{cfg_path}: {exc}") from None
+    tensors = peft_io.read_weights(w_path)
     layers = dict(_layers(model))
     merged = [n for n, m in layers.items() if m.merged]
     if merged:

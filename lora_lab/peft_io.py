@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -38,11 +39,13 @@ __all__ = [
     "read_config",
     "read_lora_config",
     "read_weights",
+    "read_shapes",
     "write_adapter",
     "lora_task_type",
     "method_task_type",
     "lora_config",
     "lora_apply_kwargs",
+    "check_shapes",
     "load_tensors",
     "copy_tensor",
     "ia3_config",
@@ -136,6 +139,19 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes of a safetensors file, from its header (no tensor is read); ValueError naming the file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: adapter weights not found")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file (expected the adapter weights)")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # SafetensorError and friends: corrupt or truncated
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
 def write_adapter(
     folder: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -164,23 +180,28 @@ def method_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     return paths
 
 
-def load_tensors(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], path: Any) -> None:
-    """Copy `tensors` (file keys, normalized) into the `expected` model tensors (same keys), cast to their dtype and
-    device. ValueError naming the file and the keys when any is missing, unexpected or mis-shaped; nothing is copied
-    then."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def check_shapes(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], path: Any) -> None:
+    """The file's keys and shapes (`found`, keys normalized) against the model's (`expected`); ValueError naming the
+    file and the keys when any is missing, unexpected or mis-shaped, with both shapes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{path}: missing keys {missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)})"
         )
     bad = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
-        for k, p in expected.items()
-        if tensors[k].shape != p.shape
+        f"{k}: file {tuple(found[k])} vs model {tuple(shape)}"
+        for k, shape in expected.items()
+        if tuple(found[k]) != tuple(shape)
     ]
     if bad:
         raise ValueError(f"{path}: mis-shaped keys: {bad[:5]}")
+
+
+def load_tensors(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], path: Any) -> None:
+    """Copy `tensors` (file keys, normalized) into the `expected` model tensors (same keys), cast to their dtype and
+    device. ValueError as check_shapes says when any is missing, unexpected or mis-shaped; nothing is copied then."""
+    check_shapes({k: p.shape for k, p in expected.items()}, {k: t.shape for k, t in tensors.items()}, path)
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))

@@ -78,3 +78,53 @@ def test_bitfit_is_merge_checked_as_the_table_says(tmp_path: Path, monkeypatch: 
     session = train.build(cfg)
     adaptations.of("bitfit").merge(session.model)  # nothing to fold, and no refusal either
     methods.merge(session.model)
+
+
+def test_each_comparison_row_is_built_from_its_methods_object() -> None:
+    """One definition each: a comparison method's name, whether it merges and how it saves come from its
+    lora_lab.methods.Kind; loading a file maps its peft_type to that same object."""
+    rows = [m for m in adaptations.METHODS.values() if m.kind is not None]
+    assert [m.name for m in rows] == list(methods.KINDS) == ["bitfit", "ia3", "adapter", "prompt", "prefix"]
+    for row in rows:
+        assert row.kind is methods.KINDS[row.name] and row.merges is row.kind.folds
+        assert methods.BY_FILE_TYPE[row.kind.file_type] is row.kind
+    assert adaptations.LORA.kind is None and adaptations.FULL.kind is None
+    assert not hasattr(methods, "MERGEABLE")
+
+
+CORE = ["lora", "methods", "targets", "bases", "peft_io", "optim"]
+
+
+def _name_compares(path: Path) -> list[str]:
+    """`<...method> == "x"` / `in ("x", ...)` comparisons of a method's name in one source file."""
+    import ast
+
+    def is_method(node: ast.AST) -> bool:
+        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+        return name.endswith("method")
+
+    def is_text(node: ast.AST) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return bool(node.elts) and all(is_text(e) for e in node.elts)
+        return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(is_method(s) for s in sides) and any(is_text(s) for s in sides):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_torch_core_never_compares_a_methods_name(module: str) -> None:
+    """The table is the one place that knows a method by its name: the core asks the method's object instead."""
+    path = Path(adaptations.__file__).with_name(f"{module}.py")
+    assert _name_compares(path) == []
+
+
+def test_the_name_comparison_finder_finds_them(tmp_path: Path) -> None:
+    path = tmp_path / "probe.py"
+    path.write_text('if cfg.method == "lora":\n    pass\nif method in ("a", "b"):\n    pass\nx = self.method != "p"\n')
+    assert _name_compares(path) == ["probe.py:1", "probe.py:3", "probe.py:5"]

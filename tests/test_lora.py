@@ -366,6 +366,55 @@ def test_lora_state_dict_keys(build_tiny):
     )
 
 
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("gpt2", {"r": 2, "alpha": 2}),  # Conv1D: the base's (d_in, d_out) from its (in, out) weight
+        ("llama", {"r": 3, "alpha": 6, "variant": "dora", "targets": ["attn"], "modules_to_save": ["lm_head"]}),
+        ("bert", {"r": 2, "alpha": 4, "layers": [1], "modules_to_save": ["classifier"]}),
+    ],
+)
+def test_planned_state_shapes_are_the_state_dicts_after_apply(kind, kw, build_tiny):
+    model = build_tiny(kind)
+    planned = lora.planned_state_shapes(model, **kw)
+    assert not lora.wrapped_modules(model)  # nothing wrapped by planning
+    lora.apply_lora(model, **kw)
+    assert planned == {k: tuple(v.shape) for k, v in lora.lora_state_dict(model).items()}
+
+
+def test_a_forged_rank_in_the_config_fails_before_any_layer_is_built(build_tiny, tmp_path, monkeypatch):
+    """Issue 24: r=10**9 in adapter_config.json made load_adapter allocate r x d_in per layer (256 GB) before it
+    looked at the weights' shapes. The config is checked against the file's header and the model first."""
+    import time
+
+    _, config = _saved(build_tiny, tmp_path)
+    forged = dict(json.loads(config.read_text()), r=10**9)
+    config.write_text(json.dumps(forged))
+    model = build_tiny("llama")
+    built = []
+
+    def no_layer(self, *args, **kwargs):
+        built.append(kwargs.get("module_name"))
+        raise AssertionError("a LoRA layer was built before the shapes were checked")
+
+    monkeypatch.setattr(lora.LoraLayer, "__init__", no_layer)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        lora.load_adapter(model, tmp_path)
+    assert time.perf_counter() - t0 < 1.0
+    assert built == [] and not lora.wrapped_modules(model)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'adapter_model.safetensors'}: mis-shaped keys")
+    assert (
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: file (4, 32) vs model (1000000000, 32)" in msg
+    )
+    # A config naming a module the file has no tensors for is refused before wrapping too.
+    config.write_text(json.dumps(dict(forged, r=4, target_modules=["q_proj", "gate_proj"])))
+    with pytest.raises(ValueError, match=r"missing keys.*mlp\.gate_proj\.lora_A.*unexpected keys.*k_proj"):
+        lora.load_adapter(model, tmp_path)
+    assert built == []
+
+
 # ---------------------------------------------------------------------------------------- optimizer
 
 

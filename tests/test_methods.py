@@ -163,11 +163,72 @@ def test_save_and_load_round_trip(method, kw, build_tiny, tiny_ids, tmp_path):
         torch.testing.assert_close(fresh(input_ids=tiny_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "method, kw, forged, key",
+    [
+        ("prompt", {"n_tokens": 3}, {"num_virtual_tokens": 10**9}, r"prompt_embeddings: file \(3, 32\)"),
+        ("prefix", {"n_tokens": 3}, {"num_virtual_tokens": 10**9}, r"prompt_embeddings: file \(3, 64\)"),
+        ("adapter", {"bottleneck": 4}, {"bottleneck": 10**9}, r"adapter_down\.weight: file \(4, 32\)"),
+    ],
+)
+def test_a_forged_size_in_the_config_fails_before_the_method_is_built(method, kw, forged, key, build_tiny, tmp_path):
+    """As LoRA's r (issue 24): a config's virtual tokens or bottleneck are checked against the file's tensor before
+    anything of that size is allocated."""
+    import time
+
+    model = build_tiny("llama")
+    apply(model, method, **kw)
+    methods.save(model, tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), **forged)))
+    fresh = build_tiny("llama")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: key .*{key} vs config and model \(10{{9}}"):
+        methods.load(fresh, tmp_path, cache_factory=prefix_cache_factory(fresh))
+    assert time.perf_counter() - t0 < 1.0 and methods.method_of(fresh) is None
+
+
 def test_bitfit_refuses_a_model_without_biases_when_asked_to(build_tiny):
     with pytest.raises(ValueError, match="LlamaForCausalLM has no bias parameters; set bitfit.add_missing"):
         methods.apply_bitfit(build_tiny("llama"), add_missing=False)
     names = methods.apply_bitfit(build_tiny("gpt2"), add_missing=False)  # GPT-2 has its own biases
     assert names and all(n.endswith(".bias") for n in names)
+
+
+@pytest.mark.parametrize(
+    "placement, wrapped",
+    [("houlsby", ["attention.output.dense", "output.dense"]), ("pfeiffer", ["output.dense"])],
+)
+def test_adapters_on_bert_wrap_each_sub_layer_output_once(placement, wrapped, build_tiny, tiny_ids):
+    """BERT's MLP down projection `output.dense` is also a suffix of its attention output `attention.output.dense`:
+    houlsby wrapped that one twice (AttributeError: 'AdapterLinear' has no out_features), pfeiffer wrapped both."""
+    base = build_tiny("bert")
+    model = build_tiny("bert")
+    names = methods.apply_adapter(model, bottleneck=4, placement=placement, heads=["classifier"])
+    layers = len(model.bert.encoder.layer)
+    assert names == [f"bert.encoder.layer.{i}.{n}" for i in range(layers) for n in wrapped]
+    adapters = [n for n, m in model.named_modules() if isinstance(m, methods.AdapterLinear)]
+    assert adapters == names  # once each: no adapter around an adapter
+    assert all(isinstance(model.get_submodule(n).base_layer, torch.nn.Linear) for n in names)
+    assert methods.count_method_parameters(model) == layers * len(wrapped) * (2 * 32 * 4 + 4 + 32)
+    with torch.no_grad():
+        out = model(input_ids=tiny_ids).logits  # (2, 3)
+        torch.testing.assert_close(out, base(input_ids=tiny_ids).logits, atol=0, rtol=0)  # up = 0: the base model
+    out = model(input_ids=tiny_ids).logits
+    out.sum().backward()
+    assert all(p.grad is not None for p in methods.method_parameters(model).values())
+
+
+def test_ia3_on_bert_rescales_the_mlp_down_projection_only(build_tiny):
+    """The input of BERT's MLP down projection is the intermediate activation IA3 rescales; the attention output
+    projection (whose name ends in the same `output.dense`) is not the MLP's."""
+    model = build_tiny("bert")
+    targets = methods.ia3_targets(model)
+    assert [(n.removeprefix("bert.encoder.layer.0."), ff) for n, ff in targets if ".layer.0." in n] == [
+        ("attention.self.key", False),
+        ("attention.self.value", False),
+        ("output.dense", True),
+    ]
 
 
 def test_a_fused_attention_model_is_refused_by_name(build_tiny):
