@@ -181,7 +181,7 @@ def test_a_full_disk_exits_1_and_keeps_the_previous_report(
     out = tmp_path / "report"
     assert report(store, out) == 0
     before = snapshot(out)
-    assert {"report.md", "lr.csv", "lr_curves.png"} <= set(before)
+    assert {"report.md", "report.html", "lr.csv", "lr_curves.png"} <= set(before)
     capsys.readouterr()
     with monkeypatch.context() as mp:
         full_disk(mp)

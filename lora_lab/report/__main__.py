@@ -9,9 +9,10 @@ with their source.
 `python -m lora_lab.report best-lr --study NAME [--where KEY=VALUE]` prints the best peak LR of a study (argmin of the
 final val loss over COMPLETE runs), for scripts such as scripts/reproduce.sh.
 
-The folder gets report.md and each table as .md, .tex and .csv; the files are staged and moved in together, so a
-failed write leaves the previous report as it was. Pruned and failed runs are left out of every table and listed,
-with their reasons, at the end of report.md.
+The folder gets report.md and report.html (the same tables and plots on one self-contained page, to open in a
+browser or to send), and each table as .md, .tex and .csv; the files are staged and moved in together, so a failed
+write leaves the previous report as it was. Pruned and failed runs are left out of every table and listed, with their
+reasons, at the end of report.md and report.html.
 
 Exit codes: 0 written, 1 a file could not be written (a full disk: the message names the file and what was kept),
 2 bad input (no tracking store, a named study or experiment without runs, --out not a folder the report can write).
@@ -118,7 +119,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except WriteError as exc:
         _error(exc)
         return 1
-    print(f"report: {out / 'report.md'} ({len(tables)} tables, {len(plot_files)} plots)")
+    print(
+        f"report: {out / 'report.md'} ({len(tables)} tables, {len(plot_files)} plots); one page: {out / 'report.html'}"
+    )
     return 0
 
 
