@@ -393,7 +393,8 @@ def results_from_metrics(
         elif v is not None and f.type == "Optional[bool]":
             v = bool(v)
         if v is None and f.default is dataclasses.MISSING:
-            if f.name == "val_loss":
+            # A run that stopped early (diverged at its first steps) may have logged no point of a curve at all.
+            if f.name == "val_loss" or (curve and status != "completed"):
                 v = float("nan")
             else:
                 raise RecordError(

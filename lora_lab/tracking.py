@@ -874,6 +874,19 @@ def read_runs(
     return runs, parents
 
 
+def study_descriptions(uri: str, parent_ids: Iterable[str]) -> dict[str, str]:
+    """Study name -> what the study asks (its spec's `description`, logged on its parent run as the param
+    `sweep.description`), for the parents `parent_ids` that have one."""
+    client = _client(uri)
+    out = {}
+    for run_id in parent_ids:
+        r = client.get_run(run_id)
+        text = r.data.params.get("sweep.description", "").strip()
+        if text:
+            out[r.data.tags.get(STUDY_TAG, r.info.run_name)] = text
+    return out
+
+
 def _tracked(client: Any, r: Any) -> TrackedRun:
     tags, metrics = r.data.tags, r.data.metrics
     params = dict(r.data.params)

@@ -1,15 +1,17 @@
 """A fixed set of runs with made-up, deterministic numbers, for the report's golden tables.
 
 The numbers are not trained: each run is a list of overrides (composed through the real config) and the results it
-"measured". tests/test_report_golden.py logs them through tracking into a fresh MLflow store, builds every report
-table and compares the CSVs with tests/data/report_golden/, captured from the report before the run records (issue
-12) replaced the `final.*` metrics: the same runs must give the same tables.
+"measured". `log_runs` logs them through tracking into a fresh MLflow store as train and the sweep do;
+tests/test_report_golden.py builds every report table and compares the CSVs with tests/data/report_golden/, captured
+from the report before the run records (issue 12) replaced the `final.*` metrics: the same runs must give the same
+tables. tests/test_report_faults.py logs its own few (a trial that diverged at its first step among them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.max_steps=4", "trainer.eval_every=2"]
 # Tiny Llama (hidden 64, 4 heads, 2 KV heads -> k/v out 32, MLP 128, 2 layers): sum of d_in + d_out per layer.
@@ -31,6 +33,7 @@ class FakeRun:
     peak_mem_bytes: int = 300 * 2**20
     logit_diff: float = 2e-6
     extra: dict = field(default_factory=dict)
+    early: bool = False  # diverged at its first step: no evaluation after the base model's, so no throughput point
 
     @property
     def method(self) -> str:
@@ -48,11 +51,12 @@ class FakeRun:
         """What train measured, by RunResult field name (before issue 12)."""
         done = self.state in ("COMPLETE", "completed")
         lora = self.method == "lora"
-        steps = 4 if done else 2
-        evals = [
-            {"step": 0, "val_loss": 0.9, "accuracy": 0.5},
-            {"step": 2, "val_loss": round((0.9 + self.val_loss) / 2, 6), "accuracy": 0.6, "tokens_per_s": 900.0},
-        ]
+        steps = 4 if done else (1 if self.early else 2)
+        evals = [{"step": 0, "val_loss": 0.9, "accuracy": 0.5}]
+        if not self.early:
+            evals.append(
+                {"step": 2, "val_loss": round((0.9 + self.val_loss) / 2, 6), "accuracy": 0.6, "tokens_per_s": 900.0}
+            )
         if done:
             evals.append({"step": 4, "val_loss": self.val_loss, "accuracy": 0.7, "tokens_per_s": 1000.0})
         history = [{"step": s, "train_loss": round(1.0 - 0.05 * s, 6), "lr": 1e-3} for s in range(1, steps + 1)]
@@ -148,3 +152,78 @@ RUNS = [
     ),
 ]
 STUDIES = sorted({r.study for r in RUNS if r.study})
+
+
+def log_runs(
+    root: Path,
+    uri: str,
+    runs: Sequence[FakeRun] = RUNS,
+    experiment: str = "golden",
+    descriptions: Optional[dict[str, str]] = None,
+) -> None:
+    """Every run into the store, through tracking, as train and the sweep log them (records in, MLflow out): a study's
+    parent first (with its spec's description as the sweep logs it), the evaluations as they happen, then the results
+    (`finish`, for all but a pruned trial) and the state. `descriptions`: study -> its description."""
+    from lora_lab import tracking
+    from lora_lab.config import compose
+    from lora_lab.train import EvalEvent
+
+    track = [f"tracking.uri={uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false"]
+    parents: dict[str, str] = {}
+    for i, fr in enumerate(runs):
+        _, cfg = compose(fr.overrides + track)
+        if fr.study and fr.study not in parents:
+            about = (descriptions or {}).get(fr.study)
+            params = {"sweep.description": about} if about else {}
+            parents[fr.study] = tracking.study_parent_run(cfg.tracking, fr.study, params, {})
+        out = root / "runs" / f"{i:02d}"
+        out.mkdir(parents=True, exist_ok=True)
+        _, record = fr.record(str(out))
+        res = fr.results()
+        history, evals = res["history"], res["evals"]
+        counts = {"params/trainable": record.trainable_params, "params/total": record.total_params}
+        with tracking.TrainingRun(
+            cfg.tracking, record.identity, record.settings, parent_run_id=parents.get(fr.study), start_metrics=counts
+        ) as run:
+            for e in evals:
+                pts = [h for h in history if e["step"] - 2 < h["step"] <= e["step"]]
+                run.on_eval(EvalEvent(e["step"], 4, {k: v for k, v in e.items() if k != "step"}, pts))
+            if fr.state != "PRUNED":
+                run.finish(record)
+            run.set_outcome({"completed": "COMPLETE", "diverged": "FAIL"}.get(fr.state, fr.state), fr.reason)
+
+
+# A small study with a trial that diverged at its first step (no throughput point: the report used to crash on it) and
+# a pruned one, and a description a page must escape (tests/test_report_faults.py, tests/test_report_html.py).
+FAULT_STUDY = "f_lora"
+FAULT_DESCRIPTION = "LoRA r=2 at three LRs <first try> & one that diverges"
+FAULT_RUNS = [
+    FakeRun(FAULT_STUDY, "trial", 0, [*TINY, "lora.r=2", "optim.lr=3e-3", "lora.alpha=8"], 0.61),
+    FakeRun(FAULT_STUDY, "trial", 1, [*TINY, "lora.r=2", "optim.lr=3e-2", "lora.alpha=8"], 0.58),
+    FakeRun(
+        FAULT_STUDY,
+        "trial",
+        2,
+        [*TINY, "lora.r=2", "optim.lr=1e-1", "lora.alpha=8"],
+        float("nan"),
+        state="FAIL",
+        reason="diverged: non-finite training loss at step 1",
+        early=True,
+    ),
+    FakeRun(
+        FAULT_STUDY,
+        "trial",
+        3,
+        [*TINY, "lora.r=2", "optim.lr=1e-5", "lora.alpha=8"],
+        0.88,
+        state="PRUNED",
+        reason="pruned at step 2",
+    ),
+]
+
+
+def fault_store(root: Path) -> str:
+    """FAULT_RUNS logged into a fresh store under `root` (experiment `faults`); its URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    log_runs(root, uri, FAULT_RUNS, experiment="faults", descriptions={FAULT_STUDY: FAULT_DESCRIPTION})
+    return uri

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 import pytest
-from report_fixture import RUNS
+from report_fixture import log_runs
 
 GOLDEN = Path(__file__).parent / "data" / "report_golden"
 
@@ -27,35 +27,6 @@ def normalise(text: str) -> str:
     for r in rows:
         w.writerow([r[i] for i in keep])
     return lines[0] + "\n" + buf.getvalue()
-
-
-def log_runs(root: Path, uri: str) -> None:
-    """Every fixture run into the store, through tracking, as train and the sweep log them (records in, MLflow out)."""
-    from lora_lab import tracking
-    from lora_lab.config import compose
-    from lora_lab.train import EvalEvent
-
-    track = [f"tracking.uri={uri}", "tracking.experiment=golden", "tracking.system_metrics=false"]
-    parents: dict[str, str] = {}
-    for i, fr in enumerate(RUNS):
-        _, cfg = compose(fr.overrides + track)
-        if fr.study and fr.study not in parents:
-            parents[fr.study] = tracking.study_parent_run(cfg.tracking, fr.study, {}, {})
-        out = root / "runs" / f"{i:02d}"
-        out.mkdir(parents=True, exist_ok=True)
-        _, record = fr.record(str(out))
-        res = fr.results()
-        history, evals = res["history"], res["evals"]
-        counts = {"params/trainable": record.trainable_params, "params/total": record.total_params}
-        with tracking.TrainingRun(
-            cfg.tracking, record.identity, record.settings, parent_run_id=parents.get(fr.study), start_metrics=counts
-        ) as run:
-            for e in evals:
-                pts = [h for h in history if e["step"] - 2 < h["step"] <= e["step"]]
-                run.on_eval(EvalEvent(e["step"], 4, {k: v for k, v in e.items() if k != "step"}, pts))
-            if fr.state != "PRUNED":
-                run.finish(record)
-            run.set_outcome({"completed": "COMPLETE", "diverged": "FAIL"}.get(fr.state, fr.state), fr.reason)
 
 
 def test_report_tables_equal_the_captured_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from lora_lab import tracking
-from lora_lab.records import EvalPoint, RunRecord, TrainPoint, finite
+from lora_lab.records import EvalPoint, RecordError, RunRecord, TrainPoint, finite
 
 OK_STATE = "COMPLETE"  # a run whose results the tables use
 BASELINES = ("BitFit", "IA3", "AdapterH", "AdapterL", "PreEmbed", "PreLayer")  # methods.py's methods, by paper name
@@ -27,7 +27,8 @@ SHORT = {  # target names as the tables label them
 
 
 class ReportError(ValueError):
-    """Bad input: no store, a named study / experiment without runs, a model whose shape is not known."""
+    """Bad input: no store, a named study / experiment without runs, a run the report cannot read, a model whose
+    shape is not known, an output folder that cannot be one."""
 
 
 @dataclass
@@ -136,9 +137,19 @@ class Run:
 
 def load_runs(uri: str, experiment: Optional[str], studies: Optional[list[str]]) -> tuple[list[Run], list[str]]:
     """Training runs and study parent run ids of the selection; ReportError when a named selection has none."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ReportError(f"no MLflow store at {uri}; give --tracking-uri or set LORA_LAB_OUTPUTS")
-    tracked, parents = tracking.read_runs(uri, experiment, studies or None)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():
+            raise ReportError(f"no MLflow store at {uri}; give --tracking-uri or set LORA_LAB_OUTPUTS")
+        with open(db, "rb") as f:
+            if db.stat().st_size and f.read(16) != b"SQLite format 3\x00":  # SQLite's own header
+                raise ReportError(f"{db} is not an SQLite database (the MLflow store); give --tracking-uri")
+    try:
+        tracked, parents = tracking.read_runs(uri, experiment, studies or None)
+    except RecordError as exc:  # a run logged in another layout (another lora_lab version): named, not traced
+        raise ReportError(
+            f"{exc}; report on the studies without it (--study) or with the version that logged it"
+        ) from None
     runs = [Run.from_tracked(t) for t in tracked]
     where = f" in experiment {experiment!r}" if experiment else ""
     if experiment and not runs and not parents:

@@ -27,7 +27,7 @@ from lora_lab.report.published import (
     PUBLISHED_TARGETS_WR,
     WR,
 )
-from lora_lab.report.runs import BASELINES, ReportError, Run, ok_runs
+from lora_lab.report.runs import BASELINES, OK_STATE, ReportError, Run, ok_runs
 
 TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
 
@@ -460,7 +460,7 @@ def table_params(runs: list[Run]) -> Table:
     groups: dict[tuple, Run] = {}
     logged: dict[tuple, set] = {}
     for r in runs:
-        if r.method == "lora" and r.r and r.trainable is not None:
+        if r.method == "lora" and r.r and r.trainable:  # a run that failed before counting logged none
             k = (r.p("model.name"), tuple(r.p("lora.targets") or ()), r.r)
             groups.setdefault(k, r)
             logged.setdefault(k, set()).add(r.trainable)
@@ -611,6 +611,38 @@ def table_merge(runs: list[Run]) -> Table:
         "the adapter into the weights (merge in fp32 math) and re-evaluates the merged model. " + _source(lora)
     )
     return Table("merge", "Merged vs unmerged", cap, cols, rows)
+
+
+def table_left_out(runs: list[Run]) -> Table:
+    """The runs the tables leave out (pruned, failed, or without a final val loss), each with its state and why."""
+    left = sorted(
+        (r for r in runs if not r.ok),
+        key=lambda r: (r.study, -1 if r.rec.identity.trial is None else r.rec.identity.trial, r.name),
+    )
+    rows = [
+        {
+            "run": r.name,
+            "state": r.state,
+            "steps": r.rec.steps,
+            "reason": r.rec.reason or ("no finite final val loss" if r.state == OK_STATE else ""),
+            "settings": _settings(r),
+            "id": r.run_id[:8],
+        }
+        for r in left
+    ]
+    cols = [
+        ("run", "run", ""),
+        ("state", "state", ""),
+        ("steps", "steps done", ""),
+        ("reason", "reason", ""),
+        ("settings", "settings", ""),
+        ("id", "MLflow run", ""),
+    ]
+    cap = (
+        "Runs the tables leave out: pruned and failed runs (and any without a finite final val loss), with the "
+        f"reason each ended; no table above uses them. {_source(left)}"
+    )
+    return Table("left_out", "Runs left out", cap, cols, rows)
 
 
 TABLE_FUNCS: dict[str, Callable[[list[Run]], Table]] = {
