@@ -73,6 +73,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())  # mkstemp makes 0600: others read these files (adapters, reports)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,6 +84,13 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise write_error(path, exc) from None
         raise
+
+
+def _file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -97,6 +105,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, _file_mode() | 0o111)  # mkdtemp makes 0700: a plain mkdir's mode
     except OSError as exc:
         raise write_error(path, exc) from None
     try:

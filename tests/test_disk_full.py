@@ -63,3 +63,16 @@ def test_an_injected_enospc_is_a_write_error(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(WriteError, match="cannot write .*x.json: no space left on device"):
         atomic_write(tmp_path / "x.json", b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_a_plain_files_mode(tmp_path: Path) -> None:
+    """Others read these files (an adapter, a report page): not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", b"{}")
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
