@@ -6,6 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
+from lora_lab import adaptations
 from lora_lab.report.groups import comparison_study, lr_analysis, lr_points
 from lora_lab.report.runs import Run, history, ok_runs
 from lora_lab.report.tables import fmt_lr, table_methods
@@ -48,9 +49,8 @@ def make_plots(uri: str, runs: list[Run], out: Path) -> list[Path]:
     if ok:
         pts: dict[str, list[tuple[float, float]]] = {}
         for r in ok:
-            pts.setdefault(r.variant + (f" {r.targets}" if r.method == "lora" else ""), []).append(
-                (r.trainable, r.val_loss)
-            )
+            lora = r.adaptation is adaptations.LORA  # LoRA's points by target set too
+            pts.setdefault(r.variant + (f" {r.targets}" if lora else ""), []).append((r.trainable, r.val_loss))
         front, best = [], math.inf
         for x, y in sorted(p for v in pts.values() for p in v):
             if y < best:

@@ -6,7 +6,8 @@ import json
 import statistics
 from typing import Any, Iterable, Optional
 
-from lora_lab.report.runs import BASELINES, Run, ok_runs
+from lora_lab import adaptations
+from lora_lab.report.runs import Run, ok_runs
 
 
 def lr_points(runs: list[Run]) -> dict[float, list[float]]:
@@ -32,7 +33,7 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
     ('full FT', 'LoRA r=8', 'LoRA r=8 attention', '... bs=16'). Groups with one LR are dropped."""
 
     def key(r: Run) -> tuple:
-        return (r.method, r.targets, r.r, r.variant, r.batch, r.steps, r.p("data.name"), r.p("model.name"))
+        return (r.adaptation, r.targets, r.r, r.variant, r.batch, r.steps, r.p("data.name"), r.p("model.name"))
 
     groups: dict[tuple, list[Run]] = {}
     for r in ok_runs(runs):
@@ -40,15 +41,14 @@ def curve_groups(runs: list[Run]) -> dict[str, list[Run]]:
     groups = {k: v for k, v in groups.items() if len({r.lr for r in v}) >= 2}
     keys = list(groups)
     varies = [len({k[i] for k in keys}) > 1 for i in range(8)]
-    varies[1] = len({k[1] for k in keys if k[0] == "lora"}) > 1  # targets: among the LoRA curves only
+    lora = adaptations.LORA
+    varies[1] = len({k[1] for k in keys if k[0] is lora}) > 1  # targets: among the LoRA curves only
     out = {}
-    for k in sorted(keys, key=lambda k: (k[0] != "lora", str(k[1]), k[2] or 0, k[4] or 0, k[5] or 0)):
-        if k[0] == "full":
-            label = "full FT"
-        elif k[0] != "lora":  # the comparison methods: BitFit, IA3, adapters, PreEmbed, PreLayer
+    for k in sorted(keys, key=lambda k: (k[0] is not lora, str(k[1]), k[2] or 0, k[4] or 0, k[5] or 0)):
+        if k[0] is lora:  # ranks and target sets are LoRA's
+            label = k[3] + f" r={k[2]}" + (f" {k[1]}" if varies[1] else "")
+        else:  # full FT and the comparison methods: their paper label (BitFit, IA3, AdapterH, PreEmbed, ...)
             label = k[3]
-        else:
-            label = ("LoRA" if k[3] == "LoRA" else k[3]) + f" r={k[2]}" + (f" {k[1]}" if varies[1] else "")
         if varies[4]:
             label += f" bs={k[4]}"
         if varies[5]:
@@ -102,20 +102,21 @@ def best_replicated(groups: list[list[Run]]) -> list[Run]:
 
 
 def comparison_study(runs: Iterable[Run]) -> bool:
-    """Whether the runs hold one of the methods LoRA is compared with (methods.py's): Hu et al.'s layout then."""
-    return any(r.variant in BASELINES for r in ok_runs(runs))
+    """Whether the runs hold one of the methods LoRA is compared with (lora_lab.methods' comparison methods, the
+    table rows with a `kind`): Hu et al.'s layout then."""
+    return any(r.adaptation.kind is not None for r in ok_runs(runs))
 
 
 def lr_analysis(runs: list[Run]) -> dict[str, Any]:
     """Best LR per U-curve, the LoRA / full-FT ratio and the spread of the best LoRA LR across ranks."""
     curves = curve_groups(runs)
     best = {label: best_lr(rs) for label, rs in curves.items()}
-    full = [lbl for lbl in curves if lbl.startswith("full FT")]
+    full = [lbl for lbl, rs in curves.items() if rs[0].adaptation is adaptations.FULL]
     full_lr = best[full[0]][0] if full else None
     # The rank comparison: the target set (and batch, steps) with the most LoRA curves of different ranks.
     by_set: dict[tuple, list[str]] = {}
     for lbl, rs in curves.items():
-        if rs[0].method == "lora":  # ranks are LoRA's; the comparison methods have U-curves, not ranks
+        if rs[0].adaptation is adaptations.LORA:  # ranks are LoRA's; the comparison methods have U-curves, not ranks
             by_set.setdefault((rs[0].targets, rs[0].batch, rs[0].steps), []).append(lbl)
     rank_set = max(by_set.values(), key=len, default=[])
     lora_best = [best[lbl][0] for lbl in rank_set if best[lbl][0]]

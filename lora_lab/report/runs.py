@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lora_lab import tracking
+from lora_lab import adaptations, tracking
 from lora_lab.records import EvalPoint, RecordError, RunRecord, TrainPoint, finite
 
 OK_STATE = "COMPLETE"  # a run whose results the tables use
-BASELINES = ("BitFit", "IA3", "AdapterH", "AdapterL", "PreEmbed", "PreLayer")  # methods.py's methods, by paper name
+FULL_FT = adaptations.FULL.paper_label(lambda path: None)  # full fine-tuning's name in the tables: 'full FT'
 SHORT = {  # target names as the tables label them
     "q_proj": "Wq",
     "k_proj": "Wk",
@@ -72,8 +72,15 @@ class Run:
         return self.rec.settings.method
 
     @property
+    def adaptation(self) -> adaptations.Method:
+        """The method's row in lora_lab.adaptations' table (what the report asks instead of comparing names)."""
+        return adaptations.of(self.method)
+
+    @property
     def r(self) -> Optional[int]:
-        return int(self.p("lora.r")) if self.method == "lora" and self.p("lora.r") is not None else None
+        """LoRA's rank (None for the other methods: ranks are LoRA's)."""
+        lora_r = self.p("lora.r")
+        return int(lora_r) if self.adaptation is adaptations.LORA and lora_r is not None else None
 
     @property
     def lr(self) -> float:
@@ -82,8 +89,8 @@ class Run:
 
     @property
     def targets(self) -> Optional[str]:
-        """'all linear', 'attention', 'MLP', 'Wq+Wv', ... (None for full fine-tuning)."""
-        if self.method != "lora":
+        """LoRA's target set: 'all linear', 'attention', 'MLP', 'Wq+Wv', ... (None for the other methods)."""
+        if self.adaptation is not adaptations.LORA:
             return None
         names = list(self.p("lora.targets") or [])
         if self.p("lora.target_regex"):
@@ -92,23 +99,9 @@ class Run:
 
     @property
     def variant(self) -> str:
-        """Method label for the method table: LoRA, rsLoRA, LoRA+, DoRA, PiSSA, OLoRA (combined: 'DoRA+rsLoRA') or
-        full FT."""
-        if self.method == "full":
-            return "full FT"
-        if self.method == "adapter":
-            return "AdapterL" if self.p("adapter.placement") == "pfeiffer" else "AdapterH"
-        if self.method != "lora":
-            return {"bitfit": "BitFit", "ia3": "IA3", "prompt": "PreEmbed", "prefix": "PreLayer"}.get(
-                self.method, self.method
-            )
-        parts = [
-            {"dora": "DoRA"}.get(self.p("lora.variant") or "", ""),
-            {"pissa": "PiSSA", "olora": "OLoRA"}.get(self.p("lora.init") or "", ""),
-            "rsLoRA" if self.p("lora.rslora") is True else "",
-            "LoRA+" if (self.p("lora.lr_ratio") or 1.0) != 1.0 else "",
-        ]
-        return "+".join(x for x in parts if x) or "LoRA"
+        """The method's name in the papers' tables (adaptations' paper_label): LoRA, rsLoRA, LoRA+, DoRA, PiSSA,
+        OLoRA (combined: 'DoRA+rsLoRA'), full FT, BitFit, IA3, AdapterH, AdapterL, PreEmbed, PreLayer."""
+        return self.adaptation.paper_label(self.p)
 
     @property
     def batch(self) -> int:

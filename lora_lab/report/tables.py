@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from lora_lab import shapes
+from lora_lab import adaptations, shapes
 from lora_lab.config import TinyModelConfig
 from lora_lab.report.groups import (
     best_lr,
@@ -27,8 +27,13 @@ from lora_lab.report.published import (
     PUBLISHED_TARGETS_WR,
     WR,
 )
-from lora_lab.report.runs import BASELINES, OK_STATE, ReportError, Run, ok_runs
+from lora_lab.report.runs import FULL_FT, OK_STATE, ReportError, Run, ok_runs
 
+# The methods table's rows in order: LoRA's variants, full FT, then the comparison methods by their paper labels.
+METHOD_ORDER = (
+    *("LoRA", "rsLoRA", "LoRA+", "DoRA", "PiSSA", "OLoRA", FULL_FT),
+    *("BitFit", "IA3", "AdapterH", "AdapterL", "PreEmbed", "PreLayer"),
+)
 TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
 
 
@@ -74,25 +79,24 @@ def _spread(vals: list[float], sd: Optional[float]) -> str:
 def table_methods(runs: list[Run]) -> Table:
     """Hu et al. Tables 2-4: each method at its best configuration (lowest mean final val loss over its seeds)."""
     used, rows = [], []
-    known = ("LoRA", "rsLoRA", "LoRA+", "DoRA", "PiSSA", "OLoRA", "full FT", *BASELINES)
     ok = ok_runs(runs)
-    others = sorted({r.variant for r in ok} - set(known))  # combinations such as DoRA+rsLoRA
+    others = sorted({r.variant for r in ok} - set(METHOD_ORDER))  # combinations such as DoRA+rsLoRA
     # Beside the comparison methods, LoRA gets a row per target set and rank, as Hu et al. list it at several budgets.
     paper = comparison_study(ok)
-    for variant in (*known, *others):
+    for variant in (*METHOD_ORDER, *others):
         cands = [r for r in ok if r.variant == variant]
         if not cands:
             continue
         used += cands
         budgets: dict[tuple, list[Run]] = {}
         for r in cands:
-            budgets.setdefault((r.targets, r.r) if paper and r.method == "lora" else (), []).append(r)
+            budgets.setdefault((r.targets, r.r) if paper and r.adaptation is adaptations.LORA else (), []).append(r)
         for budget, rs in sorted(budgets.items(), key=lambda kv: min(r.trainable for r in kv[1])):
             group = best_replicated(replicates(rs))
             b, vals = group[0], [r.val_loss for r in group]
             sd = statistics.stdev(vals) if len(vals) > 1 else None
             f = b.rec
-            size = f.checkpoint_bytes if b.method == "full" else f.adapter_bytes
+            size = f.checkpoint_bytes if b.adaptation.trains_all else f.adapter_bytes  # all weights: no adapter
             accs = [r.rec.accuracy for r in group]
             lat = [r.rec.inference_latency_s for r in group if r.rec.inference_latency_s is not None]
             label = variant + (" (best)" if variant == "LoRA" else "")
@@ -159,13 +163,12 @@ def table_methods(runs: list[Run]) -> Table:
 
 
 def _settings(r: Run) -> str:
-    bits = [f"lr={fmt_lr(r.lr)}"]
-    if r.method == "lora":
-        bits = [f"{r.targets}", f"r={r.r}", f"alpha={r.p('lora.alpha')}"] + bits
-    elif r.method == "adapter":
-        bits = [f"bottleneck={r.p('adapter.bottleneck')}"] + bits
-    elif r.method in ("prompt", "prefix"):
-        bits = [f"n_tokens={r.p(r.method + '.n_tokens')}"] + bits
+    """The methods table's settings cell: the method's key settings, the LR and the batch size."""
+    if r.adaptation is adaptations.LORA:  # the target set in the table's short names, then rank and alpha
+        bits = [f"{r.targets}", f"r={r.r}", f"alpha={r.p('lora.alpha')}"]
+    else:  # an adapter's placement is its label's already (AdapterH / AdapterL)
+        bits = [b for b in r.adaptation.key_settings(r.p) if not b.startswith("placement=")]
+    bits.append(f"lr={fmt_lr(r.lr)}")
     if r.batch:
         bits.append(f"bs={r.batch}")
     return " ".join(bits)
@@ -176,7 +179,7 @@ def _varying_studies(
 ) -> list[Run]:
     """LoRA runs of the studies in which `attr` takes two or more values (and `fixed`, if given, only one); falls
     back to dropping the `fixed` condition, then to all LoRA runs."""
-    lora = [r for r in ok_runs(runs) if r.method == "lora"]
+    lora = [r for r in ok_runs(runs) if r.adaptation is adaptations.LORA]
     by: dict[str, list[Run]] = {}
     for r in lora:
         by.setdefault(r.study, []).append(r)
@@ -279,7 +282,7 @@ def table_lr(runs: list[Run]) -> Table:
         lr, loss = a["best"][label]
         grid = sorted(pts)
         edge = lr in (grid[0], grid[-1])
-        ratio = lr / a["full_lr"] if a["full_lr"] and not label.startswith("full FT") else None
+        ratio = lr / a["full_lr"] if a["full_lr"] and rs[0].adaptation is not adaptations.FULL else None
         rows.append(
             {
                 "curve": label,
@@ -297,7 +300,7 @@ def table_lr(runs: list[Run]) -> Table:
             {
                 "curve": "spread of best LoRA LR across ranks (max/min)",
                 "ratio_to_full": a["spread"],
-                "lrs": "over: " + ", ".join(lbl for lbl in a["rank_curves"] if not lbl.startswith("full FT")),
+                "lrs": "over: " + ", ".join(lbl for lbl in a["rank_curves"] if lbl != a["full_label"]),
                 "published": f"< 2x between r=4 and r=512 with alpha/r scaling [{WR}, finding 3]",
             }
         )
@@ -335,11 +338,11 @@ def table_capacity(runs: list[Run]) -> Table:
             vals = [v for r in at for s, v in r.val_history if s == step]
             if vals:
                 row[f"s{step}"] = statistics.fmean(vals)
-        if label.startswith("full FT") and not full_curve:
+        if label == a["full_label"]:  # the one full-FT curve of rank_curves
             full_curve = {st: row[f"s{st}"] for st in steps if f"s{st}" in row}
         rows.append(row)
-    for row in rows:
-        if full_curve and not row["curve"].startswith("full FT"):
+    for label, row in zip(a["rank_curves"], rows):
+        if full_curve and label != a["full_label"]:
             last = max((st for st in steps if f"s{st}" in row and st in full_curve), default=None)
             if last is not None:
                 row["gap"] = row[f"s{last}"] - full_curve[last]
@@ -370,18 +373,18 @@ def table_batch(runs: list[Run]) -> Table:
     for rs in sel:
         used += rs
         for r in rs:
-            label = "full FT" if r.method == "full" else f"{r.variant} r={r.r}"
+            label = FULL_FT if r.adaptation is adaptations.FULL else f"{r.variant} r={r.r}"
             cells.setdefault(r.batch, {}).setdefault(label, []).append(r.val_loss)
-    labels = sorted({lbl for c in cells.values() for lbl in c}, key=lambda s: (s == "full FT", s))
+    labels = sorted({lbl for c in cells.values() for lbl in c}, key=lambda s: (s == FULL_FT, s))
     rows = []
     for b in sorted(cells):
         row: dict[str, Any] = {"batch": b, "steps": next((r.steps for r in used if r.batch == b), None)}
         for lbl in labels:
             if lbl in cells[b]:
                 row[lbl] = statistics.fmean(cells[b][lbl])
-        lora = [row[lbl] for lbl in labels if lbl != "full FT" and lbl in row]
-        if lora and "full FT" in row:
-            row["gap"] = min(lora) - row["full FT"]
+        lora = [row[lbl] for lbl in labels if lbl != FULL_FT and lbl in row]
+        if lora and FULL_FT in row:
+            row["gap"] = min(lora) - row[FULL_FT]
         rows.append(row)
     cols = (
         [("batch", "batch size", ""), ("steps", "steps", "")]
@@ -460,7 +463,7 @@ def table_params(runs: list[Run]) -> Table:
     groups: dict[tuple, Run] = {}
     logged: dict[tuple, set] = {}
     for r in runs:
-        if r.method == "lora" and r.r and r.trainable:  # a run that failed before counting logged none
+        if r.adaptation is adaptations.LORA and r.r and r.trainable:  # a run that failed before counting logged none
             k = (r.p("model.name"), tuple(r.p("lora.targets") or ()), r.r)
             groups.setdefault(k, r)
             logged.setdefault(k, set()).add(r.trainable)
@@ -510,11 +513,11 @@ def table_compute(runs: list[Run]) -> Table:
     rows, used = [], []
     fulls: dict[tuple, list[Run]] = {}
     for r in ok:
-        if r.method == "full" and r.rec.time_per_step_s:
+        if r.adaptation is adaptations.FULL and r.rec.time_per_step_s:
             fulls.setdefault((r.p("model.name"), r.batch, r.p("data.max_length")), []).append(r)
     loras: dict[tuple, list[Run]] = {}
     for r in ok:
-        if r.method == "lora" and r.rec.time_per_step_s:
+        if r.adaptation is adaptations.LORA and r.rec.time_per_step_s:
             k = (r.p("model.name"), r.batch, r.p("data.max_length"))
             if k in fulls:
                 loras.setdefault(k + (r.targets, r.r), []).append(r)
@@ -566,7 +569,7 @@ def table_compute(runs: list[Run]) -> Table:
 
 def table_merge(runs: list[Run]) -> Table:
     """Merged vs unmerged LoRA: max |logit difference| and val-loss difference, per precision."""
-    lora = [r for r in ok_runs(runs) if r.method == "lora" and r.rec.max_abs_logit_diff is not None]
+    lora = [r for r in ok_runs(runs) if r.adaptation is adaptations.LORA and r.rec.max_abs_logit_diff is not None]
     by: dict[str, list[Run]] = {}
     for r in lora:
         # trainer.device as set is often 'auto': the device the run resolved to decides what precision=auto meant.
