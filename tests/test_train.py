@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab import lora
+from lora_lab import adaptations, lora
 from lora_lab.config import compose
 from lora_lab.data import TaskData
 from lora_lab.files import atomic_write_text
@@ -338,7 +338,7 @@ def test_merged_block_folds_once_and_unfolds_whatever_happens(monkeypatch: pytes
     calls: list[str] = []
     monkeypatch.setattr(lora, "merge", lambda model: calls.append("merge"))
     monkeypatch.setattr(lora, "unmerge", lambda model: calls.append("unmerge"))
-    block = merged(torch.nn.Linear(2, 2), "lora")
+    block = merged(torch.nn.Linear(2, 2), adaptations.of("lora"))
     with pytest.raises(RuntimeError, match="inside"):
         with block:
             with block:  # entering again folds nothing twice; only the outer exit unfolds
@@ -355,7 +355,7 @@ def test_merged_block_folds_once_and_unfolds_whatever_happens(monkeypatch: pytes
 
     monkeypatch.setattr(lora, "merge", half_merge)
     calls.clear()
-    with pytest.raises(ValueError, match="cannot merge"), merged(torch.nn.Linear(2, 2), "lora"):
+    with pytest.raises(ValueError, match="cannot merge"), merged(torch.nn.Linear(2, 2), adaptations.of("lora")):
         pass
     assert calls == ["half", "unmerge"]  # a merge that failed part-way is undone
 
@@ -367,7 +367,7 @@ def test_merged_block_restores_the_weights_of_a_real_model(build_tiny) -> None:
         if isinstance(layer, lora.LoraLayer):
             torch.nn.init.normal_(layer.lora_B)  # a non-zero update, so merging changes the weights
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with merged(model, "lora"):
+    with merged(model, adaptations.of("lora")):
         assert all(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m.merged for m in model.modules() if isinstance(m, lora.LoraLayer))
