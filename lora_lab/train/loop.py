@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from lora_lab.config import Config
 from lora_lab.train.batches import TrainBatches
 from lora_lab.train.checkpoint import Checkpointer
 from lora_lab.train.evaluate import Evaluator
+from lora_lab.train.progress import progress_bar
 from lora_lab.train.runtime import Clock, PeakMemory, autocast, compile_blocks, set_use_cache
 
 log = logging.getLogger("lora_lab")
@@ -238,18 +238,3 @@ class TrainingLoop:
         # After the with-block: PeakMemory reads CUDA's peak on exit (inside it, the peak was still 0).
         return Trained(status, reason, self.history, self.evals, self.step_times, self.tokens, peak.peak)
 
-
-def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
-    """The loop's tqdm bar on stderr (disabled by trainer.progress=false)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-        file=sys.stderr,
-    )
