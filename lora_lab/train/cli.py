@@ -1,6 +1,7 @@
 """The command line `python -m lora_lab.train [overrides]`: compose, build, fit tracked, print the summary; exit codes.
 
-Exit 0 when the run completes, 2 on bad input (nothing logged, no folder made), 3 when it diverged, 128 + the signal
+Exit 0 when the run completes, 2 on bad input (nothing logged, no folder made; a resume whose config changes what
+its checkpoint trained, checkpoint.ResumeMismatch, too), 3 when it diverged, 128 + the signal
 number when SIGINT/SIGTERM stopped it (its checkpoints stay: the same command resumes it). The CLI lives here, not
 in __main__.py, so that the package can re-export `main` without runpy importing __main__ twice.
 """
@@ -13,6 +14,7 @@ from typing import Optional
 
 from lora_lab.records import RunRecord
 from lora_lab.train.build import build
+from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
 from lora_lab.train.runtime import Interrupted, interruptible
 from lora_lab.train.tracked import fit_tracked
@@ -46,9 +48,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         resolved, cfg = compose(argv)
         session = build(cfg, role=RunRole(overrides=tuple(argv)))
+        if cfg.trainer.resume:  # a config that changes what the checkpoint trained is bad input: nothing made
+            check_resume(session.output_dir / "checkpoints", cfg)
         if cfg.tracking.enabled:
             tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
-    except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
+    except (ValueError, TypeError) as exc:  # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, ...
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -162,7 +162,12 @@ class TrainingLoop:
         optimizer, scheduler = make_optimizer(model, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]  # what clipping sees, listed once
         ckpt = Checkpointer(
-            self.output_dir / "checkpoints", model, optimizer, scheduler, full=adaptations.of(cfg.method).trains_all
+            self.output_dir / "checkpoints",
+            model,
+            optimizer,
+            scheduler,
+            full=adaptations.of(cfg.method).trains_all,
+            cfg=cfg,
         )
         start_step = 0
         if t.resume:
