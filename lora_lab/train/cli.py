@@ -1,7 +1,8 @@
 """The command line `python -m lora_lab.train [overrides]`: compose, build, fit tracked, print the summary; exit codes.
 
 Exit 0 when the run completes, 2 on bad input (nothing logged, no folder made; a resume whose config changes what
-its checkpoint trained, checkpoint.ResumeMismatch, too), 3 when it diverged, 128 + the signal
+its checkpoint trained, checkpoint.ResumeMismatch, too) and on an output_dir a live run owns (owner.FolderBusy,
+naming its PID), 3 when it diverged, 128 + the signal
 number when SIGINT/SIGTERM stopped it (its checkpoints stay: the same command resumes it). The CLI lives here, not
 in __main__.py, so that the package can re-export `main` without runpy importing __main__ twice.
 """
@@ -13,6 +14,7 @@ import sys
 from typing import Optional
 
 from lora_lab.records import RunRecord
+from lora_lab.train import owner
 from lora_lab.train.build import build
 from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
@@ -52,15 +54,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_resume(session.output_dir / "checkpoints", cfg)
         if cfg.tracking.enabled:
             tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
-    except (ValueError, TypeError) as exc:  # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, ...
+        claim = owner.claim(session.output_dir)  # before any MLflow run: a folder a live run owns is refused
+    # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, bad targets; a folder a live run owns
+    except (ValueError, TypeError, owner.FolderBusy) as exc:
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        with interruptible():  # SIGINT/SIGTERM: the MLflow run ends KILLED with the reason; checkpoints stay
-            result = fit_tracked(session, OmegaConf.to_container(resolved, resolve=True))
-    except Interrupted as exc:
-        print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
-        return 128 + exc.signum
+    with claim:
+        try:
+            with interruptible():  # SIGINT/SIGTERM: the MLflow run ends KILLED with the reason; checkpoints stay
+                result = fit_tracked(session, OmegaConf.to_container(resolved, resolve=True))
+        except Interrupted as exc:
+            print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
+            return 128 + exc.signum
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")
