@@ -159,6 +159,7 @@ def test_cli_exit_code_2_through_subprocess(tmp_path):
 def _unwritable_cases(tmp_path: Path) -> dict[str, tuple[str, list[str], dict[str, str], list[str]]]:
     """entry, argv, environment, expected words: outputs that cannot be written are exit 2 with the path and why."""
     a_file = _write(tmp_path / "a_file", "not a folder")
+    long = "a" * 300
     return {
         "output_dir is a file": ("train", [f"output_dir={a_file}"], {}, ["output_dir", str(a_file), "is a file"]),
         "output_dir under a file": (
@@ -181,6 +182,15 @@ def _unwritable_cases(tmp_path: Path) -> dict[str, tuple[str, list[str], dict[st
             {},
             ["sweep.storage", str(a_file)],
         ),
+        # A 300-character folder name: in a folder that exists (the file system says so at once), or under one
+        # still to be made (the run's own check, before anything is written).
+        "output_dir name too long": ("train", [f"output_dir={tmp_path / long}"], {}, ["255", "shorter output_dir"]),
+        "output_dir name too long, deeper": (
+            "train",
+            [f"output_dir={tmp_path / 'new' / long / 'run'}"],
+            {},
+            ["output_dir", "300 bytes", "255", "shorter output_dir"],
+        ),
     }
 
 
@@ -193,6 +203,8 @@ def _unwritable_cases(tmp_path: Path) -> dict[str, tuple[str, list[str], dict[st
         "outputs root is a file (sweep)",
         "outputs root read-only (sweep)",
         "journal under a file",
+        "output_dir name too long",
+        "output_dir name too long, deeper",
     ],
 )
 def test_unwritable_outputs_are_exit_2_with_path_and_reason(case, tmp_path, out, capsys, monkeypatch):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora_lab.config import compose
 from lora_lab.train.build import build, build_and_fit
@@ -97,3 +98,45 @@ def test_methods_resume_from_their_checkpoints_as_if_never_stopped(tmp_path: Pat
     resumed = build_and_fit(compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1])
     assert resumed.steps == 6
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
+
+
+def _rewrite_manifest(path: Path) -> None:
+    # As a buggy writer or a hand edit would leave it: the manifest agrees with the files, so only the weights'
+    # names and shapes can tell.
+    import hashlib
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (path / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_checkpoint_missing_a_layer_is_set_aside_naming_it(tmp_path: Path, method: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "run"
+    assert build_and_fit(compose([*TINY, f"method={method}", f"output_dir={folder}"])[1]).completed
+    root = folder / "checkpoints"
+    shutil.copytree(root / "step-0000004", root / "step-0000002")  # an older good checkpoint left behind
+    weights = load_file(str(root / "step-0000004" / "weights.safetensors"))
+    gone = [k for k in weights if "layers.1." in k]  # the whole second layer
+    save_file({k: v for k, v in weights.items() if k not in gone}, str(root / "step-0000004" / "weights.safetensors"))
+    _rewrite_manifest(root / "step-0000004")
+
+    session = build(compose([*TINY, f"method={method}", f"output_dir={folder}"])[1])
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    optimizer, scheduler = session.make_optimizer()
+    ckpt = Checkpointer(root, session.model, optimizer, scheduler, full=method == "full")
+    state = ckpt.load_latest()
+    assert state is not None and ckpt.loaded == root / "step-0000002"
+    (bad,) = list((root / "bad").iterdir())
+    reason = (bad / "REASON").read_text()
+    assert bad.name.startswith("step-0000004") and f"{len(gone)} tensor(s) missing: " in reason
+    assert "model.layers.1." in reason and "more" in reason
+    if method == "full":  # the older checkpoint's weights were loaded whole, none of the bad one's half-way
+        saved = load_file(str(root / "step-0000002" / "weights.safetensors"))
+        assert all(torch.equal(session.model.state_dict()[k], v) for k, v in saved.items())
+        assert any(not torch.equal(before[k], v) for k, v in saved.items())

@@ -1,8 +1,10 @@
 """Checkpoints: resumable state every N steps, each folder with a manifest, written whole and verified on load.
 
 A checkpoint holds the trainable weights (safetensors), the optimizer and scheduler state, the RNG states
-(lora_lab.train.runtime.rng_state) and the step with its history. `Checkpointer` writes them, checks them against
-their manifest (size and SHA-256 of every file) and restores the newest good one.
+(lora_lab.train.runtime.rng_state), the step with its history and the config it was trained with (config.json).
+`Checkpointer` writes them, checks them against their manifest (size and SHA-256 of every file) and the weights'
+names and shapes against the model, and restores the newest good one. A resume whose config changes what is trained
+(`resume_changes`) is refused with `ResumeMismatch`, naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -18,11 +20,111 @@ from typing import Any, Optional
 
 import torch
 
-from lora_lab import lora, methods
-from lora_lab.files import atomic_dir, atomic_write_text
+from lora_lab import adaptations, lora, methods
+from lora_lab.config import Config, ConfigError
+from lora_lab.files import WriteError, atomic_dir, atomic_write_text
 from lora_lab.train.runtime import restore_rng_state, rng_state
 
 log = logging.getLogger("lora_lab")
+
+CONFIG = "config.json"  # in each checkpoint: the config it was trained with (config_record)
+
+# Keys a resume may change: they say where or how the run goes, not what is trained. trainer.eval_* and
+# trainer.eval_batch_size: evaluations read the model and draw no randomness; trainer.sync_every, compile,
+# pad_to_multiple, num_threads, device: how fast the same steps run (padding carries no loss). trainer.max_steps is
+# decided apart (resume_changes).
+RESUME_FREE = (
+    "output_dir",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.checkpoint_every",
+    "trainer.eval_every",
+    "trainer.eval_batch_size",
+    "trainer.eval_at_start",
+    "trainer.sync_every",
+    "trainer.compile",
+    "trainer.pad_to_multiple",
+    "trainer.device",
+    "trainer.max_steps",
+)
+RESUME_FREE_GROUPS = ("tracking", "export")  # where the run is recorded and what it writes at the end
+
+
+class ResumeMismatch(ConfigError):
+    """trainer.resume=true with a config that changes what the checkpoint was trained with: the keys that differ,
+    the checkpoint's value and the new one. The command exits 2; nothing is trained."""
+
+
+def config_record(cfg: Config) -> dict[str, Any]:
+    """The typed config as the plain, JSON-safe dict a checkpoint keeps (config.json)."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
+    """What `cfg` changes against the config a checkpoint of `step` was trained with (config_record), as
+    'key: checkpoint value -> new value'; [] when the resume continues the same run.
+
+    Compared: everything that changes what is trained (method, model.*, data.*, seed, optim.*, the batch, precision,
+    the method's own group; other methods' groups are unused). Free: RESUME_FREE and RESUME_FREE_GROUPS. The one
+    exception is trainer.max_steps: extending a run (or ending it earlier) is a legitimate resume when the LR
+    schedule does not depend on it, so a constant schedule may change it, as long as the checkpoint's step is not
+    past it; under a cosine schedule every step's LR depends on it, so it must stay."""
+    now, then = _flat(config_record(cfg)), _flat(saved)
+    own = adaptations.of(cfg.method).group
+    unused = adaptations.groups() - ({own} if own else set())
+    changes = []
+    for key in sorted(set(now) | set(then)):
+        group = key.split(".", 1)[0]
+        if key in RESUME_FREE or group in RESUME_FREE_GROUPS or (group in unused and key.count(".")):
+            continue
+        if now.get(key) != then.get(key):
+            changes.append(f"{key}: {then.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
+    old_steps, new_steps = then.get("trainer.max_steps"), cfg.trainer.max_steps
+    if old_steps != new_steps:
+        if cfg.optim.schedule != "constant":
+            changes.append(
+                f"trainer.max_steps: {old_steps!r} -> {new_steps!r} (optim.schedule={cfg.optim.schedule} sets every "
+                "step's LR from max_steps; only a constant schedule may be extended)"
+            )
+        elif step > new_steps:
+            changes.append(f"trainer.max_steps: {new_steps} is below the checkpoint's step {step}")
+    return changes
+
+
+def mismatch(root: Path, changes: list[str]) -> ResumeMismatch:
+    """The ResumeMismatch for `changes` of the checkpoints under `root`."""
+    return ResumeMismatch(
+        f"trainer.resume=true: the checkpoint in {root} was trained with other settings: {'; '.join(changes)}. "
+        "Resume with the checkpoint's settings, or give another output_dir to start afresh"
+    )
+
+
+def check_resume(root: Path, cfg: Config) -> None:
+    """Before a resumed run starts anything: raise ResumeMismatch when `cfg` changes what the newest checkpoint
+    under `root` (that has a readable config.json and manifest) was trained with. Checkpoints from before
+    config.json, or none at all, pass (the loop decides again on the one it loads)."""
+    for path in Checkpointer.candidates_in(root):
+        try:
+            saved = json.loads((path / CONFIG).read_text())
+            step = int(json.loads((path / Checkpointer.MANIFEST).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        changes = resume_changes(saved, cfg, step)
+        if changes:
+            raise mismatch(root, changes)
+        return
 
 
 class Checkpointer:
@@ -44,8 +146,10 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         full: bool,
+        cfg: Optional[Config] = None,
     ) -> None:
         self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
+        self.cfg = cfg  # the run's config: kept in each checkpoint, compared on resume (None: neither)
         self.loaded: Optional[Path] = None  # the checkpoint load_latest() resumed from
 
     def latest_path(self) -> Optional[Path]:
@@ -59,36 +163,47 @@ class Checkpointer:
         return path if path.is_dir() else None
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        if self.full:
-            return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        """What a checkpoint stores of the model: every tensor under full fine-tuning (tied ones once), else what
+        trains."""
+        if self.full:  # tied weights share storage; safetensors wants each stored once
+            seen, unique = set(), {}
+            for k, v in self.model.state_dict().items():
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    unique[k] = v.detach().contiguous()
+            return unique
         if methods.method_of(self.model) is not None:  # BitFit, IA3, adapters, prompt, prefix: what trains
             return {k: v.detach().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
         return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(self.model).items()}
 
     def save(self, step: int, history: list, evals: list) -> Path:
         """Write the checkpoint of `step` (with the run's history and evaluations so far), point LATEST at it and
-        remove the previous one; returns its folder."""
+        remove the previous one; returns its folder. On a full disk: a WriteError that says which checkpoint is
+        kept (the previous one stays whole, no temp file is left)."""
         from safetensors.torch import save_file
 
         name = f"step-{step:07d}"
-        with atomic_dir(self.root / name) as tmp:
-            weights = self._weights()
-            if self.full:  # tied weights share storage; safetensors wants each stored once
-                seen, unique = set(), {}
-                for k, v in weights.items():
-                    if v.data_ptr() not in seen:
-                        seen.add(v.data_ptr())
-                        unique[k] = v
-                weights = unique
-            save_file(weights, str(tmp / "weights.safetensors"))
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt"
-            )
-            torch.save(rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-            (tmp / self.MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
         previous = self.latest_path()
+        try:
+            with atomic_dir(self.root / name) as tmp:
+                save_file(self._weights(), str(tmp / "weights.safetensors"))
+                torch.save(
+                    {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                    tmp / "optim.pt",
+                )
+                torch.save(rng_state(), tmp / "rng.pt")
+                (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
+                if self.cfg is not None:
+                    (tmp / CONFIG).write_text(json.dumps(config_record(self.cfg), indent=1))
+                files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+                (tmp / self.MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        except WriteError as exc:
+            kept = (
+                f"the last good checkpoint {previous} is kept: trainer.resume=true resumes from it"
+                if previous is not None
+                else "no earlier checkpoint was kept"
+            )
+            raise WriteError(self.root / name, exc.cause, kept) from None
         atomic_write_text(self.root / "LATEST", name)
         if previous is not None and previous.name != name:
             shutil.rmtree(previous, ignore_errors=True)
@@ -120,25 +235,35 @@ class Checkpointer:
         dest = self.root / "bad" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         path.rename(dest)
-        atomic_write_text(dest / "REASON", reason + "\n")
+        try:
+            atomic_write_text(dest / "REASON", reason + "\n")
+        except WriteError as exc:  # a full disk: the rename already keeps it from being loaded again
+            log.warning("checkpoint %s: could not write its REASON (%s)", dest, exc)
         log.warning("checkpoint %s: %s; set aside as %s", path, reason, dest)
         return dest
 
     def candidates(self) -> list[Path]:
         """Checkpoint folders, newest first: the one LATEST names, then any other complete one left behind."""
+        return self.candidates_in(self.root)
+
+    @staticmethod
+    def candidates_in(root: Path) -> list[Path]:
+        """Checkpoint folders under `root`, newest first: the one LATEST names, then any other complete one."""
         named = []
-        marker = self.root / "LATEST"
+        marker = root / "LATEST"
         if marker.is_file():
-            named = [self.root / marker.read_text().strip()]
-        others = sorted((p for p in self.root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+            named = [root / marker.read_text().strip()]
+        others = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
         return [p for p in dict.fromkeys(named + others) if p.is_dir()]
 
     def load_latest(self) -> Optional[dict[str, Any]]:
         """Restore the newest good checkpoint (weights, optimizer, scheduler, RNG) and return its state.json; None
-        when there is none (start at step 0). Bad ones on the way are set aside."""
+        when there is none (start at step 0). Bad ones on the way are set aside. Raises ResumeMismatch when the
+        run's config changes what that checkpoint was trained with (the checkpoint is good: it stays)."""
         for path in self.candidates():
             problem = self.verify(path)
             if not problem:
+                self._check_config(path)
                 try:
                     state = self._load(path)
                 except Exception as exc:  # noqa: BLE001 - a checkpoint that passes its manifest but does not load
@@ -149,18 +274,44 @@ class Checkpointer:
             self.set_aside(path, problem)
         return None
 
+    def _check_config(self, path: Path) -> None:
+        if self.cfg is None or not (path / CONFIG).is_file():
+            return  # a checkpoint from before config.json: nothing to compare with
+        saved = json.loads((path / CONFIG).read_text())
+        changes = resume_changes(saved, self.cfg, int(json.loads((path / self.MANIFEST).read_text())["step"]))
+        if changes:
+            raise mismatch(self.root, changes)
+
+    def fit_problem(self, weights: dict[str, torch.Tensor]) -> str:
+        """'' when `weights` (a checkpoint's) are exactly what this model's checkpoint holds, names and shapes;
+        else what differs (the missing tensors first: a checkpoint missing a layer must not load)."""
+        want = {k: tuple(v.shape) for k, v in self._weights().items()}
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        missing = [k for k in want if k not in got]
+        unexpected = [k for k in got if k not in want]
+        shapes = [f"{k} {got[k]} (the model's {want[k]})" for k in want if k in got and got[k] != want[k]]
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+            if keys:
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                parts.append(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:3])}{more}")
+        return "does not fit this model: " + "; ".join(parts) if parts else ""
+
     def _load(self, path: Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
+        # Everything is checked before the model is touched: a checkpoint that fails half-way must not leave its
+        # weights in a model that then resumes from an older one (or from step 0).
         weights = load_file(str(path / "weights.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        needed = {k for k, v in self.model.named_parameters() if v.requires_grad} if not self.full else set()
-        if unexpected or (not self.full and (any("lora_" in k for k in missing) or needed & set(missing))):
-            raise ValueError(f"checkpoint {path}: does not fit this model (unexpected keys {unexpected[:5]})")
+        problem = self.fit_problem(weights)
+        if problem:
+            raise ValueError(problem)
         state = torch.load(path / "optim.pt", weights_only=True)  # never unpickle arbitrary objects
-        self.optimizer.load_state_dict(state["optimizer"])
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])  # checks its groups against the optimizer's first
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        self.model.load_state_dict(weights, strict=False)  # strict on what the checkpoint holds: fit_problem
+        restore_rng_state(rng)
         return json.loads((path / "state.json").read_text())
 
 

@@ -1,18 +1,30 @@
 """The command line `python -m lora_lab.train [overrides]`: compose, build, fit tracked, print the summary; exit codes.
 
-Exit 0 when the run completes, 2 on bad input (nothing logged, no folder made), 3 when it diverged, 128 + the signal
-number when SIGINT/SIGTERM stopped it (its checkpoints stay: the same command resumes it). The CLI lives here, not
-in __main__.py, so that the package can re-export `main` without runpy importing __main__ twice.
+Exit 0 when the run completes; 2 on bad input (nothing logged, no folder made), on an output_dir a live run owns
+(owner.FolderBusy, naming its PID) and on a resume whose config changes what its checkpoint trained
+(checkpoint.ResumeMismatch, naming the keys); 1 when the machine failed the run: a write that failed (a full disk:
+files.WriteError names the path and what was kept), a tracking server gone past tracking.deadline_s
+(tracking.TrackingUnreachable), memory run out; 3 when it diverged; 128 + the signal number when SIGINT/SIGTERM
+stopped it (its checkpoints stay: the same command resumes it). Every error is one line on stderr,
+`lora_lab.train: error: <message>`, never a traceback. The CLI lives here, not in __main__.py, so that the package
+can re-export `main` without runpy importing __main__ twice.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from typing import Optional
 
+from lora_lab.config import ConfigError
+from lora_lab.errors import first_line
+from lora_lab.files import WriteError
 from lora_lab.records import RunRecord
+from lora_lab.train import owner
 from lora_lab.train.build import build
+from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
 from lora_lab.train.runtime import Interrupted, interruptible
 from lora_lab.train.tracked import fit_tracked
@@ -30,12 +42,8 @@ to MLflow (lora_lab/tracking.py), the sweep to Optuna as well.
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m lora_lab.train [overrides]`: exit 0 when the run completes, 2 on bad input, 3 when it diverged."""
-    from omegaconf import OmegaConf
-
-    from lora_lab import tracking
-    from lora_lab.config import compose
-
+    """`python -m lora_lab.train [overrides]`: exit 0 when the run completes, 2 on bad input, 1 when the machine
+    failed it (disk, tracking server, memory), 3 when it diverged (the module docstring has them all)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -44,19 +52,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(HELP)
         return 0
     try:
+        return _run(argv)
+    except Exception as exc:  # noqa: BLE001 - the failures a user can act on, each as one line (machine_failure)
+        message = machine_failure(exc)
+        if message is None:
+            raise
+    print(f"lora_lab.train: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _run(argv: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from lora_lab import tracking
+    from lora_lab.config import compose
+
+    try:
         resolved, cfg = compose(argv)
         session = build(cfg, role=RunRole(overrides=tuple(argv)))
+        if cfg.trainer.resume:  # a config that changes what the checkpoint trained is bad input: nothing made
+            check_resume(session.output_dir / "checkpoints", cfg)
         if cfg.tracking.enabled:
             tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
-    except (ValueError, TypeError) as exc:  # ConfigError, ModelError, DataError, bad LoRA targets
+        claim = owner.claim(session.output_dir)  # before any MLflow run: a folder a live run owns is refused
+    # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, bad targets; a folder a live run owns
+    except (ValueError, TypeError, owner.FolderBusy) as exc:
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        with interruptible():  # SIGINT/SIGTERM: the MLflow run ends KILLED with the reason; checkpoints stay
-            result = fit_tracked(session, OmegaConf.to_container(resolved, resolve=True))
-    except Interrupted as exc:
-        print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
-        return 128 + exc.signum
+    except OSError as exc:  # a path the file system refuses (a name too long, no permission), before any write
+        if isinstance(exc, WriteError):
+            raise
+        print(f"lora_lab.train: error: {path_error(exc)}", file=sys.stderr)
+        return 2
+    with claim:
+        try:
+            with interruptible():  # SIGINT/SIGTERM: the MLflow run ends KILLED with the reason; checkpoints stay
+                result = fit_tracked(session, OmegaConf.to_container(resolved, resolve=True))
+        except Interrupted as exc:
+            print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
+            return 128 + exc.signum
+        except ConfigError as exc:  # checkpoint.ResumeMismatch from the checkpoint the loop loaded
+            print(f"lora_lab.train: error: {exc}", file=sys.stderr)
+            return 2
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")
@@ -64,6 +101,47 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lora_lab.train: run {result.status}: {result.reason}", file=sys.stderr)
         return 3
     return 0
+
+
+def machine_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message for a failure of the machine under the run (exit 1), or None for any other error.
+
+    files.WriteError (its message names the path, the cause and what was kept), any other OSError, a tracking
+    server gone past its deadline (tracking.TrackingUnreachable), host memory (MemoryError) or device memory
+    (torch.OutOfMemoryError) run out."""
+    import torch
+
+    from lora_lab.tracking import TrackingUnreachable
+
+    if isinstance(exc, MemoryError):
+        return (
+            "out of memory: the process ran out of host memory (RAM) "
+            f"({first_line(exc, with_type=True)}); a smaller model, trainer.batch_size or data.max_length needs less"
+        )
+    if isinstance(exc, torch.OutOfMemoryError):
+        return (
+            f"out of memory: the GPU ran out of device memory ({first_line(exc)}); a smaller trainer.batch_size "
+            "(with trainer.grad_accum for the same effective batch) or data.max_length needs less"
+        )
+    if isinstance(exc, TrackingUnreachable):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return str(exc) if isinstance(exc, WriteError) else path_error(exc)
+    return None
+
+
+def path_error(exc: OSError) -> str:
+    """An OSError in one line, a very long file name in it shortened to its start and its length."""
+    name = exc.filename if isinstance(exc.filename, str) else ""
+    if exc.errno == errno.ENAMETOOLONG and name:
+        longest = max(name.split(os.sep), key=len)
+        return (
+            f"{name[:60]}...: {exc.strerror} (a name of {len(os.fsencode(longest))} bytes; most file systems allow "
+            "255): give a shorter output_dir"
+        )
+    if name:
+        return f"{name}: {exc.strerror or first_line(exc)}"
+    return first_line(exc, with_type=True)
 
 
 def summary(result: RunRecord) -> str:

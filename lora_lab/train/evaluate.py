@@ -162,6 +162,7 @@ class Evaluator:
         self.probe_logits: Optional[torch.Tensor] = None
         self._order: Optional[list[int]] = None  # validation rows by length, computed on first use
         self._rows: list[dict] = []
+        self._probe_inputs_differ = False  # whether the probe rows are not all the same input (set with the order)
 
     def forward_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's logits for a collated batch on the device, under the run's autocast."""
@@ -202,6 +203,8 @@ class Evaluator:
             self._rows = list(self.data.val)
             lengths = [len(r["input_ids"]) for r in self._rows]
             self._order = sorted(range(len(lengths)), key=lengths.__getitem__)
+            probe = [self._rows[i] for i in self._order[: min(PROBE_ROWS, self.batch_size)]]
+            self._probe_inputs_differ = len({tuple(r.get("prompt_ids") or r["input_ids"]) for r in probe}) > 1
         order, bs = self._order, self.batch_size
         for start in range(0, len(order), bs):
             rows = [self._rows[i] for i in order[start : start + bs]]
@@ -213,6 +216,16 @@ class Evaluator:
         if self.scorer.accuracy:
             out["accuracy"] = correct / max(1, n_rows)
         return out
+
+    def collapsed(self) -> bool:
+        """Whether the latest evaluation gave every probe row the same logits although the rows are different
+        inputs: the model's output no longer depends on its input (weights blown up into constant activations).
+        Any working model, the random tiny one included, tells different inputs apart."""
+        probe = self.probe_logits
+        if probe is None or not self._probe_inputs_differ or probe.shape[0] < 2:
+            return False
+        spread = (probe - probe[:1]).abs().max().item()
+        return spread <= 1e-6 * max(1.0, probe.abs().max().item())
 
     def latency(self, model: torch.nn.Module, repeats: int = 3) -> float:
         """Median seconds of one eval-mode forward over the first batch_size validation rows (right-padded, full

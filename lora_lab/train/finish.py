@@ -20,7 +20,7 @@ import torch
 from lora_lab import adaptations, lora, methods
 from lora_lab.adaptations import Adaptation
 from lora_lab.config import Config
-from lora_lab.files import atomic_dir, atomic_write_text
+from lora_lab.files import WriteError, atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 from lora_lab.records import build as build_record
 from lora_lab.train.evaluate import Evaluator
@@ -317,5 +317,13 @@ def assemble_record(
 
 
 def write_metrics(record: RunRecord, out: Path) -> None:
-    """The record as out/metrics.json (written atomically)."""
-    atomic_write_text(out / "metrics.json", json.dumps(record.to_json(), indent=2, default=float))
+    """The record as out/metrics.json (written atomically). On a full disk: a WriteError saying what the run
+    kept (the old metrics.json stays whole where there was one)."""
+    try:
+        atomic_write_text(out / "metrics.json", json.dumps(record.to_json(), indent=2, default=float))
+    except WriteError as exc:
+        says = ["the previous metrics.json is unchanged"] if (out / "metrics.json").exists() else []
+        kept = [name for name in ("config.yaml", "adapter", "merged", "checkpoints") if (out / name).exists()]
+        if kept:
+            says.append(f"kept in {out}: {', '.join(kept)}")
+        raise WriteError(out / "metrics.json", exc.cause, "; ".join(says)) from None

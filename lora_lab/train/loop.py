@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,9 @@ from lora_lab import adaptations, optim
 from lora_lab.config import Config
 from lora_lab.train.batches import TrainBatches
 from lora_lab.train.checkpoint import Checkpointer
+from lora_lab.train.divergence import Divergence, answer_count
 from lora_lab.train.evaluate import Evaluator
+from lora_lab.train.progress import progress_bar
 from lora_lab.train.runtime import Clock, PeakMemory, autocast, compile_blocks, set_use_cache
 
 log = logging.getLogger("lora_lab")
@@ -124,12 +125,13 @@ class TrainingLoop:
         self.tokens = 0
         self.pending = PendingLosses()
         self.bar: Any = None
+        self.divergence = Divergence(answer_count(model, data.format), data.format)
 
-    def sync(self) -> Optional[int]:
-        """Read the pending losses back (one host sync) into the history; time their steps. Returns the first
-        non-finite step, or None."""
+    def sync(self) -> str:
+        """Read the pending losses back (one host sync) into the history; time their steps. Returns why the run
+        diverged ('' while it has not): a non-finite training loss, or one far above knowing nothing."""
         if not self.pending.steps:
-            return None
+            return ""
         n = len(self.pending.steps)
         points, per_step, bad = self.pending.read()
         self.clock.train_s += per_step * n
@@ -141,7 +143,9 @@ class TrainingLoop:
             tok_s=f"{self.tokens / max(self.clock.train_s, 1e-9):.0f}",
         )
         self.pending.restart_clock()
-        return bad
+        if bad is not None:
+            return f"non-finite training loss at step {bad}"
+        return self.divergence.training(points)
 
     def run(self, on_eval: Optional[EvalCallback] = None) -> Trained:
         """Train; report each evaluation to `on_eval`; return how the loop ended (completed or diverged)."""
@@ -158,7 +162,12 @@ class TrainingLoop:
         optimizer, scheduler = make_optimizer(model, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]  # what clipping sees, listed once
         ckpt = Checkpointer(
-            self.output_dir / "checkpoints", model, optimizer, scheduler, full=adaptations.of(cfg.method).trains_all
+            self.output_dir / "checkpoints",
+            model,
+            optimizer,
+            scheduler,
+            full=adaptations.of(cfg.method).trains_all,
+            cfg=cfg,
         )
         start_step = 0
         if t.resume:
@@ -173,6 +182,8 @@ class TrainingLoop:
             self.evals.append({"step": 0, **metrics})
             if on_eval is not None:
                 on_eval(EvalEvent(0, t.max_steps, metrics, []))
+        if self.evals and self.evals[0]["step"] == 0:  # the base model's loss (also from a checkpoint): a yardstick
+            self.divergence.set_base(self.evals[0]["val_loss"])
         causal = cfg.model.task == "causal_lm"  # right-padded rows need no padding mask there (TrainBatches)
         batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple, padding_mask=not causal)
         self.bar = progress_bar(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
@@ -206,15 +217,16 @@ class TrainingLoop:
                     # Sync after the first step (it pays for allocations and warm-up: kept out of the steady
                     # step time), every sync_every steps, and before evaluations and checkpoints.
                     if done == start_step + 1 or done % t.sync_every == 0 or evaluate_now or checkpoint_now:
-                        bad = self.sync()
-                        if bad is not None:
-                            status, reason = "diverged", f"non-finite training loss at step {bad}"
+                        why = self.sync()
+                        if why:
+                            status, reason = "diverged", why
                             optimizer.zero_grad(set_to_none=True)
                             break
                     if evaluate_now:
                         metrics = self.evaluator.evaluate(model)
-                        if not math.isfinite(metrics["val_loss"]):
-                            status, reason = "diverged", f"non-finite validation loss at step {done}"
+                        why = self.divergence.validation(done, metrics["val_loss"], self.evaluator.collapsed())
+                        if why:
+                            status, reason = "diverged", why
                             break
                         since = self.since_event
                         metrics.update(
@@ -237,19 +249,3 @@ class TrainingLoop:
                 self.bar.close()
         # After the with-block: PeakMemory reads CUDA's peak on exit (inside it, the peak was still 0).
         return Trained(status, reason, self.history, self.evals, self.step_times, self.tokens, peak.peak)
-
-
-def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
-    """The loop's tqdm bar on stderr (disabled by trainer.progress=false)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-        file=sys.stderr,
-    )
