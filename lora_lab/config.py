@@ -73,14 +73,52 @@ def _finite_value(value: Any, key: str) -> None:
             _finite_value(v, f"{key}.{k}")
 
 
+# Room left under a run folder for the longest path the run writes inside it (checkpoints/step-000000/... files).
+LONGEST_INSIDE = 96
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG, a symlink loop: not a folder to use as it stands (the checks below say why)
+        return False
+
+
+def _check_lengths(key: str, path: Path, probe: Path) -> None:
+    """ConfigError when `path` cannot exist on the file system under `probe`: a name longer than it allows
+    (NAME_MAX, 255 bytes on most), or a path so long a run's files inside would pass PATH_MAX."""
+
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(probe, name)
+        except (OSError, ValueError):
+            return default
+
+    name_max, path_max = limit("PC_NAME_MAX", 255), limit("PC_PATH_MAX", 4096)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ConfigError(
+                f"{key}: the folder name {part[:40]}... is {size} bytes long; the file system under {probe} "
+                f"allows at most {name_max} per name: give a shorter {key}"
+            )
+    size = len(os.fsencode(str(path)))
+    if size + LONGEST_INSIDE > path_max:
+        raise ConfigError(
+            f"{key}: {str(path)[:60]}... is {size} bytes long; the run's files inside it would pass the file "
+            f"system's {path_max}-byte path limit: give a shorter {key}"
+        )
+
+
 def check_writable(key: str, path: Path | str) -> None:
     """`path` is a folder this run will write into: it is one, or can be made one, and a file can be written there.
     Probed with a real file (read-only file systems and permissions alike), in the nearest folder that exists, so a
     bad path is exit 2 naming it and the reason before anything is created."""
     target = Path(path).expanduser().absolute()
     probe = target
-    while not probe.exists() and probe != probe.parent:
+    while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
+    _check_lengths(key, target, probe)
     if not probe.is_dir():
         where = "is a file" if probe == target else f"cannot be a folder: {probe} is a file"
         raise ConfigError(f"{key}: {target} {where}; expected a folder to write into")

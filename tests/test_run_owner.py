@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_lab.train.owner import OWNER_FILE, FolderBusy, claim
+from lora_lab.files import OWNER_FILE, FolderBusy
+from lora_lab.files import claim_folder as claim
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [

@@ -1,6 +1,6 @@
 """lora_lab.train: one training run, the code every sweep trial runs; `python -m lora_lab.train [overrides]`.
 
-Owns: who owns a run folder (owner), the runtime (device, precision, memory peaks, signals, RNG, block hooks:
+Owns: the runtime (device, precision, memory peaks, signals, RNG, block hooks:
 runtime), progress bars and log lines (progress), training batches (batches), evaluation with one scorer per data
 format (evaluate), when a run has diverged (divergence), the loop (loop), checkpoints (checkpoint), finishing a run:
 merge check, export, record (finish), the Session (session) and how it is built (build), warm sweep workers
@@ -9,7 +9,7 @@ merge check, export, record (finish), the Session (session) and how it is built 
 May import: torch, the leaves (config, records, files, errors), the torch core (lora, methods, targets, optim and the
 table of methods, adaptations) and the io modules (models, data, tracking); never sweep, report or bench. Inside
 the package each module imports only those left of it:
-owner <- runtime <- progress <- batches <- evaluate <- divergence <- checkpoint <- loop <- finish <- session <- warm
+runtime <- progress <- batches <- evaluate <- divergence <- checkpoint <- loop <- finish <- session <- warm
 <- build <- tracked <- cli.
 
 The names other packages use are re-exported here; new code imports them from their module.

@@ -31,48 +31,6 @@ def default_output_dir(cfg: Config) -> Path:
     return outputs_root() / "runs" / f"{stamp}-{cfg.method}-{os.getpid()}"
 
 
-# The longest name a run writes inside its folder: a checkpoint's temp folder and file
-# (checkpoints/.step-0000000.<8 random>.tmp/weights.safetensors), with room to spare.
-LONGEST_INSIDE = 96
-
-
-def check_output_dir(path: Path) -> None:
-    """Raise ConfigError (exit 2) when `path` cannot hold a run on its file system: a folder name longer than the
-    file system allows (NAME_MAX, 255 bytes on most), or a path so long the run's files would pass PATH_MAX. Checked
-    before anything is written, so an over-long name is a message naming it, not a traceback at the first write."""
-    probe = path
-    while not _exists(probe) and probe != probe.parent:
-        probe = probe.parent
-
-    def limit(name: str, default: int) -> int:
-        try:
-            return os.pathconf(probe, name)
-        except (OSError, ValueError):
-            return default
-
-    name_max, path_max = limit("PC_NAME_MAX", 255), limit("PC_PATH_MAX", 4096)
-    for part in path.parts:
-        size = len(os.fsencode(part))
-        if size > name_max:
-            raise ConfigError(
-                f"output_dir: the folder name {part[:40]}... is {size} bytes long; the file system under {probe} "
-                f"allows at most {name_max} per name: give a shorter output_dir"
-            )
-    size = len(os.fsencode(str(path)))
-    if size + LONGEST_INSIDE > path_max:
-        raise ConfigError(
-            f"output_dir: {str(path)[:60]}... is {size} bytes long; the run's files inside it would pass the file "
-            f"system's {path_max}-byte path limit: give a shorter output_dir"
-        )
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # ENAMETOOLONG and the like: not a folder this run can use as it stands
-        return False
-
-
 def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
     """A fresh transformers DynamicCache for `model` per call: how prefix tuning hands its keys/values to attention."""
     from transformers import DynamicCache
@@ -94,7 +52,6 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
     t0 = time.perf_counter()
     # Nothing is written yet: the folder appears when the run starts (fit, fit_tracked), not on a bad input.
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
-    check_output_dir(output_dir)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = pick_device(cfg.trainer.device)

@@ -1,7 +1,7 @@
 """The command line `python -m lora_lab.train [overrides]`: compose, build, fit tracked, print the summary; exit codes.
 
 Exit 0 when the run completes; 2 on bad input (nothing logged, no folder made), on an output_dir a live run owns
-(owner.FolderBusy, naming its PID) and on a resume whose config changes what its checkpoint trained
+(files.FolderBusy, naming its PID) and on a resume whose config changes what its checkpoint trained
 (checkpoint.ResumeMismatch, naming the keys); 1 when the machine failed the run: a write that failed (a full disk:
 files.WriteError names the path and what was kept), a tracking server gone past tracking.deadline_s
 (tracking.TrackingUnreachable), memory run out; 3 when it diverged; 128 + the signal number when SIGINT/SIGTERM
@@ -18,11 +18,11 @@ import os
 import sys
 from typing import Optional
 
+from lora_lab import files
 from lora_lab.config import ConfigError
 from lora_lab.errors import first_line
 from lora_lab.files import WriteError
 from lora_lab.records import RunRecord
-from lora_lab.train import owner
 from lora_lab.train.build import build
 from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
@@ -74,9 +74,9 @@ def _run(argv: list[str]) -> int:
             check_resume(session.output_dir / "checkpoints", cfg)
         if cfg.tracking.enabled:
             tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
-        claim = owner.claim(session.output_dir)  # before any MLflow run: a folder a live run owns is refused
+        claim = files.claim_folder(session.output_dir)  # before any MLflow run: a folder a live run owns is refused
     # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, bad targets; a folder a live run owns
-    except (ValueError, TypeError, owner.FolderBusy) as exc:
+    except (ValueError, TypeError, files.FolderBusy) as exc:
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the file system refuses (a name too long, no permission), before any write
