@@ -119,6 +119,17 @@ def test_numbers_names_and_the_comparison_read_for_people() -> None:
     assert inside.edge_warning() == "" and "edge" not in inside.lr_line()
     gpu = notes.Comparison(best=_record("lora", 5.0, 1, 1e-3, "cuda:0"), full=_record("full", 5.1, 9, 1e-3, "cuda"))
     assert "peak CUDA memory (MiB)" in gpu.markdown() and "beats full FT by 0.1 nats/token" in gpu.markdown()
+    # A method study is labelled by its methods, and its trials table says each trial's.
+    ran = [("ia3", "tiny", "d", 60), ("lora", "tiny", "d", 60), ("full", "tiny", "d", 60)]
+    assert notes.as_run(ran) == "LoRA, full fine-tuning, IA3 of `tiny` on `d`, 60 steps per trial"
+    lines = [
+        notes.TrialLine(number=n, state=s, url="#", values={"val_loss": v}, val_loss=v, accuracy=None,
+                        base_val_loss=5.6, trainable=10, method=m, searched="baseline=x", reason="")
+        for n, (s, v, m) in enumerate([("COMPLETE", 5.5, "ia3"), ("COMPLETE", 5.0, "lora"), ("FAIL", None, "full")])
+    ]  # fmt: skip
+    rows = notes.trials_table(lines, ["val_loss"], maximize=False).splitlines()
+    assert rows[0].startswith("| trial | state | method |") and rows[2].startswith("| [1](#) | COMPLETE | LoRA | 5 |")
+    assert rows[4].startswith("| [2](#) | FAIL | full fine-tuning | - |")
     flat = _record("ia3", 5.5995, 10, 3e-4)
     note = notes.run_note(flat.identity, flat.settings, {}, "COMPLETE", "", flat, None)
     assert "**did not learn**" in note.split("\n\n")[0]
