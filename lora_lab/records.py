@@ -29,15 +29,14 @@ def spec(
     key: Optional[str] = None,
     *,
     curve: Optional[str] = None,
-    start: bool = False,
     default: Any = dataclasses.MISSING,
 ) -> Any:
     """A record field with its unit, one-line description and MLflow metric name.
 
     `key`: the metric the value is logged as. `curve`: the value is the last point of that per-step metric (logged
-    once, as the curve; no separate final metric); with `start`, its point at step 0 (the base model).
+    once, as the curve; no separate final metric).
     """
-    meta = {"unit": unit, "doc": doc, "key": key, "curve": curve, "start": start}
+    meta = {"unit": unit, "doc": doc, "key": key, "curve": curve}
     return field(default=default, metadata=meta)
 
 
@@ -85,7 +84,9 @@ class Identity:
         "'run' (python -m lora_lab.train), 'trial' (a sweep trial) or 'compare' (a study's "
         "best-LoRA or full-FT comparison run)",
     )
-    name: str = spec("", "the run's name: <study>/trial-<n>, <study>/compare-..., or method-model-data")
+    name: str = spec(
+        "", "the run's name: <study>/trial-<n>, <study>/rerun-trial-<n>, <study>/full-ft-lr<lr>, or method-model-data"
+    )
     study: str = spec("", "the study the run belongs to ('' for a single run)", default="")
     trial: Optional[int] = spec("", "the trial's number in its study", default=None)
     model: str = spec("", "model.name: a packaged model, a hub id or 'tiny'")
@@ -227,19 +228,21 @@ class EvalPoint:
 
 @dataclass(kw_only=True)
 class Results:
-    """What a run measured at its end. Fields with a `curve` are the last (or, with start, the first) point of that
-    per-step metric and are not logged a second time."""
+    """What a run measured at its end. Fields with a `curve` are the last point of that per-step metric and are not
+    logged a second time."""
 
     status: str = spec("", "'completed' or 'diverged' (trained to the end or not)")
     reason: str = spec("", "why a run did not complete", default="")
     steps: int = spec("steps", "optimizer steps done", "train/steps")
     val_loss: float = spec("nats/token", "final validation loss (NaN when not completed)", curve="loss/val")
     accuracy: Optional[float] = spec("fraction", "final validation accuracy", curve="eval/accuracy", default=None)
+    # The base model's evaluation (step 0, before any training) has names of its own: logged as the curves' first
+    # point, a run that trains no further (a failed trial) would show the base model's numbers as its result.
     base_val_loss: Optional[float] = spec(
-        "nats/token", "validation loss of the base model (step 0)", curve="loss/val", start=True, default=None
+        "nats/token", "validation loss of the base model (step 0, before training)", "base/loss_val", default=None
     )
     base_accuracy: Optional[float] = spec(
-        "fraction", "accuracy of the base model (step 0)", curve="eval/accuracy", start=True, default=None
+        "fraction", "accuracy of the base model (step 0, before training)", "base/accuracy", default=None
     )
     merged_val_loss: Optional[float] = spec(
         "nats/token", "validation loss with the adapter merged into the weights", "merge/val_loss", default=None
@@ -286,6 +289,12 @@ class Results:
             if f.name == name:
                 return f
         raise RecordError(f"no result named {name!r}; known: {[f.name for f in fields(Results)]}")
+
+    @classmethod
+    def metric(cls, name: str) -> str:
+        """The MLflow metric the result `name` is logged as (val_loss -> loss/val, its curve's last point)."""
+        f = cls.field_of(name)
+        return f.metadata.get("key") or f.metadata["curve"]
 
     def value(self, name: str) -> Any:
         """A result by name, failing loudly on an unknown one (sweep objectives, report columns)."""
@@ -342,6 +351,62 @@ class RunRecord(Results):
 
 
 @dataclass(kw_only=True)
+class Stop:
+    """Where a run that did not train to its last step stopped (logged on its MLflow run, beside its reason tag)."""
+
+    nonfinite_step: Optional[int] = spec(
+        "steps", "the step at which a diverged run's loss was not finite", "stop/nonfinite_step", default=None
+    )
+    pruned_step: Optional[int] = spec(
+        "steps", "the evaluation step at which the pruner stopped the trial", "stop/pruned_step", default=None
+    )
+
+
+@dataclass(kw_only=True)
+class StudyAnswer:
+    """What a study found, logged on its parent run: its best trial, and the full fine-tuning run it is compared with
+    (the best LR of the comparison). None: not measured (no trial completed, no full-FT run)."""
+
+    best_val_loss: Optional[float] = spec("nats/token", "the best trial's final validation loss", "best/loss_val")
+    best_accuracy: Optional[float] = spec("fraction", "the best trial's final accuracy", "best/accuracy", default=None)
+    best_trainable_params: Optional[int] = spec(
+        "parameters", "parameters the best trial trains", "best/params_trainable"
+    )
+    best_params_share: Optional[float] = spec(
+        "fraction",
+        "the best trial's trainable parameters / full fine-tuning's (without a full-FT run: / the model's total)",
+        "best/params_share",
+    )
+    full_val_loss: Optional[float] = spec(
+        "nats/token", "full fine-tuning's final validation loss, at its best LR", "full/loss_val", default=None
+    )
+    full_accuracy: Optional[float] = spec(
+        "fraction", "full fine-tuning's final accuracy", "full/accuracy", default=None
+    )
+    full_lr: Optional[float] = spec(
+        "1/step", "the full-FT LR chosen (the best of sweep.full_lr_grid)", "full/lr", default=None
+    )
+    full_trainable_params: Optional[int] = spec(
+        "parameters", "parameters full fine-tuning trains (all of them)", "full/params_trainable", default=None
+    )
+    delta_val_loss: Optional[float] = spec(
+        "nats/token",
+        "best trial's val loss - full FT's (below 0: the best trial beats full fine-tuning)",
+        "delta/loss_val_vs_full",
+        default=None,
+    )
+
+    def metrics(self) -> dict[str, float]:
+        """The measured values as MLflow metrics, by name."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and math.isfinite(float(value)):
+                out[f.metadata["key"]] = float(value)
+        return out
+
+
+@dataclass(kw_only=True)
 class StudyThroughput:
     """How well a study's trial phase used its devices (logged on the study's parent run)."""
 
@@ -370,10 +435,8 @@ def result_metrics(results: Results) -> dict[str, float]:
     return out
 
 
-def results_from_metrics(
-    metrics: dict[str, float], status: str, reason: str, first: Optional[dict[str, float]] = None
-) -> Results:
-    """Results back from MLflow: `metrics` the latest value of each metric, `first` each curve's value at step 0.
+def results_from_metrics(metrics: dict[str, float], status: str, reason: str) -> Results:
+    """Results back from MLflow: `metrics` the latest value of each metric (a curve's value: its last point).
 
     A result with neither a metric nor a curve value is None; a required one missing fails loudly.
     """
@@ -384,8 +447,6 @@ def results_from_metrics(
         key, curve = f.metadata.get("key"), f.metadata.get("curve")
         if key:
             v = metrics.get(key)
-        elif f.metadata.get("start"):
-            v = (first or {}).get(curve)
         else:
             v = metrics.get(curve) if status == "completed" or curve != "loss/val" else float("nan")
         if v is not None and f.type in ("int", "Optional[int]"):

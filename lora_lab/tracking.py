@@ -4,10 +4,11 @@ The training loop knows nothing of MLflow: `TrainingRun.on_eval` is handed to it
 to its study is the `mlflow.parentRunId` tag, so it holds across processes and hosts (workers on other machines log
 to the same tracking server and find the parent by its id).
 
-What MLflow shows is laid out for a person reading the UI: runs named `<study>/trial-<n>` (a suffix for PRUNED and
-FAIL), params = the settings chosen (lora_lab.records.Settings), metrics under grouped names (`loss/train`,
-`loss/val`, `eval/accuracy`, `perf/...`; lora_lab.records says each one's unit), a Markdown description on every run
-and study, and the experiment marked as model training so the UI does not open in its GenAI mode.
+What MLflow shows is laid out for a person reading the UI (the text itself: lora_lab.notes): runs named by what tells
+them apart (`FAIL trial-1 · demo`), params = the settings chosen (lora_lab.records.Settings), metrics under grouped
+names (`loss/train`, `loss/val`, `eval/accuracy`, `base/...`, `perf/...`; lora_lab.records says each one's unit), a
+Markdown description on every run and study whose first lines answer it, a prepared runs-table view per study, and
+the experiment marked as model training so the UI does not open in its GenAI mode.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import json
 import logging
-import math
 import os
 import subprocess
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lora_lab import adaptations, records
-from lora_lab.config import ConfigError, TrackingConfig, outputs_root
+from lora_lab import adaptations, notes, records
+from lora_lab.config import OBJECTIVE_DIRECTIONS, ConfigError, TrackingConfig, outputs_root
 from lora_lab.errors import first_line
+from lora_lab.markdown import table
+from lora_lab.notes import UI_MODE, compare_url, run_note, run_url
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 
 log = logging.getLogger("lora_lab")
@@ -41,19 +43,22 @@ TRIAL_TAG = "lora_lab.trial"
 KIND_TAG = "lora_lab.kind"  # 'study' (parent), 'trial', 'compare' or 'run'
 SEARCHED_TAG = "lora_lab.searched"  # a trial's sampled values, as overrides
 OUTPUT_TAG = "lora_lab.output_dir"  # the run's folder (config.yaml, metrics.json, adapter)
+BEST_TAG = "lora_lab.best"  # 'trial': a study's best trial; 'rerun': it retrained; 'full-ft': the chosen full-FT run
+FULL_GRID_TAG = "lora_lab.full_lr_grid"  # on a study's parent: the full-FT LRs its comparison tried (JSON)
 NOTE_TAG = "mlflow.note.content"  # MLflow's description of a run or an experiment (Markdown)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3.x: this value opens the experiment as model training
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 EXPERIMENT_NOTE = """Runs of lora_lab: LoRA and full fine-tuning on the same data, searched by Optuna. Each study is a
-parent run (named after the study) with one child run per trial, `<study>/trial-<n>`, and its comparison runs; single
-`python -m lora_lab.train` runs stand alone.
+parent run named after the study, whose description starts with its answer, with one child run per trial
+(`trial-<n> · <study>`) and its comparison runs; single `python -m lora_lab.train` runs stand alone.
 
-* **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also carry it in their name
-  and their reason in `lora_lab.reason`.
+* **State**: the `lora_lab.state` column (COMPLETE, PRUNED, FAIL); pruned and failed runs also lead their name with
+  it (`FAIL trial-1 · demo`) and carry their reason in `lora_lab.reason`. `lora_lab.best` marks a study's best trial
+  (`trial`), its retrained copy (`rerun`) and the full fine-tuning run it is compared with (`full-ft`).
 * **Params** are the settings a person chose (the run's overrides and the method's own fields); derived numbers such
   as parameter counts are metrics.
-* **Metrics** (units):
+* **Metrics** (units); `base/` is the base model before training, never a run's result:
 
 """
 
@@ -150,16 +155,44 @@ def connect(tracking: TrackingConfig) -> str:
     raise ConfigError(f"tracking.experiment={tracking.experiment!r}: could not create or find it at {uri}")
 
 
-def experiment_note() -> str:
-    """The experiment's description: how its runs are laid out, and every metric with its unit."""
-    rows = ["| metric | unit | what |", "|---|---|---|"]
-    seen = set()
-    for cls in (records.TrainPoint, records.EvalPoint, records.Results, records.StudyThroughput):
+def experiment_note(experiment_id: str = "", studies: Iterable[str] = ()) -> str:
+    """The experiment's description: a link to each study's prepared view first (the runs page shows only the first
+    line or two), then how its runs are laid out, and every metric with its unit."""
+    rows, seen = [], set()
+    kinds = (records.TrainPoint, records.EvalPoint, records.Results, records.Stop, records.StudyAnswer)
+    for cls in (*kinds, records.StudyThroughput):
         for _name, unit, doc, key in records.describe(cls):
             if key and key not in seen:
                 seen.add(key)
-                rows.append(f"| `{key}` | {unit or '-'} | {doc} |")
-    return EXPERIMENT_NOTE + "\n".join(rows) + "\n"
+                rows.append({"key": f"`{key}`", "unit": unit, "doc": doc})
+    rows.append(
+        {
+            "key": f"`{notes.trial_objective('<objective>')}`",
+            "unit": "its result's",
+            "doc": "a COMPLETE trial's objective value (what its study sorts by; pruned and failed trials have none)",
+        }
+    )
+    links = [f"[{s}]({notes.view_url(experiment_id, s)})" for s in sorted(studies)]
+    head = f"{STUDIES_LINE} {' · '.join(links)}\n\n" if links else ""
+    return (
+        head + EXPERIMENT_NOTE + table(rows, [("key", "metric", ""), ("unit", "unit", ""), ("doc", "what", "")]) + "\n"
+    )
+
+
+STUDIES_LINE = "**Studies**, each opening on its trials best first:"
+
+
+def _publish_view(client: Any, experiment_id: str, study: str, view: dict) -> None:
+    """The study's prepared runs-table view as an experiment tag, linked from the experiment's description (unless
+    a person has rewritten that description)."""
+    client.set_experiment_tag(experiment_id, notes.VIEW_TAG_PREFIX + notes.view_key(study), notes.view_json(view))
+    exp = client.get_experiment(experiment_id)
+    prefix = notes.VIEW_TAG_PREFIX + notes.view_key("")
+    studies = [k[len(prefix) :] for k in exp.tags if k.startswith(prefix)]
+    current = exp.tags.get(NOTE_TAG, "")
+    ours = current.split("\n\n", 1)[1] if current.startswith(STUDIES_LINE) else current
+    if ours == experiment_note():
+        client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_note(experiment_id, studies))
 
 
 def _init_sqlite_store(db: Path) -> Any:
@@ -195,103 +228,8 @@ def environment_tags() -> dict[str, str]:
 
 
 def run_name(identity: Identity, state: str = "COMPLETE") -> str:
-    """The run's name in MLflow: its identity's name, with the state appended when it is not COMPLETE."""
-    return identity.name if state == "COMPLETE" else f"{identity.name} ({state})"
-
-
-def _fmt(value: Any, spec: str = "{:.4f}") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return spec.format(value)
-
-
-def run_note(
-    identity: Identity,
-    settings: Settings,
-    searched: dict[str, Any],
-    state: str,
-    reason: str,
-    record: Optional[RunRecord],
-    last: Optional[EvalPoint],
-    parent_link: Optional[str] = None,
-) -> str:
-    """A run's Markdown description: what it is, its searched values, its result with units, its state and why."""
-    what = {
-        "trial": f"Trial {identity.trial} of study `{identity.study}`",
-        "compare": f"Comparison run of study `{identity.study}`",
-        "run": "A single training run",
-    }[identity.kind]
-    method = adaptations.of(settings.method).describe(settings.get)
-    lines = [
-        f"**{what}**: {method} of `{settings.model}` on `{settings.data}`, {settings.max_steps} steps, "
-        f"peak LR {settings.lr:g}, batch {settings.batch}.",
-        "",
-    ]
-    if parent_link:
-        lines += [f"Study: [{identity.study}]({parent_link})", ""]
-    if searched:
-        lines += ["Searched values: " + ", ".join(f"`{k}={records.param_text(v)}`" for k, v in searched.items()), ""]
-    lines += [f"**State: {state}**" + (f": {reason}" if reason else ""), ""]
-    rows = []
-    if record is not None:
-        r = record
-        rows += [
-            ("val loss", _fmt(r.val_loss), "nats/token", f"base model {_fmt(r.base_val_loss)}"),
-            ("accuracy", _fmt(r.accuracy, "{:.3f}"), "fraction", f"base model {_fmt(r.base_accuracy, '{:.3f}')}"),
-        ]
-        if r.merged_val_loss is not None:
-            ok = {True: "passed", False: "FAILED", None: "-"}[r.merge_ok]
-            rows += [
-                (
-                    "merged val loss",
-                    _fmt(r.merged_val_loss),
-                    "nats/token",
-                    f"max logit diff {_fmt(r.max_abs_logit_diff, '{:.1e}')}, check {ok}"
-                    + (f" at tolerance {r.merge_tol:.1e}" if r.merge_tol is not None else ""),
-                )
-            ]
-        rows += [
-            (
-                "trainable params",
-                f"{r.trainable_params:,}",
-                "parameters",
-                f"{100 * r.trainable_params / max(1, r.total_params):.3f}% of {r.total_params:,}",
-            ),
-            ("time per step", _fmt(r.time_per_step_s, "{:.3f}"), "s", f"{r.steps} steps"),
-            ("throughput", _fmt(r.tokens_per_s, "{:.0f}"), "tokens/s", ""),
-            ("peak memory", _fmt(r.peak_mem_bytes / 2**20, "{:.0f}"), "MiB", ""),
-        ]
-    elif last is not None:
-        rows += [("val loss at its last evaluation", _fmt(last.val_loss), "nats/token", f"step {last.step}")]
-        if last.accuracy is not None:
-            rows += [
-                ("accuracy at its last evaluation", _fmt(last.accuracy, "{:.3f}"), "fraction", f"step {last.step}")
-            ]
-    if rows:
-        lines += ["| result | value | unit | note |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-        lines += [""]
-    lines += [
-        "Curves: `loss/train`, `loss/val` (Model metrics); files: `config.yaml`, `metrics.json`, "
-        "`loss_curve.png` (Artifacts)."
-    ]
-    return "\n".join(lines)
-
-
-# MLflow 3.x's UI opens in its GenAI mode unless told otherwise; this query opens it as model training.
-UI_MODE = "workflowType=machine_learning"
-
-
-def run_url(experiment_id: str, run_id: str) -> str:
-    """A link to a run in the MLflow UI, relative to the UI's root."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
-
-
-def compare_url(experiment_id: str, run_ids: list[str]) -> str:
-    """A link that opens MLflow's comparison of these runs."""
-    runs = urllib.parse.quote("[" + ",".join(f'"{r}"' for r in run_ids) + "]")
-    experiments = urllib.parse.quote(f'["{experiment_id}"]')
-    return f"#/compare-runs?runs={runs}&experiments={experiments}&{UI_MODE}"
+    """The run's name in MLflow (notes.display_name): what tells it apart first, the state leading unless COMPLETE."""
+    return notes.display_name(identity.name, identity.study, state)
 
 
 _WRITER: Any = None
@@ -347,6 +285,8 @@ class TrainingRun:
         self._backlog: list[dict[str, Any]] = []
         self._down_since: Optional[float] = None  # time.time() of the first write the server did not answer
         self.gone = False  # the server stayed away past tracking.deadline_s: nothing more is sent
+        self._train_logged = 0  # the last training step whose loss/train went to MLflow
+        self._base_logged = False  # the base model's evaluation (step 0) went to MLflow as base/*
 
     def __enter__(self) -> "TrainingRun":
         if not self.tracking.enabled:
@@ -377,7 +317,7 @@ class TrainingRun:
         try:
             run = mlflow.start_run(
                 experiment_id=self.experiment_id,
-                run_name=i.name,
+                run_name=run_name(i),
                 tags=tags,
                 parent_run_id=self.parent_run_id,
                 log_system_metrics=self.tracking.system_metrics,
@@ -478,19 +418,31 @@ class TrainingRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        metrics = self._train_metrics(points, now)
+        if point.step == 0:  # the base model before training: its own names, never a point of this run's curves
+            metrics += [Metric(k, v, now, 0) for k, v in base_metrics(point).items()]
+            self._base_logged = True
+        else:
+            metrics += [
+                Metric(key, float(getattr(point, name)), now, point.step)
+                for name, key in _keys(EvalPoint)
+                if getattr(point, name) is not None
+            ]
+        self._log(metrics=metrics)
+
+    def _train_metrics(self, points: list[TrainPoint], now: int) -> list[Any]:
+        """loss/train and optim/lr of these steps (every tracking.log_every-th, and the last one)."""
+        from mlflow.entities import Metric
+
         every = self.tracking.log_every
-        metrics = [
+        if points:
+            self._train_logged = max(self._train_logged, points[-1].step)
+        return [
             Metric(key, float(getattr(p, name)), now, p.step)
             for p in points
             if p.step % every == 0 or p is points[-1]
             for name, key in _keys(TrainPoint)
         ]
-        metrics += [
-            Metric(key, float(getattr(point, name)), now, point.step)
-            for name, key in _keys(EvalPoint)
-            if getattr(point, name) is not None
-        ]
-        self._log(metrics=metrics)
 
     def set_outcome(self, state: str, reason: str = "") -> None:
         """Record how the run ended (COMPLETE, PRUNED or FAIL) and why."""
@@ -506,8 +458,18 @@ class TrainingRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = {k: v for k, v in records.result_metrics(record).items() if k not in self.start_metrics}
-        self._log(metrics=[Metric(k, v, now, record.steps) for k, v in metrics.items()])
+        base = {f.metadata["key"] for f in dataclasses.fields(records.Results) if f.name.startswith("base_")}
+        metrics = [
+            Metric(k, v, now, 0 if k in base else record.steps)
+            for k, v in records.result_metrics(record).items()
+            if k not in self.start_metrics and not (k in base and self._base_logged)
+        ]
+        # The training steps no evaluation logged: those of a run that diverged between two evaluations.
+        metrics += self._train_metrics([p for p in record.history if p.step > self._train_logged], now)
+        stop = nonfinite_step(record)
+        if stop is not None:
+            metrics.append(Metric(_stop_key("nonfinite_step"), float(stop), now, stop))
+        self._log(metrics=metrics)
         self._flush()  # a write that failed (curves, results) fails the run here, inside the block
         out = Path(record.identity.output_dir)
         if (out / "metrics.json").is_file():
@@ -570,13 +532,20 @@ class TrainingRun:
                     self.record,
                     self.evals[-1] if self.evals else None,
                     self._parent_link(),
+                    base=self.evals[0] if self.evals and self.evals[0].step == 0 else None,
                 ),
             }
             if self.record is not None:
                 tags[STATUS_TAG] = self.record.status
             if reason:
                 tags[REASON_TAG] = reason[:5000]
-            self._client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+            stop = []
+            if state == "PRUNED" and self.evals:  # its last loss/val is an intermediate value: say where it stopped
+                step = self.evals[-1].step
+                stop = [mlflow.entities.Metric(_stop_key("pruned_step"), float(step), int(time.time() * 1000), step)]
+            self._client.log_batch(
+                self.run_id, metrics=stop, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()]
+            )
             if state != "COMPLETE":
                 self._client.update_run(self.run_id, name=run_name(self.identity, state))
             self._files()
@@ -595,6 +564,27 @@ class TrainingRun:
 def _keys(cls: type) -> list[tuple[str, str]]:
     """(field, MLflow metric) of a point type's logged fields."""
     return [(f.name, f.metadata["key"]) for f in dataclasses.fields(cls) if f.metadata.get("key")]
+
+
+def _stop_key(name: str) -> str:
+    return records.Stop.__dataclass_fields__[name].metadata["key"]
+
+
+def base_metrics(point: EvalPoint) -> dict[str, float]:
+    """The base model's evaluation (step 0) under its own names (base/loss_val, base/accuracy)."""
+    values = {"base_val_loss": point.val_loss, "base_accuracy": point.accuracy}
+    return {records.Results.metric(k): float(v) for k, v in values.items() if v is not None}
+
+
+def nonfinite_step(record: RunRecord) -> Optional[int]:
+    """The step at which a diverged run's loss was not finite (its reason names it; else the step after its last
+    finite one); None for a run that did not diverge."""
+    if record.status != "diverged":
+        return None
+    import re
+
+    said = re.search(r"non-finite .* at step (\d+)", record.reason or "")
+    return int(said.group(1)) if said else record.steps + 1
 
 
 def ui_command(tracking: TrackingConfig) -> str:
@@ -688,10 +678,7 @@ def close_unfinished(tracking: TrackingConfig, study: str, live_trials: set[int]
             continue
         if tags.get(KIND_TAG) == "trial" and tags.get(TRIAL_TAG, "").isdigit() and int(tags[TRIAL_TAG]) in live_trials:
             continue
-        client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
-        client.set_tag(r.info.run_id, REASON_TAG, reason)
-        client.update_run(r.info.run_id, name=f"{r.info.run_name} (FAIL)")
-        client.set_terminated(r.info.run_id, status="KILLED")
+        _mark_failed(client, r, reason)
         closed.append(r.info.run_name)
     return closed
 
@@ -711,16 +698,24 @@ def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, rea
         ),
     )
     for r in runs:
-        client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
-        client.set_tag(r.info.run_id, REASON_TAG, reason)
-        client.update_run(r.info.run_id, name=f"{r.info.run_name} (FAIL)")
-        client.set_terminated(r.info.run_id, status="KILLED")
+        _mark_failed(client, r, reason)
     return len(runs)
+
+
+def _mark_failed(client: Any, r: Any, reason: str) -> None:
+    """End a RUNNING run that nothing runs any more as KILLED, in state FAIL with `reason` (its name says so too)."""
+    tags = r.data.tags
+    client.set_tag(r.info.run_id, STATE_TAG, "FAIL")
+    client.set_tag(r.info.run_id, REASON_TAG, reason)
+    name = notes.identity_name(r.info.run_name, tags.get(STUDY_TAG, ""))
+    client.update_run(r.info.run_id, name=notes.display_name(name, tags.get(STUDY_TAG, ""), "FAIL"))
+    client.set_terminated(r.info.run_id, status="KILLED")
 
 
 @dataclass
 class StudySummary:
-    """What a study's parent run shows at the end."""
+    """What a study's parent run shows at the end (the rest, its trials and comparison runs, finish_parent reads from
+    the parent's child runs)."""
 
     state: str  # COMPLETE (a trial completed), FAIL (none did) or RUNNING (trials still to run)
     metrics: dict[str, float]  # by MLflow metric name: the best trial's objectives, trial counts
@@ -728,84 +723,186 @@ class StudySummary:
     best_values: dict[str, float]  # objective -> the best trial's value
     best_overrides: str
     counts: dict[str, int]  # trial state -> number
-    description: str  # what the study asks
-    table: str  # Markdown: the comparison with full fine-tuning, if any
+    description: str  # what the study asks (used when the parent has no trials to say what ran)
+    table: str  # Markdown: the comparison with full fine-tuning, if any (used when no comparison run is marked)
+
+
+def mark_comparison(tracking: TrackingConfig, parent_run_id: str, comparison: notes.Comparison) -> None:
+    """Mark a study's comparison runs (BEST_TAG: 'rerun' for the best trial retrained, 'full-ft' for full fine-tuning
+    at its best LR; the mark taken off runs of an earlier comparison) and record the full-FT LRs tried on the parent,
+    so that finish_parent, and one filter in the UI, find them. Runs are matched by their output folder."""
+    import mlflow
+
+    experiment_id = connect(tracking)
+    client = mlflow.MlflowClient()
+    picks = {r.identity.output_dir: role for role, r in (("rerun", comparison.best), ("full-ft", comparison.full)) if r}
+    for c in _children(client, experiment_id, parent_run_id):
+        if c.data.tags.get(KIND_TAG) != "compare":
+            continue
+        _set_or_clear(client, c, BEST_TAG, picks.get(c.data.tags.get(OUTPUT_TAG, "")))
+    client.set_tag(parent_run_id, FULL_GRID_TAG, json.dumps(list(comparison.grid)))
+
+
+def _children(client: Any, experiment_id: str, run_id: str) -> list[Any]:
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000
+    )
+    return [r for r in runs if r.info.lifecycle_stage == "active"]
+
+
+def _set_or_clear(client: Any, run: Any, key: str, value: Optional[str]) -> None:
+    """Set tag `key` to `value` on `run`, or delete it when `value` is None (only what differs is written)."""
+    has = run.data.tags.get(key)
+    if value is not None and has != value:
+        client.set_tag(run.info.run_id, key, value)
+    elif value is None and has is not None:
+        client.delete_tag(run.info.run_id, key)
+
+
+def _record(client: Any, run: Optional[Any]) -> Optional[RunRecord]:
+    """A child run's record, or None (no run, or one logged in a layout this code cannot read: said, not fatal)."""
+    if run is None:
+        return None
+    try:
+        return _tracked(client, run).record
+    except records.RecordError as exc:
+        log.warning("study summary: run %s (%s) left out: %s", run.info.run_id, run.info.run_name, exc)
+        return None
+
+
+def _trial_line(experiment_id: str, c: Any, objectives: list[str]) -> notes.TrialLine:
+    m, t = c.data.metrics, c.data.tags
+    done = t.get(STATE_TAG) == "COMPLETE"  # others' latest loss/val is an early evaluation, not a result
+    return notes.TrialLine(
+        number=int(t.get(TRIAL_TAG, "0")),
+        state=t.get(STATE_TAG, "?"),
+        url=run_url(experiment_id, c.info.run_id),
+        values={o: m.get(records.Results.metric(o)) for o in objectives} if done else {},
+        val_loss=m.get(records.Results.metric("val_loss")) if done else None,
+        accuracy=m.get(records.Results.metric("accuracy")) if done else None,
+        base_val_loss=m.get(records.Results.metric("base_val_loss")),
+        trainable=notes.whole(m.get(records.Results.metric("trainable_params"))),
+        method=t.get("method", ""),
+        searched=t.get(SEARCHED_TAG, ""),
+        reason=t.get(REASON_TAG, ""),
+    )
 
 
 def finish_parent(
     tracking: TrackingConfig, run_id: str, study: str, summary: StudySummary, artifacts: Iterable[Path], end: bool
 ) -> None:
-    """Attach a study's results to its parent run (metrics, tags, a description with a summary table of its trials,
-    a link to the best one and to the comparison of all of them); end it when the whole budget is done."""
+    """Attach a study's results to its parent run and end it when the whole budget is done.
+
+    The description answers the study in its first three lines (notes.answer), then says what ran, lists the trials
+    best first and compares the best with full fine-tuning. The same answer goes into metrics (records.StudyAnswer:
+    best/..., full/..., delta/...), BEST_TAG marks the best trial, each COMPLETE trial gets its objective values as
+    `objective/<name>` (the sort key of the prepared view), and the study's prepared runs-table view is published as
+    an experiment tag (notes.study_view) and linked from the description."""
     import mlflow
     from mlflow.entities import Metric, RunTag
 
     experiment_id = connect(tracking)
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
-    children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1000
-    )
+    parent = client.get_run(run_id)
+    children = _children(client, experiment_id, run_id)
     trials = sorted(
         (c for c in children if c.data.tags.get(KIND_TAG) == "trial"),
         key=lambda c: int(c.data.tags.get(TRIAL_TAG, "0")),
     )
-    best = [
-        c
-        for c in trials
-        if c.data.tags.get(TRIAL_TAG) == str(summary.best_trial) and c.data.tags.get(STATE_TAG) == "COMPLETE"
-    ]
-    note = [
-        f"**Study `{study}`**" + (f": {summary.description}" if summary.description else ""),
-        "",
-        f"**State: {summary.state}**; trials: " + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
-        "",
-    ]
-    if summary.best_trial is not None:
-        vals = ", ".join(f"{k} {v:.4f}" for k, v in summary.best_values.items())
-        link = (
-            f"[trial {summary.best_trial}]({run_url(experiment_id, best[0].info.run_id)})"
-            if best
-            else f"trial {summary.best_trial}"
-        )
-        note += [f"Best: {link}, {vals} (losses in nats/token): `{summary.best_overrides}`", ""]
-    else:
-        note += ["No trial completed: see each trial's reason (`lora_lab.reason`).", ""]
+    objectives = list(summary.best_values) or list(
+        records.param_value(parent.data.params.get("sweep.objectives", '["val_loss"]'))
+    )
+    maximize = OBJECTIVE_DIRECTIONS.get(objectives[0]) == "maximize"
+    best = next(
+        (
+            c
+            for c in trials
+            if c.data.tags.get(TRIAL_TAG) == str(summary.best_trial) and c.data.tags.get(STATE_TAG) == "COMPLETE"
+        ),
+        None,
+    )
+    picks = {c.data.tags.get(BEST_TAG): c for c in children if c.data.tags.get(KIND_TAG) == "compare"}
+    best_record, full_record = _record(client, best), _record(client, picks.get("full-ft"))
+    lines = [_trial_line(experiment_id, c, objectives) for c in trials]
+
+    # The prepared view, the marks and the objective values on the trials.
+    searched = sorted(
+        {o.split("=", 1)[0] for c in trials for o in c.data.tags.get(SEARCHED_TAG, "").split() if "=" in o}
+    )
+    methods_vary = len({c.data.tags.get("method") for c in trials}) > 1
+    view = notes.study_view(study, objectives, maximize, searched, methods_vary)
+    _publish_view(client, experiment_id, study, view)
+    for c in trials:
+        _set_or_clear(client, c, BEST_TAG, "trial" if c is best else None)
+        if c.data.tags.get(STATE_TAG) == "COMPLETE":
+            values = {notes.trial_objective(o): c.data.metrics.get(records.Results.metric(o)) for o in objectives}
+            new = {k: v for k, v in values.items() if v is not None and c.data.metrics.get(k) != v}
+            if new:
+                client.log_batch(c.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in new.items()])
+
+    # The description.
+    links = f"[the {notes.count(len(trials), 'trial')} by {objectives[0]}]({notes.view_url(experiment_id, study)})"
     if trials:
-        note += [
-            f"[Compare the {len(trials)} trials]({compare_url(experiment_id, [c.info.run_id for c in trials])})",
-            "",
-            "| trial | state | val loss (nats/token) | accuracy | searched |",
-            "|---|---|---|---|---|",
-        ]
-        for c in trials:
-            m, t = c.data.metrics, c.data.tags
-            searched = t.get(SEARCHED_TAG, "")
-            done = t.get(STATE_TAG) == "COMPLETE"  # others' latest loss/val is an early evaluation, not a result
-            note.append(
-                f"| [{t.get(TRIAL_TAG)}]({run_url(experiment_id, c.info.run_id)}) | {t.get(STATE_TAG, '?')} "
-                f"| {_fmt(m.get('loss/val') if done else None)} "
-                f"| {_fmt(m.get('eval/accuracy') if done else None, '{:.3f}')} | {searched} |"
-            )
-        note.append("")
-    if summary.table:
-        note += ["Best LoRA trial against full fine-tuning:", "", summary.table, ""]
+        links += f" · [compare them]({compare_url(experiment_id, [c.info.run_id for c in trials])})"
+    best_line = next((t for t in lines if t.number == summary.best_trial and best is not None), None)
+    reasons = [t.reason for t in lines if t.reason and t.state == "FAIL"]
+    comparison = notes.Comparison(
+        best=_record(client, picks.get("rerun")),
+        full=full_record,
+        trial=summary.best_trial,
+        best_overrides=summary.best_overrides,
+        grid=json.loads(parent.data.tags.get(FULL_GRID_TAG, "[]")),
+    )
+    head = notes.answer(
+        best_line,
+        best_record,
+        full_record,
+        summary.counts,
+        summary.best_overrides,
+        links,
+        reasons,
+        warning=comparison.edge_warning(),
+    )
+    ran = [
+        (
+            c.data.tags.get("method", "?"),
+            c.data.tags.get("model", "?"),
+            c.data.tags.get("data", "?"),
+            records.param_value(c.data.params.get("trainer.max_steps", "null")),
+        )
+        for c in trials
+    ]
+    asks = records.param_value(parent.data.params.get("sweep.description", "")) or ""
+    what = (f"{asks} (as run: {notes.as_run(ran)})" if asks else notes.as_run(ran)) if ran else summary.description
+    note = [head, "", f"**State: {summary.state}** · study `{study}`" + (f": {what}" if what else ""), ""]
+    tail = []
+    if comparison.best is not None or comparison.full is not None:
+        tail = ["**Against full fine-tuning** (same data and steps):", "", comparison.markdown(settings=False), ""]
+    elif summary.table:
+        tail = ["**Against full fine-tuning** (same data and steps):", "", summary.table, ""]
+    for limit in (len(lines), 40, 20, 10, 5):  # a tag holds 8000 characters: the table gives way first
+        shown = notes.trials_table(lines, objectives, maximize, limit=limit)
+        text = "\n".join([*note, shown, "", *tail])
+        if len(text) <= 8000:
+            break
+    metrics = {**summary.metrics, **notes.study_answer(best_record, full_record).metrics()}
     tags = {
         STATE_TAG: summary.state,
-        NOTE_TAG: "\n".join(note),
+        NOTE_TAG: text[:8000],
         "best_trial": str(summary.best_trial) if summary.best_trial is not None else "none",
     }
     if summary.best_overrides:
         tags["best_overrides"] = summary.best_overrides
     client.log_batch(
         run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics.items()],
-        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()],
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     if summary.state == "FAIL":
-        client.update_run(run_id, name=f"{study} (FAIL)")
+        client.update_run(run_id, name=notes.display_name(study, "", "FAIL"))
     if end:
         client.set_terminated(run_id, status="FAILED" if summary.state == "FAIL" else "FINISHED")
 
@@ -902,20 +999,23 @@ def _tracked(client: Any, r: Any) -> TrackedRun:
             for m in client.get_metric_history(r.info.run_id, key):
                 curves.setdefault(m.step, {})[name] = m.value
     evals = [EvalPoint(step=s, **v) for s, v in sorted(curves.items()) if "val_loss" in v]
-    first = (
-        {k: v for k, v in (("loss/val", evals[0].val_loss), ("eval/accuracy", evals[0].accuracy)) if v is not None}
-        if evals and evals[0].step == 0
-        else {}
-    )
+    base_loss, base_acc = records.Results.metric("base_val_loss"), records.Results.metric("base_accuracy")
+    if evals and evals[0].step == 0:  # logged before the base model had names of its own: its curves' first point
+        metrics = {base_loss: evals[0].val_loss, **metrics}
+        if evals[0].accuracy is not None:
+            metrics.setdefault(base_acc, evals[0].accuracy)
+    elif base_loss in metrics:  # the record's evaluations start with the base model's, as metrics.json's do
+        evals.insert(0, EvalPoint(step=0, val_loss=metrics[base_loss], accuracy=metrics.get(base_acc)))
     state = tags.get(STATE_TAG, "FAIL")
     results = None
     if STATUS_TAG in tags:  # the run reached its end and logged its results
-        results = records.results_from_metrics(metrics, tags[STATUS_TAG], tags.get(REASON_TAG, ""), first)
+        results = records.results_from_metrics(metrics, tags[STATUS_TAG], tags.get(REASON_TAG, ""))
     trial = tags.get(TRIAL_TAG)
+    study = tags.get(STUDY_TAG, "")
     identity = Identity(
         kind=tags.get(KIND_TAG, "run"),
-        name=r.info.run_name.split(" (")[0],
-        study=tags.get(STUDY_TAG, ""),
+        name=notes.identity_name(r.info.run_name, study),
+        study=study,
         trial=int(trial) if trial is not None else None,
         model=settings.model,
         data=settings.data,
@@ -929,6 +1029,8 @@ def _tracked(client: Any, r: Any) -> TrackedRun:
             reason=tags.get(REASON_TAG, ""),
             steps=last.step if last else 0,
             val_loss=float("nan"),
+            base_val_loss=metrics.get(base_loss),
+            base_accuracy=metrics.get(base_acc),
             trainable_params=int(metrics.get("params/trainable", 0)),
             total_params=int(metrics.get("params/total", 0)),
             peak_mem_bytes=0,

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "lora_lab"
 LAYERS = {
     "leaf": 0,  # config, records, files, markdown, errors, shapes
     "core": 1,  # torch only: targets, bases, lora, methods, optim, peft_io; adaptations (reads the typed config)
-    "io": 2,  # models, data, tracking, plots
+    "io": 2,  # models, data, tracking, notes, plots
     "train": 3,
     "command": 4,  # sweep, report, bench
 }
@@ -37,6 +37,7 @@ UNITS = {
     "models": "io",
     "data": "io",
     "tracking": "io",
+    "notes": "io",
     "plots": "io",
     "train": "train",
     "sweep": "command",

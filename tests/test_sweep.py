@@ -145,10 +145,11 @@ compare_full: false
     for r in runs:  # state in the name too; pruned and failed runs keep their config, curve and a description
         n = int(r.data.tags["lora_lab.trial"])
         state = r.data.tags["lora_lab.state"]
-        assert r.info.run_name == f"prune/trial-{n}" + ("" if state == "COMPLETE" else f" ({state})")
+        assert r.info.run_name == ("" if state == "COMPLETE" else f"{state} ") + f"trial-{n} · prune"
         assert {"config.yaml", "loss_curve.png"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
         assert f"**State: {state}**" in r.data.tags["mlflow.note.content"]
-        assert "loss/val" in r.data.metrics  # the failed ones diverge at their first step: only the base evaluation
+        # The failed ones diverge at their first steps: the base model's evaluation is theirs only under base/.
+        assert "base/loss_val" in r.data.metrics and ("loss/val" in r.data.metrics) == (state != "FAIL")
         assert state == "FAIL" or "loss/train" in r.data.metrics
 
 
@@ -173,19 +174,19 @@ def test_compare_full_writes_comparison_table(outputs: Path, capsys: pytest.Capt
     )
     assert code == 0
     out = capsys.readouterr().out
-    for row in ("LoRA (unmerged)", "LoRA (merged)", "Full fine-tune"):
-        assert row in out
+    for row in ("(trial 0, retrained)", "full fine-tuning (LR "):  # one row each; the merge check is a line
+        assert out.count(row) == 1
     table = (outputs / "studies" / "default" / "comparison.md").read_text()
-    assert "Full fine-tune" in table and "optim.lr=" in table
+    assert "full fine-tuning (LR " in table and "optim.lr=" in table and "Merged into the weights" in table
     compare = runs_by_kind(outputs)["compare"]
     assert len(compare) == 3  # the best LoRA retrained + one full FT per LR of the grid
     full = [r for r in compare if r.data.params["method"] == "full"]
     best_full = min(full, key=lambda r: r.data.metrics["loss/val"])
     assert not any(k.startswith("lora.") for r in full for k in r.data.params)  # full FT has no LoRA settings
     assert sorted(r.info.run_name for r in compare) == [
-        "default/compare-full-lr0.0001",
-        "default/compare-full-lr0.001",
-        "default/compare-lora-best",
+        "full-ft-lr0.0001 · default",
+        "full-ft-lr0.001 · default",
+        "rerun-trial-0 · default",
     ]
     assert f"optim.lr={float(best_full.data.params['optim.lr']):g}" in table
 

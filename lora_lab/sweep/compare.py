@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import optuna
 
+from lora_lab import notes, tracking
 from lora_lab.config import compose
 from lora_lab.records import RecordError, RunRecord
 from lora_lab.sweep import search
@@ -18,47 +19,41 @@ from lora_lab.train import RunRole, build, fit_tracked
 log = logging.getLogger("lora_lab")
 
 
-def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
-    """The comparison's rows: LoRA unmerged and merged, and the best full fine-tuning LR.
+class ComparisonRows(list):
+    """The comparison table's rows (dicts keyed by notes.COMPARE_COLUMNS, values formatted for people), carrying the
+    comparison they come from (`.comparison`: its sentences, comparison.md)."""
 
-    The LoRA side is the best trial retrained from scratch (its own run, tagged 'compare'); the full-FT side is a run
-    per LR in full_lr_grid (or full_lr), keeping the best. Runs already in the study folder are reused on a re-run.
-    """
+    def __init__(self, comparison: notes.Comparison) -> None:
+        super().__init__(comparison.rows())
+        self.comparison = comparison
+
+
+def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> ComparisonRows:
+    """The best trial retrained from scratch (its own run, tagged 'compare') against full fine-tuning: a run per LR
+    in full_lr_grid (or full_lr), the best of them kept. Runs already in the study folder are reused on a re-run. The
+    chosen runs are marked in MLflow (tracking.mark_comparison) for the study's summary."""
     spec = st.spec
     lora_over = search.trial_overrides(best)
-    lora_res = compare_run(st, "lora-best", lora_over)
+    lora_res = compare_run(st, f"rerun-trial-{best.number}", lora_over)
+    grid = [spec.full_lr] if spec.full_lr else list(spec.full_lr_grid)
     full_res = []
-    for lr in [spec.full_lr] if spec.full_lr else spec.full_lr_grid:
+    for lr in grid:
         res = compare_run(
-            st, f"full-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides]
+            st, f"full-ft-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides]
         )
         if res is not None:
-            full_res.append((lr, res))
-    rows = []
-    if lora_res is not None and lora_res.status == "completed":
-        rows.append(row("LoRA (unmerged)", lora_res, lora_res.val_loss, lora_res.accuracy, lora_over))
-        rows.append(row("LoRA (merged)", lora_res, lora_res.merged_val_loss, lora_res.merged_accuracy, lora_over))
-    completed = [(lr, r) for lr, r in full_res if r.status == "completed" and math.isfinite(r.val_loss)]
-    if completed:
-        lr, r = min(completed, key=lambda x: x[1].val_loss)
-        rows.append(row("Full fine-tune", r, r.val_loss, r.accuracy, [f"optim.lr={lr:g}"]))
-    return rows
-
-
-def row(
-    name: str, r: RunRecord, val_loss: Optional[float], acc: Optional[float], overrides: list[str]
-) -> dict[str, Any]:
-    """One row of the comparison table (outputs.COMPARE_COLUMNS)."""
-    return {
-        "method": name,
-        "val_loss": val_loss,
-        "accuracy": acc,
-        "trainable_params": r.trainable_params,
-        "peak_mem_mib": r.peak_mem_bytes / 2**20,
-        "time_per_step_s": r.time_per_step_s,
-        "checkpoint_mib": (r.checkpoint_bytes or 0) / 2**20,
-        "settings": " ".join(overrides),
-    }
+            full_res.append(res)
+    completed = [r for r in full_res if r.status == "completed" and math.isfinite(r.val_loss)]
+    comparison = notes.Comparison(
+        best=lora_res if lora_res is not None and lora_res.status == "completed" else None,
+        full=min(completed, key=lambda r: r.val_loss) if completed else None,
+        trial=best.number,
+        best_overrides=" ".join(lora_over),
+        grid=grid,
+    )
+    if st.parent_run_id:
+        tracking.mark_comparison(st.tracking, st.parent_run_id, comparison)
+    return ComparisonRows(comparison)
 
 
 def compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecord]:
@@ -80,7 +75,7 @@ def compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecor
     resolved, cfg = compose(full + [path_override("output_dir", folder)])
     log.info("comparison run %s: %s", name, " ".join(overrides))
     try:
-        role = RunRole(kind="compare", name=f"{st.spec.name}/compare-{name}", study=st.spec.name, overrides=tuple(full))
+        role = RunRole(kind="compare", name=f"{st.spec.name}/{name}", study=st.spec.name, overrides=tuple(full))
         return fit_tracked(
             build(cfg, warm=st.warm, role=role),
             OmegaConf.to_container(resolved, resolve=True),

@@ -17,6 +17,8 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lora_lab import notes
+from lora_lab.config import OptimConfig
 from lora_lab.files import atomic_write_text
 from lora_lab.markdown import Column, table
 from lora_lab.records import Results, StudyThroughput
@@ -24,17 +26,8 @@ from lora_lab.sweep import search
 from lora_lab.sweep.study import Study, best_trial
 from lora_lab.sweep.trials import TrialAttrs
 
-# The comparison table's columns (markdown.table: key, header, format), as printed and in MLflow; comparison.md adds
-# the settings of each row.
-COMPARE_COLUMNS: list[Column] = [
-    ("method", "method", ""),
-    ("val_loss", "val loss", "{:.4f}"),
-    ("accuracy", "accuracy", "{:.3f}"),
-    ("trainable_params", "trainable params", "{:,}"),
-    ("peak_mem_mib", "peak memory (MiB)", "{:.0f}"),
-    ("time_per_step_s", "time/step (s)", "{:.3f}"),
-    ("checkpoint_mib", "checkpoint (MiB)", "{:.2f}"),
-]
+# The comparison table's columns (markdown.table: key, header, format), as printed and in MLflow.
+COMPARE_COLUMNS: list[Column] = notes.COMPARE_COLUMNS
 
 
 # trials.csv's attribute columns (TrialAttrs fields), after the trial's number, state, values and params.
@@ -72,18 +65,20 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
     keys = sorted({k for t in trials for k in t.params})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(
-        ["number", "state", *[f"value_{o}" for o in st.spec.objectives], *keys, *CSV_ATTRS, "retry_of", "duration_s"]
-    )
+    head = ["number", "state", *[f"value_{o}" for o in st.spec.objectives], "method", "lr"]
+    w.writerow([*head, *keys, *CSV_ATTRS, "retry_of", "duration_s"])
     for t in trials:
         values = t.values or [None] * len(st.spec.objectives)
         dur = t.duration.total_seconds() if t.duration else None
         a = TrialAttrs.read(t)
+        method, lr = ran_with(a)
         w.writerow(
             [
                 t.number,
                 t.state.name,
                 *values,
+                method,
+                lr,
                 *[t.params.get(k) for k in keys],
                 *[getattr(a, k) for k in CSV_ATTRS],
                 t.system_attrs.get("failed_trial"),
@@ -93,13 +88,29 @@ def write_outputs(st: Study, compare_rows: list[dict[str, Any]]) -> list[Path]:
     atomic_write_text(out / "trials.csv", buf.getvalue())
     files.append(out / "trials.csv")
     if compare_rows:
-        md = table(compare_rows, COMPARE_COLUMNS + [("settings", "settings", "")])
-        atomic_write_text(
-            out / "comparison.md", f"Best LoRA trial vs full fine-tuning, study `{st.spec.name}`\n\n{md}\n"
-        )
+        comparison = getattr(compare_rows, "comparison", None)
+        md = comparison.markdown() if comparison is not None else table(compare_rows, COMPARE_COLUMNS)
+        title = f"The best trial against full fine-tuning, study `{st.spec.name}` (same data and steps)"
+        atomic_write_text(out / "comparison.md", f"{title}\n\n{md}\n")
         files.append(out / "comparison.md")
     files += study_plots(st, trials, plots)
     return files
+
+
+def ran_with(attrs: TrialAttrs) -> tuple[Optional[str], Optional[float]]:
+    """The method and the peak LR (optim.lr, or optim.lr_mult x optim.ref_lr) a trial ran with, from the config.yaml
+    of its folder; (None, None) for a trial that stopped before writing one."""
+    import yaml
+
+    path = Path(attrs.output_dir) / "config.yaml" if attrs.output_dir else None
+    if path is None or not path.is_file():
+        return None, None
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+        lr = OptimConfig(**cfg.get("optim", {})).peak_lr
+    except (OSError, yaml.YAMLError, TypeError, ValueError):  # unreadable, or written by another version
+        return None, None
+    return cfg.get("method"), lr
 
 
 def study_plots(st: Study, trials: list, plots: Any) -> list[Path]:
@@ -245,5 +256,4 @@ def throughput_line(rate: StudyThroughput) -> str:
 
 def objective_metric(name: str) -> str:
     """The MLflow metric an objective is logged as in its trials (val_loss -> loss/val)."""
-    f = Results.field_of(name)
-    return f.metadata.get("key") or f.metadata["curve"]
+    return Results.metric(name)
