@@ -722,7 +722,7 @@ def mark_trial_lost(tracking: TrackingConfig, study: str, trial_number: int, rea
 class StudySummary:
     """What a study's parent run shows at the end."""
 
-    state: str  # COMPLETE (a trial completed), FAIL (none did) or RUNNING (trials still to run)
+    state: str  # COMPLETE (a trial completed), FAIL (none did, or stopped), KILLED (interrupted) or RUNNING
     metrics: dict[str, float]  # by MLflow metric name: the best trial's objectives, trial counts
     best_trial: Optional[int]
     best_values: dict[str, float]  # objective -> the best trial's value
@@ -730,6 +730,7 @@ class StudySummary:
     counts: dict[str, int]  # trial state -> number
     description: str  # what the study asks
     table: str  # Markdown: the comparison with full fine-tuning, if any
+    reason: str = ""  # why it ended so, when it did not just meet its budget ("stopped: ...", "interrupted: ...")
 
 
 def finish_parent(
@@ -758,7 +759,10 @@ def finish_parent(
     note = [
         f"**Study `{study}`**" + (f": {summary.description}" if summary.description else ""),
         "",
-        f"**State: {summary.state}**; trials: " + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
+        f"**State: {summary.state}**"
+        + (f" ({summary.reason})" if summary.reason else "")
+        + "; trials: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(summary.counts.items())),
         "",
     ]
     if summary.best_trial is not None:
@@ -797,6 +801,8 @@ def finish_parent(
     }
     if summary.best_overrides:
         tags["best_overrides"] = summary.best_overrides
+    if summary.reason:
+        tags[REASON_TAG] = summary.reason
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics.items()],
@@ -804,10 +810,15 @@ def finish_parent(
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    if summary.state == "FAIL":
-        client.update_run(run_id, name=f"{study} (FAIL)")
+    ended = summary.state not in ("COMPLETE", "RUNNING")
+    suffix = f" ({summary.state}" + (f": {summary.reason}" if summary.reason else "") + ")" if ended else ""
+    client.update_run(run_id, name=study + suffix)  # also drops an earlier ending's suffix from a resumed study
     if end:
-        client.set_terminated(run_id, status="FAILED" if summary.state == "FAIL" else "FINISHED")
+        client.set_terminated(run_id, status={"FAIL": "FAILED", "KILLED": "KILLED"}.get(summary.state, "FINISHED"))
+    elif summary.state == "RUNNING":  # a study resumed after it was stopped runs again, without the old reason
+        client.update_run(run_id, status="RUNNING")
+        with contextlib.suppress(Exception):  # MLflow refuses to delete a tag that is not there
+            client.delete_tag(run_id, REASON_TAG)
 
 
 # ----------------------------------------------------------------------------------------------- reading back
