@@ -48,9 +48,10 @@ class StorageError(RuntimeError):
 
 
 def journal_path(url: str) -> Path:
-    """The file of a journal URL: journal:///abs/path or journal:relative/path."""
+    """The file of a journal URL: journal:///abs/path (extra slashes ignored) or journal:relative/path."""
     raw = url[len("journal:") :]
-    return Path(raw[2:] if raw.startswith("//") else raw)
+    raw = raw[2:] if raw.startswith("//") else raw
+    return Path("/" + raw.lstrip("/") if raw.startswith("/") else raw)
 
 
 def embedded_url(name: str, outputs: Path, study_dir: Path, processes: int) -> tuple[str, str]:
@@ -63,10 +64,10 @@ def embedded_url(name: str, outputs: Path, study_dir: Path, processes: int) -> t
     if internals.sqlite_has_study(db, name):
         return f"sqlite:///{db}", ""
     if journal.is_file():
-        return f"journal:///{journal}", f"study {name}: its storage is the journal file {journal}"
+        return f"journal://{journal}", f"study {name}: its storage is the journal file {journal}"
     if processes > 1:
         return (
-            f"journal:///{journal}",
+            f"journal://{journal}",
             f"study {name}: {processes} processes on this machine share the journal file {journal} (sweep.storage "
             "unset; across hosts give sweep.storage=postgresql://...)",
         )
