@@ -67,6 +67,7 @@ def test_a_study_stopped_by_identical_failures_closes_its_parent_fail_with_the_r
     assert parent.data.tags["lora_lab.state"] == "COMPLETE" and "lora_lab.reason" not in parent.data.tags
 
 
+@pytest.mark.slow
 def test_sigterm_closes_the_parent_killed_and_the_rerun_runs_the_interrupted_trial_first(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["sweep=default", "sweep.n_trials=3", *QUICK, "trainer.max_steps=24"]
@@ -96,6 +97,7 @@ def test_sigterm_closes_the_parent_killed_and_the_rerun_runs_the_interrupted_tri
     assert "lora_lab.reason" not in parent.data.tags
 
 
+@pytest.mark.slow
 def test_a_sigkilled_journal_worker_trial_is_recovered_by_the_rerun(tmp_path: Path) -> None:
     """Journal storage has no heartbeats: the trial of a SIGKILLed process stayed RUNNING for good. The rerun sees
     its process gone and its folder's lock free: FAILs it (worker lost) and retries it from its checkpoint; the budget
@@ -204,6 +206,7 @@ def test_a_broken_journal_record_with_records_after_it_is_exit_2_naming_the_file
     assert f"head -n 2 {journal}" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_sqlite_study_run_one_comparison(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["sweep=default", "sweep.n_trials=2", *QUICK, "sweep.compare_full=true", "sweep.full_lr_grid=[1e-4]"]
@@ -217,6 +220,7 @@ def test_two_processes_on_one_sqlite_study_run_one_comparison(tmp_path: Path) ->
     assert all("Full fine-tune" in log.read_text() for log in logs)  # both print the comparison
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_two_worker_launcher_stops_its_workers_and_leaves_their_trials_resumable(tmp_path: Path) -> None:
     from lora_lab.sweep.objective import process_alive
 

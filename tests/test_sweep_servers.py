@@ -120,6 +120,7 @@ def _running_with_a_checkpoint(out: Path, number: int):
     return lambda: (out / "studies" / "pg" / "trials" / f"{number:04d}" / "checkpoints" / "LATEST").is_file()
 
 
+@pytest.mark.postgres
 def test_a_postgres_restart_within_the_deadline_costs_nothing(tmp_path: Path) -> None:
     with postgres_server() as pg:
         url = pg.create_db("optuna")
@@ -143,6 +144,7 @@ def test_a_postgres_restart_within_the_deadline_costs_nothing(tmp_path: Path) ->
         assert study_summary(load(url, "pg")) == {"COMPLETE": 3}, tail(log)
 
 
+@pytest.mark.postgres
 def test_postgres_gone_past_the_deadline_stops_the_study_naming_the_database_and_it_resumes(tmp_path: Path) -> None:
     with postgres_server() as pg:
         pg.create_db("optuna")
