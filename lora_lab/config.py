@@ -609,7 +609,9 @@ class SweepConfig:
         )
         _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
         _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", "an integer >= 1", self.heartbeat_s)
-        _check(self.storage_deadline_s > 0, "sweep.storage_deadline_s", "a number of seconds > 0", self.storage_deadline_s)
+        _check(
+            self.storage_deadline_s > 0, "sweep.storage_deadline_s", "a number of seconds > 0", self.storage_deadline_s
+        )
         _check(
             self.grace_s > self.heartbeat_s >= 1,
             "sweep.grace_s",

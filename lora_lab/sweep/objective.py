@@ -316,7 +316,8 @@ def owner_state(st: Study, trial: optuna.trial.FrozenTrial) -> tuple[str, str]:
     host, _, pid = (worker or "").rpartition(":")
     if worker is not None and (host != socket.gethostname() or not pid.isdigit()):
         return "unknown", ""
-    if worker is not None and (int(pid) == os.getpid() or process_alive(int(pid), since=started)):
+    # This process asks between its own trials: a RUNNING trial under its own pid is a leftover, judged by its lock.
+    if worker is not None and int(pid) != os.getpid() and process_alive(int(pid), since=started):
         return "alive", ""
     if worker is None and (started is None or time.time() - started < st.spec.grace_s):
         return "unknown", ""

@@ -1,9 +1,11 @@
 """One study's lifecycle in its storage: storage, sampler, pruner, fingerprint and the exact budget.
 
 The budget is exact across workers and hosts: when a study is created (or its n_trials raised) the missing trials are
-enqueued as WAITING under a lock, and workers only ever pop WAITING trials, never create new ones. A worker that dies
-stops sending heartbeats; the next worker to look fails its trial and re-enqueues it with the same parameters
-(Optuna's RetryHeartbeatStaleTrialCallback, here LostTrialCallback).
+enqueued as WAITING under a lock, and workers only ever pop WAITING trials (retries first), never create new ones. A
+worker that dies stops sending heartbeats; the next worker to look fails its trial and re-enqueues it with the same
+parameters (Optuna's RetryHeartbeatStaleTrialCallback, here LostTrialCallback). A journal has no heartbeats: there the
+next worker finds the dead worker's process gone and its trial folder unlocked (workers.recover_orphans). Which
+storage and how it is guarded: storage.py.
 """
 
 from __future__ import annotations
