@@ -132,7 +132,7 @@ def open_storage(url: str, deadline_s: float, heartbeat_s: int, grace_s: int, lo
         )
     except Exception as exc:
         raise ConfigError(
-            f"sweep.storage={safe_url(url)!r}: cannot open {describe(url)} ({first_line(exc, with_type=True)})"
+            f"sweep.storage={safe_url(url)!r}: cannot open it, {describe(url)} ({cause_line(exc)})"
         ) from None
     return GuardedStorage(internals.cached(rdb), url, deadline_s)
 
