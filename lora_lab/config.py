@@ -586,14 +586,20 @@ class SweepConfig:
     seed: int = 0  # sampler seed
     n_trials: int = 6  # trials that finish (COMPLETE, PRUNED or FAIL), counted across all workers
     timeout_s: Optional[float] = None  # stop starting new trials after this many seconds; null: no limit
-    # Optuna storage: null (sqlite:///<outputs>/optuna.db, one machine), postgresql://... (many workers, many hosts),
-    # journal:///path/file.journal (many workers on one host, no heartbeats). workers > 1 needs one of the last two.
+    # Optuna storage: null (the embedded default on one machine: sqlite:///<outputs>/optuna.db for one process, a
+    # journal file <outputs>/studies/<name>/study.journal when workers x trials_per_device > 1; a study keeps the
+    # storage it was created in), postgresql://... (many workers, many hosts), journal:///path/file.journal (many
+    # workers on one host, no heartbeats).
     storage: Optional[str] = None
+    # A database storage (PostgreSQL) that stops answering is retried for this many seconds, from its first
+    # unanswered call: a restart within it costs nothing; past it the study stops (exit 1) with a message naming the
+    # database (host, port, name; never the password), and the same command resumes it once the database is back.
+    storage_deadline_s: float = 60.0
     workers: int = 1  # devices used on this host: one per GPU where there are GPUs (the CPU counts as one device)
     # Worker processes sharing each device: an integer >= 1, or 'auto' (CUDA: floor(0.9 * free memory / a measured
     # trial's peak), at most 8; CPU: 1). Local processes = workers x trials_per_device; with N per device each gets
     # ~0.95/N of its GPU's memory (torch.cuda.set_per_process_memory_fraction) or cores // processes CPU threads.
-    # More than one process needs sweep.storage (journal:// or postgresql://).
+    # More than one process without sweep.storage: the study's journal file (see storage).
     trials_per_device: Any = 1
     heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
     grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
@@ -641,6 +647,9 @@ class SweepConfig:
         )
         _check(self.timeout_s is None or self.timeout_s > 0, "sweep.timeout_s", "null or a number > 0", self.timeout_s)
         _check(self.heartbeat_s >= 1, "sweep.heartbeat_s", "an integer >= 1", self.heartbeat_s)
+        _check(
+            self.storage_deadline_s > 0, "sweep.storage_deadline_s", "a number of seconds > 0", self.storage_deadline_s
+        )
         _check(
             self.grace_s > self.heartbeat_s >= 1,
             "sweep.grace_s",

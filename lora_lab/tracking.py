@@ -717,7 +717,7 @@ class StudySummary:
     """What a study's parent run shows at the end (the rest, its trials and comparison runs, finish_parent reads from
     the parent's child runs)."""
 
-    state: str  # COMPLETE (a trial completed), FAIL (none did) or RUNNING (trials still to run)
+    state: str  # COMPLETE (a trial completed), FAIL (none did, or stopped), KILLED (interrupted) or RUNNING
     metrics: dict[str, float]  # by MLflow metric name: the best trial's objectives, trial counts
     best_trial: Optional[int]
     best_values: dict[str, float]  # objective -> the best trial's value
@@ -725,6 +725,7 @@ class StudySummary:
     counts: dict[str, int]  # trial state -> number
     description: str  # what the study asks (used when the parent has no trials to say what ran)
     table: str  # Markdown: the comparison with full fine-tuning, if any (used when no comparison run is marked)
+    reason: str = ""  # why it ended so, when it did not just meet its budget ("stopped: ...", "interrupted: ...")
 
 
 def mark_comparison(tracking: TrackingConfig, parent_run_id: str, comparison: notes.Comparison) -> None:
@@ -875,7 +876,8 @@ def finish_parent(
     ]
     asks = records.param_value(parent.data.params.get("sweep.description", "")) or ""
     what = (f"{asks} (as run: {notes.as_run(ran)})" if asks else notes.as_run(ran)) if ran else summary.description
-    note = [head, "", f"**State: {summary.state}** · study `{study}`" + (f": {what}" if what else ""), ""]
+    state = f"**State: {summary.state}**" + (f" ({summary.reason})" if summary.reason else "")
+    note = [head, "", f"{state} · study `{study}`" + (f": {what}" if what else ""), ""]
     tail = []
     if comparison.best is not None or comparison.full is not None:
         tail = ["**Against full fine-tuning** (same data and steps):", "", comparison.markdown(settings=False), ""]
@@ -894,6 +896,8 @@ def finish_parent(
     }
     if summary.best_overrides:
         tags["best_overrides"] = summary.best_overrides
+    if summary.reason:
+        tags[REASON_TAG] = summary.reason
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
@@ -901,10 +905,15 @@ def finish_parent(
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    if summary.state == "FAIL":
-        client.update_run(run_id, name=notes.display_name(study, "", "FAIL"))
+    # State first when it ended otherwise than by its budget (a resumed study drops an earlier ending's state).
+    ended = summary.state if summary.state not in ("COMPLETE", "RUNNING") else "COMPLETE"
+    client.update_run(run_id, name=notes.display_name(study, "", ended))
     if end:
-        client.set_terminated(run_id, status="FAILED" if summary.state == "FAIL" else "FINISHED")
+        client.set_terminated(run_id, status={"FAIL": "FAILED", "KILLED": "KILLED"}.get(summary.state, "FINISHED"))
+    elif summary.state == "RUNNING":  # a study resumed after it was stopped runs again, without the old reason
+        client.update_run(run_id, status="RUNNING")
+        with contextlib.suppress(Exception):  # MLflow refuses to delete a tag that is not there
+            client.delete_tag(run_id, REASON_TAG)
 
 
 # ----------------------------------------------------------------------------------------------- reading back

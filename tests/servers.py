@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 class Postgres:
-    """A PostgreSQL cluster in a temp folder: `start()`, `create_db(name)` -> URL, `stop()`."""
+    """A PostgreSQL cluster in a temp folder: `start()`, `create_db(name)` -> URL, `halt()` and `resume()` (the same
+    server stopped and started again), `stop()` (for good: the folder goes)."""
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin = bin_dir
@@ -83,6 +84,11 @@ class Postgres:
             "--no-sync",
             "--locale=C",
         )
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again), on the same port and data: what a restarted database looks like to clients."""
         opts = (
             f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off"
@@ -101,7 +107,11 @@ class Postgres:
             "start",
         )
         self.started = True
-        return self
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (`-m fast`: open sessions are cut, as in a restart or a crash)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        self.started = False
 
     def url(self, db: str) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{db}"

@@ -38,9 +38,12 @@ def _no_partial_files(root: Path) -> None:
         json.loads(p.read_text())
 
 
-def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    """Trial 0's loss turns NaN (injected by a forward hook), trial 1 runs out of memory on both attempts (injected),
-    trial 2 hits ENOSPC while writing its checkpoint (injected after a partial write); trial 3 completes."""
+def test_nan_and_oom_fail_with_reason_and_a_full_disk_stops_the_study_until_rerun(tmp_path, monkeypatch, capsys):
+    """Trial 0's loss turns NaN (injected by a forward hook), trial 1 runs out of memory on both attempts (injected):
+    each FAILs with its reason and the sweep goes on. Trial 2 hits ENOSPC while writing its checkpoint (injected
+    after a partial write): every later trial would too, so the study stops with one line naming the disk and exit
+    1, the trial FAILs with that reason (its MLflow run closed) and is queued again. The rerun runs that retry first,
+    then the rest of the budget."""
     import safetensors.torch
 
     from lora_lab import train
@@ -78,48 +81,62 @@ def test_nan_oom_enospc_fail_with_reason_and_the_sweep_goes_on(tmp_path, monkeyp
     monkeypatch.setattr(objective, "run_trial", run_trial)
     monkeypatch.setattr(train.Session, "fit", fit)
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-
-    code = cli.main(
-        [
-            "sweep=default",
-            "sweep.name=faults",
-            "sweep.n_trials=4",
-            "sweep.sampler=random",
-            "sweep.compare_full=false",
-            "sweep.pruner=none",
-            *TRAIN,
-        ]
-    )
-    assert code == 0  # a trial completed: the sweep went on past the three failures
+    args = [
+        "sweep=default",
+        "sweep.name=faults",
+        "sweep.n_trials=4",
+        "sweep.sampler=random",
+        "sweep.compare_full=false",
+        "sweep.pruner=none",
+        *TRAIN,
+    ]
+    assert cli.main(args) == 1  # returned, not raised: no traceback
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("lora_lab.sweep:")]
+    ckpts = out / "studies" / "faults" / "trials" / "0002" / "checkpoints"
+    assert f"trial 2: disk full: cannot write {ckpts}/step-0000002: no space left on device" in line, line
+    assert "The study stops" in line and "run the same command to resume; trial 2 runs again first" in line
 
     study = load(f"sqlite:///{out / 'optuna.db'}", "faults")
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 2
     reasons = [t.user_attrs.get("fail_reason", "") for t in trials]
     assert reasons[0].startswith("diverged") and "non-finite" in reasons[0], reasons[0]
     assert reasons[1].startswith("oom:") and "out of memory" in reasons[1], reasons[1]
     assert "trainer.batch_size=2" in trials[1].user_attrs["overrides"]  # retried once with half the micro-batch
-    assert "No space left on device" in reasons[2] and "[Errno 28]" in reasons[2], reasons[2]
-    assert math.isfinite(trials[3].values[0])
+    assert reasons[2].startswith("disk full: cannot write") and "no space left on device" in reasons[2], reasons[2]
+    assert trials[4].system_attrs["failed_trial"] == 2 and trials[4].params == trials[2].params
 
     # The failed checkpoint left nothing: no step folder, no LATEST, no temp folder, no truncated file anywhere.
-    ckpts = out / "studies" / "faults" / "trials" / "0002" / "checkpoints"
     assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())
     _no_partial_files(out / "studies")
 
+    uri = f"sqlite:///{out / 'mlflow.db'}"
     by_trial = {
         r.data.tags.get("lora_lab.trial"): r
-        for r in runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
+        for r in runs(uri, "lora_lab")
         if r.data.tags.get("lora_lab.kind") == "trial"
     }
-    assert {k: by_trial[k].info.status for k in "0123"} == {
-        "0": "FAILED",
-        "1": "FAILED",
-        "2": "FAILED",
-        "3": "FINISHED",
-    }
+    assert {k: r.info.status for k, r in by_trial.items()} == {"0": "FAILED", "1": "FAILED", "2": "FAILED"}
     assert "non-finite training loss" in by_trial["0"].data.tags["lora_lab.reason"]
-    assert "No space left" in by_trial["2"].data.tags["lora_lab.reason"]
+    assert "no space left on device" in by_trial["2"].data.tags["lora_lab.reason"]
+    (parent,) = [r for r in runs(uri, "lora_lab") if r.data.tags.get("lora_lab.kind") == "study"]
+    assert parent.info.status == "FAILED" and parent.info.run_name == "faults (FAIL: stopped: disk full)"
+    assert parent.data.tags["lora_lab.reason"] == "stopped: disk full"
+
+    # The disk has room again: the rerun runs trial 2's retry first, then the rest of the budget.
+    current["n"] = -1
+    monkeypatch.setattr(objective, "run_trial", real_run_trial)
+    assert cli.main(args) == 0
+    trials = sorted(load(f"sqlite:///{out / 'optuna.db'}", "faults").get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.state for t in trials[3:]] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[4].datetime_start < trials[3].datetime_start  # the retry first
+    assert math.isfinite(trials[4].values[0])
+    every = runs(uri, "lora_lab")
+    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
+    (parent,) = [r for r in every if r.data.tags.get("lora_lab.kind") == "study"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "faults"
+    assert "lora_lab.reason" not in parent.data.tags
 
 
 def test_a_runtime_error_that_says_out_of_memory_is_an_error_not_an_oom(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Several trials per device (`sweep.trials_per_device`): each worker process's environment (GPU pinning, memory cap,
-CPU threads), the 'auto' rule, bad values, an exact budget with two processes on the CPU, and a killed process's
+CPU threads), the 'auto' rule, bad values, an exact budget with two processes on the CPU (on a given journal, and on
+the embedded default: the study's own journal file, or the SQLite file a study began in), and a killed process's
 trial retried by its neighbour.
 
 A warm worker rebuilding the model when a trial changes `model.*` is tested in tests/test_warm.py:
@@ -66,16 +67,44 @@ def test_bad_trials_per_device_is_a_config_error(value: str, outputs: Path) -> N
     assert load_sweep("default", ["trials_per_device=auto"]).trials_per_device == "auto"
 
 
-@pytest.mark.parametrize("value", ["2", "auto", "0"])
-def test_cli_refuses_bad_value_or_embedded_storage_with_exit_2(
-    value: str, outputs: Path, capsys: pytest.CaptureFixture
-) -> None:
-    assert cli.main(["sweep=default", f"sweep.trials_per_device={value}", *TRAIN]) == 2
-    err = capsys.readouterr().err
-    assert "sweep.trials_per_device" in err
-    if value != "0":
-        assert "journal://" in err and "postgresql://" in err
+def test_cli_refuses_a_bad_value_with_exit_2(outputs: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["sweep=default", "sweep.trials_per_device=0", *TRAIN]) == 2
+    assert "sweep.trials_per_device" in capsys.readouterr().err
     assert not outputs.exists() or not any(outputs.iterdir())  # nothing created
+
+
+def test_two_per_device_on_the_embedded_default_use_the_study_journal(tmp_path: Path) -> None:
+    """No sweep.storage (issue 23): on one machine several processes just work, on a journal file in the study's
+    folder, said once in the log; 4 trials, 4 distinct configurations, from both processes."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    out = tmp_path / "out"
+    args = ["sweep=default", "sweep.n_trials=4", "sweep.sampler=random", "sweep.trials_per_device=2"]
+    log = tmp_path / "sweep.log"
+    (code,) = wait_all([start_worker(out, [*args, *FAST_HEARTBEAT, *TRAIN, "tracking=off"], log)], timeout=600)
+    assert code == 0, tail(log)
+    journal = out / "studies" / "default" / "study.journal"
+    text = log.read_text()
+    assert text.count(f"2 processes on this machine share the journal file {journal}") == 1, tail(log)
+    assert not (out / "optuna.db").exists()
+    study = optuna.load_study(study_name="default", storage=JournalStorage(JournalFileBackend(str(journal))))
+    trials = study.get_trials(deepcopy=False)
+    assert study_summary(study) == {"COMPLETE": 4}, tail(log)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # 4 distinct trials
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+
+
+def test_a_study_in_the_sqlite_file_keeps_resuming_there(outputs: Path, tmp_path: Path) -> None:
+    """A study begun in optuna.db (one process) and resumed with two processes per device stays in optuna.db: no
+    journal is started beside it (its trials would be lost from view)."""
+    args = ["sweep=default", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN, "tracking=off"]
+    assert cli.main([*args, "sweep.n_trials=1"]) == 0
+    log = tmp_path / "sweep.log"
+    (code,) = wait_all([start_worker(outputs, [*args, "sweep.n_trials=3", "sweep.trials_per_device=2"], log)], 600)
+    assert code == 0, tail(log)
+    assert not (outputs / "studies" / "default" / "study.journal").exists()
+    assert study_summary(load(f"sqlite:///{outputs / 'optuna.db'}", "default")) == {"COMPLETE": 3}, tail(log)
 
 
 def test_two_per_device_finish_exactly_the_budget(tmp_path: Path) -> None:

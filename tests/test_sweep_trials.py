@@ -144,9 +144,45 @@ def test_an_oom_trial_and_a_bad_config_trial_get_their_kinds() -> None:
     assert Failure.of(torch.cuda.OutOfMemoryError("again")).kind == FailureKind.OOM  # the same class
     bad = Failure.of(ConfigError("lora.r: expected an integer >= 1, got 0"))
     assert bad.kind == FailureKind.CONFIG and bad.reason == "ConfigError: lora.r: expected an integer >= 1, got 0"
-    error = Failure.of(OSError(28, "No space left on device"))
-    assert error.kind == FailureKind.ERROR and error.reason == "OSError: [Errno 28] No space left on device"
+    error = Failure.of(OSError(2, "No such file or directory"))
+    assert error.kind == FailureKind.ERROR and error.reason == "FileNotFoundError: [Errno 2] No such file or directory"
     assert Failure.of(ValueError("x" * 5000)).reason == "ValueError: " + "x" * 988  # first line, 1000 characters
+    assert not any(
+        k.stops_study for k in (FailureKind.OOM, FailureKind.CONFIG, FailureKind.ERROR, FailureKind.DIVERGED)
+    )
+
+
+def test_a_full_disk_and_a_lost_tracking_server_are_kinds_that_stop_the_study() -> None:
+    import errno
+
+    from lora_lab.files import WriteError
+    from lora_lab.tracking import TrackingUnreachable
+
+    full = Failure.of(OSError(errno.ENOSPC, "No space left on device", "/out/x.json"))
+    assert full.kind == FailureKind.DISK and full.kind.stops_study
+    assert full.reason == "disk full: No space left on device: /out/x.json"
+    written = Failure.of(WriteError("/out/metrics.json", OSError(errno.ENOSPC, "No space left on device")))
+    assert written.reason == "disk full: cannot write /out/metrics.json: no space left on device"
+    read_only = Failure.of(WriteError("/out/m.json", OSError(errno.EROFS, "Read-only file system")))
+    assert read_only.kind == FailureKind.DISK and read_only.reason == "cannot write /out/m.json: read-only file system"
+    lost = Failure.of(TrackingUnreachable("tracking server http://h:1 unreachable since 10:00:00 (...)"))
+    assert lost.kind == FailureKind.TRACKING and lost.kind.stops_study
+    assert lost.reason == "tracking server http://h:1 unreachable since 10:00:00 (...)"
+
+
+def test_any_error_on_a_full_disk_is_the_disk(tmp_path, monkeypatch) -> None:
+    """Safetensors' and SQLite's errors do not always say ENOSPC: any error while the trial's disk is full is the
+    disk's."""
+    from lora_lab import files
+
+    monkeypatch.setattr(files, "disk_full", lambda folder, margin=1 << 20: True)
+    failure = Failure.of(RuntimeError("Error while serializing: I/O error"), folder=tmp_path)
+    assert failure.kind == FailureKind.DISK
+    assert (
+        failure.reason
+        == f"disk full: no space left under {tmp_path} (RuntimeError: Error while serializing: I/O error)"
+    )
+    assert Failure.of(RuntimeError("x")).kind == FailureKind.ERROR  # without the trial's folder: not judged
 
 
 def test_failing_the_same_way_compares_kinds_and_exception_types() -> None:

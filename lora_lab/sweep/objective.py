@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from lora_lab.config import compose
 from lora_lab.records import RunRecord
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep import search
+from lora_lab.sweep.storage import StorageError
 from lora_lab.sweep.study import Study
 from lora_lab.sweep.trials import RESULTS, Failure, FailureKind, TrialAttrs, TrialFailed, Verdict, verdict
 from lora_lab.train import Interrupted, RunRole, build, fit_tracked, free_memory
@@ -136,6 +138,13 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         resolved, cfg = compose(st.base_overrides + overrides + extra + shrink)
         overrides += shrink
     TrialAttrs.write(trial, overrides=overrides, output_dir=str(folder))
+    retry = retried_trial(trial) is not None
+    reused = finished_run(folder, OmegaConf.to_container(resolved, resolve=True)) if retry else None
+    if reused is not None:  # trained to its end before (its trial's state was never recorded): not trained again
+        log.info(
+            "trial %d: reusing the finished run in %s (same configuration; not trained again)", trial.number, folder
+        )
+        return judged_values(st, trial, reused)
     name = st.spec.name
     role = RunRole(
         kind="trial",
@@ -178,10 +187,42 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # a lost trial is read-only
             TrialAttrs.write(trial, train_time_s=session.train_time_s, eval_time_s=session.eval_time_s)
     (judgement,) = judged
+    return judged_values(st, trial, result, judgement)
+
+
+def judged_values(
+    st: Study, trial: optuna.Trial, result: RunRecord, judgement: Optional[Verdict] = None
+) -> list[float]:
+    """A finished run's objective values, its results stored on the trial; TrialFailed when the verdict is FAIL."""
+    judgement = judgement or verdict(st.spec, result)
     if judgement.failure is not None:
         raise TrialFailed(judgement.failure)
     TrialAttrs.write(trial, **{key: result.value(key) for key in RESULTS})
     return [float(result.value(name)) for name in st.spec.objectives]
+
+
+def finished_run(folder: Path, resolved: dict[str, Any]) -> Optional[RunRecord]:
+    """The record of a run that finished in `folder` with exactly this configuration (its metrics.json, written last,
+    and its config.yaml), or None. A trial whose run finished but whose state never reached the study (the storage
+    went away, the disk filled up, the process was killed just then) is retried in the same folder, and the retry
+    takes this instead of training again."""
+    import json
+
+    import yaml
+
+    from lora_lab.records import RecordError
+
+    metrics, config = folder / "metrics.json", folder / "config.yaml"
+    # config.yaml is written when a run starts, metrics.json when it ends: an older metrics.json is another run's.
+    if not (metrics.is_file() and config.is_file()) or metrics.stat().st_mtime < config.stat().st_mtime:
+        return None
+    try:
+        if yaml.safe_load(config.read_text()) != {**resolved, "output_dir": str(folder)}:
+            return None
+        return RunRecord.from_json(json.loads(metrics.read_text()), where=str(metrics))
+    except (OSError, ValueError, RecordError, yaml.YAMLError) as exc:
+        log.warning("not reusing %s (%s): training the trial again", metrics, exc)
+        return None
 
 
 def run_one(st: Study, trial: optuna.Trial) -> Outcome:
@@ -196,8 +237,8 @@ def run_one(st: Study, trial: optuna.Trial) -> Outcome:
         for attempt in (1, 2):
             try:
                 return Outcome(TrialState.COMPLETE, run_trial(st, trial, batch_shrink=2 if attempt == 2 else 1))
-            except Interrupted:
-                keep = True  # SIGINT/SIGTERM: the rerun resumes from these
+            except (Interrupted, StorageError):
+                keep = True  # SIGINT/SIGTERM, or the study's storage gone: the rerun resumes from these
                 raise
             except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as exc:
                 return Outcome(None, note=str(exc))
@@ -206,9 +247,11 @@ def run_one(st: Study, trial: optuna.Trial) -> Outcome:
             except TrialFailed as exc:
                 return Outcome(TrialState.FAIL, failure=exc.failure)
             except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
-                failure = Failure.of(exc)
+                failure = Failure.of(exc, folder=trial_dir(st, trial))
+                if failure.kind.stops_study:
+                    keep = True  # a lost server or a full disk: the trial is retried first, from these, on resume
                 if failure.kind != FailureKind.OOM:
-                    log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                    log.error("trial %d failed: %s", trial.number, failure.reason)
                     return Outcome(TrialState.FAIL, failure=failure)
             # Out of memory: free it outside the except block (the traceback pins the failed attempt's tensors),
             # then retry once with half the micro-batch and twice the accumulation, from step 0.
@@ -224,10 +267,10 @@ def run_one(st: Study, trial: optuna.Trial) -> Outcome:
             shutil.rmtree(checkpoints, ignore_errors=True)
 
 
-def interrupted(st: Study, trial: optuna.Trial, exc: Interrupted) -> None:
-    """A signal stopped this trial: FAIL it with the reason and queue a retry with the same parameters at once (not
-    counted against max_retry: the trial did nothing wrong); the retry resumes from the kept checkpoints."""
-    reason = Failure.interrupted(exc).reason
+def fail_and_retry(st: Study, trial: optuna.Trial, reason: str) -> None:
+    """FAIL this trial with `reason` and queue a retry with the same parameters at once (not counted against
+    max_retry: the trial did nothing wrong; a signal, a lost server or a full disk stopped it); the retry runs first
+    when the study resumes (optuna_internals.pop_waiting_trial_id), from the kept checkpoints."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         TrialAttrs.write(trial, fail_reason=reason)
         st.study.tell(trial, state=TrialState.FAIL)
@@ -244,4 +287,72 @@ def interrupted(st: Study, trial: optuna.Trial, exc: Interrupted) -> None:
                 system_attrs=system_attrs,
             )
         )
+
+
+def interrupted(st: Study, trial: optuna.Trial, exc: Interrupted) -> None:
+    """A signal stopped this trial: FAIL it with the reason and queue its retry (fail_and_retry)."""
+    reason = Failure.interrupted(exc).reason
+    fail_and_retry(st, trial, reason)
     log.warning("trial %d %s", trial.number, reason)
+
+
+# ----------------------------------------------------------------------------------------------- dead owners
+
+
+def owner_state(st: Study, trial: optuna.trial.FrozenTrial) -> tuple[str, str]:
+    """Whether a RUNNING trial's worker still lives: ('alive', ''), ('gone', why) or ('unknown', '') (another host,
+    or not recorded yet).
+
+    For storages without heartbeats (a journal file). Gone = its process (`worker`: host:pid, on this host) has
+    exited, or its pid now belongs to a process that started after the trial did, AND the trial's folder lock
+    (claim_trial_dir) is free. Both, because each alone misleads: a live worker holds no lock between popping a
+    trial and claiming its folder, nor between releasing it and telling the study the trial's state; and a pid can
+    be reused. A trial popped by a worker that died before it recorded itself is gone once its folders are free and
+    it started more than sweep.grace_s ago."""
+    import fcntl
+
+    worker = TrialAttrs.read(trial).worker
+    started = trial.datetime_start.timestamp() if trial.datetime_start is not None else None
+    host, _, pid = (worker or "").rpartition(":")
+    if worker is not None and (host != socket.gethostname() or not pid.isdigit()):
+        return "unknown", ""
+    # This process asks between its own trials: a RUNNING trial under its own pid is a leftover, judged by its lock.
+    if worker is not None and int(pid) != os.getpid() and process_alive(int(pid), since=started):
+        return "alive", ""
+    if worker is None and (started is None or time.time() - started < st.spec.grace_s):
+        return "unknown", ""
+    original = trial.system_attrs.get("failed_trial")
+    for number in {n for n in (original, trial.number) if n is not None}:
+        lock = st.trial_folder(number) / ".owner.lock"
+        if not lock.is_file():
+            continue
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the handle closes
+            except BlockingIOError:
+                return "alive", ""  # someone holds its folder: a live worker (paused, perhaps)
+    who = f"process {pid}" if worker is not None else "its worker (unrecorded)"
+    return "gone", f"worker lost: {who} is gone and its trial folder is unlocked (killed or crashed)"
+
+
+def process_alive(pid: int, since: Optional[float] = None) -> bool:
+    """Whether process `pid` exists and is not a zombie, and (where /proc tells, Linux) started before `since`
+    (epoch seconds): a process that started later only reuses a dead worker's pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return True
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) ": state is field 3, starttime field 22
+    if fields[0] == "Z":
+        return False  # exited, not yet reaped by its parent
+    start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return since is None or start <= since + 1.0

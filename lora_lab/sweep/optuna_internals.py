@@ -9,11 +9,17 @@ allows `optuna>=4.0,<6`, and `SUPPORTED` below is the range these were written a
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import optuna
+from optuna.storages import _heartbeat
 
-SUPPORTED = ((4, 0), (6, 0))  # [low, high): Optuna versions whose internals match these functions
+SUPPORTED = ((4, 0), (6, 0))
+
+# The base class of storages with heartbeats (RDBStorage, _CachedStorage): a storage that wraps one must be one too,
+# or Optuna's heartbeat thread and fail_stale_trials ignore it.
+HeartbeatStorage = _heartbeat.BaseHeartbeat  # [low, high): Optuna versions whose internals match these functions
 
 
 def version_supported(version: str = optuna.__version__) -> bool:
@@ -43,10 +49,47 @@ def trial_number(study: optuna.Study, tid: int) -> int:
 
 
 def pop_waiting_trial_id(study: optuna.Study) -> Optional[int]:
-    """Atomically take one WAITING trial (RUNNING from now on, for this process), or None. The study's per-thread
-    cache of trials is dropped first, or trials enqueued by other processes since the last read stay invisible."""
+    """Atomically take one WAITING trial (RUNNING from now on, for this process), or None: retries first (a trial
+    interrupted, lost with its worker or stopped by a full disk resumes before new trials start; Optuna's system
+    attribute `failed_trial`), then by number. The study's per-thread cache of trials is dropped first, or trials
+    enqueued by other processes since the last read stay invisible. What Study._pop_waiting_trial_id does, in this
+    order: setting a WAITING trial RUNNING succeeds in one process only."""
+    from optuna.trial import TrialState
+
     study._thread_local.cached_all_trials = None
-    return study._pop_waiting_trial_id()
+    waiting = storage(study).get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    for trial in sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, t.number)):
+        try:
+            if storage(study).set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished by another process since the read
+            continue
+    return None
+
+
+def cached(rdb: optuna.storages.RDBStorage) -> optuna.storages.BaseStorage:
+    """An RDB storage behind Optuna's cache of finished trials (`_CachedStorage`), as optuna.create_study wraps a
+    bare RDBStorage; the sweep wraps the storage once more (sweep.storage.GuardedStorage), which Optuna leaves as is."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return _CachedStorage(rdb)
+
+
+def sqlite_has_study(db: Path, name: str) -> bool:
+    """Whether the Optuna SQLite file `db` holds a study named `name`, read-only (nothing is created or migrated).
+    Optuna's table `studies` (column `study_name`) is unchanged since Optuna 1."""
+    import sqlite3
+
+    if not db.is_file():
+        return False
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error:  # empty, another schema, not a database: no study of that name in it
+        return False
 
 
 def heartbeats_enabled(study: optuna.Study) -> bool:

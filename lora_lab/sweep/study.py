@@ -1,9 +1,11 @@
 """One study's lifecycle in its storage: storage, sampler, pruner, fingerprint and the exact budget.
 
 The budget is exact across workers and hosts: when a study is created (or its n_trials raised) the missing trials are
-enqueued as WAITING under a lock, and workers only ever pop WAITING trials, never create new ones. A worker that dies
-stops sending heartbeats; the next worker to look fails its trial and re-enqueues it with the same parameters
-(Optuna's RetryHeartbeatStaleTrialCallback, here LostTrialCallback).
+enqueued as WAITING under a lock, and workers only ever pop WAITING trials (retries first), never create new ones. A
+worker that dies stops sending heartbeats; the next worker to look fails its trial and re-enqueues it with the same
+parameters (Optuna's RetryHeartbeatStaleTrialCallback, here LostTrialCallback). A journal has no heartbeats: there the
+next worker finds the dead worker's process gone and its trial folder unlocked (workers.recover_orphans). Which
+storage and how it is guarded: storage.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lora_lab import tracking
 from lora_lab.config import SWEEPS_DIR, ConfigError, SweepConfig, compose, outputs_root
 from lora_lab.files import file_lock
 from lora_lab.sweep import search
+from lora_lab.sweep.storage import advisory_lock, embedded_url, open_storage
 from lora_lab.sweep.trials import TrialAttrs
 from lora_lab.train.warm import Warm
 
@@ -48,6 +51,8 @@ class Study:
         self.tracking = self.base_cfg.tracking
         self.dir = outputs_root() / "studies" / spec.name
         self.parent_run_id: Optional[str] = None
+        self._url: Optional[str] = None  # the storage's URL, chosen once (storage_url)
+        self.storage_note = ""  # what the log says about an embedded storage chosen for the study, if anything
         self.study: Optional[optuna.Study] = None
         self.folders: dict[int, Path] = {}  # trial number -> the folder this worker claimed for it
         # The model, tokenizer and data kept between this worker's trials (sweep.warm=false: none, load per trial).
@@ -62,41 +67,34 @@ class Study:
     # -- storage ---------------------------------------------------------------------------------------------
 
     def storage_url(self) -> str:
-        """sweep.storage (PostgreSQL through an installed driver), or the embedded SQLite file in the outputs."""
+        """sweep.storage (PostgreSQL through an installed driver), else the embedded default on one machine: the
+        SQLite file in the outputs, or the study's journal file for several processes (storage.embedded_url)."""
         if self.spec.storage:
             return pg_driver(self.spec.storage)
-        return f"sqlite:///{outputs_root() / 'optuna.db'}"
+        if self._url is None:
+            self._url, self.storage_note = embedded_url(self.spec.name, outputs_root(), self.dir, self.processes())
+        return self._url
+
+    def processes(self) -> int:
+        """How many local processes run this study's trials (workers x trials_per_device; 'auto' may mean several)."""
+        tpd = self.spec.trials_per_device
+        return self.spec.workers * (2 if tpd == "auto" else int(tpd))
 
     def open_storage(self) -> optuna.storages.BaseStorage:
-        """RDB storage with heartbeats (SQLite by default, PostgreSQL for many hosts), or a journal file."""
+        """The study's storage (storage.open_storage): RDB with heartbeats (SQLite, PostgreSQL) or a journal file,
+        behind bounded retries and errors that name it."""
         url = self.storage_url()
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-            raw = url[len("journal:") :]
-            path = Path(raw[2:] if raw.startswith("//") else raw)  # journal:///abs/path or journal:relative/path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-            # SQLite serialises writers; wait for the lock instead of failing with "database is locked".
-            engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-        else:
-            engine_kwargs = {"pool_pre_ping": True}
-        try:
-            # Two processes creating one new SQLite file at once race in the table creation: serialise it.
-            with self.lock() if url.startswith("sqlite:///") else contextlib.nullcontext():
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=self.spec.heartbeat_s,
-                    grace_period=self.spec.grace_s,
-                    heartbeat_stale_trial_callback=LostTrialCallback(self, max_retry=self.spec.max_retry),
-                )
-        except Exception as exc:
-            raise ConfigError(
-                f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-            ) from None
+        # Two processes creating one new SQLite file at once race in the table creation: serialise it.
+        with self.lock() if url.startswith("sqlite:///") else contextlib.nullcontext():
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            return open_storage(
+                url,
+                deadline_s=self.spec.storage_deadline_s,
+                heartbeat_s=self.spec.heartbeat_s,
+                grace_s=self.spec.grace_s,
+                lost=LostTrialCallback(self, max_retry=self.spec.max_retry),
+            )
 
     def sampler(self, seed: Optional[int] = None) -> optuna.samplers.BaseSampler:
         """The study's sampler, seeded with `seed` (a trial's own seed) or the study's seed."""
@@ -180,25 +178,16 @@ class Study:
     # -- budget ----------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Serialise budget top-ups: a file lock on one machine, an advisory lock on PostgreSQL."""
+    def lock(self, what: str = "budget") -> Iterator[None]:
+        """Serialise `what` between the study's processes: budget top-ups, or the comparison with full fine-tuning
+        (one process runs it, the others then reuse its runs). A file lock on one machine, an advisory lock on
+        PostgreSQL."""
         url = self.storage_url()
         if url.startswith("postgresql"):
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(url)
-            key = int.from_bytes(self.spec.name.encode()[:8].ljust(8, b"\0"), "big") % (2**63)
-            try:
-                with engine.connect() as conn:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                    try:
-                        yield
-                    finally:
-                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            finally:
-                engine.dispose()
+            with advisory_lock(url, lock_key(self.spec.name, what), self.spec.storage_deadline_s):
+                yield
             return
-        with file_lock(outputs_root() / f".{self.spec.name}.budget.lock"):
+        with file_lock(outputs_root() / f".{self.spec.name}.{what}.lock"):
             yield
 
     def budget_used(self) -> int:
@@ -264,6 +253,15 @@ class Study:
         return states
 
 
+def lock_key(name: str, what: str) -> int:
+    """The PostgreSQL advisory lock key of study `name`'s lock `what`: the budget's is the one it has always been
+    (the name's first 8 bytes), the others a hash of both."""
+    import hashlib
+
+    raw = name.encode()[:8].ljust(8, b"\0") if what == "budget" else hashlib.sha256(f"{name}:{what}".encode()).digest()
+    return int.from_bytes(raw[:8], "big") % (2**63)
+
+
 def pg_driver(url: str) -> str:
     """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3); use psycopg2 (our dependency) when psycopg is
     absent."""
@@ -275,22 +273,24 @@ def pg_driver(url: str) -> str:
 
 
 class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """Heartbeat went stale (the worker died): retry the trial with the same parameters, and end its MLflow run as
-    KILLED instead of leaving it RUNNING forever."""
+    """A trial's worker died (its heartbeat went stale; with a journal, its process is gone and its folder's lock
+    free): retry the trial with the same parameters, and end its MLflow run as KILLED instead of leaving it RUNNING
+    forever."""
+
+    HEARTBEAT = "worker lost: no heartbeat (killed or preempted)"
 
     def __init__(self, study: Study, max_retry: int) -> None:
         super().__init__(max_retry=max_retry)
         self._study = study
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        reason = "worker lost: no heartbeat (killed or preempted)"
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = HEARTBEAT) -> None:
         # Optuna has already made the lost trial FAIL, so its attributes are frozen: the reason travels with the
         # retry (built from this copy), and on the lost trial's MLflow run.
         TrialAttrs.write(trial, retried_because=f"trial {trial.number}: {reason}")
         if self._study.tracking.enabled:
             with contextlib.suppress(Exception):
                 tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)
-        log.warning("trial %d lost its worker; retrying it with the same parameters", trial.number)
+        log.warning("trial %d lost its worker (%s); retrying it with the same parameters", trial.number, reason)
         super().__call__(study, trial)
 
 

@@ -6,12 +6,15 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import optuna
 
 from lora_lab.config import SweepConfig
+from lora_lab.errors import first_line
 from lora_lab.records import RunRecord
+from lora_lab.sweep.storage import chain
 
 AnyTrial = Union[optuna.Trial, optuna.trial.FrozenTrial]
 
@@ -116,6 +119,14 @@ class FailureKind(enum.Enum):
     CONFIG = "config"  # the trial's composed configuration is refused (ConfigError)
     ERROR = "error"  # any other exception
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: retried at once, from its checkpoints
+    # What every later trial would meet too: the study stops, the trial is retried first when it resumes.
+    TRACKING = "tracking"  # the tracking server stayed away past tracking.deadline_s (tracking.TrackingUnreachable)
+    DISK = "disk"  # a write the disk refused: full, over quota, read-only (files.WriteError, ENOSPC...)
+
+    @property
+    def stops_study(self) -> bool:
+        """Whether a trial failing this way stops the study (the cause is outside the trial: a server, the disk)."""
+        return self in (FailureKind.TRACKING, FailureKind.DISK)
 
 
 @dataclass(frozen=True)
@@ -140,15 +151,42 @@ class Failure:
         return cls(FailureKind.INTERRUPTED, str(exc), type(exc).__name__)
 
     @classmethod
-    def of(cls, exc: BaseException) -> "Failure":
-        """The failure an exception out of a trial is: oom by its type (is_oom), a refused configuration, or an
-        error; the reason is its first line (at most 1000 characters)."""
+    def of(cls, exc: BaseException, folder: Optional[Path] = None) -> "Failure":
+        """The failure an exception out of a trial is: the tracking server lost, a write the disk refused (or any
+        error while the disk under `folder`, the trial's, is full), oom by its type (is_oom), a refused
+        configuration, or an error; the reason is its first line (at most 1000 characters)."""
         from lora_lab.config import ConfigError
+        from lora_lab.tracking import TrackingUnreachable
 
+        if isinstance(exc, TrackingUnreachable):
+            return cls(FailureKind.TRACKING, first_line(exc)[:1000], type(exc).__name__)
+        refused = refused_write(exc, folder)
+        if refused is not None:
+            return cls(FailureKind.DISK, refused[:1000], type(exc).__name__)
         oom = is_oom(exc)
         kind = FailureKind.OOM if oom else FailureKind.CONFIG if isinstance(exc, ConfigError) else FailureKind.ERROR
         text = f"oom: {exc}" if oom else f"{type(exc).__name__}: {exc}"
         return cls(kind, text.splitlines()[0][:1000], type(exc).__name__)
+
+
+def refused_write(exc: BaseException, folder: Optional[Path] = None) -> Optional[str]:
+    """Why the disk refused a write, if that is what `exc` (or what it was raised from) says: a files.WriteError
+    (it names the path), an OSError of a full disk, a quota or a read-only file system; or any error while the disk
+    under `folder` is full (safetensors, SQLite and MLflow's errors do not always say). None otherwise."""
+    import errno
+
+    from lora_lab.files import WriteError, disk_full
+
+    full = (errno.ENOSPC, errno.EDQUOT)
+    for e in chain(exc):
+        if isinstance(e, WriteError):
+            return ("disk full: " if e.errno in full else "") + first_line(e)
+        if isinstance(e, OSError) and e.errno in (*full, errno.EROFS):
+            text = f"{e.strerror}: {e.filename}" if e.filename else first_line(e, with_type=True)
+            return ("disk full: " if e.errno in full else "") + text
+    if folder is not None and disk_full(folder):
+        return f"disk full: no space left under {folder} ({first_line(exc, with_type=True)})"
+    return None
 
 
 class TrialFailed(Exception):

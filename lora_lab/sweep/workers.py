@@ -6,6 +6,7 @@ CUDA_VISIBLE_DEVICES, capped to its share of that GPU's memory when processes sh
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -19,16 +20,27 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from lora_lab.config import ConfigError
 from lora_lab.sweep import optuna_internals as internals
-from lora_lab.sweep.objective import Outcome, TrialLost, claim_trial_dir, interrupted, run_one, still_mine
-from lora_lab.sweep.study import Invocation, Study, best_trial, trial_seed
-from lora_lab.sweep.trials import TrialAttrs
+from lora_lab.sweep.objective import (
+    Outcome,
+    TrialLost,
+    claim_trial_dir,
+    fail_and_retry,
+    interrupted,
+    owner_state,
+    run_one,
+    still_mine,
+)
+from lora_lab.sweep.storage import StorageError
+from lora_lab.sweep.study import Invocation, LostTrialCallback, Study, best_trial, trial_seed
+from lora_lab.sweep.trials import Failure, FailureKind, TrialAttrs
 from lora_lab.train import Interrupted, free_memory
 
 log = logging.getLogger("lora_lab")
 
 WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
+PARENT_ENV = "LORA_LAB_SWEEP_PARENT"  # the launcher's pid, in its workers' environment (watch_parent)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 # A worker's share of its GPU's memory (torch.cuda.set_per_process_memory_fraction), when processes share one GPU.
 MEMORY_FRACTION_ENV = "LORA_LAB_CUDA_MEMORY_FRACTION"
 THREADS_ENV = "LORA_LAB_NUM_THREADS"  # a worker's torch CPU threads: the host's cores split between its processes
@@ -55,15 +67,19 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
     try:
         while max_trials is None or ran < max_trials:
             optuna.storages.fail_stale_trials(study)
+            if not heartbeats:
+                recover_orphans(st)
             if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
                 log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
                 break
             trial_id = internals.pop_waiting_trial_id(study)  # atomic across workers: one pops each WAITING trial
             if trial_id is None:
-                # Without heartbeats (journal storage) a dead worker's trial stays RUNNING forever: don't wait on it.
-                if not heartbeats or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                # Someone else's trial runs; it may still die and be retried. Without heartbeats (a journal) only a
+                # worker on this host can be told dead (recover_orphans): trials of other hosts are not waited on.
+                if not running or (not heartbeats and all(owner_state(st, t)[0] == "unknown" for t in running)):
                     break
-                time.sleep(min(2.0, spec.heartbeat_s))  # someone else's trial runs; it may still die and be retried
+                time.sleep(min(2.0, spec.heartbeat_s))
                 refresh_bar(bar, st)
                 continue
             # Each trial samples with its own seed, derived from the study's seed and its number: every worker and
@@ -96,6 +112,14 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
             if state is None:  # taken away while this worker was paused: the retry owns it now
                 log.warning("%s", reason)
                 continue
+            if outcome.failure is not None and outcome.failure.kind.stops_study:
+                log_trial(trial.number, TrialState.FAIL, None, reason, trial.params, time.time() - t0)
+                stop = stopped_by(trial.number, outcome.failure, st)
+                try:
+                    fail_and_retry(st, trial, reason)
+                except StorageError as exc:  # the same full disk under the study's storage
+                    stop.args = (f"{stop}. Its state could not be recorded either ({exc}): the next run retries it",)
+                raise stop
             if outcome.failure is not None:
                 TrialAttrs.write(trial, fail_reason=reason)
             elif reason:
@@ -125,13 +149,69 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
                 ):
                     # The configuration is broken, not these trials: once it is fixed they must not fill the budget.
                     st.stop_counting(first_numbers)
-                    raise ConfigError(
+                    kind = outcome.failure.kind.value + (f": {outcome.failure.error}" if outcome.failure.error else "")
+                    raise StudyStopped(
                         f"the first {FIRST_FAILURES_TO_STOP} trials all failed the same way "
-                        f"({reason}); stopping the study: fix the cause and run the command again"
+                        f"({reason}); stopping the study: fix the cause and run the command again",
+                        reason=f"stopped: the first {FIRST_FAILURES_TO_STOP} trials all failed the same way ({kind})",
                     )
     finally:
         bar.close()
         gc.unfreeze()  # what was frozen between trials goes back to the collector: an in-process caller runs on
+
+
+class StudyStopped(RuntimeError):
+    """The study stops before its budget is met, for a cause every later trial would share (its first trials all
+    failed alike, the tracking server is gone, the disk is full). The message says what to do; `reason` is the short
+    line the study's MLflow parent closes with; `tracking_ok` is False when the tracking server is the cause (nothing
+    more is sent to it: the parent is closed when the study resumes)."""
+
+    def __init__(self, message: str, reason: str, tracking_ok: bool = True) -> None:
+        super().__init__(message)
+        self.reason, self.tracking_ok = reason, tracking_ok
+
+
+def stopped_by(number: int, failure: Failure, st: Study) -> StudyStopped:
+    """The stop for trial `number`'s failure of a kind that stops the study (FailureKind.stops_study)."""
+    if failure.kind == FailureKind.TRACKING:
+        return StudyStopped(
+            f"trial {number}: {failure.reason}. The study stops (every later trial would lose its tracking server "
+            "too): start the server again, or point tracking.uri at one that answers, and run the same command to "
+            f"resume; trial {number} runs again first, from its last checkpoint",
+            reason="stopped: tracking server unreachable",
+            tracking_ok=False,
+        )
+    full = failure.reason.startswith("disk full")
+    return StudyStopped(
+        f"trial {number}: {failure.reason}. The study stops (every later trial would write there too): "
+        + (f"free space under {st.dir}" if full else "make the folder writable")
+        + f" and run the same command to resume; trial {number} runs again first, from its last checkpoint",
+        reason="stopped: disk full" if full else "stopped: a write the disk refused",
+    )
+
+
+def recover_orphans(st: Study) -> list[int]:
+    """Without heartbeats (a journal file), a trial whose worker died stays RUNNING for good: FAIL each RUNNING
+    trial whose owner is gone (objective.owner_state: its process exited and its folder's lock is free) with that
+    reason, and retry it with the same parameters, as stale heartbeats do on a database (LostTrialCallback). Returns
+    the numbers failed here."""
+    study = st.study
+    storage = internals.storage(study)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        state, why = owner_state(st, t)
+        if state != "gone":
+            continue
+        tid = internals.trial_id(t)
+        try:
+            TrialAttrs.write(optuna.Trial(study, tid), fail_reason=why)
+            if not storage.set_trial_state_values(tid, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process got there first
+            continue
+        failed.append(t.number)
+        LostTrialCallback(st, max_retry=st.spec.max_retry)(study, storage.get_trial(tid), reason=why)
+    return failed
 
 
 def study_bar(st: Study) -> Any:
@@ -202,6 +282,37 @@ def worker_envs(
                 env[MEMORY_FRACTION_ENV] = f"{MEMORY_SHARE / sharing:.4f}"
         envs.append(env)
     return envs
+
+
+def watch_parent() -> None:
+    """In a worker process: stop (SIGTERM: its trial ends interrupted, with a retry queued and its checkpoints kept)
+    when the process that launched it dies, even by SIGKILL, instead of running on unseen. Linux: the kernel sends
+    the signal (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
+    import signal
+    import threading
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    parent_pid = int(parent)
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+    if os.getppid() != parent_pid:  # it died before the watch began
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if armed:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lora_lab-parent-watch", daemon=True).start()
 
 
 def is_worker() -> bool:
@@ -283,13 +394,14 @@ def launch_workers(st: Study, inv: Invocation, devices: int, per_device: int) ->
     envs = worker_envs(devices, per_device, torch.cuda.device_count(), cores, os.environ.get("CUDA_VISIBLE_DEVICES"))
     log.info("starting %d worker processes (%d devices x %d per device)", len(envs), devices, per_device)
     for extra in envs:
-        env = dict(os.environ, **extra)
+        env = dict(os.environ, **extra, **{PARENT_ENV: str(os.getpid())})
         args = [
             sys.executable,
             "-m",
             "lora_lab.sweep",
             f"sweep={inv.sweep}",
             *[f"sweep.{o}" for o in inv.sweep_overrides],
+            *([] if st.spec.storage else [f"sweep.storage={st.storage_url()}"]),  # the embedded one chosen here
             "sweep.workers=1",
             "sweep.trials_per_device=1",
             "sweep.compare_full=false",
