@@ -82,7 +82,17 @@ def test_what_counts_as_a_change() -> None:
     assert resume_changes(saved, same_run, step=4) == []
     changed = _cfg("lora.alpha=32", "seed=3", "model.tiny.seed=1", "data.max_length=40", "trainer.batch_size=2")
     keys = [c.split(":")[0] for c in resume_changes(saved, changed, step=4)]
-    assert keys == ["data.max_length", "lora.alpha", "model.tiny.seed", "seed", "trainer.batch_size"]
+    assert keys == [
+        "data.max_length",
+        "lora.alpha",
+        "model.tiny.seed",
+        "seed",
+        "trainer.batch_size x trainer.grad_accum",
+    ]
+    # An out-of-memory retry's split of the same examples per step (half the micro-batch, twice the accumulation)
+    # resumes the same run.
+    b = saved["trainer"]["batch_size"]
+    assert resume_changes(saved, _cfg(f"trainer.batch_size={b // 2}", "trainer.grad_accum=2"), step=4) == []
     assert resume_changes(saved, _cfg("method=full"), step=4) == ["method: 'lora' -> 'full'"]
     (short,) = resume_changes(saved, _cfg("trainer.max_steps=3"), step=4)
     assert short == "trainer.max_steps: 3 is below the checkpoint's step 4"

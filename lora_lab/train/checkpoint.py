@@ -47,6 +47,10 @@ RESUME_FREE = (
     "trainer.pad_to_multiple",
     "trainer.device",
     "trainer.max_steps",
+    # The examples per optimizer step are compared below, not how they are split into micro-batches: an
+    # out-of-memory retry resumes with half the micro-batch and twice the accumulation (the same rows per step).
+    "trainer.batch_size",
+    "trainer.grad_accum",
 )
 RESUME_FREE_GROUPS = ("tracking", "export")  # where the run is recorded and what it writes at the end
 
@@ -91,6 +95,12 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
             continue
         if now.get(key) != then.get(key):
             changes.append(f"{key}: {then.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
+    old_batch = (then.get("trainer.batch_size") or 0) * (then.get("trainer.grad_accum") or 0)
+    if old_batch != cfg.trainer.batch_size * cfg.trainer.grad_accum:
+        changes.append(
+            f"trainer.batch_size x trainer.grad_accum: {old_batch} -> "
+            f"{cfg.trainer.batch_size * cfg.trainer.grad_accum} examples per optimizer step"
+        )
     old_steps, new_steps = then.get("trainer.max_steps"), cfg.trainer.max_steps
     if old_steps != new_steps:
         if cfg.optim.schedule != "constant":
