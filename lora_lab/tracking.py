@@ -83,6 +83,9 @@ HTTP_LIMITS = {
 }
 
 
+RETRY_EVERY_S = 2.0  # while a tracking server is away: how often a kept write is tried again
+
+
 class TrackingUnreachable(RuntimeError):
     """The tracking server has not answered for tracking.deadline_s: the run ends FAIL rather than waiting."""
 
@@ -284,6 +287,7 @@ class TrainingRun:
         # Batches a lost server did not take, in order: sent first once it answers again.
         self._backlog: list[dict[str, Any]] = []
         self._down_since: Optional[float] = None  # time.time() of the first write the server did not answer
+        self._last_try = 0.0  # time.time() of the last write attempted
         self.gone = False  # the server stayed away past tracking.deadline_s: nothing more is sent
         self._train_logged = 0  # the last training step whose loss/train went to MLflow
         self._base_logged = False  # the base model's evaluation (step 0) went to MLflow as base/*
@@ -351,7 +355,12 @@ class TrainingRun:
         """On the writer thread: the backlog, then `batch`, in order; a server that does not answer keeps them."""
         if batch is not None:
             self._backlog.append(batch)
+        # While the server is away, one attempt per RETRY_EVERY_S, not one per queued write (each attempt is a
+        # bounded request of several seconds: queued writes would add up to minutes).
+        if self._down_since is not None and time.time() - self._last_try < RETRY_EVERY_S:
+            return
         while self._backlog and not self.gone:
+            self._last_try = time.time()
             try:
                 self._client.log_batch(self.run_id, **self._backlog[0])
             except Exception as exc:
@@ -399,7 +408,7 @@ class TrainingRun:
             left = since + self.tracking.deadline_s - time.time()
             if left <= 0:
                 self.check_reachable()  # raises: past the deadline
-            time.sleep(min(2.0, max(0.0, left)))
+            time.sleep(min(RETRY_EVERY_S, max(0.0, left)))
             _writer().submit(self._write).result()
         if self.gone:
             self.check_reachable()

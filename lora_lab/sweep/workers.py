@@ -215,17 +215,11 @@ def recover_orphans(st: Study) -> list[int]:
 
 
 def study_bar(st: Study) -> Any:
-    """The study's progress bar (trials finished of n_trials, the best so far), on stderr."""
-    from tqdm.auto import tqdm
+    """The study's progress (trials finished of n_trials, the best so far) on stderr: a bar on a terminal, plain
+    lines in a log (train.progress)."""
+    from lora_lab.train.progress import progress_bar
 
-    bar = tqdm(
-        total=st.spec.n_trials,
-        desc=f"study {st.spec.name}",
-        unit="trial",
-        position=0,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = progress_bar(st.spec.n_trials, desc=f"study {st.spec.name}", unit="trial", position=0, dynamic_ncols=True)
     refresh_bar(bar, st)
     return bar
 
