@@ -127,7 +127,7 @@ def identity_name(display: str, study: str) -> str:
     """The inverse of `display_name`: the run's identity name (`demo/trial-1`); also reads the older layout
     (`demo/trial-1 (FAIL)`)."""
     head, _, tail = display.partition(" ")
-    if head in STATE_ORDER:
+    if head in (*STATE_ORDER, "KILLED"):
         display = tail
     display = re.sub(r" \((PRUNED|FAIL)\)$", "", display)
     if study and display.endswith(f" · {study}"):

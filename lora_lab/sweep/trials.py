@@ -165,8 +165,8 @@ class Failure:
             return cls(FailureKind.DISK, refused[:1000], type(exc).__name__)
         oom = is_oom(exc)
         kind = FailureKind.OOM if oom else FailureKind.CONFIG if isinstance(exc, ConfigError) else FailureKind.ERROR
-        text = f"oom: {exc}" if oom else f"{type(exc).__name__}: {exc}"
-        return cls(kind, text.splitlines()[0][:1000], type(exc).__name__)
+        text = f"oom: {first_line(exc)}" if oom else first_line(exc, with_type=True)
+        return cls(kind, text[:1000], type(exc).__name__)
 
 
 def refused_write(exc: BaseException, folder: Optional[Path] = None) -> Optional[str]:

@@ -22,6 +22,7 @@ import torch
 
 from lora_lab import adaptations, lora, methods
 from lora_lab.config import Config, ConfigError
+from lora_lab.errors import first_line
 from lora_lab.files import WriteError, atomic_dir, atomic_write_text
 from lora_lab.train.runtime import restore_rng_state, rng_state
 
@@ -277,7 +278,7 @@ class Checkpointer:
                 try:
                     state = self._load(path)
                 except Exception as exc:  # noqa: BLE001 - a checkpoint that passes its manifest but does not load
-                    problem = f"does not load: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    problem = f"does not load: {first_line(exc, with_type=True)[:300]}"
                 else:
                     self.loaded = path
                     return state
