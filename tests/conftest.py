@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
+from disks import tmpfs
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,3 +103,12 @@ def _one_thread_per_test_process() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (root only); skips where mounting is not allowed."""
+    with tmpfs(tmp_path / "small", "64k") as mnt:
+        if mnt is None:
+            pytest.skip("cannot mount a tmpfs here")
+        yield mnt

@@ -6,28 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from lora_lab import files
 from lora_lab.files import WriteError, atomic_dir, atomic_write
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs (root only); skips where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_atomic_write_on_a_full_disk_names_the_path_and_keeps_the_old_file(small_disk: Path) -> None:

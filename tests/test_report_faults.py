@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from disks import tmpfs
 from report_fixture import FAULT_STUDY, fault_store
 
 from lora_lab import files, records
@@ -139,13 +140,10 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
         yield folder
         folder.chmod(0o755)
         return
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    with tmpfs(folder, "64k", read_only=True) as mnt:
+        if mnt is None:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        yield mnt
 
 
 def test_an_unwritable_out_exits_2(store: dict, read_only: Path, capsys) -> None:
@@ -201,20 +199,6 @@ def test_a_full_disk_on_a_new_folder_leaves_nothing(
     err = one_error_line(capsys)
     assert f"cannot write {out}/" in err and "no space left on device; nothing was written" in err
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs (root only), as tests/test_disk_full.py mounts one; skips where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_a_real_full_disk(store: dict, small_disk: Path, capsys) -> None:

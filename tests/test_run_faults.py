@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from disks import fill_disk, tmpfs
 
 from lora_lab import files
 from lora_lab.config import compose
@@ -39,33 +39,18 @@ def _enospc(*args: object, **kwargs: object) -> None:
 
 @pytest.fixture
 def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:  # no mount here: the same writes fail with an injected ENOSPC
-        import safetensors.torch
+    with tmpfs(tmp_path / "small", "8m") as mnt:
+        if mnt is None:  # no mount here: the same writes fail with an injected ENOSPC
+            import safetensors.torch
 
-        def inject() -> None:
-            monkeypatch.setattr(safetensors.torch, "save_file", _enospc)
-            monkeypatch.setattr(files.os, "fsync", _enospc)
+            def inject() -> None:
+                monkeypatch.setattr(safetensors.torch, "save_file", _enospc)
+                monkeypatch.setattr(files.os, "fsync", _enospc)
 
-        yield Disk(tmp_path, inject, monkeypatch.undo)
-        return
-    filler = mnt / "filler"
-
-    def fill() -> None:
-        with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to fail when it closes
-            for chunk in (1 << 16, 1 << 12, 1):  # down to the last byte the tmpfs has
-                try:
-                    while True:
-                        f.write(b"\0" * chunk)
-                except OSError:
-                    pass
-
-    try:
-        yield Disk(mnt, fill, lambda: filler.unlink(missing_ok=True))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            yield Disk(tmp_path, inject, monkeypatch.undo)
+            return
+        filler = mnt / "filler"
+        yield Disk(mnt, lambda: fill_disk(filler), lambda: filler.unlink(missing_ok=True))
 
 
 def _temp_files(folder: Path) -> list[Path]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import optuna
 import pytest
+from disks import fill_disk, tmpfs
 from optuna.trial import TrialState
 from sweeprun import FAST_HEARTBEAT, TRAIN, load, runs, start_worker, tail
 
@@ -92,29 +92,17 @@ def test_a_full_disk_under_the_study_storage_stops_and_the_rerun_reuses_the_fini
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MiB tmpfs (root only); skips where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
+    """A 32 MiB tmpfs (root only): room for a sweep's files until the test fills it; skips where mounting is not
+    allowed."""
+    with tmpfs(tmp_path / "small", "32m") as mnt:
+        if mnt is None:
+            pytest.skip("cannot mount a tmpfs here")
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _fill(folder: Path) -> Path:
     """Write a ballast file until the filesystem under `folder` has no byte left."""
-    ballast = folder / "ballast"
-    with open(ballast, "wb", buffering=0) as f:
-        for size in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                pass
-    return ballast
+    return fill_disk(folder / "ballast")
 
 
 @pytest.mark.slow
