@@ -121,7 +121,7 @@ def test_nan_and_oom_fail_with_reason_and_a_full_disk_stops_the_study_until_reru
     assert "non-finite training loss" in by_trial["0"].data.tags["lora_lab.reason"]
     assert "no space left on device" in by_trial["2"].data.tags["lora_lab.reason"]
     (parent,) = [r for r in runs(uri, "lora_lab") if r.data.tags.get("lora_lab.kind") == "study"]
-    assert parent.info.status == "FAILED" and parent.info.run_name == "faults (FAIL: stopped: disk full)"
+    assert parent.info.status == "FAILED" and parent.info.run_name == "FAIL faults"  # the reason: its tag
     assert parent.data.tags["lora_lab.reason"] == "stopped: disk full"
 
     # The disk has room again: the rerun runs trial 2's retry first, then the rest of the budget.

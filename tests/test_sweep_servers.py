@@ -50,7 +50,7 @@ def test_a_tracking_server_killed_mid_trial_stops_the_study_in_bounded_time_and_
         *TRAIN,
         # Long enough that trial 0 still trains and evaluates past the deadline after the kill (its evaluations
         # are where a run finds its server gone).
-        "trainer.max_steps=2000",
+        "trainer.max_steps=800",
         "trainer.eval_every=50",
         "trainer.checkpoint_every=100",
         f"tracking.uri={server.url}",

@@ -22,7 +22,7 @@ from lora_lab.errors import first_line
 from lora_lab.files import WriteError
 from lora_lab.markdown import table
 from lora_lab.sweep import outputs, search, workers
-from lora_lab.sweep.compare import compare_with_full
+from lora_lab.sweep.compare import ComparisonRows, compare_with_full
 from lora_lab.sweep.preflight import check_study, preflight
 from lora_lab.sweep.storage import StorageError, cause_line, safe_url
 from lora_lab.sweep.study import Invocation, Study, best_trial, spec_params, study_note
@@ -259,18 +259,18 @@ def finish(st: Study) -> int:
     study, spec = st.study, st.spec
     best = best_trial(study)
     counts = st.counts()
-    rows: list[dict[str, Any]] = []
+    rows: Optional[ComparisonRows] = None
     if best is not None and spec.compare_full:
         # Two processes of one study finish together: one runs the comparison, the other then reuses its runs.
         with st.lock("compare"):
             rows = compare_with_full(st, best)
-    files = outputs.write_outputs(st, rows)
+    files = outputs.write_outputs(st, rows if rows is not None else [])
     all_done = not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     rate = outputs.throughput(study, st.phase) if st.phase else None
     share = outputs.overhead_share(study)
     if st.parent_run_id:
         state = "COMPLETE" if best is not None else ("FAIL" if all_done else "RUNNING")
-        summary = summary_of(st, state, rows=rows)
+        summary = summary_of(st, state, rows=rows if rows is not None else [])
         tracking.finish_parent(st.tracking, st.parent_run_id, spec.name, summary, files, end=all_done)
     print()
     print(f"study {spec.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
@@ -286,8 +286,8 @@ def finish(st: Study) -> int:
         )
     if rate is not None:
         print(outputs.throughput_line(rate))
-    if rows:
-        print("\n" + table(rows, outputs.COMPARE_COLUMNS))
+    if rows is not None:  # as comparison.md has it: the table, then who wins, full FT's LR, the merge check
+        print("\n" + rows.comparison.markdown(settings=False))
     print(f"\nfiles: {st.dir}")
     if st.tracking.enabled:
         print(f"See it in MLflow:  {tracking.ui_command(st.tracking)}")
