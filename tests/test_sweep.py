@@ -204,7 +204,7 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
         "sweep.pruner=none",
         "sweep.heartbeat_s=1",
         "sweep.grace_s=3",
-        "trainer.max_steps=30",
+        "trainer.max_steps=60",  # a trial checkpoints for long enough that the poll below sees it
         "trainer.eval_every=5",
         "trainer.checkpoint_every=5",
     ]
@@ -213,7 +213,7 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
     deadline = time.time() + 240
     try:  # wait until trial 0 is COMPLETE and trial 1 has written a checkpoint, then kill the worker
         while time.time() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.1)  # a finished trial deletes its checkpoints: the window is the trial's run
             try:
                 trials = optuna.load_study(study_name="default", storage=storage).get_trials()
             except Exception:  # the study does not exist yet
