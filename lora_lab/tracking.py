@@ -187,15 +187,29 @@ STUDIES_LINE = "**Studies**, each opening on its trials best first:"
 
 def _publish_view(client: Any, experiment_id: str, study: str, view: dict) -> None:
     """The study's prepared runs-table view as an experiment tag, linked from the experiment's description (unless
-    a person has rewritten that description)."""
-    client.set_experiment_tag(experiment_id, notes.VIEW_TAG_PREFIX + notes.view_key(study), notes.view_json(view))
+    a person has rewritten that description). Workers of one study finish at once: two inserting the same new tag
+    race (a unique-key error on PostgreSQL), and the one that loses wrote the same view: tried again, then let go."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.set_experiment_tag(
+                experiment_id, notes.VIEW_TAG_PREFIX + notes.view_key(study), notes.view_json(view)
+            )
+            break
+        except MlflowException as exc:
+            if attempt == 2:
+                log.warning("study %s: its prepared view was not saved (%s)", study, first_line(exc))
+                return
+            time.sleep(0.2 * (attempt + 1))
     exp = client.get_experiment(experiment_id)
     prefix = notes.VIEW_TAG_PREFIX + notes.view_key("")
     studies = [k[len(prefix) :] for k in exp.tags if k.startswith(prefix)]
     current = exp.tags.get(NOTE_TAG, "")
     ours = current.split("\n\n", 1)[1] if current.startswith(STUDIES_LINE) else current
     if ours == experiment_note():
-        client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_note(experiment_id, studies))
+        with contextlib.suppress(MlflowException):  # the same race: another worker wrote the same description
+            client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_note(experiment_id, studies))
 
 
 def _init_sqlite_store(db: Path) -> Any:
