@@ -116,3 +116,14 @@ def study_summary(study: optuna.Study) -> dict[str, int]:
 def retry_of(study: optuna.Study, number: int) -> Optional[optuna.trial.FrozenTrial]:
     found = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == number]
     return found[0] if found else None
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 180, what: str = "") -> None:
+    """Poll `predicate` until it holds; fail naming `what` (and the log's tail) on a timeout or if `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"exited early with {proc.returncode}: {tail(log)}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {tail(log)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from sweeprun import FAST_HEARTBEAT, TRAIN, runs, start_worker, study_summary, tail, wait_all
+from sweeprun import FAST_HEARTBEAT, TRAIN, runs, start_worker, study_summary, tail, wait_all, wait_for
 
 from lora_lab.sweep import cli
 
@@ -33,16 +33,6 @@ def _parent(outputs: Path, name: str = "default"):
         if r.data.tags.get("lora_lab.kind") == "study" and r.data.tags.get("lora_lab.study") == name
     ]
     return parent
-
-
-def _wait(predicate, proc, log: Path, timeout: float = 180, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        assert proc.poll() is None, f"exited early with {proc.returncode}: {tail(log)}"
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {tail(log)}")
 
 
 def test_a_study_stopped_by_identical_failures_closes_its_parent_fail_with_the_reason(
@@ -74,7 +64,7 @@ def test_sigterm_closes_the_parent_killed_and_the_rerun_runs_the_interrupted_tri
     log = tmp_path / "a.log"
     p = start_worker(out, args, log)
     folder = out / "studies" / "default" / "trials" / "0000"
-    _wait(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, log, what="trial 0's checkpoint")
+    wait_for(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, log, what="trial 0's checkpoint")
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 143, tail(log)
     assert "Traceback" not in log.read_text()
@@ -108,7 +98,7 @@ def test_a_sigkilled_journal_worker_trial_is_recovered_by_the_rerun(tmp_path: Pa
     log = tmp_path / "a.log"
     p = start_worker(out, args, log)
     folder = out / "studies" / "default" / "trials" / "0000"
-    _wait(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, log, what="trial 0's checkpoint")
+    wait_for(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, log, what="trial 0's checkpoint")
     p.kill()
     p.wait(timeout=30)
     assert [t.state for t in _journal(journal).trials][:1] == [TrialState.RUNNING]
@@ -232,7 +222,7 @@ def test_sigkill_of_a_two_worker_launcher_stops_its_workers_and_leaves_their_tri
     journal = out / "studies" / "default" / "study.journal"
     trials = out / "studies" / "default" / "trials"
     both = lambda: all((trials / f"{n:04d}" / "checkpoints" / "LATEST").is_file() for n in (0, 1))  # noqa: E731
-    _wait(both, launcher, log, what="both workers' first checkpoints")
+    wait_for(both, launcher, log, what="both workers' first checkpoints")
     pids = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in _journal(journal).trials}
     assert len(pids) == 2 and launcher.pid not in pids
     launcher.kill()

@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 from servers import MlflowServer, postgres_server
-from sweeprun import FAST_HEARTBEAT, TRAIN, load, runs, start_worker, study_summary, tail
+from sweeprun import FAST_HEARTBEAT, TRAIN, load, runs, start_worker, study_summary, tail, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(predicate, proc, log: Path, timeout: float = 180, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        assert proc.poll() is None, f"exited early with {proc.returncode}: {tail(log)}"
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {tail(log)}")
 
 
 def _one_line(log: Path) -> str:
@@ -66,7 +56,7 @@ def test_a_tracking_server_killed_mid_trial_stops_the_study_in_bounded_time_and_
             trials = client.search_runs([exp.experiment_id], "tags.`lora_lab.kind` = 'trial'") if exp else []
             return bool(trials) and "loss/val" in trials[0].data.metrics
 
-        _wait(trial_logged, p, log, what="trial 0's first evaluation in MLflow")
+        wait_for(trial_logged, p, log, what="trial 0's first evaluation in MLflow")
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=30)
         lost = time.time()
@@ -128,7 +118,7 @@ def test_a_postgres_restart_within_the_deadline_costs_nothing(tmp_path: Path) ->
         log = tmp_path / "a.log"
         p = start_worker(out, [*PG_ARGS, f"sweep.storage={url}", "sweep.storage_deadline_s=60"], log)
         try:
-            _wait(_running_with_a_checkpoint(out, 1), p, log, what="trial 1's first checkpoint")
+            wait_for(_running_with_a_checkpoint(out, 1), p, log, what="trial 1's first checkpoint")
             pg.halt()
             time.sleep(5)
             pg.resume()
@@ -154,7 +144,7 @@ def test_postgres_gone_past_the_deadline_stops_the_study_naming_the_database_and
         args = [*PG_ARGS, f"sweep.storage={url}", "sweep.storage_deadline_s=5"]
         p = start_worker(out, args, log)
         try:
-            _wait(_running_with_a_checkpoint(out, 1), p, log, what="trial 1's first checkpoint")
+            wait_for(_running_with_a_checkpoint(out, 1), p, log, what="trial 1's first checkpoint")
             pg.halt()
             gone = time.time()
             code = p.wait(timeout=120)
