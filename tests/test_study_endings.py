@@ -159,6 +159,46 @@ def test_a_live_workers_trial_is_not_taken(tmp_path: Path) -> None:
     assert owner_state(st, other)[0] == "unknown"  # another host: nothing to tell
 
 
+def test_a_retry_does_not_name_the_dead_worker_as_its_owner(tmp_path: Path) -> None:
+    """A retry copied from a trial with its worker's host:pid, once popped, looked owned by that dead worker until
+    its new worker wrote itself: another worker's recover_orphans failed it in that moment (CI: UpdateFinishedTrial
+    in the worker that had popped it). Both retry paths start the retry with no worker."""
+    import datetime
+    import socket
+    from types import SimpleNamespace
+
+    from lora_lab.sweep.objective import fail_and_retry, owner_state
+    from lora_lab.sweep.study import LostTrialCallback
+    from lora_lab.sweep.trials import TrialAttrs
+
+    study = optuna.create_study(
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal")))
+    )
+    st = SimpleNamespace(
+        study=study,
+        tracking=SimpleNamespace(enabled=False),
+        spec=SimpleNamespace(name="s", grace_s=30),
+        trial_folder=lambda n: tmp_path / f"{n:04d}",
+    )
+    dead = f"{socket.gethostname()}:999999"  # above pid_max: no such process
+    for _ in range(2):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        TrialAttrs.write(trial, worker=dead, device="h:cpu", overrides=["x=1"])
+    fail_and_retry(st, optuna.Trial(study, 0), "interrupted by SIGTERM")
+    study.tell(1, state=TrialState.FAIL)
+    LostTrialCallback(st, max_retry=3)(study, study.trials[1], reason="worker lost")
+    retries = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [r.system_attrs["failed_trial"] for r in retries] == [0, 1]
+    for retry in retries:
+        attrs = TrialAttrs.read(retry)
+        assert attrs.worker is None and attrs.device is None and attrs.fail_reason is None, attrs
+        assert attrs.overrides == ["x=1"]  # what it ran (after an OOM: the smaller batch) is kept
+        assert attrs.retried_because.startswith(f"trial {retry.system_attrs['failed_trial']}: ")
+        popped = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=retry.user_attrs)
+        popped.number, popped.datetime_start = retry.number, datetime.datetime.now()
+        assert owner_state(st, popped)[0] == "unknown"  # just popped, not yet claimed: left to its new worker
+
+
 def test_a_torn_journal_tail_is_set_aside_and_the_study_goes_on(outputs: Path, tmp_path: Path, caplog) -> None:
     import logging
 

@@ -277,7 +277,7 @@ def fail_and_retry(st: Study, trial: optuna.Trial, reason: str) -> None:
         frozen = internals.frozen(trial)
         system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
         system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
-        attrs = replace(TrialAttrs.read(frozen), retried_because=f"trial {frozen.number}: {reason}")
+        attrs = replace(TrialAttrs.read(frozen), **TrialAttrs.for_retry(f"trial {frozen.number}: {reason}"))
         st.study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,

@@ -285,8 +285,8 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str = HEARTBEAT) -> None:
         # Optuna has already made the lost trial FAIL, so its attributes are frozen: the reason travels with the
-        # retry (built from this copy), and on the lost trial's MLflow run.
-        TrialAttrs.write(trial, retried_because=f"trial {trial.number}: {reason}")
+        # retry (built from this copy, without its dead worker), and on the lost trial's MLflow run.
+        TrialAttrs.write(trial, **TrialAttrs.for_retry(f"trial {trial.number}: {reason}"))
         if self._study.tracking.enabled:
             with contextlib.suppress(Exception):
                 tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)

@@ -74,6 +74,14 @@ class TrialAttrs:
         for key, value in values.items():
             trial.set_user_attr(key, value)
 
+    @staticmethod
+    def for_retry(because: str) -> dict[str, Any]:
+        """What a retry's attributes change from the trial it replaces: why it is retried, and who ran it and how it
+        ended cleared (NOT_RETRIED); a retry's worker is whoever pops it next. A copied host:pid would name the dead
+        worker as the retry's owner, and another worker's recover_orphans would fail the retry in the moment between
+        its pop and its new worker writing itself."""
+        return {**dict.fromkeys(NOT_RETRIED), "retried_because": because}
+
     def require(self, *names: str) -> tuple[Any, ...]:
         """The values of `names`; KeyError naming those that were never recorded."""
         check_keys(dict.fromkeys(names), "asked for")
@@ -88,6 +96,8 @@ class TrialAttrs:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(TrialAttrs))
+# Who ran a trial and how it ended: not carried into its retry, which has not run yet (TrialAttrs.for_retry).
+NOT_RETRIED = ("worker", "device", "warm", "fail_reason", "prune_reason")
 # The results a completed trial records, read from its records.RunRecord by these names.
 RESULTS = (
     "trainable_params",
