@@ -205,6 +205,9 @@ class ModelConfig:
     num_labels: int = 2  # classes of the head when task=seq_cls
     dtype: str = "float32"  # weight dtype on load: 'float32' or 'bfloat16' (training casts per trainer.precision)
     revision: Optional[str] = None  # hub revision (branch, tag or commit) for hub ids
+    # The frozen base's linear layers: 'none' (model.dtype), 'nf4' / 'fp4' (4-bit, double quantization, blocksize
+    # 64), 'int8' (LLM.int8); embeddings, norms and the output head stay in the run's dtype.
+    quantize: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:
@@ -212,6 +215,7 @@ class ModelConfig:
         _text("model.revision", self.revision)
         _one_of("model.task", self.task, ("causal_lm", "seq_cls"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.quantize", self.quantize, ("none", "nf4", "fp4", "int8"))
         _check(self.num_labels >= 2, "model.num_labels", "an integer >= 2", self.num_labels)
 
 
@@ -409,6 +413,10 @@ class TrainerConfig:
     # Pad each training batch's length up to a multiple of N tokens (fewer distinct shapes for compile and tensor
     # cores; padding carries no loss). 1: pad to the longest row only.
     pad_to_multiple: int = 1
+    gradient_checkpointing: bool = False  # recompute each repeated block in backward instead of keeping activations
+    # Before anything loads, refuse (exit 2) a run whose memory plan (python -m lora_lab.plan) exceeds the device's
+    # free memory (the CPU: available RAM), naming the settings that would fit; false: train anyway.
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         _finite(self, "trainer")

@@ -285,3 +285,57 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
             f"model.name={name!r}: not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, "
             f"and loading it from the Hugging Face hub failed: {first_line(exc, with_type=True)}"
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------- shapes without weights
+
+
+def model_config(cfg: ModelConfig) -> Any:
+    """The transformers config of `cfg.name` without loading a weight: `tiny` from its shape, a packaged model from
+    its cached folder (SmolLM2 from lora_lab.shapes before its first fetch), a local folder's config.json, or a hub
+    id's config (at `cfg.revision`; needs a network, or the local HF cache). Raises ModelError naming model.name."""
+    from transformers import AutoConfig
+
+    name = cfg.name
+    if name == "tiny":
+        return tiny_config(cfg.tiny, num_labels=cfg.num_labels)
+    if name in PACKAGED:
+        folder = cache_dir() / "models" / name
+        if not (folder / "config.json").is_file():
+            if name == "smollm2-135m-instruct":
+                from lora_lab.shapes import smollm2_135m_config
+
+                return smollm2_135m_config()
+            folder = packaged_model_dir(name)
+        source, kwargs = str(folder), {"local_files_only": True}
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"model.name={name!r}: the folder has no config.json (expected a transformers checkpoint)")
+        source, kwargs = str(folder), {"local_files_only": True}
+    else:
+        source, kwargs = name, {"revision": cfg.revision, "local_files_only": hub_offline()}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"model.name={name!r}: could not read its config: {first_line(exc, with_type=True)}") from None
+    if cfg.task == "seq_cls":
+        config.num_labels = cfg.num_labels
+    return config
+
+
+def meta_model(cfg: ModelConfig) -> Any:
+    """The model of `cfg` built on the meta device (shapes and dtypes, no storage): seconds and no memory even for a
+    70B config. The same classes as load_model builds (causal LM or sequence classifier), in `cfg.dtype`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = model_config(cfg)
+    cls = AutoModelForSequenceClassification if cfg.task == "seq_cls" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as exc:
+        raise ModelError(
+            f"model.name={cfg.name!r}: its config does not build a {cfg.task} model: {first_line(exc, with_type=True)}"
+        ) from None
+    return model.to(getattr(torch, cfg.dtype))

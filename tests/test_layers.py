@@ -14,11 +14,11 @@ PKG = Path(__file__).resolve().parent.parent / "lora_lab"
 
 # Each top-level module or package of lora_lab, by layer: a module may import its own layer and the ones below.
 LAYERS = {
-    "leaf": 0,  # config, records, files, markdown, errors, shapes
+    "leaf": 0,  # config, records, files, markdown, errors, shapes, memplan
     "core": 1,  # torch only: targets, bases, lora, methods, optim, peft_io; adaptations (reads the typed config)
     "io": 2,  # models, data, tracking, notes, plots
     "train": 3,
-    "command": 4,  # sweep, report, bench
+    "command": 4,  # sweep, report, bench, plan
 }
 UNITS = {
     "config": "leaf",
@@ -26,6 +26,7 @@ UNITS = {
     "files": "leaf",
     "markdown": "leaf",
     "shapes": "leaf",
+    "memplan": "leaf",
     "errors": "leaf",
     "targets": "core",
     "bases": "core",
@@ -43,12 +44,18 @@ UNITS = {
     "sweep": "command",
     "report": "command",
     "bench": "command",
+    "plan": "command",
 }
 # The LoRA core proper knows nothing of configs: torch, plain values, the file helpers.
 TORCH_ONLY = {"targets", "bases", "lora", "methods", "optim", "peft_io"}
 TORCH_ONLY_MAY_IMPORT = TORCH_ONLY | {"files"}
 # The commands beside each other: none imports another (bench may time train's pieces; nobody imports sweep).
-COMMANDS_NEVER = {"train": {"sweep", "report", "bench"}, "report": {"sweep", "bench"}, "bench": {"sweep", "report"}}
+COMMANDS_NEVER = {
+    "train": {"sweep", "report", "bench", "plan"},
+    "report": {"sweep", "bench", "plan"},
+    "bench": {"sweep", "report", "plan"},
+    "plan": {"sweep", "report", "bench"},
+}
 
 
 def module_name(path: Path) -> str:

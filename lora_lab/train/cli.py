@@ -1,6 +1,8 @@
 """The command line `python -m lora_lab.train [overrides]`: compose, build, fit tracked, print the summary; exit codes.
 
-Exit 0 when the run completes; 2 on bad input (nothing logged, no folder made), on an output_dir a live run owns
+Exit 0 when the run completes; 2 on bad input (nothing logged, no folder made), on a run whose memory plan exceeds
+the device's free memory (lora_lab.train.memory: before any weight loads, naming the settings that would fit), on an
+output_dir a live run owns
 (files.FolderBusy, naming its PID) and on a resume whose config changes what its checkpoint trained
 (checkpoint.ResumeMismatch, naming the keys); 1 when the machine failed the run: a write that failed (a full disk:
 files.WriteError names the path and what was kept), a tracking server gone past tracking.deadline_s
@@ -26,6 +28,7 @@ from lora_lab.records import RunRecord
 from lora_lab.train.build import build
 from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
+from lora_lab.train.memory import check_fits
 from lora_lab.train.runtime import Interrupted, interruptible
 from lora_lab.train.tracked import fit_tracked
 
@@ -69,6 +72,7 @@ def _run(argv: list[str]) -> int:
 
     try:
         resolved, cfg = compose(argv)
+        check_fits(cfg)  # the memory plan, from the meta device: a run that cannot fit stops before any weight loads
         session = build(cfg, role=RunRole(overrides=tuple(argv)))
         if cfg.trainer.resume:  # a config that changes what the checkpoint trained is bad input: nothing made
             check_resume(session.output_dir / "checkpoints", cfg)

@@ -1,0 +1,56 @@
+"""The command line `python -m lora_lab.plan [overrides]`: the memory plan of the run `python -m lora_lab.train
+[overrides]` would start, printed as a table; nothing is loaded or written.
+
+Exit 0 when the plan is printed (whether the run fits or not: the table says); 2 on bad input (a bad override, a
+model whose config cannot be read), one line on stderr as train prints it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+HELP = """The memory plan: `python -m lora_lab.plan [the overrides of python -m lora_lab.train]`.
+
+Builds the run's model on the meta device (no weight loads: seconds, even for a 70B config), applies its method and
+prints the predicted peak memory by part (frozen weights, trainable weights, gradients, AdamW state, activations,
+logits and loss, workspace), the device's free memory (CUDA's, or the CPU's available RAM) and whether it fits, with
+the settings that would make it fit (model.quantize=nf4, trainer.gradient_checkpointing=true, a smaller
+trainer.batch_size with trainer.grad_accum keeping the effective batch). The train and sweep commands run the same
+check before they load anything (trainer.memory_check=false skips it).
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m lora_lab.plan [overrides]`: exit 0 with the table printed, 2 on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(HELP)
+        return 0
+    from lora_lab.config import compose
+    from lora_lab.memplan import fitting_settings, gib, table
+    from lora_lab.train.memory import planned
+
+    t0 = time.perf_counter()
+    try:
+        _, cfg = compose(argv)
+        p, available, device = planned(cfg)
+    except (ValueError, TypeError) as exc:  # ConfigError, ModelError (a config it cannot read)
+        print(f"lora_lab.plan: error: {exc}", file=sys.stderr)
+        return 2
+    what = f"{cfg.method} on {cfg.model.name}"
+    shape = f"{p.inp.layers} layers, d={p.inp.hidden}, MLP {p.inp.intermediate}, vocab {p.inp.vocab}"
+    settings = (
+        f"batch {p.inp.batch} x {p.inp.seq} tokens, {8 * p.inp.compute_bytes}-bit activations, "
+        f"quantize={p.inp.quantize}, checkpointing={'on' if p.inp.checkpointing else 'off'}"
+    )
+    print(f"memory plan: {what} ({shape}); {settings}\n")
+    print(table(p, available, device))
+    if p.total > available:
+        fixes = fitting_settings(p.inp, available)
+        print("\nsettings that fit:" if fixes else "\nno setting tried fits: a smaller model or data.max_length")
+        for overrides, peak in fixes:
+            print(f"  {overrides}    ({gib(peak)})")
+    print(f"\nplanned in {time.perf_counter() - t0:.1f} s from the meta device (no weight loaded)")
+    return 0

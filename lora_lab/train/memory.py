@@ -1,0 +1,161 @@
+"""A run's memory plan from its config, before any weight loads: the model built on the meta device, the method
+applied to it, its parameters counted by role, and lora_lab.memplan's arithmetic; the device's free memory; the check
+that refuses a run that cannot fit (exit 2 in the train CLI and the sweep preflight).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_lab import adaptations, targets
+from lora_lab.config import Config, ConfigError
+from lora_lab.memplan import Plan, PlanInput, fitting_settings, plan, refusal
+from lora_lab.train.runtime import autocast_dtype, pick_device, store_frozen_in
+
+
+class DoesNotFit(ConfigError):
+    """The memory plan says the run cannot fit the device: bad input (exit 2), found before anything loads. The
+    message has the numbers and the settings that would fit."""
+
+
+def dims(config: Any) -> dict[str, int]:
+    """hidden, layers, heads, kv_heads, head_dim, intermediate and vocab of a transformers config, read under the
+    names Llama, GPT-2, BERT and their kin use."""
+
+    def first(*names: str, default: Any = None) -> Any:
+        for n in names:
+            value = getattr(config, n, None)
+            if value is not None:
+                return value
+        return default
+
+    hidden = int(first("hidden_size", "n_embd", "d_model"))
+    heads = int(first("num_attention_heads", "n_head", "num_heads"))
+    return dict(
+        hidden=hidden,
+        layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+        heads=heads,
+        kv_heads=int(first("num_key_value_heads", "num_kv_heads", default=heads)),
+        head_dim=int(first("head_dim", default=hidden // heads)),
+        intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", "d_ff", default=4 * hidden)),
+        vocab=int(first("vocab_size")),
+    )
+
+
+def counts(model: nn.Module) -> dict[str, Any]:
+    """The parameters of a model (on any device, meta included) by their role in the plan: frozen linear weights
+    outside the output head (what model.quantize packs), their rows, the largest one, the other frozen parameters,
+    the trainable ones, the head's trainable ones, the LoRA ranks, and whether the method leaves every linear frozen."""
+    heads = targets.head_modules(model)
+    seen: set[int] = set()
+    linear_w = linear_rows = largest = 0
+    quantizable = True
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or targets.inside(name, heads):
+            continue
+        w = module.weight
+        if w.requires_grad:
+            continue  # a trainable linear (an adapter's, or every one under full fine-tuning) stays as it is
+        if module.bias is not None and module.bias.requires_grad:
+            quantizable = False  # a trained bias on a frozen weight (BitFit) needs the dense layer
+        if id(w) not in seen:
+            seen.add(id(w))
+            linear_w += w.numel()
+            linear_rows += w.shape[0]
+            largest = max(largest, w.numel())
+    params = list(model.parameters())  # a tied tensor once
+    frozen = [p for p in params if not p.requires_grad]
+    trainable = [p for p in params if p.requires_grad]
+    head_params = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embed, nn.Module):
+        head_params |= {id(p) for p in embed.parameters()}
+    ranks = sum(int(m.r) for m in model.modules() if targets.is_lora_layer(m))
+    return dict(
+        frozen_linear=linear_w,
+        frozen_linear_rows=linear_rows,
+        largest_linear=largest,
+        frozen_other=sum(p.numel() for p in frozen) - linear_w,
+        frozen_bytes=max((p.element_size() for p in frozen), default=4),
+        trainable=sum(p.numel() for p in trainable),
+        trainable_bytes=max((p.element_size() for p in trainable), default=4),
+        head_trains=sum(p.numel() for p in trainable if id(p) in head_params),
+        ranks=ranks,
+        quantizable=quantizable,
+    )
+
+
+def plan_input(cfg: Config, device: torch.device) -> PlanInput:
+    """The plan's input for the run `cfg` on `device`: the model of cfg.model on the meta device (lora_lab.models:
+    no weight loads, even for a 70B config), the method applied to it as build() applies it, the run's shapes."""
+    from lora_lab import methods
+    from lora_lab.models import meta_model
+    from lora_lab.train.build import prefix_cache_factory
+
+    model = meta_model(cfg.model)
+    adaptation = adaptations.of(cfg.method)
+    adaptation.apply(model, cfg, prefix_cache_factory(model))
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    if not adaptation.trains_all and dtype == torch.bfloat16:
+        store_frozen_in(model, torch.bfloat16)  # as build() stores a frozen base under bf16 autocast
+    c = counts(model)
+    d = dims(model.config)
+    virtual = cfg.prompt.n_tokens if methods.kind_of(model) is methods.PROMPT else 0  # prepended to every row
+    # Evaluation logits: a prompted task scores the label words after each prompt (the last position's logits);
+    # text and chat score every position.
+    eval_rows = 1 if cfg.data.format == "prompted" else cfg.data.max_length + virtual
+    causal = cfg.model.task == "causal_lm"
+    return PlanInput(
+        **{k: v for k, v in d.items() if k != "vocab"},
+        vocab=d["vocab"] if causal else cfg.model.num_labels,
+        frozen_linear=c["frozen_linear"],
+        frozen_linear_rows=c["frozen_linear_rows"],
+        largest_linear=c["largest_linear"],
+        frozen_other=c["frozen_other"],
+        frozen_bytes=c["frozen_bytes"],
+        trainable=c["trainable"],
+        trainable_bytes=c["trainable_bytes"],
+        trains_all=adaptation.trains_all,
+        head_trains=c["head_trains"],
+        lora_rank_per_layer=c["ranks"] // max(1, d["layers"]),
+        batch=cfg.trainer.batch_size,
+        seq=cfg.data.max_length + virtual,
+        eval_batch=cfg.trainer.eval_batch_size,
+        eval_logit_rows=eval_rows,
+        compute_bytes=2 if dtype == torch.bfloat16 else getattr(torch, cfg.model.dtype).itemsize,
+        causal_lm=causal,
+        quantize=cfg.model.quantize,
+        checkpointing=cfg.trainer.gradient_checkpointing,
+        device=device.type,
+        grad_accum=cfg.trainer.grad_accum,
+        quantizable=c["quantizable"],
+    )
+
+
+def planned(cfg: Config) -> tuple[Plan, int, str]:
+    """The run's plan, the free memory of its device and the device's description."""
+    device = pick_device(cfg.trainer.device)
+    return plan(plan_input(cfg, device)), *free_memory_of(device)
+
+
+def free_memory_of(device: torch.device) -> tuple[int, str]:
+    """Bytes a run can use on `device` and how they were read: CUDA's free memory (torch.cuda.mem_get_info), on the
+    CPU the machine's available RAM (psutil: MemAvailable)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), f"{torch.cuda.get_device_name(device)} (free of {total / 2**30:.1f} GiB)"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "the CPU (available RAM)"
+
+
+def check_fits(cfg: Config) -> Plan:
+    """The run's plan; raises DoesNotFit (the numbers and the settings that would fit) when its peak exceeds the
+    device's free memory. trainer.memory_check=false skips the check (the plan is still returned)."""
+    p, available, device = planned(cfg)
+    if cfg.trainer.memory_check and p.total > available:
+        raise DoesNotFit(refusal(p, available, device, fitting_settings(p.inp, available)))
+    return p
