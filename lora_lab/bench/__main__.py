@@ -1,4 +1,4 @@
-"""The bench CLI: `python -m lora_lab.bench core [...]` and `python -m lora_lab.bench sweep [...]`: args, print, JSON.
+"""The bench CLI: `python -m lora_lab.bench core|sweep|plan [...]`: args, print, JSON.
 
 Exit codes: 0 done, 2 bad arguments (argparse).
 """
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from lora_lab.bench import core, sweep
+from lora_lab.bench import core, plan, sweep
 from lora_lab.bench.tables import core_table, sweep_table
 from lora_lab.files import atomic_write
 from lora_lab.shapes import SHAPES
@@ -28,8 +28,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         print(core.peak_memory_child(kind, shape, steps, batch, seq))
         return 0
+    if argv and argv[0] == "_planmem":  # internal: one configuration's predicted and measured peak (plan.measure)
+        print(json.dumps(plan.measure_child(json.loads(argv[2]), int(argv[1]))))
+        return 0
     if argv and argv[0] == "sweep":  # sweep throughput: its own options
         return sweep_main(argv[1:])
+    if argv and argv[0] == "plan":  # the memory plan against measured peaks: its own options
+        return plan_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
     ap.add_argument("suite", choices=["core", "sweep"])
     ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
@@ -85,6 +90,29 @@ def sweep_main(argv: Optional[list[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="lora_lab-bench-sweep-") as tmp:
             res = sweep.run_bench(args.trials, args.steps, Path(tmp), args.cpu)
     print(sweep_table(res))
+    if args.out:
+        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())
+    return 0
+
+
+def plan_main(argv: Optional[list[str]] = None) -> int:
+    """``python -m lora_lab.bench plan``: the memory plan's prediction beside the measured peak, per configuration."""
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench plan", description=plan.__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3, help="training steps measured per configuration (default 3)")
+    ap.add_argument("--shape", action="append", choices=list(plan.SHAPES), help="only these shapes (repeatable)")
+    ap.add_argument("--method", action="append", choices=list(plan.METHODS), help="only these methods (repeatable)")
+    ap.add_argument(
+        "--allocator",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="fixed: glibc returns freed large blocks (MALLOC_MMAP_THRESHOLD_); default: glibc's own heuristics",
+    )
+    ap.add_argument("--out", help="write the results as JSON (atomically)")
+    args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (the optimizer state exists from the second step on)")
+    res = plan.run_plan_bench(args.steps, args.shape, args.method, args.allocator)
+    print(plan.plan_table(res))
     if args.out:
         atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())
     return 0

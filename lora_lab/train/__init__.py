@@ -4,7 +4,8 @@ Owns: the runtime (device, precision, memory peaks, signals, RNG, block hooks:
 runtime), progress bars and log lines (progress), training batches (batches), evaluation with one scorer per data
 format (evaluate), when a run has diverged (divergence), the loop (loop), checkpoints (checkpoint), finishing a run:
 merge check, export, record (finish), the Session (session) and how it is built (build), warm sweep workers
-(warm), the memory plan of a run before it loads (memory), the MLflow-tracked run (tracked) and the command line (cli, __main__).
+(warm), the memory plan of a run before it loads (memory), the MLflow-tracked run (tracked) and the command line
+(cli, __main__).
 
 May import: torch, the leaves (config, records, files, errors), the torch core (lora, methods, targets, optim and the
 table of methods, adaptations) and the io modules (models, data, tracking); never sweep, report or bench. Inside
