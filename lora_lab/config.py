@@ -604,8 +604,9 @@ class SweepConfig:
     # database (host, port, name; never the password), and the same command resumes it once the database is back.
     storage_deadline_s: float = 60.0
     workers: int = 1  # devices used on this host: one per GPU where there are GPUs (the CPU counts as one device)
-    # Worker processes sharing each device: an integer >= 1, or 'auto' (CUDA: floor(0.9 * free memory / a measured
-    # trial's peak), at most 8; CPU: 1). Local processes = workers x trials_per_device; with N per device each gets
+    # Worker processes sharing each device: an integer >= 1, or 'auto' (CUDA: floor(0.9 * free memory / the memory
+    # plan's peak of the study's largest config, or of a measured first trial where no plan can be made), at most 8;
+    # CPU: 1). Local processes = workers x trials_per_device; with N per device each gets
     # ~0.95/N of its GPU's memory (torch.cuda.set_per_process_memory_fraction) or cores // processes CPU threads.
     # More than one process without sweep.storage: the study's journal file (see storage).
     trials_per_device: Any = 1

@@ -219,13 +219,27 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
             smaller = replace(base, batch=batch, grad_accum=accum)
             tries.append(([*extra, f"trainer.batch_size={batch}", f"trainer.grad_accum={accum}"], smaller))
     found = []
-    for overrides, candidate in tries:
+    for overrides, candidate in [([], inp), *tries]:
+        overrides, candidate = smaller_eval_batch(overrides, candidate, available)
+        if not overrides:
+            continue
         peak = plan(candidate).total
         if peak <= available:
             found.append((" ".join(overrides), peak))
             if len(found) == limit:
                 break
     return found
+
+
+def smaller_eval_batch(overrides: list[str], inp: PlanInput, available: int) -> tuple[list[str], PlanInput]:
+    """`overrides` and `inp` with trainer.eval_batch_size halved until the evaluation's peak fits (when it is what
+    does not fit)."""
+    start = inp.eval_batch
+    while inp.eval_batch > 1 and plan(inp).eval_peak > available:
+        inp = replace(inp, eval_batch=max(1, inp.eval_batch // 2))
+    if inp.eval_batch != start:
+        overrides = [*overrides, f"trainer.eval_batch_size={inp.eval_batch}"]
+    return overrides, inp
 
 
 def gib(n: float) -> str:

@@ -324,12 +324,16 @@ def model_config(cfg: ModelConfig) -> Any:
     return config
 
 
-def meta_model(cfg: ModelConfig) -> Any:
+def meta_model(cfg: ModelConfig, config: Any = None) -> Any:
     """The model of `cfg` built on the meta device (shapes and dtypes, no storage): seconds and no memory even for a
-    70B config. The same classes as load_model builds (causal LM or sequence classifier), in `cfg.dtype`."""
+    70B config. The same classes as load_model builds (causal LM or sequence classifier), in `cfg.dtype`; `config`:
+    a transformers config to build instead of cfg.name's (a named shape of lora_lab.shapes)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = model_config(cfg)
+    if config is None:
+        config = model_config(cfg)
+    elif cfg.task == "seq_cls":
+        config.num_labels = cfg.num_labels
     cls = AutoModelForSequenceClassification if cfg.task == "seq_cls" else AutoModelForCausalLM
     try:
         with torch.device("meta"):

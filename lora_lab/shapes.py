@@ -1,7 +1,8 @@
 """Model shapes and the FLOP model: named Llama shapes as transformers configs, the one tiny shape, FLOPs per step.
 
 A leaf (transformers configs, lora_lab.config): bench builds its models from these shapes, report counts parameters
-and FLOPs with them, models builds `model=tiny` from `tiny_config`. Later the memory plan lives here too.
+and FLOPs with them, models builds `model=tiny` from `tiny_config`; the memory plan reads the published shapes
+(PUBLISHED_SHAPES) on the meta device.
 """
 
 from __future__ import annotations
@@ -87,6 +88,44 @@ SHAPE_FIELDS: dict[str, dict[str, Any]] = {
     },  # Llama-3.1-8B
     "tiny": tiny_fields(),  # model=tiny's shape, vocabulary and context
 }
+_LLAMA_1 = dict(  # LLaMA-1 / Llama-2: multi-head attention (kv heads = heads), a 32,000-token vocabulary, untied head
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+# The published configurations of the QLoRA and torchtune memory figures (docs/memory.md): their real dims, for the
+# memory plan (built on the meta device only: nothing this size is ever materialised here).
+PUBLISHED_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-2-7b": {
+        **_LLAMA_1,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    },
+    "llama-65b": {  # LLaMA-65B (Touvron et al. 2023), QLoRA's largest
+        **_LLAMA_1,
+        "max_position_embeddings": 2048,
+        "hidden_size": 8192,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+    },
+    "llama-3.1-70b": {
+        **_LLAMA_1B,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+}
+SHAPE_FIELDS.update(PUBLISHED_SHAPES)
 SHAPES = tuple(SHAPE_FIELDS)
 
 

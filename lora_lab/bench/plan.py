@@ -103,7 +103,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     from lora_lab.config import compose
     from lora_lab.train import build
     from lora_lab.train.batches import TrainBatches
-    from lora_lab.train.memory import planned
+    from lora_lab.train.memory import planned, saved_for_backward
     from lora_lab.train.runtime import autocast, set_use_cache
 
     _, cfg = compose(overrides)
@@ -142,25 +142,16 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     else:
         peak = _status_kib("VmHWM") * 1024
     # What one forward saves for backward (after the measurement): with checkpointing only the blocks' inputs.
-    saved: dict[int, int] = {}
-    own = {q.untyped_storage().data_ptr() for q in model.parameters()}
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        s = x.untyped_storage()
-        if s.data_ptr() not in own:
-            saved[s.data_ptr()] = s.nbytes()
-        return x
-
     batch, _ = batches.get(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), autocast(device, session.autocast_dtype):
-        model(**batch)  # labels in the batch: the loss and its saved log-softmax too
+    with autocast(device, session.autocast_dtype):
+        saved = saved_for_backward(model, **batch)
     return {
         "predicted": p.train_peak,
         "predicted_parts": {part.name: part.bytes for part in p.parts},
         "measured": peak - before,
         "device": device.type,
         "tokens": tokens,
-        "saved_bytes": sum(saved.values()),
+        "saved_bytes": saved,
         "quantized": (not quantized) or effect_quant,
     }
 

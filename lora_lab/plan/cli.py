@@ -11,7 +11,10 @@ import sys
 import time
 from typing import Optional
 
-HELP = """The memory plan: `python -m lora_lab.plan [the overrides of python -m lora_lab.train]`.
+HELP = """The memory plan: `python -m lora_lab.plan [--shape NAME] [the overrides of python -m lora_lab.train]`.
+
+--shape NAME plans a named shape of lora_lab/shapes.py (its real dims and vocabulary: llama-3.1-8b, llama-65b, ...)
+in place of model.name: configurations too large to train here.
 
 Builds the run's model on the meta device (no weight loads: seconds, even for a 70B config), applies its method and
 prints the predicted peak memory by part (frozen weights, trainable weights, gradients, AdamW state, activations,
@@ -30,16 +33,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     from lora_lab.config import compose
     from lora_lab.memplan import fitting_settings, gib, table
+    from lora_lab.shapes import SHAPES, shape_config
     from lora_lab.train.memory import planned
 
     t0 = time.perf_counter()
+    shape = None
+    if argv and argv[0] == "--shape":
+        if len(argv) < 2 or argv[1] not in SHAPES:
+            print(f"lora_lab.plan: error: --shape: expected one of {', '.join(SHAPES)}", file=sys.stderr)
+            return 2
+        shape, argv = argv[1], argv[2:]
     try:
         _, cfg = compose(argv)
-        p, available, device = planned(cfg)
+        p, available, device = planned(cfg, shape_config(shape) if shape else None)
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError (a config it cannot read)
         print(f"lora_lab.plan: error: {exc}", file=sys.stderr)
         return 2
-    what = f"{cfg.method} on {cfg.model.name}"
+    what = f"{cfg.method} on {shape or cfg.model.name}"
     shape = f"{p.inp.layers} layers, d={p.inp.hidden}, MLP {p.inp.intermediate}, vocab {p.inp.vocab}"
     settings = (
         f"batch {p.inp.batch} x {p.inp.seq} tokens, {8 * p.inp.compute_bytes}-bit activations, "

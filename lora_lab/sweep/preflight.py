@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from lora_lab import adaptations
-from lora_lab.config import ConfigError, SweepConfig, compose
+from lora_lab.config import Config, ConfigError, SweepConfig, compose
+from lora_lab.memplan import Plan
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study
+from lora_lab.train.memory import DoesNotFit, check_fits, planned
 
 
 def check_study(spec: SweepConfig) -> None:
@@ -16,18 +20,50 @@ def check_study(spec: SweepConfig) -> None:
         search.grid(spec.space)
 
 
+def study_configs(st: Study) -> list[tuple[str, Config]]:
+    """The study's base config and one per extreme value of each space entry (search.preview), each with what
+    names it in a message; ConfigError names the entry whose value does not compose."""
+    configs = [("the study's base config", st.base_cfg)]
+    for extra in search.preview(st.spec.space):
+        try:
+            configs.append((f"sweep.space: {' '.join(extra)}", compose(st.base_overrides + extra)[1]))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
+    return configs
+
+
+def check_memory(configs: list[tuple[str, Config]]) -> None:
+    """Every config's memory plan fits its device (lora_lab.train.memory), before any weight loads; DoesNotFit
+    names the config (the base or the space entry's value), the numbers and the settings that would fit."""
+    for what, cfg in configs:
+        try:
+            check_fits(cfg)
+        except DoesNotFit as exc:
+            raise DoesNotFit(f"{what}: {exc}") from None
+
+
+def largest_plan(st: Study) -> Optional[Plan]:
+    """The largest memory plan among the study's configs (base and each entry's extremes), or None where a model
+    cannot be planned (its config does not build on the meta device)."""
+    plans = []
+    for _, cfg in study_configs(st):
+        try:
+            plans.append(planned(cfg)[0])
+        except (ValueError, TypeError, NotImplementedError):
+            return None
+    return max(plans, key=lambda p: p.total)
+
+
 def preflight(st: Study) -> None:
-    """Each space entry's extreme values compose and validate, the model and data load, and every target choice
-    matches modules; the loaded base model then starts this process's warm holder."""
+    """Each space entry's extreme values compose and validate, fit the device by the memory plan (before any weight
+    loads), the model and data load, and every target choice matches modules; the loaded base model then starts
+    this process's warm holder."""
     from lora_lab.data import load_data
     from lora_lab.models import load_model
 
-    configs = [st.base_cfg]
-    for extra in search.preview(st.spec.space):
-        try:
-            configs.append(compose(st.base_overrides + extra)[1])
-        except ConfigError as exc:
-            raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
+    named = study_configs(st)
+    check_memory(named)
+    configs = [cfg for _, cfg in named]
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
     data = load_data(base.data, tokenizer)

@@ -337,10 +337,12 @@ def auto_per_device(peak_bytes: int, free_bytes: int) -> int:
 
 
 def resolve_per_device(st: Study) -> int:
-    """sweep.trials_per_device as a number. 'auto' on CUDA runs the study's first trial here (it counts in the
-    budget) and sizes N from its peak memory and the device's free memory after it; on the CPU it is 1."""
+    """sweep.trials_per_device as a number. 'auto' on CUDA sizes N from the largest memory plan of the study's
+    configs (lora_lab.train.memory: nothing runs) and the device's free memory; where no plan can be made it runs the
+    study's first trial here (it counts in the budget) and sizes N from its measured peak. On the CPU it is 1."""
     import torch
 
+    from lora_lab.sweep.preflight import largest_plan
     from lora_lab.train import pick_device
 
     n = st.spec.trials_per_device
@@ -350,6 +352,31 @@ def resolve_per_device(st: Study) -> int:
     if device.type != "cuda":
         log.info("sweep.trials_per_device=auto: 1 on the CPU (more processes would only split the same cores)")
         return 1
+    plan = largest_plan(st)
+    if plan is not None:
+        if st.warm is not None:
+            st.warm.drop()  # this process only waits from now on: its kept model must not take the workers' memory
+        free_memory()
+        free, total = torch.cuda.mem_get_info(device)
+        n = auto_per_device(plan.total, free)
+        st.study.set_user_attr("trials_per_device", n)  # what auto chose, for the bench and for a later look
+        log.info(
+            "sweep.trials_per_device=auto: %d per device (the memory plan's largest trial peaks at %.0f MiB; "
+            "%.0f of %.0f MiB free)",
+            n,
+            plan.total / 2**20,
+            free / 2**20,
+            total / 2**20,
+        )
+        return n
+    return measured_per_device(st, device)
+
+
+def measured_per_device(st: Study, device: Any) -> int:
+    """trials_per_device=auto without a plan: run the study's first trial here (it counts in the budget) and size N
+    from its peak memory and the device's free memory after it."""
+    import torch
+
     before = {t.number for t in st.study.get_trials(deepcopy=False)}
     worker_loop(st, max_trials=1)
     measured = [

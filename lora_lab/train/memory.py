@@ -88,14 +88,15 @@ def counts(model: nn.Module) -> dict[str, Any]:
     )
 
 
-def plan_input(cfg: Config, device: torch.device) -> PlanInput:
+def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInput:
     """The plan's input for the run `cfg` on `device`: the model of cfg.model on the meta device (lora_lab.models:
-    no weight loads, even for a 70B config), the method applied to it as build() applies it, the run's shapes."""
+    no weight loads, even for a 70B config), the method applied to it as build() applies it, the run's shapes.
+    `config`: a transformers config to plan instead of cfg.model.name's (a named shape)."""
     from lora_lab import methods
     from lora_lab.models import meta_model
     from lora_lab.train.build import prefix_cache_factory
 
-    model = meta_model(cfg.model)
+    model = meta_model(cfg.model, config)
     adaptation = adaptations.of(cfg.method)
     adaptation.apply(model, cfg, prefix_cache_factory(model))
     dtype = autocast_dtype(cfg.trainer.precision, device)
@@ -135,10 +136,10 @@ def plan_input(cfg: Config, device: torch.device) -> PlanInput:
     )
 
 
-def planned(cfg: Config) -> tuple[Plan, int, str]:
-    """The run's plan, the free memory of its device and the device's description."""
+def planned(cfg: Config, config: Any = None) -> tuple[Plan, int, str]:
+    """The run's plan, the free memory of its device and the device's description (`config`: see plan_input)."""
     device = pick_device(cfg.trainer.device)
-    return plan(plan_input(cfg, device)), *free_memory_of(device)
+    return plan(plan_input(cfg, device, config)), *free_memory_of(device)
 
 
 def free_memory_of(device: torch.device) -> tuple[int, str]:
@@ -159,3 +160,20 @@ def check_fits(cfg: Config) -> Plan:
     if cfg.trainer.memory_check and p.total > available:
         raise DoesNotFit(refusal(p, available, device, fitting_settings(p.inp, available)))
     return p
+
+
+def saved_for_backward(model: nn.Module, **inputs: Any) -> int:
+    """Bytes one forward of `model` on `inputs` saves for backward (torch.autograd.graph.saved_tensors_hooks; each
+    storage once, the parameters' own not counted): what the plan's activations predict, measured."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(**inputs)
+    return sum(saved.values())
