@@ -31,7 +31,7 @@ EVAL_LOGIT_COPIES = 2  # evaluation (no grad): the logits and their log-softmax
 MARGIN = 0.05  # of activations and loss buffers: allocator rounding and fragmentation
 # Fixed workspace: on the CPU the tokenized data, the tokenizer and allocator arenas the process grows beside the
 # tensors (measured: docs/memory.md); on CUDA kernels' workspaces (cuBLAS) and the caching allocator's rounding.
-FIXED_WORKSPACE = {"cpu": 160 * MIB, "cuda": 256 * MIB}
+FIXED_WORKSPACE = {"cpu": 128 * MIB, "cuda": 256 * MIB}
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,14 @@ PUBLISHED_SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 64,
         "num_key_value_heads": 64,
     },
+    "llama-3.2-3b": {
+        **_LLAMA_1B,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+    },
     "llama-3.1-70b": {
         **_LLAMA_1B,
         "hidden_size": 8192,

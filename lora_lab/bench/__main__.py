@@ -97,7 +97,7 @@ def sweep_main(argv: Optional[list[str]] = None) -> int:
 
 def plan_main(argv: Optional[list[str]] = None) -> int:
     """``python -m lora_lab.bench plan``: the memory plan's prediction beside the measured peak, per configuration."""
-    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench plan", description=plan.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lora_lab.bench plan", description=plan.DESCRIPTION)
     ap.add_argument("--steps", type=int, default=3, help="training steps measured per configuration (default 3)")
     ap.add_argument("--shape", action="append", choices=list(plan.SHAPES), help="only these shapes (repeatable)")
     ap.add_argument("--method", action="append", choices=list(plan.METHODS), help="only these methods (repeatable)")
@@ -107,8 +107,12 @@ def plan_main(argv: Optional[list[str]] = None) -> int:
         default="fixed",
         help="fixed: glibc returns freed large blocks (MALLOC_MMAP_THRESHOLD_); default: glibc's own heuristics",
     )
+    ap.add_argument("--published", action="store_true", help="plan the published configurations only (no training)")
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     args = ap.parse_args(argv)
+    if args.published:
+        print(plan.published_table(plan.published_plans()))
+        return 0
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the optimizer state exists from the second step on)")
     res = plan.run_plan_bench(args.steps, args.shape, args.method, args.allocator)

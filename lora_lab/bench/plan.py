@@ -47,6 +47,7 @@ METHODS = {
     "int8": ["model.quantize=int8"],
 }
 CHECKPOINTING = {"off": [], "on": ["trainer.gradient_checkpointing=true"]}
+DESCRIPTION = "The memory plan's prediction beside the measured peak of real training steps, per configuration."
 TOLERANCE = 0.15  # the issue's target: predicted within 15% of measured
 
 
@@ -254,3 +255,137 @@ def plan_table(res: dict[str, Any]) -> str:
         ("ok", f"within {res['tolerance']:.0%}", ""),
     ]
     return table(rows, cols)
+
+
+# ----------------------------------------------------------------------------------------------- published figures
+
+BF16 = ["model.dtype=bfloat16", "trainer.precision=bf16", "data.format=text"]
+TORCHTUNE_LORA = ["lora.r=8", "lora.alpha=16", "lora.targets=[q_proj,v_proj,o_proj,mlp]"]
+CKPT = ["trainer.gradient_checkpointing=true"]
+NF4 = ["model.quantize=nf4"]
+# (what, shape, overrides, the part compared ('peak' or a plan part), the published figure in bytes, its source).
+PUBLISHED = [
+    (
+        "QLoRA LLaMA-65B (r=64 all linear, checkpointing, 1 x 512)",
+        "llama-65b",
+        [*BF16, *NF4, *CKPT, "lora.r=64", "trainer.batch_size=1", "trainer.eval_batch_size=1", "data.max_length=512"],
+        "peak",
+        48e9,
+        "QLoRA: fits one 48 GB GPU (< 48 GB)",
+    ),
+    (
+        "QLoRA LLaMA-7B: the 4-bit base",
+        "llama-2-7b",
+        [*BF16, *NF4, *CKPT, "lora.r=64", "trainer.batch_size=1", "trainer.eval_batch_size=1", "data.max_length=512"],
+        "frozen weights",
+        5048 * 2**20,
+        "QLoRA Fig. 6: 4-bit base 5,048 MB",
+    ),
+    (
+        "torchtune Llama-3.1-8B LoRA (2 x 2048, checkpointing)",
+        "llama-8b",
+        [*BF16, *TORCHTUNE_LORA, *CKPT, "trainer.batch_size=2", "trainer.eval_batch_size=2", "data.max_length=2048"],
+        "peak",
+        16.2 * 2**30,
+        "torchtune README, RTX 4090: 16.2 GiB",
+    ),
+    (
+        "torchtune Llama-3.1-8B QLoRA (2 x 2048, checkpointing)",
+        "llama-8b",
+        [
+            *BF16,
+            *TORCHTUNE_LORA,
+            *CKPT,
+            *NF4,
+            "trainer.batch_size=2",
+            "trainer.eval_batch_size=2",
+            "data.max_length=2048",
+        ],
+        "peak",
+        7.4 * 2**30,
+        "torchtune README, RTX 4090: 7.4 GiB",
+    ),
+    (
+        "torchtune Llama-3.1-8B full (2 x 2048, checkpointing)",
+        "llama-8b",
+        [*BF16, *CKPT, "method=full", "trainer.batch_size=2", "trainer.eval_batch_size=2", "data.max_length=2048"],
+        "peak",
+        18.9 * 2**30,
+        "torchtune README, RTX 4090: 18.9 GiB (8-bit paged AdamW, optimizer in backward)",
+    ),
+    (
+        "Llama-3.2-1B LoRA, bf16 base (8 x 1024)",
+        "llama-1b",
+        [*BF16, "trainer.batch_size=8", "trainer.eval_batch_size=8", "data.max_length=1024"],
+        "peak",
+        None,
+        "issue 21's GPU check: NF4 peak <= 0.5x this",
+    ),
+    (
+        "Llama-3.2-1B LoRA, NF4 base (8 x 1024)",
+        "llama-1b",
+        [*BF16, *NF4, "trainer.batch_size=8", "trainer.eval_batch_size=8", "data.max_length=1024"],
+        "peak",
+        None,
+        "issue 21's GPU check",
+    ),
+]
+
+
+def published_plans() -> list[dict[str, Any]]:
+    """The memory plan of each published configuration (PUBLISHED), on a CUDA device's terms (bf16 autocast, CUDA's
+    fixed workspace), built on the meta device from the shape's real dims and vocabulary."""
+    import torch
+
+    from lora_lab.config import compose
+    from lora_lab.memplan import plan
+    from lora_lab.shapes import shape_config
+    from lora_lab.train.memory import plan_input
+
+    rows = []
+    for what, shape, overrides, part, published, source in PUBLISHED:
+        _, cfg = compose(["tracking.enabled=false", *overrides])
+        p = plan(plan_input(cfg, torch.device("cuda"), shape_config(shape)))
+        ours = p.total if part == "peak" else p.part(part)
+        rows.append(
+            {
+                "what": what,
+                "shape": shape,
+                "overrides": overrides,
+                "compared": part,
+                "published": published,
+                "source": source,
+                "planned": ours,
+                "frozen": p.part("frozen weights"),
+                "activations": p.part("activations"),
+                "logits": p.part("logits and loss"),
+                "optimizer": p.part("optimizer state") + p.part("trainable weights") + p.part("gradients"),
+            }
+        )
+    return rows
+
+
+def published_table(rows: list[dict[str, Any]]) -> str:
+    """The published figures beside the plan, in GiB."""
+    from lora_lab.markdown import table
+    from lora_lab.memplan import GIB
+
+    def g(x: Optional[float]) -> Optional[float]:
+        return None if x is None else x / GIB
+
+    cols = [
+        ("what", "configuration", ""),
+        ("compared", "compared", ""),
+        ("published", "published GiB", "{:.2f}"),
+        ("planned", "planned GiB", "{:.2f}"),
+        ("frozen", "frozen weights", "{:.2f}"),
+        ("optimizer", "trainable + grads + AdamW", "{:.2f}"),
+        ("activations", "activations", "{:.2f}"),
+        ("logits", "logits + loss", "{:.2f}"),
+        ("source", "source", ""),
+    ]
+    shown = [
+        {**r, **{k: g(r[k]) for k in ("published", "planned", "frozen", "optimizer", "activations", "logits")}}
+        for r in rows
+    ]
+    return table(shown, cols)

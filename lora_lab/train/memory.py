@@ -5,7 +5,8 @@ that refuses a run that cannot fit (exit 2 in the train CLI and the sweep prefli
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -14,6 +15,8 @@ from lora_lab import adaptations, targets
 from lora_lab.config import Config, ConfigError
 from lora_lab.memplan import Plan, PlanInput, fitting_settings, plan, refusal
 from lora_lab.train.runtime import autocast_dtype, pick_device, store_frozen_in
+
+log = logging.getLogger("lora_lab")
 
 
 class DoesNotFit(ConfigError):
@@ -153,10 +156,15 @@ def free_memory_of(device: torch.device) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "the CPU (available RAM)"
 
 
-def check_fits(cfg: Config) -> Plan:
+def check_fits(cfg: Config) -> Optional[Plan]:
     """The run's plan; raises DoesNotFit (the numbers and the settings that would fit) when its peak exceeds the
-    device's free memory. trainer.memory_check=false skips the check (the plan is still returned)."""
-    p, available, device = planned(cfg)
+    device's free memory. trainer.memory_check=false skips the check (the plan is still returned). A model that does
+    not build on the meta device (an operation meta tensors lack) is not refused: a warning, and None."""
+    try:
+        p, available, device = planned(cfg)
+    except (RuntimeError, NotImplementedError) as exc:
+        log.warning("memory plan unavailable for model.name=%r (%s): the run starts unchecked", cfg.model.name, exc)
+        return None
     if cfg.trainer.memory_check and p.total > available:
         raise DoesNotFit(refusal(p, available, device, fitting_settings(p.inp, available)))
     return p
