@@ -221,8 +221,8 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
     found = []
     for overrides, candidate in [([], inp), *tries]:
         overrides, candidate = smaller_eval_batch(overrides, candidate, available)
-        if not overrides:
-            continue
+        if not overrides or any(set(o.split()) <= set(overrides) for o, _ in found):
+            continue  # nothing changed, or more changes than a setting that fits already
         peak = plan(candidate).total
         if peak <= available:
             found.append((" ".join(overrides), peak))

@@ -318,7 +318,13 @@ def model_config(cfg: ModelConfig) -> Any:
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:
-        raise ModelError(f"model.name={name!r}: could not read its config: {first_line(exc, with_type=True)}") from None
+        where = (
+            "could not read its config"
+            if source != name
+            else f"not a packaged model ({', '.join([*PACKAGED, 'tiny'])}), not a local folder, and reading its "
+            "config from the Hugging Face hub failed"
+        )
+        raise ModelError(f"model.name={name!r}: {where}: {first_line(exc, with_type=True)}") from None
     if cfg.task == "seq_cls":
         config.num_labels = cfg.num_labels
     return config
