@@ -186,3 +186,37 @@ def test_train_refuses_a_270b_tiny_model_before_loading_anything(tmp_path: Path,
     assert "no setting tried fits" in err  # 271B parameters do not fit this machine even in 4 bits
     assert not (tmp_path / "run").exists()
     assert not outputs.exists() or not any(outputs.iterdir())  # no mlflow.db, no run folder
+
+
+def test_trials_per_device_auto_sizes_from_the_plan_without_a_measuring_trial(monkeypatch) -> None:
+    """On CUDA (faked: no GPU here) auto divides the free memory by the plan's peak; no trial runs to measure it."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    import lora_lab.train
+    from lora_lab.sweep import workers
+
+    base = ["model=tiny", "trainer.precision=fp32"]
+    cfg = _cfg(*base)
+    cuda = torch.device("cuda")
+    peak = memplan.plan(memory.plan_input(cfg, cuda)).total
+    free = 3 * peak  # floor(0.9 * 3) = 2 per device
+    st = SimpleNamespace(
+        spec=SimpleNamespace(trials_per_device="auto", space={}),
+        base_cfg=cfg,
+        base_overrides=["tracking.enabled=false", *base],
+        warm=None,
+        study=optuna.create_study(),
+    )
+    monkeypatch.setattr(lora_lab.train, "pick_device", lambda name: cuda)
+    monkeypatch.setattr(memory, "pick_device", lambda name: cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * peak))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+
+    def no_trial(*a, **k):
+        raise AssertionError("a measuring trial ran")
+
+    monkeypatch.setattr(workers, "worker_loop", no_trial)
+    assert workers.resolve_per_device(st) == 2
+    assert st.study.user_attrs["trials_per_device"] == 2
