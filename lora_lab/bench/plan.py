@@ -116,6 +116,8 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     model.to(device).train()
     set_use_cache(model, False)
     effect_quant = any(p_.dtype in (torch.uint8, torch.int8) for p_ in model.parameters())
+    if quantized and not effect_quant:  # model.quantize is a key this checkout does not apply: nothing to measure
+        return {"predicted": p.train_peak, "quantized": False}
     optimizer, _ = session.make_optimizer()
     trainable = [p_ for p_ in model.parameters() if p_.requires_grad]
     batches = TrainBatches(session.data, t.batch_size, cfg.seed, device, t.pad_to_multiple, padding_mask=False)
