@@ -321,7 +321,7 @@ class LoraLayer(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         # A stored weight the GEMM cannot take as it is (a quantized base: packed, not a matrix) goes the composed
         # way: the base layer's own forward, then the LoRA term.
-        if drop or base.quantized or not (autocast or x.dtype == w.dtype):
+        if drop or base.quantized or not w.dtype.is_floating_point or not (autocast or x.dtype == w.dtype):
             return self._forward_composed(x, scale, drop)
         # One fused node under autocast too (a GPU step is launch-bound: the composed path costs ~5 more kernels).
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype

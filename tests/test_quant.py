@@ -13,7 +13,7 @@ import torch
 
 from lora_lab import adaptations, bases, lora, quant, records, train
 from lora_lab.config import ConfigError, ModelConfig, TinyModelConfig, compose
-from lora_lab.models import load_model
+from lora_lab.models import ModelError, load_model
 from lora_lab.records import RunRecord
 from lora_lab.train.build import build, build_and_fit
 from lora_lab.train.warm import Warm
@@ -208,6 +208,19 @@ def test_adapters_move_both_ways_between_lora_lab_and_peft_on_a_4bit_base(tmp_pa
     lora.load_adapter(mine, tmp_path / "peft")
     assert isinstance(mine.model.layers[0].self_attn.v_proj.base_layer, bnb.nn.Linear4bit)
     assert torch.allclose(_logits(mine), _logits(qlora), atol=ATOL)
+    # A pre-quantized checkpoint (config.json with a quantization_config) loads as it is, packed weights and all.
+    saved = tmp_path / "prequantized"
+    _bnb_base(tmp_path / "base").save_pretrained(saved)
+    load_model(ModelConfig(name="tiny"))[1].save_pretrained(saved)
+    pre, _ = load_model(ModelConfig(name=str(saved)))
+    assert quant.quantization_of(pre) == "nf4" and torch.equal(
+        pre.model.layers[1].mlp.down_proj.weight.data, a.weight.data
+    )
+    with pytest.raises(ModelError, match="model.quantize=int8"):
+        load_model(ModelConfig(name=str(saved), quantize="int8"))
+    _, cfg = compose([*TINY, "method=full", f"model.name={saved}", f"output_dir={tmp_path / 'full'}"])
+    with pytest.raises(ConfigError, match="method=full with the pre-quantized model.name"):
+        adaptations.of("full").apply(pre, cfg)
 
 
 def test_a_quantized_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: Path) -> None:
@@ -254,3 +267,40 @@ def test_nf4_lora_lands_close_to_fp32_lora_on_the_tiny_task(tmp_path: Path) -> N
     nf4 = build_and_fit(compose([*common, "model.quantize=nf4", f"output_dir={tmp_path / 'nf4'}"])[1])
     assert abs(nf4.val_loss - fp32.val_loss) < 0.05, (nf4.val_loss, fp32.val_loss)
     assert nf4.base_val_loss != fp32.base_val_loss  # the base really was quantized
+
+
+def test_the_report_merge_table_has_a_dense_and_a_requantized_row_for_a_quantized_base() -> None:
+    from report_fixture import RUNS
+
+    from lora_lab.report.runs import OK_STATE, Run
+    from lora_lab.report.tables import table_merge
+
+    plain = RUNS[2].record()[1]  # a completed LoRA trial with a merge check
+    quantized = RUNS[2].record()[1]
+    quantized.settings.overrides["model.quantize"] = "nf4"
+    quantized.requant_max_abs_logit_diff, quantized.requant_merged_val_loss = 0.25, quantized.val_loss + 0.01
+    runs = [Run(run_id=str(i), parent="", state=OK_STATE, rec=r) for i, r in enumerate([plain, quantized])]
+    table = table_merge(runs)
+    rows = {row["precision"]: row for row in table.rows}
+    assert rows["fp32"]["runs"] == 1 and rows["fp32"]["max_logit_diff"] == plain.max_abs_logit_diff
+    assert rows["fp32, nf4 base, dense merge"]["max_logit_diff"] == quantized.max_abs_logit_diff
+    again = rows["fp32, nf4 base, re-quantized merge"]
+    assert again["max_logit_diff"] == 0.25 and again["max_dloss"] == pytest.approx(0.01)
+    assert "re-quantized" in table.caption
+
+
+def test_bench_core_builds_a_quantized_lora_row_and_measures_its_frozen_bytes() -> None:
+    # The pieces of `python -m lora_lab.bench core --quantize nf4 --quantize int8` (the whole run takes ~20 s).
+    from lora_lab.bench import core as bench
+    from lora_lab.shapes import shape_config
+
+    base = bench._base_model(shape_config("tiny"), 0, torch.device("cpu"), torch.float32)
+    rows = {k: bench._make(k, base) for k in ("lora_lab", "lora_lab@nf4", "lora_lab@int8")}
+    assert bench._frozen_bytes_per_param(rows["lora_lab"]) == 4.0  # fp32 weights on the CPU
+    assert 0.5 < bench._frozen_bytes_per_param(rows["lora_lab@nf4"]) < 0.55
+    assert 1.0 < bench._frozen_bytes_per_param(rows["lora_lab@int8"]) < 1.1
+    ids = torch.randint(0, 100, (2, 8))
+    for k, model in rows.items():
+        bench._stepper(model, ids)()  # a training step runs; only the adapter trains
+        assert lora.wrapped_modules(model) and not [n for n, p in model.named_parameters() if p.requires_grad and
+                                                    "lora_" not in n], k  # fmt: skip
