@@ -398,6 +398,11 @@ def dense_copy(model: nn.Module) -> nn.Module:
     from lora_lab.lora import LoraLayer
 
     dense = copy.deepcopy(model)
+    for module in dense.modules():
+        # A block compiled in place (trainer.compile) keeps torch.compile's wrapper of the *original* block's call:
+        # copied, it would run the quantized model. The copy runs eager (as evaluations do).
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
     for name in bases.quantized_modules(dense):
         parent, _, child = name.rpartition(".")
         holder = dense.get_submodule(parent) if parent else dense

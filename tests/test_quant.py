@@ -151,6 +151,19 @@ def test_a_quantized_runs_merge_is_measured_dense_and_requantized(tmp_path: Path
     assert torch.allclose(_logits(served), _logits(model), atol=1e-4)
 
 
+def test_the_dense_copy_of_a_compiled_model_runs_its_own_layers() -> None:
+    model, _ = load_model(ModelConfig(name="tiny", quantize="nf4"))
+    model.model.layers[0].compile()  # as trainer.compile does; compiles lazily, at the first call (never made here)
+    dense = quant.dense_copy(model)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in dense.modules())
+    assert not bases.quantized_modules(dense) and bases.quantized_modules(model)
+    with torch.no_grad():
+        dense.model.layers[0].mlp.down_proj.weight.zero_()  # the copy's own weights decide its output
+    layer0 = model.model.layers[0].mlp
+    x = torch.randn(1, 3, 64)
+    assert torch.equal(dense.model.layers[0].mlp(x), torch.zeros(1, 3, 64)) and layer0(x).abs().max() > 0
+
+
 def test_an_unquantized_runs_record_has_no_quantized_fields(tmp_path: Path) -> None:
     record = build_and_fit(compose([*TINY, "trainer.max_steps=2", f"output_dir={tmp_path}"])[1])
     data = json.loads((tmp_path / "metrics.json").read_text())
@@ -170,10 +183,14 @@ def _bnb_base(folder: Path) -> torch.nn.Module:
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    _no_repack(model)
+    return model
+
+
+def _no_repack(model: torch.nn.Module) -> None:
     for m in model.modules():  # as lora_lab does: no bf16 repacking of the weights on an eval forward
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
-    return model
 
 
 # Both sides hold the same packed weights (asserted) and compute dequant(W) x + scaling B A x in fp32: only the
@@ -197,6 +214,15 @@ def test_adapters_move_both_ways_between_lora_lab_and_peft_on_a_4bit_base(tmp_pa
     assert isinstance(in_peft.base_model.model.model.layers[0].self_attn.q_proj, peft.tuners.lora.bnb.Linear4bit)
     assert (_logits(ours) - _logits(load_model(ModelConfig(name="tiny", quantize="nf4"))[0])).abs().max() > 1e-2
     assert torch.allclose(_logits(in_peft), _logits(ours), atol=ATOL)
+    # The re-quantized merge is peft's merge_and_unload on a 4-bit base: the same 4-bit weights come out.
+    lora.merge(ours)
+    served = in_peft.merge_and_unload()
+    _no_repack(served)
+    assert torch.equal(
+        served.model.layers[0].mlp.up_proj.weight.data, ours.model.layers[0].mlp.up_proj.base.weight.data
+    )
+    assert torch.allclose(_logits(served), _logits(ours), atol=ATOL)
+    lora.unmerge(ours)
     # peft QLoRA -> lora_lab
     qlora = peft.get_peft_model(
         _bnb_base(tmp_path / "base"),
