@@ -250,7 +250,8 @@ def test_adapters_move_both_ways_between_lora_lab_and_peft_on_a_4bit_base(tmp_pa
 
 
 def test_a_quantized_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: Path) -> None:
-    common = [*TINY, "model.quantize=nf4", "lora.init=pissa", "trainer.max_steps=6"]
+    common = [*TINY, "model.quantize=nf4", "lora.init=pissa", "trainer.max_steps=6", "trainer.eval_at_start=false"]
+    common += ["trainer.eval_every=2", "trainer.checkpoint_every=2"]  # the evaluation at a step runs before its save
     straight = build_and_fit(compose([*common, f"output_dir={tmp_path / 'straight'}"])[1])
 
     class Stop(Exception):
@@ -262,9 +263,13 @@ def test_a_quantized_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_pat
 
     stopped = tmp_path / "stopped"
     with pytest.raises(Stop):
-        build_and_fit(compose([*common, "trainer.eval_every=2", f"output_dir={stopped}"])[1], on_eval=stop_at_4)
-    resumed = build_and_fit(compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1])
-    assert resumed.steps == 6
+        build_and_fit(compose([*common, f"output_dir={stopped}"])[1], on_eval=stop_at_4)
+    assert (stopped / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+    seen: list[int] = []
+    resumed = build_and_fit(
+        compose([*common, f"output_dir={stopped}", "trainer.resume=true"])[1], on_eval=lambda e: seen.append(e.step)
+    )
+    assert seen == [4, 6] and resumed.steps == 6  # it went on from step 2: no evaluation at step 2 again
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in straight.history]
 
 
