@@ -26,6 +26,7 @@ SWEEPS_DIR = REPO_ROOT / "sweeps"
 
 
 METHOD_CHOICES = ("lora", "full", "bitfit", "ia3", "adapter", "prompt", "prefix")  # values of `method`
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")  # values of `model.quantize`
 
 
 class ConfigError(ValueError):
@@ -205,17 +206,18 @@ class ModelConfig:
     num_labels: int = 2  # classes of the head when task=seq_cls
     dtype: str = "float32"  # weight dtype on load: 'float32' or 'bfloat16' (training casts per trainer.precision)
     revision: Optional[str] = None  # hub revision (branch, tag or commit) for hub ids
-    # The frozen base's linear layers: 'none' (model.dtype), 'nf4' / 'fp4' (4-bit, double quantization, blocksize
-    # 64), 'int8' (LLM.int8); embeddings, norms and the output head stay in the run's dtype.
-    quantize: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # The frozen base's linear layers through bitsandbytes (QLoRA): 'none', 'nf4' / 'fp4' (4-bit, double
+    # quantization, blocksize 64, computing in the weights' dtype) or 'int8' (LLM.int8); embeddings, norms and the
+    # output head stay in `dtype`. A checkpoint whose config.json has a quantization_config loads as it is.
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a model name, hub id or folder", self.name)
         _text("model.revision", self.revision)
         _one_of("model.task", self.task, ("causal_lm", "seq_cls"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _one_of("model.quantize", self.quantize, ("none", "nf4", "fp4", "int8"))
+        _one_of("model.quantize", self.quantize, QUANTIZE_CHOICES)
         _check(self.num_labels >= 2, "model.num_labels", "an integer >= 2", self.num_labels)
 
 

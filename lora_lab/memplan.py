@@ -67,7 +67,7 @@ class PlanInput:
     checkpointing: bool = False  # trainer.gradient_checkpointing: only each block's input is kept, the block recomputed
     device: str = "cpu"  # cpu or cuda: which fixed workspace applies
     grad_accum: int = 1  # micro-batches per step (memory does not grow with it; kept for the suggestions)
-    quantizable: bool = True  # the method leaves every linear weight and bias frozen (a quantized base can serve it)
+    quantizable: bool = True  # the method leaves the base layers frozen (adaptations' trains_base: a 4-bit base serves)
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:

@@ -50,6 +50,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument(
         "--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)"
     )
+    ap.add_argument(
+        "--quantize",
+        action="append",
+        choices=("nf4", "fp4", "int8"),
+        default=[],
+        help="add a row of LoRA on a bitsandbytes 4-bit / 8-bit frozen base (model.quantize); repeatable",
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -65,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         batch=args.batch or (2 if shape == "tiny" else 4),
         seq=args.seq or (16 if shape == "tiny" else 128),
         memory=not args.no_memory,
+        quantize=tuple(dict.fromkeys(args.quantize)),
     )
     print(core_table(res))
     if args.out:
@@ -80,6 +88,13 @@ def sweep_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
     ap.add_argument("--cpu", action="store_true", help="the CPU study (tiny model) even where CUDA is available")
+    ap.add_argument(
+        "--quantize",
+        action="append",
+        choices=("nf4", "fp4", "int8"),
+        default=[],
+        help="add a row of LoRA on a bitsandbytes 4-bit / 8-bit frozen base (model.quantize); repeatable",
+    )
     args = ap.parse_args(argv)
     if args.trials < 1 or (args.steps is not None and args.steps < 1):
         ap.error("--trials and --steps must be >= 1")

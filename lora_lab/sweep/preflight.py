@@ -62,8 +62,19 @@ def preflight(st: Study) -> None:
     from lora_lab.models import load_model
 
     named = study_configs(st)
-    check_memory(named)
     configs = [cfg for _, cfg in named]
+    for cfg in configs:  # what a method refuses whatever the model (full FT on a quantized base), before loading
+        adaptations.of(cfg.method).refuse(cfg)
+    if st.spec.compare_full:  # the comparison runs at the study's end: refused now, not after every trial ran
+        full = compose(st.base_overrides + ["method=full", *st.spec.full_overrides])[1]
+        try:
+            adaptations.FULL.refuse(full)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"sweep.compare_full: {exc} (sweep.full_overrides=[model.quantize=none] compares with full "
+                f"fine-tuning of the unquantized base)"
+            ) from None
+    check_memory(named)  # after the refusals: a method refused outright is named as such, not as too big
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
     data = load_data(base.data, tokenizer)

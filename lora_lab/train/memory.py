@@ -51,19 +51,16 @@ def dims(config: Any) -> dict[str, int]:
 def counts(model: nn.Module) -> dict[str, Any]:
     """The parameters of a model (on any device, meta included) by their role in the plan: frozen linear weights
     outside the output head (what model.quantize packs), their rows, the largest one, the other frozen parameters,
-    the trainable ones, the head's trainable ones, the LoRA ranks, and whether the method leaves every linear frozen."""
+    the trainable ones, the head's trainable ones and the LoRA ranks."""
     heads = targets.head_modules(model)
     seen: set[int] = set()
     linear_w = linear_rows = largest = 0
-    quantizable = True
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or targets.inside(name, heads):
             continue
         w = module.weight
         if w.requires_grad:
             continue  # a trainable linear (an adapter's, or every one under full fine-tuning) stays as it is
-        if module.bias is not None and module.bias.requires_grad:
-            quantizable = False  # a trained bias on a frozen weight (BitFit) needs the dense layer
         if id(w) not in seen:
             seen.add(id(w))
             linear_w += w.numel()
@@ -87,7 +84,6 @@ def counts(model: nn.Module) -> dict[str, Any]:
         trainable_bytes=max((p.element_size() for p in trainable), default=4),
         head_trains=sum(p.numel() for p in trainable if id(p) in head_params),
         ranks=ranks,
-        quantizable=quantizable,
     )
 
 
@@ -99,8 +95,9 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInp
     from lora_lab.models import meta_model
     from lora_lab.train.build import prefix_cache_factory
 
-    model = meta_model(cfg.model, config)
     adaptation = adaptations.of(cfg.method)
+    adaptation.refuse(cfg)  # a combination the method refuses (full FT on a quantized base) has no plan
+    model = meta_model(cfg.model, config)
     adaptation.apply(model, cfg, prefix_cache_factory(model))
     dtype = autocast_dtype(cfg.trainer.precision, device)
     if not adaptation.trains_all and dtype == torch.bfloat16:
@@ -135,7 +132,7 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInp
         checkpointing=cfg.trainer.gradient_checkpointing,
         device=device.type,
         grad_accum=cfg.trainer.grad_accum,
-        quantizable=c["quantizable"],
+        quantizable=not adaptation.trains_base,
     )
 
 
