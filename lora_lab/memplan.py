@@ -23,6 +23,9 @@ GIB = 2**30
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 QUANT_ROW_BYTES = {"nf4": 0.0, "fp4": 0.0, "int8": 4.0}
 QUANTIZE_CHOICES = ("none", *QUANT_BYTES)
+# LLM.int8 (bitsandbytes' MatMul8bitLt) keeps each layer's input quantized, with its statistics, on ctx.tensors, outside
+# autograd's saved tensors: bytes per input feature per token, measured on the CPU (docs/memory.md).
+INT8_INPUT_BYTES = 2
 ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, each of its parameter's dtype
 # Logits and loss in training, per (token, vocabulary entry), in the loss's fp32: at the start of the backward pass the
 # log-softmax output (saved), the gradient nll_loss hands it and the gradient it hands the head are alive together.
@@ -49,6 +52,7 @@ class PlanInput:
     vocab: int  # output classes of the loss: the vocabulary (causal_lm) or the labels (seq_cls)
     frozen_linear: int  # frozen weights of the linear layers outside the output head (what model.quantize packs)
     frozen_linear_rows: int  # their output rows (int8 keeps one scale per row)
+    frozen_linear_inputs: int  # their input features, summed (int8 keeps each one's input, quantized, for backward)
     largest_linear: int  # weights of the largest such layer (a quantized one is dequantized for each matmul)
     frozen_other: int  # every other frozen parameter: embeddings, norms, biases, the output head
     frozen_bytes: int  # bytes per frozen parameter as stored (4 fp32, 2 bf16)
@@ -157,6 +161,11 @@ def plan(inp: PlanInput) -> Plan:
     else:
         acts = inp.layers * block_bytes(inp, b)
         acts_how = f"{inp.layers} blocks x {b} x {t} tokens x {block_elements(inp)} values saved for backward"
+    if inp.quantize == "int8":
+        # Every block's linears keep their input; with checkpointing only the recomputed block's do.
+        kept = inp.frozen_linear_inputs // (max(1, inp.layers) if inp.checkpointing else 1)
+        acts += b * t * kept * INT8_INPUT_BYTES
+        acts_how += "; LLM.int8 keeps each linear's input quantized"
     # Outside the blocks: the final norm (and, when the head trains, its input) saved for backward.
     acts += b * t * inp.hidden * 4 * (3 if inp.trains_all else 1)
     if inp.causal_lm:

@@ -54,7 +54,7 @@ def counts(model: nn.Module) -> dict[str, Any]:
     the trainable ones, the head's trainable ones and the LoRA ranks."""
     heads = targets.head_modules(model)
     seen: set[int] = set()
-    linear_w = linear_rows = largest = 0
+    linear_w = linear_rows = linear_inputs = largest = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or targets.inside(name, heads):
             continue
@@ -65,6 +65,7 @@ def counts(model: nn.Module) -> dict[str, Any]:
             seen.add(id(w))
             linear_w += w.numel()
             linear_rows += w.shape[0]
+            linear_inputs += w.shape[1]
             largest = max(largest, w.numel())
     params = list(model.parameters())  # a tied tensor once
     frozen = [p for p in params if not p.requires_grad]
@@ -77,6 +78,7 @@ def counts(model: nn.Module) -> dict[str, Any]:
     return dict(
         frozen_linear=linear_w,
         frozen_linear_rows=linear_rows,
+        frozen_linear_inputs=linear_inputs,
         largest_linear=largest,
         frozen_other=sum(p.numel() for p in frozen) - linear_w,
         frozen_bytes=max((p.element_size() for p in frozen), default=4),
@@ -114,6 +116,7 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInp
         vocab=d["vocab"] if causal else cfg.model.num_labels,
         frozen_linear=c["frozen_linear"],
         frozen_linear_rows=c["frozen_linear_rows"],
+        frozen_linear_inputs=c["frozen_linear_inputs"],
         largest_linear=c["largest_linear"],
         frozen_other=c["frozen_other"],
         frozen_bytes=c["frozen_bytes"],
