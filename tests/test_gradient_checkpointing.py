@@ -266,3 +266,43 @@ def test_compiled_blocks_hold_the_checkpoint(build_tiny):
     for n in grads:
         torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
     assert _saved_bytes(both, ids, per_block=False)[0] < 0.4 * _saved_bytes(eager, ids, per_block=False)[0]
+
+
+def test_bench_checkpointing_rows_and_saved_bytes(tmp_path):
+    """`python -m lora_lab.bench core --checkpointing`: each method beside itself checkpointed, ratios from the same
+    rounds, and the bytes a block keeps per token: many hidden states' worth unchecked, one hidden state (its input,
+    d fp32 values) checkpointed."""
+    from lora_lab.bench.__main__ import main
+
+    out = tmp_path / "ckpt.json"
+    argv = ["core", "--checkpointing", "--tiny", "--steps", "2", "--warmup", "0", "--no-memory", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert list(res["step"]) == ["lora_lab", "lora_lab+ckpt", "full", "full+ckpt"]
+    assert {"time_lora_lab+ckpt_over_lora_lab", "time_full+ckpt_over_full"} == set(res["ratios"])
+    times = res["step"]
+    expected = sorted(a / b for a, b in zip(times["lora_lab+ckpt"]["times_s"], times["lora_lab"]["times_s"]))
+    paired = res["paired"]["lora_lab+ckpt_over_lora_lab"]
+    assert paired["n"] == 2 and paired["min"] == pytest.approx(expected[0])
+    hidden = 4 * res["hidden_size"]
+    for kind in ("lora_lab", "full"):
+        assert times[f"{kind}+ckpt"]["saved_per_token_layer_bytes"] == hidden
+        assert times[kind]["saved_per_token_layer_bytes"] > 10 * hidden
+
+
+@pytest.mark.slow
+def test_bench_activation_memory_follows_the_saved_tensors():
+    """The bench's activation memory (fresh subprocesses, RSS high-water) of the layer stack: unchecked at least what
+    the blocks keep for backward (saved bytes x tokens x layers), checkpointed less than half of it."""
+    from lora_lab.bench import core as bench
+    from lora_lab.shapes import shape_config
+
+    batch, seq = 8, 256
+    cfg = shape_config("tiny")
+    model = bench._make("lora_lab", bench._base_model(cfg, 0, torch.device("cpu"), torch.float32), copy_base=False)
+    per_token_layer = bench.saved_bytes_per_token_layer(model, torch.zeros(1, 64, dtype=torch.long))
+    kept = per_token_layer * batch * seq * cfg.num_hidden_layers
+    plain = bench.activation_memory("lora_lab", "tiny", batch, seq)
+    checked = bench.activation_memory("lora_lab+ckpt", "tiny", batch, seq)
+    assert 0.9 * kept <= plain["stack"] < 2 * kept, (plain, kept)
+    assert checked["stack"] < 0.75 * plain["stack"] and checked["step"] < plain["step"], (checked, plain)
