@@ -113,7 +113,8 @@ def test_dropout_masks_are_drawn_again_not_skipped(build_tiny, tiny_ids):
 
 def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor, per_block: bool = True) -> tuple[int, list[int]]:
     """Bytes of the distinct storages autograd saves for backward in one forward: in all, and inside each block
-    (per_block; hooks on compiled blocks would only make them recompile)."""
+    apart from those every block saves (rotary tables, the attention mask: one copy for the model) (per_block;
+    hooks on compiled blocks would only make them recompile)."""
     blocks = [b for _, b in targets.repeated_blocks(model)] if per_block else []
     total: dict[int, int] = {}
     inside: list[dict[int, int]] = [{} for _ in blocks]
@@ -139,7 +140,8 @@ def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor, per_block: bool = Tr
     finally:
         for h in hooks:
             h.remove()
-    return sum(total.values()), [sum(d.values()) for d in inside]
+    shared = set.intersection(*(set(d) for d in inside)) if len(inside) > 1 else set()
+    return sum(total.values()), [sum(v for k, v in d.items() if k not in shared) for d in inside]
 
 
 @pytest.mark.parametrize("name", ["lora-dropout", "full", "prefix"])
@@ -149,11 +151,11 @@ def test_checkpointed_blocks_keep_no_activations(name, build_tiny):
     plain_total, plain_blocks = _saved_bytes(model, ids)
     checkpoint_blocks(model)
     total, blocks = _saved_bytes(model, ids)
-    # Unchecked, each block keeps many hidden states' worth per token; checkpointed, a block keeps at most its input
-    # (torch 2.13's checkpoint saves it for the recompute) and what is left is outside the blocks.
+    # Unchecked, each block keeps many hidden states' worth per token; checkpointed, a block keeps its arguments
+    # for the recompute (torch 2.13's checkpoint saves them): its own is its input.
     hidden = ids.numel() * 32 * 4  # one fp32 hidden state (B, T, d)
     assert min(plain_blocks) > 8 * hidden
-    assert all(0 < b <= hidden for b in blocks), blocks
+    assert blocks == [hidden] * 6
     assert total < plain_total / 3
 
 
@@ -270,8 +272,8 @@ def test_compiled_blocks_hold_the_checkpoint(build_tiny):
 
 def test_bench_checkpointing_rows_and_saved_bytes(tmp_path):
     """`python -m lora_lab.bench core --checkpointing`: each method beside itself checkpointed, ratios from the same
-    rounds, and the bytes a block keeps per token: many hidden states' worth unchecked, one hidden state (its input,
-    d fp32 values) checkpointed."""
+    rounds, and the bytes a block keeps per token: many hidden states' worth unchecked, about one hidden state (its
+    input, d fp32 values) checkpointed."""
     from lora_lab.bench.__main__ import main
 
     out = tmp_path / "ckpt.json"
@@ -285,8 +287,8 @@ def test_bench_checkpointing_rows_and_saved_bytes(tmp_path):
     paired = res["paired"]["lora_lab+ckpt_over_lora_lab"]
     assert paired["n"] == 2 and paired["min"] == pytest.approx(expected[0])
     hidden = 4 * res["hidden_size"]
-    for kind in ("lora_lab", "full"):
-        assert times[f"{kind}+ckpt"]["saved_per_token_layer_bytes"] == hidden
+    for kind in ("lora_lab", "full"):  # the input, and the rotary tables every block shares (1 x T x head_dim, twice)
+        assert hidden <= times[f"{kind}+ckpt"]["saved_per_token_layer_bytes"] <= 1.2 * hidden
         assert times[kind]["saved_per_token_layer_bytes"] > 10 * hidden
 
 

@@ -230,9 +230,16 @@ def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> A
     plain = getattr(self, PLAIN_FORWARD)
     if not (self.training and torch.is_grad_enabled()):
         return plain(*args, **kwargs)
+    # Keyword arguments travel positionally: checkpoint finds the device whose RNG state it stashes (so dropout
+    # draws the same masks again) from its positional tensors only, and a block may get every tensor by keyword.
+    n, names = len(args), tuple(kwargs)
+
+    def run(*flat: Any) -> Any:
+        return plain(*flat[:n], **dict(zip(names, flat[n:])))
+
     # Non-reentrant: gradients reach inputs that need none (layer 0's under LoRA) and tensors the block reads from
-    # outside its arguments (prefix tuning's cache); the RNG state is stashed, so dropout draws the same masks again.
-    return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
+    # outside its arguments (prefix tuning's cache).
+    return torch.utils.checkpoint.checkpoint(run, *args, *kwargs.values(), use_reentrant=False)
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> int:
