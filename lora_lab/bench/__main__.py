@@ -65,6 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="instead of the contenders: LoRA and full FT each with and without trainer.gradient_checkpointing "
         "(step time, activation memory; default batch 8 x 512, 3 timed steps after 1 warm-up)",
     )
+    ap.add_argument(
+        "--methods",
+        default="lora_lab,full",
+        help="with --checkpointing: the methods, each beside itself checkpointed (lora_lab, full; default both)",
+    )
     args = ap.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.checkpointing else 8
@@ -76,7 +81,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key} must be >= 1")
     if args.checkpointing:
-        return checkpointing_main(args)
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not methods or any(m not in ("lora_lab", "full") for m in methods):
+            ap.error(f"--methods: expected a comma list of lora_lab, full; got {args.methods!r}")
+        return checkpointing_main(args, methods)
     shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
     res = core.run_core(
         steps=args.steps,
@@ -93,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def checkpointing_main(args: argparse.Namespace) -> int:
+def checkpointing_main(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
     """``python -m lora_lab.bench core --checkpointing``: the checkpointing rows beside their unchecked ones."""
     shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
     res = core.run_checkpointing(
@@ -104,6 +112,7 @@ def checkpointing_main(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         memory=not args.no_memory,
         compile=args.compile,
+        methods=methods,
     )
     print(checkpointing_table(res))
     if args.out:

@@ -487,31 +487,55 @@ def run_checkpointing(
     warmup: int = 1,
     memory: bool = True,
     compile: bool = False,
+    methods: tuple[str, ...] = ("lora_lab", "full"),
 ) -> dict[str, Any]:
-    """trainer.gradient_checkpointing side by side with the same method unchecked (LoRA r=16 all-linear and full
-    fine-tuning; with `compile`, compiled LoRA with and without): step times interleaved round-robin, activation
-    memory of the layer stack and the whole step's added memory (fresh subprocesses), and the bytes per token a
-    block keeps for backward (saved-tensor hooks). Returns the results dict (what --out writes)."""
+    """trainer.gradient_checkpointing side by side with the same method unchecked (`methods`: LoRA r=16 all-linear
+    and full fine-tuning; with `compile`, compiled LoRA with and without too): step times interleaved round-robin
+    within each pair (one pair's models in memory at a time: at 8 x 512 one unchecked step alone takes GBs),
+    activation memory of the layer stack and the whole step's added memory (fresh subprocesses), and the bytes per
+    token a block keeps for backward (saved-tensor hooks). Returns the results dict (what --out writes)."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
     cfg = shape_config(shape)
-    kinds = list(CHECKPOINTING) + (["lora_lab+compile", "lora_lab+ckpt+compile"] if compile else [])
+    for m in methods:
+        if m not in ("lora_lab", "full"):
+            raise ValueError(f"--methods: expected lora_lab or full, got {m!r}")
+    groups = [[m, f"{m}+ckpt"] for m in methods]
+    if compile and "lora_lab" in methods:
+        groups.append(["lora_lab+compile", "lora_lab+ckpt+compile"])
+    # Memory first, while this process holds no model: a child's unchecked step takes GBs at 8 x 512, and what
+    # this process freed after timing would stay in its RSS beside it.
+    mem: dict[str, Any] = {}
+    for k in [k for group in groups for k in group]:
+        try:
+            mem[k] = activation_memory(k, shape, batch, seq) if memory else None
+        except RuntimeError as exc:  # only a compiled row may fail (no compiler here): its memory is n/a
+            if "+compile" not in k:
+                raise
+            print(f"bench: {k} memory not measured: {str(exc)[-300:]}", file=sys.stderr)
+            mem[k] = None
     base = _base_model(cfg, 0, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    models = {k: _make(k, base) for k in kinds}
-    del base
     # Counted on a short batch: per token, what a block saves does not depend on the length (SDPA keeps no T x T).
     probe = ids[:1, : min(seq, 128)]
-    saved = {k: saved_bytes_per_token_layer(m, probe) for k, m in models.items() if "+compile" not in k}
-    for m in models.values():
-        m.zero_grad(set_to_none=True)
-    steppers = {k: _stepper(m, ids) for k, m in models.items()}
-    step_times, failed = _round_robin(kinds, steppers, warmup, steps, device)
-    kinds = [k for k in kinds if k not in failed]
-    del steppers, models
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    mem = {k: activation_memory(k, shape, batch, seq) if memory else None for k in kinds}
+    kinds: list[str] = []
+    saved: dict[str, float] = {}
+    step_times: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    for group in groups:
+        models = {k: _make(k, base) for k in group}
+        saved.update({k: saved_bytes_per_token_layer(m, probe) for k, m in models.items() if "+compile" not in k})
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+        steppers = {k: _stepper(m, ids) for k, m in models.items()}
+        times, lost = _round_robin(group, steppers, warmup, steps, device)
+        step_times.update(times)
+        failed.update(lost)
+        kinds += [k for k in group if k not in lost]
+        del steppers, models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del base
     med = {k: statistics.median(v) for k, v in step_times.items() if v}
     result: dict[str, Any] = {
         "suite": "checkpointing",
