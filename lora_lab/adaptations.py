@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
-from lora_lab import lora, methods, targets
+from lora_lab import bases, lora, methods, targets
 from lora_lab.config import METHOD_CHOICES, Config, ConfigError, LoraConfig
 from lora_lab.methods import CacheFactory
 
@@ -34,6 +34,11 @@ class Adaptation(Protocol):
     merges: bool  # folds into the weights for serving: the merged model is checked against the unmerged one
     trains_all: bool  # every weight trains: checkpoints and the kept result are all weights, no adapter file
     warm_reusable: bool  # a warm sweep worker can undo it exactly and reuse the loaded base model
+    trains_base: bool  # it trains the base layers' own weights or biases: refused on a quantized (frozen) base
+
+    def refuse(self, cfg: Config) -> None:
+        """ConfigError when `cfg` asks this method for what it cannot do, found before any model loads."""
+        ...
 
     def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
         """Adapt `model` in place as `cfg` says; returns the modules changed (ConfigError: a combination it refuses)."""
@@ -221,6 +226,7 @@ class Method:
     trains_all: bool
     warm_reusable: bool
     apply_fn: Callable[..., list[str]]
+    trains_base: bool = False
     merge_fn: Callable[[nn.Module], None] = _no_merge
     unmerge_fn: Callable[[nn.Module], None] = _no_merge
     save_fn: Callable[..., None] = methods.save
@@ -232,7 +238,22 @@ class Method:
     unwrap_fn: Optional[Callable[[nn.Module], nn.Module]] = None
     kind: Optional[methods.Kind] = None  # a comparison method's object in lora_lab.methods (None: LoRA, full)
 
+    def refuse(self, cfg: Config) -> None:
+        if self.trains_base and cfg.model.quantize != "none":
+            self._refuse_quantized(f"model.quantize={cfg.model.quantize}")
+
+    def _refuse_quantized(self, what: str) -> None:
+        frozen = ", ".join(m.name for m in METHODS.values() if not m.trains_base)
+        raise ConfigError(
+            f"method={self.name} with {what}: {self.label} trains the base layers' own "
+            f"{'weights' if self.trains_all else 'biases'}, and a quantized base is frozen; use model.quantize=none, "
+            f"or a method that leaves the base frozen ({frozen})"
+        )
+
     def apply(self, model: nn.Module, cfg: Config, cache_factory: Optional[CacheFactory] = None) -> list[str]:
+        self.refuse(cfg)
+        if self.trains_base and bases.quantized_modules(model):  # a pre-quantized checkpoint, model.quantize=none
+            self._refuse_quantized(f"the pre-quantized model.name={cfg.model.name}")
         torch.manual_seed(cfg.seed)  # the method's init is part of the run's seed, independent of model loading
         return self.apply_fn(model, cfg, cache_factory)
 
@@ -290,6 +311,7 @@ FULL = Method(
     trains_all=True,
     warm_reusable=True,
     apply_fn=_apply_full,
+    trains_base=True,
     save_fn=_save_nothing,
     paper_label_fn=_label("full FT"),
 )
@@ -302,6 +324,7 @@ def _comparison(
     group: Optional[str],
     warm_reusable: bool,
     apply_fn: Callable[..., list[str]],
+    trains_base: bool = False,
     key_settings_fn: Callable[[Getter], list[str]] = _none,
     paper_label_fn: Optional[Callable[[Getter], str]] = None,
 ) -> Method:
@@ -315,6 +338,7 @@ def _comparison(
         trains_all=False,
         warm_reusable=warm_reusable,
         apply_fn=apply_fn,
+        trains_base=trains_base,
         merge_fn=methods.merge if kind.folds else _no_merge,
         unmerge_fn=methods.unmerge if kind.folds else _no_merge,
         save_fn=methods.save,
@@ -335,6 +359,7 @@ METHODS: dict[str, Method] = {
             group="bitfit",
             warm_reusable=False,  # added zero biases change the model's structure
             apply_fn=_apply_bitfit,
+            trains_base=True,  # the biases are the base layers' own
         ),
         _comparison(methods.IA3, label="IA3", group=None, warm_reusable=False, apply_fn=_apply_ia3),
         _comparison(

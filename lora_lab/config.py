@@ -26,6 +26,7 @@ SWEEPS_DIR = REPO_ROOT / "sweeps"
 
 
 METHOD_CHOICES = ("lora", "full", "bitfit", "ia3", "adapter", "prompt", "prefix")  # values of `method`
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")  # values of `model.quantize`
 
 
 class ConfigError(ValueError):
@@ -206,12 +207,17 @@ class ModelConfig:
     dtype: str = "float32"  # weight dtype on load: 'float32' or 'bfloat16' (training casts per trainer.precision)
     revision: Optional[str] = None  # hub revision (branch, tag or commit) for hub ids
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # The frozen base's linear layers through bitsandbytes (QLoRA): 'none', 'nf4' / 'fp4' (4-bit, double
+    # quantization, blocksize 64, computing in the weights' dtype) or 'int8' (LLM.int8); embeddings, norms and the
+    # output head stay in `dtype`. A checkpoint whose config.json has a quantization_config loads as it is.
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a model name, hub id or folder", self.name)
         _text("model.revision", self.revision)
         _one_of("model.task", self.task, ("causal_lm", "seq_cls"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.quantize", self.quantize, QUANTIZE_CHOICES)
         _check(self.num_labels >= 2, "model.num_labels", "an integer >= 2", self.num_labels)
 
 

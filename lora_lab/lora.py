@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab import peft_io
-from lora_lab.bases import BaseLayer, base_of
+from lora_lab.bases import BaseLayer, base_of, quantized_modules
 from lora_lab.targets import inside, linear_modules, resolve_modules_to_save, resolve_targets
 
 __all__ = [
@@ -149,6 +149,7 @@ class LoraLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self._dora_factor: torch.Tensor | None = None  # m / ||W0 + dW|| at merge time: unmerge divides it back out
+        self._unmerged: object | None = None  # a quantized base's stored weight before the merge (base.snapshot())
         device = self.base.device
         # Adapters train in fp32 on a bf16/fp16 base (peft's autocast_adapter_dtype): their AdamW updates would
         # round away in 8 mantissa bits. The fused forward casts them to the compute dtype per call.
@@ -190,6 +191,17 @@ class LoraLayer(nn.Module):
     def fan_in_fan_out(self) -> bool:
         """Whether the base weight is stored (d_in, d_out) (GPT-2's Conv1D): peft's config key of that name."""
         return self.base.fan_in_fan_out
+
+    def rebase(self, base_layer: nn.Module) -> None:
+        """Put another module of the same shape under this layer (a dense copy of a quantized base: what
+        lora_lab.quant.dense_copy does); every later read and write goes through its view."""
+        view = base_of(base_layer)
+        if (view.in_features, view.out_features) != (self.d_in, self.d_out):
+            raise ValueError(
+                f"{self.module_name or 'LoRA layer'}: a base of shape ({view.out_features}, {view.in_features}) "
+                f"cannot replace one of ({self.d_out}, {self.d_in})"
+            )
+        self.base_layer, self.base = base_layer, view
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -256,14 +268,22 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         """Take the update back out of the base weight (no-op if not merged). W0 comes back up to the rounding of
         its dtype: (W0 + dW) - dW is rounded twice, so in a bf16 weight a few entries move by one unit in the last
-        place (~0.4%); whoever needs W0 bit-exact keeps a copy (the sweep's warm worker restores from one)."""
+        place (~0.4%); whoever needs W0 bit-exact keeps a copy (the sweep's warm worker restores from one). A
+        quantized base gets its stored weight back exactly: the merge kept it (subtracting would round to 4 or 8
+        bits once more)."""
         if self.merged:
-            self._add_to_weight(-1.0)
+            if self._unmerged is not None:
+                self.base.restore(self._unmerged)
+                self._unmerged, self._dora_factor = None, None
+            else:
+                self._add_to_weight(-1.0)
             self.merged = False
 
     def _add_to_weight(self, sign: float) -> None:
         if self.base.device.type == "meta":
             raise ValueError(f"cannot merge {self.module_name or 'LoRA layer'}: weights are on the meta device")
+        if sign > 0 and self.base.quantized:
+            self._unmerged = self.base.snapshot()  # W0 as stored; the merged weight is W0 + dW re-quantized
         w = self.base.dense()  # (d_out, d_in)
         delta = self.delta_weight()
         if self.lora_magnitude_vector is None:
@@ -299,8 +319,9 @@ class LoraLayer(nn.Module):
         w = base.weight
         drop = self.dropout > 0.0 and self.training
         autocast = torch.is_autocast_enabled(x.device.type)
-        # A stored weight the GEMM cannot take as it is (not floating: a quantized base) goes the composed way.
-        if drop or not w.dtype.is_floating_point or not (autocast or x.dtype == w.dtype):
+        # A stored weight the GEMM cannot take as it is (a quantized base: packed, not a matrix) goes the composed
+        # way: the base layer's own forward, then the LoRA term.
+        if drop or base.quantized or not w.dtype.is_floating_point or not (autocast or x.dtype == w.dtype):
             return self._forward_composed(x, scale, drop)
         # One fused node under autocast too (a GPU step is launch-bound: the composed path costs ~5 more kernels).
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
@@ -544,6 +565,10 @@ def modules_to_save_of(model: nn.Module) -> list[str]:
     return list((getattr(model, _CONFIG_ATTR, None) or {}).get("modules_to_save", []))
 
 
+def _quantized_layers(model: nn.Module) -> list[nn.Module]:
+    return [model.get_submodule(name) for name in quantized_modules(model)]
+
+
 def _layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
@@ -590,7 +615,9 @@ def count_parameters(model: nn.Module) -> ParamCount:
             )
         modules.append((name, d_in, d_out, layer.r, n))
     params = list(model.parameters())  # parameters() yields a tied tensor once
-    total = sum(p.numel() for p in params)
+    # A quantized base's weight is packed (two 4-bit values a byte): it counts as the (out, in) matrix it stands for.
+    packed = {id(v.weight): v.in_features * v.out_features for v in map(base_of, _quantized_layers(model))}
+    total = sum(packed.get(id(p), p.numel()) for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return ParamCount(trainable, total, 100.0 * trainable / total if total else 0.0, modules)
 
@@ -640,9 +667,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = d
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Merge, then put the plain base modules back: state_dict keys are the base model's again."""
-    merge(model)
+def unwrap(model: nn.Module, *, fold: bool = True) -> nn.Module:
+    """Merge, then put the plain base modules back: state_dict keys are the base model's again. fold=False: the
+    update is dropped instead (unmerged first), the base modules come back as they are."""
+    if fold:
+        merge(model)
+    else:
+        unmerge(model)
     for name, layer in _layers(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

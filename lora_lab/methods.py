@@ -13,9 +13,10 @@
   model's KV-cache interface (so grouped-query attention gets prefixes of its key/value heads), optionally produced by
   a reparameterisation MLP during training.
 
-Torch and stdlib, plus lora_lab's targets (the repeated blocks the methods adapt per layer) and peft_io (the file
-format): the model is passed in, layers are found from its module tree, and the prefix cache is built by a factory the
-caller passes (train.py gives transformers' ``DynamicCache``). Files: peft's layout for the methods peft has
+Torch and stdlib, plus lora_lab's targets (the repeated blocks the methods adapt per layer), bases (IA3's merge reads
+and writes a weight through it, so a quantized base merges too) and peft_io (the file format): the model is passed
+in, layers are found from its module tree, and the prefix cache is built by a factory the caller passes (train.py
+gives transformers' ``DynamicCache``). Files: peft's layout for the methods peft has
 (PROMPT_TUNING, PREFIX_TUNING, IA3: adapter_config.json + adapter_model.safetensors), lora_lab's for BitFit and adapters
 (the same two files, with ``"peft_type": "LORA_LAB_BITFIT"`` / ``"LORA_LAB_ADAPTER"``); save / load read the model,
 lora_lab.peft_io writes and reads the files.
@@ -38,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_lab import peft_io
+from lora_lab.bases import base_of
 from lora_lab.targets import repeated_blocks
 
 CacheFactory = Callable[[], Any]  # a fresh attention cache per forward (prefix tuning's keys/values travel in it)
@@ -149,7 +151,7 @@ class IA3Linear(nn.Module):
         n = base_layer.in_features if feedforward else base_layer.out_features
         self.ia3_l = nn.Parameter(torch.ones(n, device=base_layer.weight.device, dtype=torch.float32))  # (n,)
         self.merged = False
-        self._original: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._original: Optional[tuple[object, Optional[torch.Tensor]]] = None  # (base snapshot, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -163,11 +165,12 @@ class IA3Linear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
-        w, b = self.base_layer.weight, self.base_layer.bias
-        self._original = (w.data.clone(), None if b is None else b.data.clone())
+        # Through the base-layer view (lora_lab.bases): a quantized base dequantizes, scales and re-quantizes.
+        view, b = base_of(self.base_layer), self.base_layer.bias
+        self._original = (view.snapshot(), None if b is None else b.data.clone())
         scale = self.ia3_l.float()
-        # W (out, in): scale rows for output scaling, columns for input scaling; computed in fp32.
-        w.data = (w.float() * (scale[None, :] if self.feedforward else scale[:, None])).to(w.dtype)
+        w = view.dense().float()  # (out, in): scale rows for output scaling, columns for input scaling, in fp32
+        view.write(w * (scale[None, :] if self.feedforward else scale[:, None]))
         if b is not None and not self.feedforward:
             b.data = (b.float() * scale).to(b.dtype)
         self.merged = True
@@ -177,7 +180,7 @@ class IA3Linear(nn.Module):
         if not self.merged or self._original is None:
             return
         w, b = self._original
-        self.base_layer.weight.data = w
+        base_of(self.base_layer).restore(w)
         if b is not None:
             self.base_layer.bias.data = b
         self._original, self.merged = None, False

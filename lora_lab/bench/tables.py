@@ -37,7 +37,9 @@ def core_table(res: dict[str, Any]) -> str:
     for k, s in res["step"].items():
         mem = "n/a" if s["peak_mem_bytes"] is None else f"{s['peak_mem_bytes'] / 2**20:.0f}"
         cells = [k, f"{s['median_s']:.4f}", f"{s['gflop']:.1f}", f"{s['gflops']:.1f}", f"{s['mfu']:.0%}", mem]
-        lines.append(fixed_row([*cells, f"{s['tokens_per_s']:.0f}", str(s["ops_per_step"])], STEP_WIDTHS))
+        frozen = s.get("frozen_bytes_per_param")
+        extra = f"  frozen linears {frozen:.3f} B/param" if frozen is not None and "@" in k else ""
+        lines.append(fixed_row([*cells, f"{s['tokens_per_s']:.0f}", str(s["ops_per_step"])], STEP_WIDTHS) + extra)
     if not res["peft"]:
         lines.append("peft not importable: its rows are skipped (pip install lora_lab[bench])")
     lines.append(fixed_row(["forward (inference)", "median s"], STEP_WIDTHS[:2]))

@@ -568,18 +568,28 @@ def table_compute(runs: list[Run]) -> Table:
 
 
 def table_merge(runs: list[Run]) -> Table:
-    """Merged vs unmerged LoRA: max |logit difference| and val-loss difference, per precision."""
+    """Merged vs unmerged LoRA: max |logit difference| and val-loss difference, per precision. A quantized base
+    (model.quantize) has two rows: the merge into a dense copy of the dequantized base (what is served) and the
+    merge into the quantized weights, re-quantized (peft's merge_and_unload on a 4-bit base)."""
     lora = [r for r in ok_runs(runs) if r.adaptation is adaptations.LORA and r.rec.max_abs_logit_diff is not None]
     by: dict[str, list[Run]] = {}
+    requant: dict[str, list[Run]] = {}
     for r in lora:
         # trainer.device as set is often 'auto': the device the run resolved to decides what precision=auto meant.
         prec = r.p("trainer.precision") or "auto"
         label = "bf16" if prec == "bf16" or (prec == "auto" and r.rec.identity.device.startswith("cuda")) else "fp32"
+        quantized = r.p("model.quantize") or "none"
+        if quantized != "none":
+            label = f"{label}, {quantized} base, dense merge"
+            if r.rec.requant_max_abs_logit_diff is not None:
+                requant.setdefault(label.replace("dense merge", "re-quantized merge"), []).append(r)
         by.setdefault(label, []).append(r)
     rows = []
-    for label, rs in sorted(by.items()):
-        diffs = [r.rec.max_abs_logit_diff for r in rs]
-        dl = [abs(r.rec.merged_val_loss - r.val_loss) for r in rs if r.rec.merged_val_loss is not None]
+    for label, rs in sorted({**by, **requant}.items()):
+        again = label in requant
+        diffs = [r.rec.requant_max_abs_logit_diff if again else r.rec.max_abs_logit_diff for r in rs]
+        merged_loss = [r.rec.requant_merged_val_loss if again else r.rec.merged_val_loss for r in rs]
+        dl = [abs(m - r.val_loss) for m, r in zip(merged_loss, rs) if m is not None]
         rows.append(
             {
                 "precision": label,
@@ -587,9 +597,9 @@ def table_merge(runs: list[Run]) -> Table:
                 "max_logit_diff": max(diffs),
                 "median_logit_diff": statistics.median(diffs),
                 "max_dloss": max(dl) if dl else None,
-                "published": "-"
-                if label != "bf16"
-                else "loss 2.1178 -> 2.1214 after a bf16 merge (one user report, ANCHORS.md)",
+                "published": "loss 2.1178 -> 2.1214 after a bf16 merge (one user report, ANCHORS.md)"
+                if label == "bf16"
+                else "-",
             }
         )
     if "bf16" not in by:
@@ -611,7 +621,14 @@ def table_merge(runs: list[Run]) -> Table:
     ]
     cap = (
         "Merged vs unmerged: each LoRA run compares its first validation batch's logits before and after folding "
-        "the adapter into the weights (merge in fp32 math) and re-evaluates the merged model. " + _source(lora)
+        "the adapter into the weights (merge in fp32 math) and re-evaluates the merged model. "
+        + (
+            "A quantized base (model.quantize) is merged twice: into a dense copy of the dequantized base (what is "
+            "served) and into the quantized weights, re-quantized (as peft's merge_and_unload on a 4-bit base). "
+            if requant
+            else ""
+        )
+        + _source(lora)
     )
     return Table("merge", "Merged vs unmerged", cap, cols, rows)
 

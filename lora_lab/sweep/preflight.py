@@ -28,6 +28,17 @@ def preflight(st: Study) -> None:
             configs.append(compose(st.base_overrides + extra)[1])
         except ConfigError as exc:
             raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
+    for cfg in configs:  # what a method refuses whatever the model (full FT on a quantized base), before loading
+        adaptations.of(cfg.method).refuse(cfg)
+    if st.spec.compare_full:  # the comparison runs at the study's end: refused now, not after every trial ran
+        full = compose(st.base_overrides + ["method=full", *st.spec.full_overrides])[1]
+        try:
+            adaptations.FULL.refuse(full)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"sweep.compare_full: {exc} (sweep.full_overrides=[model.quantize=none] compares with full "
+                f"fine-tuning of the unquantized base)"
+            ) from None
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
     data = load_data(base.data, tokenizer)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lora_lab import adaptations
+from lora_lab import adaptations, bases
 from lora_lab.config import Config, ConfigError, outputs_root
 from lora_lab.records import RunRecord
 from lora_lab.train.finish import RunRole
@@ -72,6 +72,7 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
     from lora_lab.models import load_model
 
     t0 = time.perf_counter()
+    adaptations.of(cfg.method).refuse(cfg)  # a combination the method refuses, before any weight loads
     # Nothing is written yet: the folder appears when the run starts (fit, fit_tracked), not on a bad input.
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
     if cfg.trainer.num_threads:
@@ -100,6 +101,10 @@ def _prepare(cfg: Config, model: torch.nn.Module, data: Any, device: torch.devic
     wrapped = adaptation.apply(model, cfg, prefix_cache_factory(model))  # seeded by the run's seed
     if not adaptation.trains_all and autocast_dtype(cfg.trainer.precision, device) == torch.bfloat16:
         store_frozen_in(model, torch.bfloat16)  # frozen weights only: trainable ones stay fp32
+        if bases.quantized_modules(model):
+            from lora_lab import quant
+
+            quant.compute_in(model, torch.bfloat16)  # 4-/8-bit layers dequantize into the run's precision
     if cfg.data.format == "classification":
         labels = set(data.train["labels"]) | set(data.val["labels"])
         if max(labels) >= cfg.model.num_labels:

@@ -161,6 +161,18 @@ def summary(result: RunRecord) -> str:
                 else f"  ({'ok' if result.merge_ok else 'FAILED'}: tolerance {result.merge_tol:.1e})"
             ),
         ),
+        *(
+            []
+            if result.requant_merged_val_loss is None
+            else [
+                (
+                    "merged, re-quantized",
+                    f"val loss {_fmt(result.requant_merged_val_loss)}, max |logit diff| "
+                    f"{_fmt(result.requant_max_abs_logit_diff, '{:.2e}')}  (the dense merge above is what to serve)",
+                ),
+                ("frozen linears", f"{result.frozen_bytes_per_param:.3f} bytes/parameter"),
+            ]
+        ),
         (
             "trainable params",
             f"{result.trainable_params:,} of {result.total_params:,} "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lora_lab import adaptations, lora, methods
+from lora_lab import adaptations, bases, lora, methods
 from lora_lab.adaptations import Adaptation
 from lora_lab.config import Config
 from lora_lab.files import WriteError, atomic_dir, atomic_write_text
@@ -88,15 +88,30 @@ def merge_tolerance(eval_dtype: Optional[torch.dtype], logits: torch.Tensor) -> 
 
 
 @dataclass
+class Requantized:
+    """A quantized base's second merge: the update folded into the quantized weights and re-quantized (what peft's
+    merge_and_unload does on a 4-bit base), evaluated and compared with the unmerged adapter like the dense one."""
+
+    val_loss: float
+    accuracy: Optional[float]
+    max_abs_logit_diff: float
+
+
+@dataclass
 class MergeCheck:
     """The merged model against the unmerged one: its evaluation, the largest probe-logit difference, the
-    tolerance that difference must stay within, and the merged model's inference latency."""
+    tolerance that difference must stay within, and the merged model's inference latency. On a quantized base the
+    merged model is a dense copy of the dequantized base with the update folded in (what a user serves), its
+    tolerance widened by how far the unmerged dense copy already sits from the quantized model (0 for NF4/FP4, whose
+    CPU and GPU kernels dequantize and multiply; LLM.int8's 8-bit activations at inference), and `requantized` is
+    the merge into the quantized weights."""
 
     val_loss: float
     accuracy: Optional[float]
     max_abs_logit_diff: float
     tol: float
     latency_s: float
+    requantized: Optional[Requantized] = None
 
     @property
     def ok(self) -> bool:
@@ -105,18 +120,38 @@ class MergeCheck:
 
 def check_merge(model: torch.nn.Module, adaptation: Adaptation, evaluator: Evaluator, trained: Trained) -> MergeCheck:
     """Fold the update in, evaluate the merged model (and its latency: what serving it costs), compare its probe
-    logits with the final evaluation's, fold the update out again."""
+    logits with the final evaluation's, fold the update out again. A quantized base is merged twice: into a dense
+    copy (dropped afterwards; the trained model is untouched) and into its own weights, re-quantized (the stored
+    weights are put back exactly on the way out)."""
     evals = trained.evals
     if not evals or evals[-1]["step"] != len(trained.history) or evaluator.probe_logits is None:
         evaluator.evaluate(model)  # no evaluation of the final weights yet (a run resumed at its end): take the probe
     before = evaluator.probe_logits
-    with merged(model, adaptation) as fold:
-        after = evaluator.evaluate(model)
-        latency = evaluator.latency(model)
+    quantized = bool(bases.quantized_modules(model))
+    served, kernel = model, 0.0
+    if quantized:
+        from lora_lab.quant import dense_copy
+
+        served = dense_copy(model)
+        # The quantized layers' own kernels need not compute exactly what the dense copy does (LLM.int8 rounds the
+        # activations to 8 bits at inference): that difference, measured unmerged, is not the merge's.
+        evaluator.evaluate(served)
+        kernel = (evaluator.probe_logits - before).abs().max().item()
+    with merged(served, adaptation) as fold:
+        after = evaluator.evaluate(served)
+        latency = evaluator.latency(served)
         diff = (evaluator.probe_logits - before).abs().max().item()
-        tol = merge_tolerance(evaluator.dtype or methods.frozen_dtype(model), before)
+        tol = kernel + merge_tolerance(evaluator.dtype or methods.frozen_dtype(served), before)
     evaluator.clock.eval_s += fold.seconds
-    return MergeCheck(after["val_loss"], after.get("accuracy"), diff, tol, latency)
+    check = MergeCheck(after["val_loss"], after.get("accuracy"), diff, tol, latency)
+    if quantized:
+        del served
+        with merged(model, adaptation) as fold:
+            requant = evaluator.evaluate(model)
+            rdiff = (evaluator.probe_logits - before).abs().max().item()
+        evaluator.clock.eval_s += fold.seconds
+        check.requantized = Requantized(requant["val_loss"], requant.get("accuracy"), rdiff)
+    return check
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -129,10 +164,16 @@ def dir_bytes(path: Path) -> int:
 
 def export_merged(model: torch.nn.Module, tokenizer: Any, path: Path, unwrap: Callable[[torch.nn.Module], Any]) -> None:
     """Write the merged model as a plain transformers folder (`unwrap` folds the method in): no lora_lab needed to
-    load it."""
+    load it. A quantized base is merged into a dense copy of it (the dequantized weights in the compute dtype: what
+    the merge check measured as the merged model), never re-quantized."""
     import copy
 
-    plain = copy.deepcopy(model).cpu()
+    if bases.quantized_modules(model):
+        from lora_lab.quant import dense_copy
+
+        plain = dense_copy(model).cpu()
+    else:
+        plain = copy.deepcopy(model).cpu()
     unwrap(plain)
     set_use_cache(plain, True)
     with atomic_dir(path) as tmp:
@@ -166,6 +207,7 @@ class Ending:
     latency_s: Optional[float] = None
     adapter_bytes: Optional[int] = None
     checkpoint_bytes: Optional[int] = None
+    frozen_bytes_per_param: Optional[float] = None  # a quantized base's linears, measured (lora_lab.quant)
 
 
 def conclude(
@@ -180,7 +222,13 @@ def conclude(
     # prompt/prefix/adapters, full fine-tuning: as trained, nothing to fold in
     latency = check.latency_s if check is not None else evaluator.latency(model)
     adapter_bytes, checkpoint_bytes = export(cfg, model, tokenizer, out)
-    return Ending(check, latency, adapter_bytes, checkpoint_bytes)
+    per_param = None
+    if bases.quantized_modules(model):
+        from lora_lab.quant import frozen_bytes
+
+        nbytes, n = frozen_bytes(model)
+        per_param = nbytes / n
+    return Ending(check, latency, adapter_bytes, checkpoint_bytes, per_param)
 
 
 # ----------------------------------------------------------------------------------------------- the record
@@ -282,6 +330,7 @@ def assemble_record(
     last = evals[-1] if evals and status == "completed" else {"val_loss": float("nan")}
     base = evals[0] if evals and evals[0]["step"] == 0 else {}
     check = ending.merge
+    requant = None if check is None else check.requantized
     # The first step pays for allocations, kernel warm-up and compilation; the median keeps a later recompile
     # (a new batch shape under trainer.compile) out of the typical step.
     steady = trained.step_times[1:] or trained.step_times
@@ -298,6 +347,10 @@ def assemble_record(
         max_abs_logit_diff=None if check is None else check.max_abs_logit_diff,
         merge_ok=None if check is None else check.ok,
         merge_tol=None if check is None else check.tol,
+        requant_merged_val_loss=None if requant is None else requant.val_loss,
+        requant_merged_accuracy=None if requant is None else requant.accuracy,
+        requant_max_abs_logit_diff=None if requant is None else requant.max_abs_logit_diff,
+        frozen_bytes_per_param=ending.frozen_bytes_per_param,
         trainable_params=counts.trainable,
         total_params=counts.total,
         adapter_bytes=ending.adapter_bytes,

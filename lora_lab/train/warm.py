@@ -9,7 +9,9 @@ Reuse must not change a result: a trial on the kept model gives the same numbers
 - every parameter and buffer is kept as loaded, as a CPU copy; after a trial, LoRA is taken out (lora.unwrap) and
   each parameter the trial could have changed is copied back from it: the trainable ones (all of them under full
   fine-tuning; the modules_to_save under LoRA), those inside wrapped modules (a merge/unmerge round trip, PiSSA's
-  residual) and any whose dtype changed (frozen weights stored in bf16). Buffers always; requires_grad as loaded.
+  residual) and any whose dtype changed (frozen weights stored in bf16). Buffers always; requires_grad as loaded. A
+  quantized base's linears (model.quantize) are put back from a snapshot of their packed data and quantization
+  state; model.quantize is part of the key (it is a model.* field).
 - methods other than LoRA and full fine-tuning (BitFit adds biases, prompt/prefix tuning hook the forward), and
   compiled runs (torch.compile keeps graphs guarded on the modules), have no clean undo here: their model is dropped
   and the next trial loads afresh.
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from lora_lab import adaptations, lora
+from lora_lab import adaptations, bases, lora
 from lora_lab.train.runtime import free_memory, set_use_cache, uncheckpoint_blocks
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class _Entry:
     params: dict[str, torch.Tensor]  # name -> CPU copy as loaded
     buffers: dict[str, torch.Tensor]
     requires_grad: dict[str, bool]
+    quantized: dict[str, object]  # name -> bases.BaseLayer.snapshot() of each quantized linear as loaded
     training: bool
     use_cache: Optional[bool]
 
@@ -118,6 +121,7 @@ class Warm:
             params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
             buffers={n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()},
             requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+            quantized={n: bases.base_of(model.get_submodule(n)).snapshot() for n in bases.quantized_modules(model)},
             training=model.training,
             use_cache=getattr(getattr(model, "config", None), "use_cache", None),
         )
@@ -148,7 +152,7 @@ class Warm:
         trained = {id(p) for p in model.parameters() if p.requires_grad}
         wrapped = lora.wrapped_modules(model)
         if wrapped:
-            lora.unwrap(model)  # merges first: harmless, the wrapped modules' weights are copied back below
+            lora.unwrap(model, fold=False)  # the wrapped modules' weights are copied back below
         inside = {id(p) for name in wrapped for p in model.get_submodule(name).parameters()}
         names = [n for n, _ in model.named_parameters()]
         if set(names) != set(e.params) or {n for n, _ in model.named_buffers()} != set(e.buffers):
@@ -165,6 +169,8 @@ class Warm:
                 p.requires_grad_(e.requires_grad[name])
             for name, b in model.named_buffers():
                 b.copy_(e.buffers[name])
+            for name, snap in e.quantized.items():  # packed data and quantization state (PiSSA's residual, a merge)
+                bases.base_of(model.get_submodule(name)).restore(snap)
         model.train(e.training)
         if e.use_cache is not None:
             set_use_cache(model, e.use_cache)
