@@ -42,9 +42,10 @@ CASES = {
 }
 
 
-def _model(build_tiny, overrides: list[str], layers: int = 2) -> torch.nn.Module:
-    """The tiny llama with the method applied as a run applies it, its trainable weights moved off their init (B = 0
-    and zero biases would make most gradients zero, dropout's mask among them), in train mode, no KV cache."""
+def _model(build_tiny, overrides: list[str], layers: int = 2, quantize: str = "none") -> torch.nn.Module:
+    """The tiny llama (its frozen linears quantized as model.quantize says) with the method applied as a run applies
+    it, its trainable weights moved off their init (B = 0 and zero biases would make most gradients zero, dropout's
+    mask among them), in train mode, no KV cache."""
     _, cfg = compose(["model=tiny", *overrides])
     if layers == 2:
         model = build_tiny("llama")
@@ -60,6 +61,10 @@ def _model(build_tiny, overrides: list[str], layers: int = 2) -> torch.nn.Module
             max_position_embeddings=64,
         )
         model = transformers.AutoModelForCausalLM.from_config(conf)
+    if quantize != "none":
+        from lora_lab import quant
+
+        quant.quantize_model(model, quantize)
     adaptations.of(cfg.method).apply(model, cfg, prefix_cache_factory(model))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -308,3 +313,18 @@ def test_bench_activation_memory_follows_the_saved_tensors():
     checked = bench.activation_memory("lora_lab+ckpt", "tiny", batch, seq)
     assert 0.9 * kept <= plain["stack"] < 2 * kept, (plain, kept)
     assert checked["stack"] < 0.75 * plain["stack"] and checked["step"] < plain["step"], (checked, plain)
+
+
+@pytest.mark.parametrize("how", ["nf4", "int8"])
+def test_a_quantized_base_gets_the_unchecked_gradients(how, build_tiny, tiny_ids):
+    """model.quantize: checkpointing wraps the blocks, not their linears, so LoRA over a bitsandbytes base recomputes
+    to the same loss and gradients (dropout included)."""
+    pytest.importorskip("bitsandbytes")
+    plain = _model(build_tiny, CASES["lora-dropout"], quantize=how)
+    checked = copy.deepcopy(plain)
+    checkpoint_blocks(checked)
+    loss, grads = _loss_and_grads(plain, tiny_ids)
+    loss_c, grads_c = _loss_and_grads(checked, tiny_ids)
+    assert loss_c == pytest.approx(loss, abs=1e-6, rel=0) and grads
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], atol=1e-6, rtol=0, msg=n)
