@@ -412,10 +412,12 @@ class TrainerConfig:
     # torch.compile each block of the model's repeated layer list (regional: one layer's code is compiled once and
     # reused by every layer, so the first step stays fast). Fewer kernel launches per step on a GPU.
     compile: bool = False
+    # Activation checkpointing of each block of that layer list (non-reentrant): training keeps one hidden state per
+    # token and layer and recomputes the rest during backward (one more forward of the blocks per step; same gradients).
+    gradient_checkpointing: bool = False
     # Pad each training batch's length up to a multiple of N tokens (fewer distinct shapes for compile and tensor
     # cores; padding carries no loss). 1: pad to the longest row only.
     pad_to_multiple: int = 1
-    gradient_checkpointing: bool = False  # recompute each repeated block in backward instead of keeping activations
     # Before anything loads, refuse (exit 2) a run whose memory plan (python -m lora_lab.plan) exceeds the device's
     # free memory (the CPU: available RAM), naming the settings that would fit; false: train anyway.
     memory_check: bool = True

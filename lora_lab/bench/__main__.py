@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from lora_lab.bench import core, plan, sweep
-from lora_lab.bench.tables import core_table, sweep_table
+from lora_lab.bench.tables import checkpointing_table, core_table, sweep_table
 from lora_lab.files import atomic_write
 from lora_lab.shapes import SHAPES
 
@@ -31,24 +31,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "_planmem":  # internal: one configuration's predicted and measured peak (plan.measure)
         print(json.dumps(plan.measure_child(json.loads(argv[2]), int(argv[1]))))
         return 0
+    if argv and argv[0] == "_act":  # internal: one row's activation memory in a fresh process (core.activation_memory)
+        kind, shape, batch, seq = argv[1], argv[2], int(argv[3]), int(argv[4])
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(json.dumps(core.activation_memory_child(kind, shape, batch, seq)))
+        return 0
     if argv and argv[0] == "sweep":  # sweep throughput: its own options
         return sweep_main(argv[1:])
     if argv and argv[0] == "plan":  # the memory plan against measured peaks: its own options
         return plan_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m lora_lab.bench")
     ap.add_argument("suite", choices=["core", "sweep"])
-    ap.add_argument("--steps", type=int, default=8, help="timed rounds (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed rounds (after --warmup; default 8, 3 with --checkpointing)"
+    )
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, 1 with --checkpointing)")
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--tiny", action="store_true", help="tiny config: exercise the code path in seconds")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument(
         "--shape", choices=SHAPES, default=None, help="model shape (default smollm2-135m; tiny with --tiny)"
     )
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; 2 with --tiny)")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --tiny)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default 4, 8 with --checkpointing; 2 with --tiny)"
+    )
+    ap.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="tokens per sequence (default 128, 512 with --checkpointing; 16 with --tiny)",
+    )
     ap.add_argument(
         "--compile", action="store_true", help="add compiled rows (trainer.compile: regional torch.compile)"
+    )
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="instead of the contenders: LoRA and full FT each with and without trainer.gradient_checkpointing "
+        "(step time, activation memory; default batch 8 x 512, 3 timed steps after 1 warm-up)",
+    )
+    ap.add_argument(
+        "--methods",
+        default="lora_lab,full",
+        help="with --checkpointing: the methods, each beside itself checkpointed (lora_lab, full; default both)",
     )
     ap.add_argument(
         "--quantize",
@@ -58,11 +83,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="add a row of LoRA on a bitsandbytes 4-bit / 8-bit frozen base (model.quantize); repeatable",
     )
     args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 3 if args.checkpointing else 8
+    if args.warmup is None:
+        args.warmup = 1 if args.checkpointing else 3
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     for key in ("batch", "seq"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key} must be >= 1")
+    if args.checkpointing:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not methods or any(m not in ("lora_lab", "full") for m in methods):
+            ap.error(f"--methods: expected a comma list of lora_lab, full; got {args.methods!r}")
+        return checkpointing_main(args, methods)
     shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
     res = core.run_core(
         steps=args.steps,
@@ -77,6 +111,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(core_table(res))
     if args.out:
         atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())  # creates the folder too
+    return 0
+
+
+def checkpointing_main(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
+    """``python -m lora_lab.bench core --checkpointing``: the checkpointing rows beside their unchecked ones."""
+    shape = args.shape or ("tiny" if args.tiny else "smollm2-135m")
+    res = core.run_checkpointing(
+        shape=shape,
+        batch=args.batch or (2 if shape == "tiny" else 8),
+        seq=args.seq or (16 if shape == "tiny" else 512),
+        steps=args.steps,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        compile=args.compile,
+        methods=methods,
+    )
+    print(checkpointing_table(res))
+    if args.out:
+        atomic_write(args.out, (json.dumps(res, indent=2) + "\n").encode())
     return 0
 
 

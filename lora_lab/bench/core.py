@@ -11,11 +11,14 @@ memory the training steps add (activations, grads, optimizer state); on CUDA = t
 the steps minus the memory before them. ``--quantize`` adds lora_lab's LoRA on a bitsandbytes 4-bit / 8-bit frozen
 base (``lora_lab@nf4``: lora_lab.quant, as model.quantize) beside the float LoRA row, with the frozen linear weights'
 bytes per parameter measured from the tensors.
+With --checkpointing (run_checkpointing), instead of the contenders above: LoRA and full fine-tuning each beside
+itself under trainer.gradient_checkpointing, step time and activation memory as ratios.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import resource
 import statistics
@@ -27,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from lora_lab import lora, optim
+from lora_lab import lora, optim, targets
 from lora_lab.shapes import shape_config, step_flops
 
 R, ALPHA = 16, 32
@@ -66,20 +69,26 @@ def _base_model(cfg, seed: int, device, dtype):
 
 def _make(kind: str, base, *, copy_base: bool = True):
     """A contender model (deep copy of base) in train mode; `<kind>+compile` compiles its blocks as trainer.compile
-    does."""
+    does, `<kind>+ckpt` checkpoints them as trainer.gradient_checkpointing does (`+ckpt+compile`: both),
+    `<kind>@nf4` quantizes its frozen base first (`lora_lab+ckpt@nf4`: checkpointed on a 4-bit base)."""
     model = copy.deepcopy(base) if copy_base else base
     kind, _, how = kind.partition("@")  # lora_lab@nf4: LoRA on a quantized frozen base (model.quantize)
     if how:
         from lora_lab import quant
 
         quant.quantize_model(model, how)
-    kind, _, extra = kind.partition("+")
-    if extra == "compile":
+    kind, *extras = kind.split("+")
+    for extra in extras:
+        if extra not in ("ckpt", "compile"):
+            raise ValueError(f"unknown contender suffix {extra!r}")
+    if "ckpt" in extras:  # before compiling, as the loop applies them
+        from lora_lab.train.runtime import checkpoint_blocks
+
+        checkpoint_blocks(model)
+    if "compile" in extras:
         from lora_lab.train import compile_blocks
 
         compile_blocks(model)
-    elif extra:
-        raise ValueError(f"unknown contender suffix {extra!r}")
     if kind == "lora_lab":
         lora.apply_lora(model, r=R, alpha=ALPHA, targets=("all-linear",))
     elif kind == "dora":  # lora_lab's DoRA: the magnitude vector's cost beside plain LoRA
@@ -122,6 +131,31 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def _round_robin(
+    kinds: list[str], steppers: dict[str, Callable[[], None]], warmup: int, steps: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Training steps, interleaved round-robin (who goes first rotates); warm-up rounds excluded (they also pay for
+    compilation). Returns the timed seconds per kind and the compiled rows that failed here (no compiler,
+    unsupported op: dropped and reported; any other row's failure raises)."""
+    step_times: dict[str, list[float]] = {k: [] for k in kinds}
+    failed: dict[str, str] = {}
+    for rep in range(warmup + steps):
+        for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
+            if k in failed:
+                continue
+            try:
+                t = _timed(steppers[k], device)
+            except Exception as exc:  # noqa: BLE001 - only a compiled row may fail, and it is reported
+                if "+compile" not in k:
+                    raise
+                failed[k] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"bench: {k} dropped: {failed[k]}", file=sys.stderr)
+                continue
+            if rep >= warmup:
+                step_times[k].append(t)
+    return step_times, failed
 
 
 def ops_per_step(step: Callable[[], None], device: torch.device) -> int:
@@ -233,23 +267,7 @@ def run_core(
     pristine = base.eval().requires_grad_(False)  # the untouched base model, for forward timing
     steppers = {k: _stepper(m, ids) for k, m in models.items()}
 
-    # Training steps, interleaved round-robin; warm-up rounds excluded (they also pay for compilation).
-    step_times: dict[str, list[float]] = {k: [] for k in kinds}
-    failed: dict[str, str] = {}  # compiled rows whose compilation failed here (no compiler, unsupported op)
-    for rep in range(warmup + steps):
-        for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotate who goes first
-            if k in failed:
-                continue
-            try:
-                t = _timed(steppers[k], device)
-            except Exception as exc:  # noqa: BLE001 - only a compiled row may fail, and it is reported
-                if "+compile" not in k:
-                    raise
-                failed[k] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"bench: {k} dropped: {failed[k]}", file=sys.stderr)
-                continue
-            if rep >= warmup:
-                step_times[k].append(t)
+    step_times, failed = _round_robin(kinds, steppers, warmup, steps, device)
     kinds = [k for k in kinds if k not in failed]
     ops = {k: ops_per_step(steppers[k], device) for k in kinds}
     del steppers
@@ -399,3 +417,202 @@ def _frozen_bytes_per_param(model) -> float:
 def _spread(xs: list[float]) -> dict[str, float]:
     """Median, min and max of per-round ratios."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+# ----------------------------------------------------------------------------------------------- checkpointing
+
+CHECKPOINTING = ("lora_lab", "lora_lab+ckpt", "full", "full+ckpt")  # each method beside itself checkpointed
+
+
+def saved_bytes_per_token_layer(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward inside one block (the middle one) of a training forward, per token: distinct
+    storages saved while the block runs, the model's parameters left out (a frozen weight kept for the input
+    gradient is no activation). Checkpointed, that is what the block keeps for its recompute: its input."""
+    blocks = [b for _, b in targets.repeated_blocks(model)]
+    middle = blocks[len(blocks) // 2]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside: dict[int, int] = {}
+    active: list[bool] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if active and s.data_ptr() not in params:
+            inside[s.data_ptr()] = s.nbytes()
+        return t
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        active.pop()
+
+    hooks = [middle.register_forward_pre_hook(lambda m, a: active.append(True)), middle.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    del loss  # the graph goes unused: only what it saved was counted
+    return sum(inside.values()) / ids.numel()
+
+
+def _stack_stepper(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """A training step of the layer stack alone: embeddings, blocks, final norm; loss = mean square of the last
+    hidden state (no lm_head, no logits), backward down to the first block's trainable weights only (so no other
+    gradient buffer is allocated: what remains is the blocks' activations and their backward's temporaries)."""
+    first = [p for p in targets.repeated_blocks(model)[0][1].parameters() if p.requires_grad]
+
+    def step() -> None:
+        hidden = model.base_model(input_ids=ids).last_hidden_state  # (B, T, d)
+        hidden.float().square().mean().backward(inputs=first)
+        for p in first:
+            p.grad = None
+
+    return step
+
+
+def activation_memory_child(kind: str, shape: str, batch: int, seq: int) -> dict[str, int]:
+    """Runs in a fresh process: after one training step (so the optimizer state is in the baseline), the bytes a
+    training step adds on top of the model and optimizer (`step`: activations, logits and loss buffers, gradients),
+    and the bytes a step of the layer stack alone adds (`stack`: the blocks' activations, what checkpointing acts
+    on; _stack_stepper). CPU: RSS high-water (VmHWM, reset) minus RSS before; CUDA: max_memory_allocated delta."""
+    device, dtype = _device_dtype()
+    cfg = shape_config(shape)
+    model = _make(kind, _base_model(cfg, 0, device, dtype), copy_base=False)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    steps = {"step": _stepper(model, ids), "stack": _stack_stepper(model, ids)}
+    steps["step"]()  # optimizer state, compiled graphs: allocated before anything is measured
+    out: dict[str, int] = {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            out[name] = int(torch.cuda.max_memory_allocated() - before)
+        else:
+            if not _reset_hwm():
+                raise RuntimeError("activation memory on the CPU needs /proc/self/clear_refs (Linux)")
+            before = _proc_status_kib("VmRSS")
+            step()
+            out[name] = (_proc_status_kib("VmHWM") - before) * 1024
+    return out
+
+
+def activation_memory(kind: str, shape: str, batch: int, seq: int) -> dict[str, int]:
+    """activation_memory_child in a fresh subprocess (no shared high-water mark). glibc is told to map every
+    allocation over 64 KiB on its own, so a freed tensor leaves the RSS at once and the high-water mark follows
+    the live tensors (by default it raises that threshold as it frees, and freed heap stays in the RSS: a step
+    then reuses the previous step's memory unseen, measured 114 MiB where the blocks keep 300)."""
+    cmd = [sys.executable, "-m", "lora_lab.bench", "_act", kind, shape, str(batch), str(seq)]
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"activation-memory subprocess for {kind} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_checkpointing(
+    shape: str = "smollm2-135m",
+    batch: int = 8,
+    seq: int = 512,
+    steps: int = 3,
+    warmup: int = 1,
+    memory: bool = True,
+    compile: bool = False,
+    methods: tuple[str, ...] = ("lora_lab", "full"),
+) -> dict[str, Any]:
+    """trainer.gradient_checkpointing side by side with the same method unchecked (`methods`: LoRA r=16 all-linear
+    and full fine-tuning; with `compile`, compiled LoRA with and without too): step times interleaved round-robin
+    within each pair (one pair's models in memory at a time: at 8 x 512 one unchecked step alone takes GBs),
+    activation memory of the layer stack and the whole step's added memory (fresh subprocesses), and the bytes per
+    token a block keeps for backward (saved-tensor hooks). Returns the results dict (what --out writes)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    device, dtype = _device_dtype()
+    cfg = shape_config(shape)
+    for m in methods:
+        if m not in ("lora_lab", "full"):
+            raise ValueError(f"--methods: expected lora_lab or full, got {m!r}")
+    groups = [[m, f"{m}+ckpt"] for m in methods]
+    if compile and "lora_lab" in methods:
+        groups.append(["lora_lab+compile", "lora_lab+ckpt+compile"])
+    # Memory first, while this process holds no model: a child's unchecked step takes GBs at 8 x 512, and what
+    # this process freed after timing would stay in its RSS beside it.
+    mem: dict[str, Any] = {}
+    for k in [k for group in groups for k in group]:
+        try:
+            mem[k] = activation_memory(k, shape, batch, seq) if memory else None
+        except RuntimeError as exc:  # only a compiled row may fail (no compiler here): its memory is n/a
+            if "+compile" not in k:
+                raise
+            print(f"bench: {k} memory not measured: {str(exc)[-300:]}", file=sys.stderr)
+            mem[k] = None
+    base = _base_model(cfg, 0, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    # Counted on a short batch: per token, what a block saves does not depend on the length (SDPA keeps no T x T).
+    probe = ids[:1, : min(seq, 128)]
+    kinds: list[str] = []
+    saved: dict[str, float] = {}
+    step_times: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    for group in groups:
+        models = {k: _make(k, base) for k in group}
+        saved.update({k: saved_bytes_per_token_layer(m, probe) for k, m in models.items() if "+compile" not in k})
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+        steppers = {k: _stepper(m, ids) for k, m in models.items()}
+        times, lost = _round_robin(group, steppers, warmup, steps, device)
+        step_times.update(times)
+        failed.update(lost)
+        kinds += [k for k in group if k not in lost]
+        del steppers, models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del base
+    med = {k: statistics.median(v) for k, v in step_times.items() if v}
+    result: dict[str, Any] = {
+        "suite": "checkpointing",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "r": R,
+        "alpha": ALPHA,
+        "hidden_size": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "tokens_per_step": batch * seq,
+        "steps_timed": steps,
+        "warmup": warmup,
+        "failed": failed,
+        "memory_method": "cuda max_memory_allocated delta"
+        if device.type == "cuda"
+        else "fresh subprocess per row, glibc mmap threshold 64 KiB: RSS high-water mark (VmHWM, reset via "
+        "/proc/self/clear_refs) during one step minus RSS (VmRSS) before it, after a first step",
+        "step": {
+            k: {
+                "median_s": med[k],
+                "times_s": step_times[k],
+                "tokens_per_s": batch * seq / med[k],
+                "step_mem_bytes": mem[k]["step"] if mem[k] else None,
+                "stack_mem_bytes": mem[k]["stack"] if mem[k] else None,
+                "saved_per_token_layer_bytes": saved.get(k),
+            }
+            for k in kinds
+        },
+    }
+    pairs = [(k, k.replace("+ckpt", "")) for k in kinds if "+ckpt" in k and k.replace("+ckpt", "") in kinds]
+    ratios: dict[str, float] = {}
+    for checked, plain in pairs:
+        ratios[f"time_{checked}_over_{plain}"] = med[checked] / med[plain]
+        if memory:
+            for what in ("stack", "step"):
+                ratios[f"{what}_mem_{plain}_over_{checked}"] = mem[plain][what] / max(mem[checked][what], 1)
+    result["ratios"] = ratios
+    result["paired"] = {
+        f"{a}_over_{b}": _spread([x / y for x, y in zip(step_times[a], step_times[b])]) for a, b in pairs
+    }
+    return result

@@ -55,6 +55,43 @@ def core_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CKPT_WIDTHS = (24, 10, 9, 12, 12, 14)  # row, median s, tok/s, stack MiB, step MiB, saved B/token/layer
+CKPT_TARGETS = {"time_lora_lab+ckpt_over_lora_lab": "<= 1.35", "stack_mem_lora_lab_over_lora_lab+ckpt": ">= 3"}
+
+
+def checkpointing_table(res: dict[str, Any]) -> str:
+    """What `python -m lora_lab.bench core --checkpointing` prints: each row beside its checkpointed one, ratios."""
+
+    def mib(v: Any) -> str:
+        return "n/a" if v is None else f"{v / 2**20:.0f}"
+
+    lines = [
+        f"activation checkpointing: shape {res['shape']} ({res['layers']} layers, d={res['hidden_size']}), "
+        f"device {res['device']} {res['dtype']}, {res['threads']} threads, batch {res['batch']}x{res['seq']}, "
+        f"LoRA r={res['r']} alpha={res['alpha']} all-linear, median of {res['steps_timed']} (warm-up {res['warmup']})",
+        fixed_row(["train step", "median s", "tok/s", "stack MiB", "step MiB", "saved B/tok/l"], CKPT_WIDTHS),
+    ]
+    for k, s in res["step"].items():
+        saved = s["saved_per_token_layer_bytes"]
+        cells = [k, f"{s['median_s']:.3f}", f"{s['tokens_per_s']:.0f}", mib(s["stack_mem_bytes"])]
+        lines.append(
+            fixed_row([*cells, mib(s["step_mem_bytes"]), "-" if saved is None else f"{saved:.0f}"], CKPT_WIDTHS)
+        )
+    lines.append(
+        "stack: what a step of the layer stack alone adds (the blocks' activations); step: what a whole training step "
+        "adds over the model and optimizer state (logits, loss, gradients too); saved: bytes per token one block "
+        "keeps for backward"
+    )
+    lines.append("ratios")
+    for k, v in res["ratios"].items():
+        lines.append("  " + fixed_row([k, f"{v:.3f}"], (40, 7)) + f"  {CKPT_TARGETS.get(k, '')}")
+    lines.append("paired per-round ratios (median [min, max] over rounds)")
+    for k, v in res["paired"].items():
+        spread = f"  [{v['min']:.3f}, {v['max']:.3f}] n={v['n']}"
+        lines.append("  " + fixed_row([k, f"{v['median']:.3f}"], (40, 7)) + spread)
+    return "\n".join(lines)
+
+
 SWEEP_ROWS = (  # (label, format, key of a mode's results)
     ("trials", "{:d}", "trials"),
     ("trial phase wall (s)", "{:.1f}", "wall_s"),

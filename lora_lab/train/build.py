@@ -8,6 +8,7 @@ in one call (no MLflow).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -31,12 +32,33 @@ def default_output_dir(cfg: Config) -> Path:
     return outputs_root() / "runs" / f"{stamp}-{cfg.method}-{os.getpid()}"
 
 
-def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
-    """A fresh transformers DynamicCache for `model` per call: how prefix tuning hands its keys/values to attention."""
+@functools.cache
+def _prefix_cache_class() -> type:
     from transformers import DynamicCache
 
+    class PrefixCache(DynamicCache):
+        """A DynamicCache that keeps only what it was first filled with (prefix tuning's keys/values): later updates
+        of a layer return the prefix followed by the call's keys/values without storing them. A block run twice on
+        one cache (activation checkpointing recomputes it during backward) so sees the same prefix both times,
+        where a DynamicCache would have grown by the first run's keys."""
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    return PrefixCache
+
+
+def prefix_cache_factory(model: torch.nn.Module) -> Callable[[], Any]:
+    """A fresh transformers cache for `model` per call, holding the prefix only (PrefixCache above): how prefix
+    tuning hands its keys/values to attention."""
+    cls = _prefix_cache_class()
     config = getattr(model, "config", None)
-    return lambda: DynamicCache(config=config)
+    return lambda: cls(config=config)
 
 
 def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = None) -> Session:

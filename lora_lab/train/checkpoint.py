@@ -32,7 +32,8 @@ CONFIG = "config.json"  # in each checkpoint: the config it was trained with (co
 
 # Keys a resume may change: they say where or how the run goes, not what is trained. trainer.eval_* and
 # trainer.eval_batch_size: evaluations read the model and draw no randomness; trainer.sync_every, compile,
-# pad_to_multiple, num_threads, device: how fast the same steps run (padding carries no loss). trainer.max_steps is
+# gradient_checkpointing, pad_to_multiple, num_threads, device: how fast (or in how much memory) the same steps run
+# (padding carries no loss; checkpointing recomputes the same activations). trainer.max_steps is
 # decided apart (resume_changes).
 RESUME_FREE = (
     "output_dir",
@@ -45,6 +46,7 @@ RESUME_FREE = (
     "trainer.eval_at_start",
     "trainer.sync_every",
     "trainer.compile",
+    "trainer.gradient_checkpointing",
     "trainer.pad_to_multiple",
     "trainer.device",
     "trainer.max_steps",

@@ -24,7 +24,7 @@ from lora_lab.train.checkpoint import Checkpointer
 from lora_lab.train.divergence import Divergence, answer_count
 from lora_lab.train.evaluate import Evaluator
 from lora_lab.train.progress import progress_bar
-from lora_lab.train.runtime import Clock, PeakMemory, autocast, compile_blocks, set_use_cache
+from lora_lab.train.runtime import Clock, PeakMemory, autocast, checkpoint_blocks, compile_blocks, set_use_cache
 
 log = logging.getLogger("lora_lab")
 
@@ -157,6 +157,8 @@ class TrainingLoop:
         # No KV cache in training or scoring: nothing reuses it, and a cache object in the call makes compiled
         # blocks recompile per layer (its layer index is a guarded constant). Restored for the exported model.
         set_use_cache(model, False)
+        if t.gradient_checkpointing:  # before compiling: each compiled block then holds its checkpoint
+            log.info("activation checkpointing of %d repeated blocks", checkpoint_blocks(model))
         if t.compile:
             log.info("compiled %d repeated blocks (regional torch.compile)", compile_blocks(model))
         optimizer, scheduler = make_optimizer(model, cfg)

@@ -2,8 +2,8 @@
 
 What a run asks of the machine it runs on, apart from the model's math: which device and precision, how much memory
 it peaked at (and handing memory back), how SIGINT/SIGTERM end it, the RNG states a checkpoint keeps, the hooks
-applied to the model's repeated blocks (regional compilation; frozen weights stored in bf16) and the clock of its
-training and evaluation time. Later the distributed process group and activation checkpointing land here too.
+applied to the model's repeated blocks (regional compilation, activation checkpointing; frozen weights stored in
+bf16) and the clock of its training and evaluation time. Later the distributed process group lands here too.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import logging
 import random
 import signal
 import threading
+import types
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from lora_lab import targets
 from lora_lab.config import ConfigError
@@ -215,6 +217,70 @@ def compile_blocks(model: torch.nn.Module) -> int:
     for block in best:
         block.compile()
     return len(best)
+
+
+# Set on a block whose forward checkpoint_blocks wrapped; the forward it wrapped is kept beside it.
+CHECKPOINTED = "lora_lab_checkpointed"
+PLAIN_FORWARD = "lora_lab_plain_forward"
+
+
+def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A block's forward under activation checkpointing: while training with gradients on, keep only the block's
+    inputs and recompute its inside during backward; otherwise (evaluation, no_grad) the plain forward."""
+    plain = getattr(self, PLAIN_FORWARD)
+    if not (self.training and torch.is_grad_enabled()):
+        return plain(*args, **kwargs)
+    # Keyword arguments travel positionally: checkpoint finds the device whose RNG state it stashes (so dropout
+    # draws the same masks again) from its positional tensors only, and a block may get every tensor by keyword.
+    n, names = len(args), tuple(kwargs)
+
+    def run(*flat: Any) -> Any:
+        return plain(*flat[:n], **dict(zip(names, flat[n:])))
+
+    # Non-reentrant: gradients reach inputs that need none (layer 0's under LoRA) and tensors the block reads from
+    # outside its arguments (prefix tuning's cache).
+    return torch.utils.checkpoint.checkpoint(run, *args, *kwargs.values(), use_reentrant=False)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Activation checkpointing (trainer.gradient_checkpointing), in place, of each block of the model's repeated
+    layer list (targets.repeated_blocks, the blocks compile_blocks compiles): training keeps each block's input and
+    recomputes the rest during backward, so activations cost one hidden state per token and layer, plus one block's
+    worth while it is recomputed. Any model, base-layer kind and method: only the block's forward is wrapped.
+
+    Idempotent: a block already wrapped (flag CHECKPOINTED) is left as it is. Returns how many blocks are
+    checkpointed; raises ValueError when the model has no such list. Apply before compile_blocks: the compiled block
+    then holds the checkpoint (dynamo traces it as one region that its partitioner recomputes)."""
+    try:
+        blocks = [block for _, block in targets.repeated_blocks(model)]
+    except ValueError as exc:
+        raise ValueError(f"trainer.gradient_checkpointing: {exc} to checkpoint") from None
+    for block in blocks:
+        if not getattr(block, CHECKPOINTED, False):
+            # Bound methods as instance attributes: a deep copy of the model rebinds them to the copied block.
+            setattr(block, PLAIN_FORWARD, block.forward)
+            block.forward = types.MethodType(_checkpointed_forward, block)
+            setattr(block, CHECKPOINTED, True)
+    return len(blocks)
+
+
+def uncheckpoint_blocks(model: torch.nn.Module) -> int:
+    """Undo checkpoint_blocks: every wrapped block gets its plain forward back. Returns how many were unwrapped."""
+    n = 0
+    for block in model.modules():
+        if getattr(block, CHECKPOINTED, False):
+            block.forward = getattr(block, PLAIN_FORWARD)
+            if block.forward == types.MethodType(type(block).forward, block):
+                del block.forward  # it was the class's own: no instance attribute left behind
+            delattr(block, PLAIN_FORWARD)
+            delattr(block, CHECKPOINTED)
+            n += 1
+    return n
+
+
+def is_checkpointed(model: torch.nn.Module) -> bool:
+    """Whether any block of the model runs under checkpoint_blocks."""
+    return any(getattr(m, CHECKPOINTED, False) for m in model.modules())
 
 
 def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:

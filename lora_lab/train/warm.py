@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from lora_lab import adaptations, bases, lora
-from lora_lab.train.runtime import free_memory, set_use_cache
+from lora_lab.train.runtime import free_memory, set_use_cache, uncheckpoint_blocks
 
 if TYPE_CHECKING:
     from lora_lab.config import Config
@@ -148,6 +148,7 @@ class Warm:
     def _restore(self) -> str:
         e = self.entry
         model = e.model
+        uncheckpoint_blocks(model)  # trainer.gradient_checkpointing: the blocks' plain forwards back
         trained = {id(p) for p in model.parameters() if p.requires_grad}
         wrapped = lora.wrapped_modules(model)
         if wrapped:
