@@ -61,20 +61,15 @@ def _no_cpu_repack(module: nn.Module) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
-class Linear4bitBase:
-    """``bnb.nn.Linear4bit``: the weight is a packed ``Params4bit`` ((out * in / 2, 1) uint8) with its QuantState
-    (absmax per block of 64, itself 8-bit quantized per 256 with double quantization)."""
+class _BnbLinear:
+    """What both bitsandbytes linears share as a ``bases.BaseLayer``: stored (out, in), shapes and bias on the
+    module, the weight's device."""
 
     fan_in_fan_out = False
     quantized = True
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        _no_cpu_repack(module)
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        return isinstance(module, _bnb().nn.Linear4bit)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -93,6 +88,23 @@ class Linear4bitBase:
         return int(self.module.out_features)
 
     @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+
+class Linear4bitBase(_BnbLinear):
+    """``bnb.nn.Linear4bit``: the weight is a packed ``Params4bit`` ((out * in / 2, 1) uint8) with its QuantState
+    (absmax per block of 64, itself 8-bit quantized per 256 with double quantization)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        _no_cpu_repack(module)
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, _bnb().nn.Linear4bit)
+
+    @property
     def _state(self) -> Any:
         state = self.module.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
@@ -103,10 +115,6 @@ class Linear4bitBase:
     def dtype(self) -> torch.dtype:
         """What the layer computes in: its compute dtype, else the dtype its weight was quantized from."""
         return self.module.compute_dtype or self._state.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.module.weight.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -150,44 +158,18 @@ def _copy_state(state: Any) -> Any:
     return copy.deepcopy(state, memo)
 
 
-class Linear8bitBase:
+class Linear8bitBase(_BnbLinear):
     """``bnb.nn.Linear8bitLt`` (has_fp16_weights=False): an int8 (out, in) weight CB and one scale per output row
     SCB (absmax / 127); bitsandbytes moves both from the weight to the layer's state at its first forward."""
-
-    fan_in_fan_out = False
-    quantized = True
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
         return isinstance(module, _bnb().nn.Linear8bitLt)
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.module.bias
-
-    @property
-    def in_features(self) -> int:
-        return int(self.module.in_features)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.module.out_features)
-
-    @property
     def dtype(self) -> torch.dtype:
         """What the layer computes in (set by quantize_model / prepare: the model's dtype)."""
         return getattr(self.module, "compute_dtype", None) or torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return self.module.weight.device
 
     def _scb(self) -> torch.Tensor:
         scb = getattr(self.module.weight, "SCB", None)
