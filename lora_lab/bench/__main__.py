@@ -141,13 +141,6 @@ def sweep_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", help="write the results as JSON (atomically)")
     ap.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
     ap.add_argument("--cpu", action="store_true", help="the CPU study (tiny model) even where CUDA is available")
-    ap.add_argument(
-        "--quantize",
-        action="append",
-        choices=("nf4", "fp4", "int8"),
-        default=[],
-        help="add a row of LoRA on a bitsandbytes 4-bit / 8-bit frozen base (model.quantize); repeatable",
-    )
     args = ap.parse_args(argv)
     if args.trials < 1 or (args.steps is not None and args.steps < 1):
         ap.error("--trials and --steps must be >= 1")
