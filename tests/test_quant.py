@@ -335,3 +335,35 @@ def test_bench_core_builds_a_quantized_lora_row_and_measures_its_frozen_bytes() 
         bench._stepper(model, ids)()  # a training step runs; only the adapter trains
         assert lora.wrapped_modules(model) and not [n for n, p in model.named_parameters() if p.requires_grad and
                                                     "lora_" not in n], k  # fmt: skip
+
+
+def test_the_report_precision_table_puts_each_base_at_its_best_lr_beside_qlora() -> None:
+    from report_fixture import RUNS
+
+    from lora_lab.report.runs import OK_STATE, Run
+    from lora_lab.report.tables import table_precision
+
+    def run(quantize: str, lr: float, seed: int, loss: float, frozen: float | None = None) -> Run:
+        rec = RUNS[2].record()[1]  # a completed LoRA trial
+        rec.settings.lr, rec.settings.seed = lr, seed
+        if quantize != "none":
+            rec.settings.overrides["model.quantize"] = quantize
+            rec.frozen_bytes_per_param, rec.requant_max_abs_logit_diff = frozen, 0.5
+        rec.val_loss = loss
+        return Run(run_id=f"{quantize}{lr}{seed}", parent="", state=OK_STATE, rec=rec)
+
+    runs = [
+        run("nf4", 3e-4, 0, 1.30, 0.516),
+        run("nf4", 3e-4, 1, 1.20, 0.516),
+        run("nf4", 1e-3, 0, 1.40, 0.516),
+        run("none", 1e-4, 0, 1.10),
+        run("none", 3e-4, 0, 1.00),
+    ]
+    table = table_precision(runs)
+    first, nf4 = table.rows
+    assert first["base"] == "16-bit (fp32)" and first["lr"] == "3e-4" and first["frozen"] == 4.0
+    assert first["vs_16bit"] is None and "MMLU 53.0" in first["published"]
+    assert nf4["base"] == "nf4" and nf4["lr"] == "3e-4" and nf4["runs"] == "2 of 3"
+    assert nf4["val_loss"].startswith("1.2500 ± ") and nf4["vs_16bit"] == pytest.approx(0.25)
+    assert nf4["frozen"] == pytest.approx(0.516) and nf4["merge"].endswith(" / 5.0e-01")
+    assert "NF4 + double quantization: MMLU 53.1" in nf4["published"] and "QLoRA" in table.caption

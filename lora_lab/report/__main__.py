@@ -2,9 +2,9 @@
 
 Paper-style tables (Markdown, LaTeX, CSV) and plots (PNG) from the MLflow runs of one or more studies, written into a
 folder and attached to each study's MLflow parent run (under `report/`). Tables: methods, targets, ranks, lr,
-capacity, batch, params, compute, merge (default: all). Each table is a small function of the runs that returns rows
-and a caption naming the runs it came from; published numbers from ../shared/ANCHORS.md stand beside ours, labelled
-with their source.
+capacity, batch, params, compute, merge, precision (default: all). Each table is a small function of the runs that
+returns rows and a caption naming the runs it came from; published numbers from ../shared/ANCHORS.md stand beside
+ours, labelled with their source.
 
 `python -m lora_lab.report best-lr --study NAME [--where KEY=VALUE]` prints the best peak LR of a study (argmin of the
 final val loss over COMPLETE runs), for scripts such as scripts/reproduce.sh.

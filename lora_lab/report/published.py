@@ -6,6 +6,7 @@ from __future__ import annotations
 HU = "Hu et al. 2021 (arXiv 2106.09685)"
 WR = "LoRA Without Regret (Schulman & Thinking Machines, 2025)"
 PEFT = "PEFT method comparison, Llama-3.2-3B MetaMathQA->GSM8K, one seed"
+QLORA = "QLoRA (Dettmers et al. 2023, arXiv 2305.14314)"
 PUBLISHED_PARAMS = {("mlp", 256): 0.49e9, ("attn", 256): 0.25e9, ("all-linear", 256): 0.70e9, ("mlp", 128): 0.24e9}
 PUBLISHED_PARAMS_NO_HEAD = {
     ("mlp", 256): 0.453e9,
@@ -50,4 +51,11 @@ PUBLISHED_RANKS = {  # Hu et al. Table 6, WikiSQL accuracy (%) at r = 1, 2, 4, 8
     "Wq": {1: 68.8, 2: 69.6, 4: 70.5, 8: 70.4, 64: 70.0},
     "Wq+Wv": {1: 73.4, 2: 73.3, 4: 73.7, 8: 73.8, 64: 73.5},
     "attention": {1: 74.1, 2: 73.7, 4: 74.0, 8: 74.0, 64: 73.9},
+}
+
+PUBLISHED_PRECISION = {  # model.quantize -> QLoRA's numbers for a base stored that way (16-bit LoRA for 'none')
+    "none": f"BF16 LoRA: MMLU 53.0 (5-shot, mean of eight LLaMA 7-65B runs) [{QLORA}]",
+    "nf4": f"NF4 + double quantization: MMLU 53.1; Pile-CC perplexity 27.41 (mean, 125M-13B); 0.516 B/param [{QLORA}]",
+    "fp4": f"FP4: MMLU 52.2; Pile-CC perplexity 31.07 (E2M1), 29.48 (E3M0) [{QLORA}]",
+    "int8": "- (QLoRA reports no 8-bit LoRA run; LLaMA-Factory's rule of thumb: ~1 GB per B params)",
 }

@@ -22,9 +22,11 @@ from lora_lab.report.published import (
     PUBLISHED_METHODS,
     PUBLISHED_PARAMS,
     PUBLISHED_PARAMS_NO_HEAD,
+    PUBLISHED_PRECISION,
     PUBLISHED_RANKS,
     PUBLISHED_TARGETS,
     PUBLISHED_TARGETS_WR,
+    QLORA,
     WR,
 )
 from lora_lab.report.runs import FULL_FT, OK_STATE, ReportError, Run, ok_runs
@@ -34,7 +36,8 @@ METHOD_ORDER = (
     *("LoRA", "rsLoRA", "LoRA+", "DoRA", "PiSSA", "OLoRA", FULL_FT),
     *("BitFit", "IA3", "AdapterH", "AdapterL", "PreEmbed", "PreLayer"),
 )
-TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge")
+TABLES = ("methods", "targets", "ranks", "lr", "capacity", "batch", "params", "compute", "merge", "precision")
+QUANTIZE_ORDER = ("none", "int8", "nf4", "fp4")  # the base precision table's rows: 16-bit first, then by bits
 
 
 @dataclass
@@ -567,6 +570,13 @@ def table_compute(runs: list[Run]) -> Table:
     return Table("compute", "Compute per step", cap, cols, rows)
 
 
+def compute_precision(r: Run) -> str:
+    """'bf16' or 'fp32': what the run computed in. trainer.device as set is often 'auto': the device the run
+    resolved to decides what precision=auto meant."""
+    prec = r.p("trainer.precision") or "auto"
+    return "bf16" if prec == "bf16" or (prec == "auto" and r.rec.identity.device.startswith("cuda")) else "fp32"
+
+
 def table_merge(runs: list[Run]) -> Table:
     """Merged vs unmerged LoRA: max |logit difference| and val-loss difference, per precision. A quantized base
     (model.quantize) has two rows: the merge into a dense copy of the dequantized base (what is served) and the
@@ -575,9 +585,7 @@ def table_merge(runs: list[Run]) -> Table:
     by: dict[str, list[Run]] = {}
     requant: dict[str, list[Run]] = {}
     for r in lora:
-        # trainer.device as set is often 'auto': the device the run resolved to decides what precision=auto meant.
-        prec = r.p("trainer.precision") or "auto"
-        label = "bf16" if prec == "bf16" or (prec == "auto" and r.rec.identity.device.startswith("cuda")) else "fp32"
+        label = compute_precision(r)
         quantized = r.p("model.quantize") or "none"
         if quantized != "none":
             label = f"{label}, {quantized} base, dense merge"
@@ -633,6 +641,74 @@ def table_merge(runs: list[Run]) -> Table:
     return Table("merge", "Merged vs unmerged", cap, cols, rows)
 
 
+def table_precision(runs: list[Run]) -> Table:
+    """QLoRA's comparison: LoRA on a 16-bit (here: the run's dtype), int8, NF4 and FP4 frozen base (model.quantize),
+    each at its best LR (lowest mean final val loss over its seeds), with what the base costs and how its merges
+    fare. Only precisions with runs get a row, plus 16-bit's published row."""
+    lora = [r for r in ok_runs(runs) if r.adaptation is adaptations.LORA]
+    by: dict[str, list[Run]] = {}
+    for r in lora:
+        by.setdefault(r.p("model.quantize") or "none", []).append(r)
+    rows, used = [], []
+    best16: Optional[float] = None
+    for how in sorted(by, key=lambda h: (QUANTIZE_ORDER.index(h) if h in QUANTIZE_ORDER else len(QUANTIZE_ORDER), h)):
+        rs = by[how]
+        lr, _ = best_lr(rs)
+        at = [r for r in rs if r.lr == lr]
+        used += at
+        loss, sd = _mean_sd([r.val_loss for r in at])
+        if how == "none":
+            best16 = loss
+        acc = [r.rec.accuracy for r in at if r.rec.accuracy is not None]
+        dense = [r.rec.max_abs_logit_diff for r in at if r.rec.max_abs_logit_diff is not None]
+        requant = [r.rec.requant_max_abs_logit_diff for r in at if r.rec.requant_max_abs_logit_diff is not None]
+        frozen = [
+            r.rec.frozen_bytes_per_param
+            if r.rec.frozen_bytes_per_param is not None
+            else (2.0 if compute_precision(r) == "bf16" or r.p("model.dtype") == "bfloat16" else 4.0)
+            for r in at
+        ]
+        rows.append(
+            {
+                "base": "16-bit (" + compute_precision(at[0]) + ")" if how == "none" else how,
+                "runs": f"{len(at)} of {len(rs)}",
+                "lr": fmt_lr(lr),
+                "val_loss": _pm(loss, sd, len(at)),
+                "vs_16bit": None if best16 is None or how == "none" else loss - best16,
+                "accuracy": statistics.fmean(acc) if acc else None,
+                "frozen": statistics.fmean(frozen),
+                "peak_mib": statistics.median(r.rec.peak_mem_bytes for r in at) / 2**20,
+                "step_s": statistics.median(r.rec.time_per_step_s for r in at),
+                "merge": (f"{max(dense):.1e}" if dense else "-") + (f" / {max(requant):.1e}" if requant else ""),
+                "published": PUBLISHED_PRECISION.get(how, "-"),
+            }
+        )
+    cols = [
+        ("base", "frozen base", ""),
+        ("runs", "runs at best LR (of all)", ""),
+        ("lr", "best LR", ""),
+        ("val_loss", "val loss", ""),
+        ("vs_16bit", "- 16-bit (nats)", "{:+.4f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("frozen", "frozen B/param", "{:.3f}"),
+        ("peak_mib", "peak MiB (median)", "{:.0f}"),
+        ("step_s", "s/step (median)", "{:.3f}"),
+        ("merge", "merge max |logit diff| (dense / re-quantized)", ""),
+        ("published", "published (source)", ""),
+    ]
+    cap = (
+        "Base precision: LoRA on a frozen base stored in 16 bits (the run's dtype), int8 (LLM.int8), NF4 or FP4 "
+        "(bitsandbytes, double quantization, blocks of 64), each at its best LR (lowest mean final val loss over its "
+        "seeds); '- 16-bit' is its val loss minus 16-bit's. Frozen B/param is measured from the tensors of the "
+        "quantized linears (embeddings, norms and the head stay in the run's dtype); peak memory is the CUDA "
+        "allocator's peak or, on the CPU, the process's RSS. The merge column: the adapter folded into a dense copy "
+        "of the dequantized base (what is served), and into the quantized weights, re-quantized (peft's "
+        f"merge_and_unload on a 4-bit base). Published: {QLORA}, on LLaMA (MMLU, perplexity), not this task. "
+        + _source(used)
+    )
+    return Table("precision", "Base precision (QLoRA)", cap, cols, rows)
+
+
 def table_left_out(runs: list[Run]) -> Table:
     """The runs the tables leave out (pruned, failed, or without a final val loss), each with its state and why."""
     left = sorted(
@@ -675,6 +751,7 @@ TABLE_FUNCS: dict[str, Callable[[list[Run]], Table]] = {
     "params": table_params,
     "compute": table_compute,
     "merge": table_merge,
+    "precision": table_precision,
 }
 
 
