@@ -66,7 +66,12 @@ def test_nan_and_oom_fail_with_reason_and_a_full_disk_stops_the_study_until_reru
 
     def fit(self, on_eval=None):
         if current.get("n") == 0:
-            self.model.register_forward_hook(nan_loss, with_kwargs=True)
+            # Trial 0's alone: a warm worker keeps the model for the next trials, and the hook with it if left on.
+            handle = self.model.register_forward_hook(nan_loss, with_kwargs=True)
+            try:
+                return real_fit(self, on_eval)
+            finally:
+                handle.remove()
         if current.get("n") == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return real_fit(self, on_eval)
