@@ -23,6 +23,7 @@ from sweeprun import (
     study_summary,
     tail,
     wait_all,
+    wait_for,
 )
 
 
@@ -232,18 +233,6 @@ def test_two_processes_on_the_default_study_survive_a_sigkill_and_resume_exactly
     assert sorted(status.values()) == ["FINISHED"] * 3 and len(children) == 4
 
 
-def _wait(predicate, proc, log: Path, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        assert proc.poll() is None, f"exited early with {proc.returncode}: {tail(log)}"
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {tail(log)}")
-
-
 def test_sigterm_keeps_checkpoints_and_resumes_and_a_sigkilled_comparison_run_is_closed_on_resume(tmp_path):
     """SIGTERM mid-trial: exit 143, the trial FAILs as interrupted with a queued retry, its checkpoints stay, its MLflow
     run is KILLED with the reason; the rerun resumes it from the checkpoint. A SIGKILL during the full-fine-tuning
@@ -255,7 +244,7 @@ def test_sigterm_keeps_checkpoints_and_resumes_and_a_sigkilled_comparison_run_is
     args = ["sweep=default", "sweep.n_trials=1", "sweep.sampler=random", *FAST_HEARTBEAT, *TRAIN]
     uri = f"sqlite:///{out / 'mlflow.db'}"
     p = start_worker(out, args, tmp_path / "a.log")
-    _wait(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, tmp_path / "a.log")
+    wait_for(lambda: (folder / "checkpoints" / "LATEST").is_file(), p, tmp_path / "a.log", 120, "a checkpoint")
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 143, tail(tmp_path / "a.log")
     assert (folder / "checkpoints" / "LATEST").is_file()  # kept for the retry
@@ -277,7 +266,7 @@ def test_sigterm_keeps_checkpoints_and_resumes_and_a_sigkilled_comparison_run_is
             )
         return False
 
-    _wait(comparing, p, tmp_path / "b.log")
+    wait_for(comparing, p, tmp_path / "b.log", 120, "the comparison run")
     p.kill()
     p.wait(timeout=30)
     assert f"resumed from {folder / 'checkpoints'}" in (tmp_path / "b.log").read_text()
@@ -319,7 +308,13 @@ def test_a_paused_worker_whose_trial_was_retried_elsewhere_drops_it_and_exits_0(
     a = start_worker(out, args, tmp_path / "a.log")
     b = None
     try:
-        _wait(lambda: (trials / "0000" / "checkpoints" / "LATEST").is_file(), a, tmp_path / "a.log")
+        wait_for(
+            lambda: (trials / "0000" / "checkpoints" / "LATEST").is_file(),
+            a,
+            tmp_path / "a.log",
+            120,
+            "trial 0's checkpoint",
+        )
         a.send_signal(signal.SIGSTOP)
         b = start_worker(out, args, tmp_path / "b.log")
         assert b.wait(timeout=120) == 0, tail(tmp_path / "b.log")
