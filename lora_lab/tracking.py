@@ -94,10 +94,21 @@ class TrackingUnreachable(RuntimeError):
 
 def unreachable(exc: BaseException) -> bool:
     """Whether `exc`, or what it was raised from, says the server did not answer (refused, reset, timed out, retries
-    used up), rather than that it refused the request."""
-    import requests
+    used up, or cut off mid-answer), rather than that it refused the request."""
+    import http.client
 
-    away = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    import requests
+    import urllib3
+
+    away = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+        # A server killed while it answers: the reply ends early ("Connection broken: IncompleteRead").
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.ProtocolError,
+        http.client.IncompleteRead,
+    )
     seen: set[int] = set()
     e: Optional[BaseException] = exc
     while e is not None and id(e) not in seen:

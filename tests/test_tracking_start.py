@@ -36,3 +36,31 @@ def test_a_crash_inside_the_runs_start_ends_it_failed(tmp_path: Path, monkeypatc
     assert run.info.status == "FAILED"
     assert run.data.tags[tracking.STATE_TAG] == "FAIL"
     assert "params could not be built" in run.data.tags[tracking.REASON_TAG]
+
+
+def _as_mlflow_raises(inner: BaseException) -> BaseException:
+    """`inner` wrapped the way mlflow.utils.rest_utils.http_request wraps what requests raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            raise inner
+        except Exception as e:
+            raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {e}")
+    except MlflowException as wrapped:
+        return wrapped
+
+
+def test_a_server_cut_off_mid_answer_counts_as_away_not_as_a_refusal() -> None:
+    # CI, session 7: a server killed while it answered a log_batch raised ChunkedEncodingError ("Connection broken:
+    # IncompleteRead"); read as a refused request, it failed a run the server came back in time for.
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    cut = requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead(0 bytes read, 2 more expected)")
+    assert tracking.unreachable(_as_mlflow_raises(cut))
+    assert tracking.unreachable(_as_mlflow_raises(requests.exceptions.ConnectionError("refused")))
+    assert tracking.unreachable(_as_mlflow_raises(requests.exceptions.ReadTimeout("slow")))
+    # A request the server answered with a refusal is not a lost server: the run must hear of it.
+    assert not tracking.unreachable(MlflowException("INVALID_PARAMETER_VALUE: bad metric"))
+    assert not tracking.unreachable(_as_mlflow_raises(ValueError("bad body")))
