@@ -46,7 +46,7 @@ def _as_mlflow_raises(inner: BaseException) -> BaseException:
         try:
             raise inner
         except Exception as e:
-            raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {e}")
+            raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {e}")  # noqa: B904 (as mlflow does)
     except MlflowException as wrapped:
         return wrapped
 
