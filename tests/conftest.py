@@ -6,9 +6,14 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pytest
-import torch
-from disks import tmpfs
+# No hub is reachable from a test (CI has no network): say so before huggingface_hub and datasets read it at import,
+# so a name that is not local fails at once, not after the hub client's retries (20 s each).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from disks import tmpfs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,6 +97,29 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     out = tmp_path / "outputs"
     monkeypatch.setenv("LORA_LAB_OUTPUTS", str(out))
     return out
+
+
+# Modules whose tests start several processes, servers or browsers and wait on them with deadlines: under
+# `pytest -n 2 --dist loadgroup` (the README's test command) they run one after another on one worker, as they were
+# written to, while the other worker takes the in-process tests (one thread each: the two share 2 cores).
+PROCESS_HEAVY = {
+    "test_faults",
+    "test_mlflow_ui",
+    "test_no_repeats",
+    "test_run_owner",
+    "test_scaleout",
+    "test_study_endings",
+    "test_sweep_devices",
+    "test_sweep_disk_full",
+    "test_sweep_servers",
+    "test_tracking_loss",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESS_HEAVY:
+            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(autouse=True, scope="session")
