@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -218,22 +219,62 @@ def hub_offline() -> bool:
 
 
 def _from_pretrained(cfg: ModelConfig, source: str, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = getattr(torch, cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     _ensure_pad(tokenizer)
+    on_load = _quantize_on_load(cfg, AutoConfig.from_pretrained(source, **kwargs)) if cfg.quantize != "none" else {}
     if cfg.task == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype, **kwargs
+            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id, dtype=dtype, **on_load, **kwargs
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **on_load, **kwargs)
+    if on_load:
+        from lora_lab import quant
+
+        quant.prepare(model)  # sets model.lora_lab_quantize: quantize_loaded leaves it as it is
+        log.info("model %s: frozen linears quantized to %s as they loaded (bitsandbytes)", cfg.name, cfg.quantize)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = CHATML_TEMPLATE
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _quantize_on_load(cfg: ModelConfig, config: Any) -> dict[str, Any]:
+    """from_pretrained's arguments that quantize the frozen linears as each weight loads (transformers'
+    BitsAndBytesConfig: the host never holds the float model, only one tensor of it at a time) into exactly what
+    lora_lab.quant.quantize_model makes of the float model: the same linears (all but the heads), NF4/FP4 with
+    double quantization in blocks of 64 computing in model.dtype, or LLM.int8 at threshold 6.0. Empty (quantize
+    after loading) for a checkpoint that is quantized already, and for a model with GPT-2's Conv1D layers
+    (transformers would quantize them; quantize_model keeps them float)."""
+    if getattr(config, "quantization_config", None) is not None:
+        return {}
+    from transformers import BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_lab import quant
+    from lora_lab.targets import head_modules
+
+    shape = meta_model(cfg, config)
+    if any(isinstance(m, Conv1D) for m in shape.modules()):
+        return {}
+    skip = [re.escape(name) for name in head_modules(shape)]  # transformers reads each entry as a regex
+    if cfg.quantize == "int8":
+        bnb_config = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=quant.INT8_THRESHOLD, llm_int8_skip_modules=skip
+        )
+    else:
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantize,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.dtype),
+            llm_int8_skip_modules=skip,
+        )
+    return {"quantization_config": bnb_config, "device_map": "cpu"}
 
 
 def _ensure_pad(tokenizer: Any) -> None:
@@ -251,6 +292,8 @@ def quantize_loaded(cfg: ModelConfig, model: Any) -> Optional[str]:
     place. A checkpoint transformers loaded pre-quantized (its config.json has a quantization_config) is kept as it
     is; a model.quantize that names another quantization is refused. Returns what the model's linears now are
     ('nf4', 'fp4', 'int8'), None for a float model."""
+    if cfg.quantize != "none" and vars(model).get("lora_lab_quantize") == cfg.quantize:
+        return cfg.quantize  # quantized as it loaded (_quantize_on_load)
     pre = getattr(getattr(model, "config", None), "quantization_config", None) is not None
     if not pre and cfg.quantize == "none":
         return None  # bitsandbytes is not even imported

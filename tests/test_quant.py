@@ -249,6 +249,34 @@ def test_adapters_move_both_ways_between_lora_lab_and_peft_on_a_4bit_base(tmp_pa
         adaptations.of("full").apply(pre, cfg)
 
 
+@pytest.mark.parametrize("task,how", [("causal_lm", "nf4"), ("causal_lm", "int8"), ("seq_cls", "fp4")])
+def test_a_saved_model_is_quantized_as_it_loads_into_what_quantizing_after_the_load_gives(
+    task: str, how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # From a folder (packaged, local or hub), the frozen linears are quantized weight by weight as they load: the
+    # host never holds the float model. It must be the very model quantize_model makes of the float one.
+    float_model, tokenizer = load_model(ModelConfig(name="tiny", task=task))
+    float_model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    with caplog.at_level("INFO", logger="lora_lab.models"):
+        on_load, _ = load_model(ModelConfig(name=str(tmp_path / "base"), task=task, quantize=how))
+    assert f"quantized to {how} as they loaded" in caplog.text and "pre-quantized" not in caplog.text
+    after, _ = load_model(ModelConfig(name=str(tmp_path / "base"), task=task))
+    quant.quantize_model(after, how)
+    assert quant.quantization_of(on_load) == how
+    names = bases.quantized_modules(on_load)
+    assert names == bases.quantized_modules(after) and len(names) == 14  # every projection, no head
+    for name in names:
+        a, b = on_load.get_submodule(name).weight, after.get_submodule(name).weight
+        assert torch.equal(a.data, b.data), name
+        if how == "int8":
+            assert torch.equal(a.SCB, b.SCB), name
+    head = "score" if task == "seq_cls" else "lm_head"
+    assert type(on_load.get_submodule(head)) is torch.nn.Linear  # heads stay in the model's dtype
+    assert torch.equal(_logits(on_load), _logits(after))
+    assert quant.frozen_bytes(on_load) == quant.frozen_bytes(after)
+
+
 def test_a_quantized_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: Path) -> None:
     common = [*TINY, "model.quantize=nf4", "lora.init=pissa", "trainer.max_steps=6", "trainer.eval_at_start=false"]
     common += ["trainer.eval_every=2", "trainer.checkpoint_every=2"]  # the evaluation at a step runs before its save
