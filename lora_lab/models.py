@@ -9,6 +9,7 @@ once: a lock file serialises the builders, and an entry only appears by renaming
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -325,8 +326,24 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     folder holding config.json or a Hugging Face hub id (at `cfg.revision`).
     """
     model, tokenizer = _load_float(cfg)
-    quantize_loaded(cfg, model)
+    if quantize_loaded(cfg, model) is not None:
+        _off_the_checkpoint(model)
     return model, tokenizer
+
+
+def _off_the_checkpoint(model: Any) -> None:
+    """Copy the float weights of a quantized model into the process's own memory. from_pretrained leaves weights
+    whose dtype it kept as views of the checkpoint's memory-mapped file: the mapping then stays open for the run,
+    and every page of it read during the load (the float linear weights quantized) stays resident beside their
+    4-bit copies. SmolLM2-135M NF4: 955 -> 651 MiB resident after the load."""
+    gc.collect()  # the load's own garbage first (reference cycles): its memory then takes the copies
+    seen: set[int] = set()
+    with torch.no_grad():
+        for p in model.parameters():
+            # bitsandbytes' Params4bit / Int8Params (subclasses) hold their own packed copies already.
+            if type(p) is torch.nn.Parameter and id(p) not in seen:
+                seen.add(id(p))
+                p.data = p.data.clone()
 
 
 def _load_float(cfg: ModelConfig) -> tuple[Any, Any]:

@@ -277,6 +277,37 @@ def test_a_saved_model_is_quantized_as_it_loads_into_what_quantizing_after_the_l
     assert quant.frozen_bytes(on_load) == quant.frozen_bytes(after)
 
 
+def _mapped_ranges(path_part: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped files whose path contains `path_part` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if path_part in line:
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_a_quantized_model_keeps_no_weight_in_the_checkpoints_mapped_file(tmp_path: Path) -> None:
+    # from_pretrained leaves the weights it does not convert as views of the memory-mapped safetensors: the mapping
+    # (and every page of it the quantization read) would stay resident beside the 4-bit copies for the whole run.
+    float_model, tokenizer = load_model(ModelConfig(name="tiny"))
+    folder = tmp_path / "checkpoint-to-map"
+    float_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    plain, _ = load_model(ModelConfig(name=str(folder)))
+    mapped = _mapped_ranges("checkpoint-to-map")
+
+    def in_file(model: torch.nn.Module) -> list[str]:
+        return [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in mapped)]
+
+    assert in_file(plain)  # the float model reads its weights from the mapping (nothing copied): the check sees it
+    del plain
+    quantized, _ = load_model(ModelConfig(name=str(folder), quantize="nf4"))
+    mapped = _mapped_ranges("checkpoint-to-map")
+    assert in_file(quantized) == []
+
+
 def test_a_quantized_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: Path) -> None:
     common = [*TINY, "model.quantize=nf4", "lora.init=pissa", "trainer.max_steps=6", "trainer.eval_at_start=false"]
     common += ["trainer.eval_every=2", "trainer.checkpoint_every=2"]  # the evaluation at a step runs before its save
