@@ -105,7 +105,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     from lora_lab.train import build
     from lora_lab.train.batches import TrainBatches
     from lora_lab.train.memory import planned, saved_for_backward
-    from lora_lab.train.runtime import autocast, set_use_cache
+    from lora_lab.train.runtime import autocast, checkpoint_blocks, set_use_cache
 
     _, cfg = compose(overrides)
     p, _, _ = planned(cfg)
@@ -115,6 +115,8 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     model, device, t = session.model, session.device, cfg.trainer
     model.to(device).train()
     set_use_cache(model, False)
+    if t.gradient_checkpointing:  # as the trainer's loop applies it (lora_lab.train.loop), before the first step
+        checkpoint_blocks(model)
     effect_quant = any(p_.dtype in (torch.uint8, torch.int8) for p_ in model.parameters())
     if quantized and not effect_quant:  # model.quantize is a key this checkout does not apply: nothing to measure
         return {"predicted": p.train_peak, "quantized": False}
