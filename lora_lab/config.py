@@ -415,6 +415,11 @@ class TrainerConfig:
     # Activation checkpointing of each block of that layer list (non-reentrant): training keeps one hidden state per
     # token and layer and recomputes the rest during backward (one more forward of the blocks per step; same gradients).
     gradient_checkpointing: bool = False
+    # Causal LMs: compute the output head and the cross-entropy N labelled positions at a time, each chunk's logits
+    # recomputed in backward instead of kept (lora_lab/train/loss.py), so the (batch x length x vocabulary) fp32
+    # logits never exist at once: at a 128k vocabulary the largest tensors of a LoRA step. Same loss and gradients,
+    # one more head matmul per step. 0: the model's own loss over the full logits.
+    loss_chunk: int = 0
     # Pad each training batch's length up to a multiple of N tokens (fewer distinct shapes for compile and tensor
     # cores; padding carries no loss). 1: pad to the longest row only.
     pad_to_multiple: int = 1
@@ -432,6 +437,7 @@ class TrainerConfig:
         _check(self.num_threads >= 0, "trainer.num_threads", "an integer >= 0", self.num_threads)
         _check(self.sync_every >= 1, "trainer.sync_every", "an integer >= 1", self.sync_every)
         _check(self.pad_to_multiple >= 1, "trainer.pad_to_multiple", "an integer >= 1", self.pad_to_multiple)
+        _check(self.loss_chunk >= 0, "trainer.loss_chunk", "an integer >= 0 (0: no chunking)", self.loss_chunk)
 
 
 @dataclass
@@ -553,6 +559,11 @@ class Config:
         _one_of("method", self.method, METHOD_CHOICES)
         if self.data.format == "classification" and self.model.task != "seq_cls":
             raise ConfigError("data.format=classification needs model.task=seq_cls (a classification head)")
+        if self.trainer.loss_chunk and self.model.task != "causal_lm":
+            raise ConfigError(
+                f"trainer.loss_chunk={self.trainer.loss_chunk}: chunks a causal LM's vocabulary logits; "
+                f"model.task={self.model.task} has a classification head (set trainer.loss_chunk=0)"
+            )
         if self.model.task == "seq_cls" and self.data.format != "classification":
             raise ConfigError(
                 f"model.task=seq_cls needs data.format=classification, got data.format={self.data.format!r}"

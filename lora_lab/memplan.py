@@ -8,9 +8,10 @@ a run fit a device's memory. The formulas and where their coefficients come from
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 from lora_lab.markdown import table as markdown_table
 
@@ -30,6 +31,7 @@ ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, each of its parameter's 
 # Logits and loss in training, per (token, vocabulary entry), in the loss's fp32: at the start of the backward pass the
 # log-softmax output (saved), the gradient nll_loss hands it and the gradient it hands the head are alive together.
 TRAIN_LOGIT_COPIES = 3
+LOSS_CHUNK = 1024  # the trainer.loss_chunk a refusal suggests: a 128k vocabulary's chunk is 0.5 GiB of fp32 logits
 EVAL_LOGIT_COPIES = 2  # evaluation (no grad): the logits and their log-softmax
 MARGIN = 0.05  # of activations and loss buffers: allocator rounding and fragmentation
 # Fixed workspace: on the CPU the tokenized data, the tokenizer and allocator arenas the process grows beside the
@@ -72,6 +74,7 @@ class PlanInput:
     device: str = "cpu"  # cpu or cuda: which fixed workspace applies
     grad_accum: int = 1  # micro-batches per step (memory does not grow with it; kept for the suggestions)
     quantizable: bool = True  # the method leaves the base layers frozen (adaptations' trains_base: a 4-bit base serves)
+    loss_chunk: int = 0  # trainer.loss_chunk: positions whose logits exist at once in the loss (0: every position)
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
@@ -168,7 +171,14 @@ def plan(inp: PlanInput) -> Plan:
         acts_how += "; LLM.int8 keeps each linear's input quantized"
     # Outside the blocks: the final norm (and, when the head trains, its input) saved for backward.
     acts += b * t * inp.hidden * 4 * (3 if inp.trains_all else 1)
-    if inp.causal_lm:
+    if inp.causal_lm and inp.loss_chunk:
+        rows = min(b * t, inp.loss_chunk)
+        # One chunk's logits at a time (recomputed in backward), plus the head's input at every position, kept for
+        # the chunks' recomputation.
+        logits = rows * v * (TRAIN_LOGIT_COPIES * 4 + (inp.compute_bytes if inp.compute_bytes < 4 else 0))
+        logits += b * t * inp.hidden * inp.compute_bytes
+        logits_how = f"chunks of {rows} x {v} (trainer.loss_chunk), fp32; the head's input {b} x {t} x {inp.hidden}"
+    elif inp.causal_lm:
         logits = b * t * v * (TRAIN_LOGIT_COPIES * 4 + (inp.compute_bytes if inp.compute_bytes < 4 else 0))
         logits_how = f"{b} x {t} x {v}: log-softmax, its gradient and the head's, fp32"
     else:
@@ -210,15 +220,18 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
     """Overrides that would bring the plan under `available` bytes, fewest changes first: 4-bit base, activation
     checkpointing, then smaller micro-batches with more accumulation (the same effective batch). Each entry is
     (the overrides, the predicted peak)."""
-    tries: list[tuple[list[str], PlanInput]] = []
-    nf4 = inp.quantize == "none" and inp.quantizable and not inp.trains_all
-    if nf4:
-        tries.append((["model.quantize=nf4"], replace(inp, quantize="nf4")))
+    changes: list[tuple[str, dict[str, Any]]] = []
+    if inp.quantize == "none" and inp.quantizable and not inp.trains_all:
+        changes.append(("model.quantize=nf4", {"quantize": "nf4"}))
     if not inp.checkpointing:
-        tries.append((["trainer.gradient_checkpointing=true"], replace(inp, checkpointing=True)))
-    if nf4 and not inp.checkpointing:
-        both = replace(inp, quantize="nf4", checkpointing=True)
-        tries.append((["model.quantize=nf4", "trainer.gradient_checkpointing=true"], both))
+        changes.append(("trainer.gradient_checkpointing=true", {"checkpointing": True}))
+    if inp.causal_lm and not inp.loss_chunk:
+        changes.append((f"trainer.loss_chunk={LOSS_CHUNK}", {"loss_chunk": LOSS_CHUNK}))
+    tries: list[tuple[list[str], PlanInput]] = []
+    for n in range(1, len(changes) + 1):  # every combination, fewest changes first
+        for combo in itertools.combinations(changes, n):
+            fields = {k: v for _, change in combo for k, v in change.items()}
+            tries.append(([o for o, _ in combo], replace(inp, **fields)))
     base_sets = [([], inp)] + tries
     batch = inp.batch
     while batch > 1:

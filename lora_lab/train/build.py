@@ -21,6 +21,7 @@ from lora_lab.config import Config, ConfigError, outputs_root
 from lora_lab.records import RunRecord
 from lora_lab.train.finish import RunRole
 from lora_lab.train.loop import EvalCallback
+from lora_lab.train.loss import check_chunkable
 from lora_lab.train.runtime import autocast_dtype, pick_device, seed_everything, store_frozen_in
 from lora_lab.train.session import Session
 from lora_lab.train.warm import Warm
@@ -105,6 +106,11 @@ def _prepare(cfg: Config, model: torch.nn.Module, data: Any, device: torch.devic
             from lora_lab import quant
 
             quant.compute_in(model, torch.bfloat16)  # 4-/8-bit layers dequantize into the run's precision
+    if cfg.trainer.loss_chunk:
+        try:
+            check_chunkable(model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.data.format == "classification":
         labels = set(data.train["labels"]) | set(data.val["labels"])
         if max(labels) >= cfg.model.num_labels:

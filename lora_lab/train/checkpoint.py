@@ -32,9 +32,9 @@ CONFIG = "config.json"  # in each checkpoint: the config it was trained with (co
 
 # Keys a resume may change: they say where or how the run goes, not what is trained. trainer.eval_* and
 # trainer.eval_batch_size: evaluations read the model and draw no randomness; trainer.sync_every, compile,
-# gradient_checkpointing, pad_to_multiple, num_threads, device: how fast (or in how much memory) the same steps run
-# (padding carries no loss; checkpointing recomputes the same activations). trainer.max_steps is
-# decided apart (resume_changes).
+# gradient_checkpointing, loss_chunk, pad_to_multiple, num_threads, device: how fast (or in how much memory) the same
+# steps run (padding carries no loss; checkpointing and the chunked loss recompute the same values).
+# trainer.max_steps is decided apart (resume_changes).
 RESUME_FREE = (
     "output_dir",
     "trainer.resume",
@@ -47,6 +47,7 @@ RESUME_FREE = (
     "trainer.sync_every",
     "trainer.compile",
     "trainer.gradient_checkpointing",
+    "trainer.loss_chunk",
     "trainer.pad_to_multiple",
     "trainer.device",
     "trainer.max_steps",

@@ -23,6 +23,7 @@ from lora_lab.train.batches import TrainBatches
 from lora_lab.train.checkpoint import Checkpointer
 from lora_lab.train.divergence import Divergence, answer_count
 from lora_lab.train.evaluate import Evaluator
+from lora_lab.train.loss import training_loss
 from lora_lab.train.progress import progress_bar
 from lora_lab.train.runtime import Clock, PeakMemory, autocast, checkpoint_blocks, compile_blocks, set_use_cache
 
@@ -190,6 +191,7 @@ class TrainingLoop:
         batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple, padding_mask=not causal)
         self.bar = progress_bar(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
         self.pending.restart_clock()
+        loss_of = training_loss(t.loss_chunk)  # config: chunking only for causal LMs
         with PeakMemory(device) as peak:
             try:
                 batch, n_tok = batches.get(start_step * t.grad_accum)
@@ -200,7 +202,7 @@ class TrainingLoop:
                         # Copy the next batch now (non-blocking): the device takes it in stream order, the host goes on.
                         following = batches.get(micro + 1) if micro + 1 < t.max_steps * t.grad_accum else (batch, 0)
                         with autocast(device, self.evaluator.dtype):
-                            loss = model(**batch).loss / t.grad_accum
+                            loss = loss_of(model, batch) / t.grad_accum
                         loss.backward()
                         loss_total = loss.detach() if i == 0 else loss_total + loss.detach()
                         self.tokens += n_tok

@@ -136,6 +136,7 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInp
         device=device.type,
         grad_accum=cfg.trainer.grad_accum,
         quantizable=not adaptation.trains_base,
+        loss_chunk=cfg.trainer.loss_chunk,
     )
 
 
