@@ -45,6 +45,8 @@ METHODS = {
     "full": ["method=full"],
     "nf4": ["model.quantize=nf4"],
     "int8": ["model.quantize=int8"],
+    # LoRA with the chunked loss (trainer.loss_chunk): 128 positions of the batch's logits at a time
+    "lora-chunked": ["method=lora", "trainer.loss_chunk=128"],
 }
 CHECKPOINTING = {"off": [], "on": ["trainer.gradient_checkpointing=true"]}
 DESCRIPTION = "The memory plan's prediction beside the measured peak of real training steps, per configuration."
@@ -104,6 +106,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     from lora_lab.config import compose
     from lora_lab.train import build
     from lora_lab.train.batches import TrainBatches
+    from lora_lab.train.loss import training_loss
     from lora_lab.train.memory import planned, saved_for_backward
     from lora_lab.train.runtime import autocast, checkpoint_blocks, set_use_cache
 
@@ -132,11 +135,12 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the high-water mark starts again from the RSS now
     tokens = 0
+    loss_of = training_loss(t.loss_chunk)  # the trainer's loss: trainer.loss_chunk as the loop applies it
     for step in range(steps):
         batch, n = batches.get(step)
         tokens = max(tokens, int(batch["input_ids"].shape[1]))
         with autocast(device, session.autocast_dtype):
-            loss = model(**batch).loss
+            loss = loss_of(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
         optimizer.step()
