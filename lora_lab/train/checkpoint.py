@@ -49,6 +49,7 @@ RESUME_FREE = (
     "trainer.gradient_checkpointing",
     "trainer.pad_to_multiple",
     "trainer.device",
+    "trainer.parallel",  # DDP or FSDP2 compute the same steps (FSDP2 writes no checkpoints yet: refused there)
     "trainer.max_steps",
     # The examples per optimizer step are compared below, not how they are split into micro-batches: an
     # out-of-memory retry resumes with half the micro-batch and twice the accumulation (the same rows per step).
@@ -89,6 +90,7 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
     schedule does not depend on it, so a constant schedule may change it, as long as the checkpoint's step is not
     past it; under a cosine schedule every step's LR depends on it, so it must stay."""
     now, then = _flat(config_record(cfg)), _flat(saved)
+    then.setdefault("trainer.devices", 1)  # a checkpoint from before trainer.devices ran on one process
     own = adaptations.of(cfg.method).group
     unused = adaptations.groups() - ({own} if own else set())
     changes = []
@@ -98,11 +100,14 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
             continue
         if now.get(key) != then.get(key):
             changes.append(f"{key}: {then.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
+    # trainer.devices itself is compared above: each rank's share of the data and its RNG state depend on it.
+    t = cfg.trainer
     old_batch = (then.get("trainer.batch_size") or 0) * (then.get("trainer.grad_accum") or 0)
-    if old_batch != cfg.trainer.batch_size * cfg.trainer.grad_accum:
+    old_batch *= then.get("trainer.devices") or 1
+    if old_batch != t.batch_size * t.grad_accum * t.devices:
         changes.append(
-            f"trainer.batch_size x trainer.grad_accum: {old_batch} -> "
-            f"{cfg.trainer.batch_size * cfg.trainer.grad_accum} examples per optimizer step"
+            f"trainer.batch_size x trainer.grad_accum x trainer.devices: {old_batch} -> "
+            f"{t.batch_size * t.grad_accum * t.devices} examples per optimizer step"
         )
     old_steps, new_steps = then.get("trainer.max_steps"), cfg.trainer.max_steps
     if old_steps != new_steps:
@@ -286,6 +291,17 @@ class Checkpointer:
                     return state
             self.set_aside(path, problem)
         return None
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore the checkpoint at `path` (the one rank 0 chose: the other ranks of a multi-process run load the
+        same); ValueError when it fails its manifest or does not load."""
+        problem = self.verify(path)
+        if problem:
+            raise ValueError(f"checkpoint {path}: {problem}")
+        self._check_config(path)
+        state = self._load(path)
+        self.loaded = path
+        return state
 
     def _check_config(self, path: Path) -> None:
         if self.cfg is None or not (path / CONFIG).is_file():
