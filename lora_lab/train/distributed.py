@@ -279,5 +279,5 @@ def failure_message(exc: BaseException) -> str:
     rank_, failure = first
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
     others = sorted(r for r in failures if r != rank_)
-    also = f" (then rank(s) {', '.join(map(str, others))} failed too)" if others else ""
+    also = f" (rank(s) {', '.join(map(str, others))} ended non-zero after it)" if others else ""
     return f"rank {rank_} (pid {failure.pid}) {how}{also}"
