@@ -138,7 +138,8 @@ class Settings:
     devices: int = spec(
         "processes",
         "trainer.devices: processes (one device each) that trained the run; the global batch is "
-        "batch_size x grad_accum x devices (1 for runs from before it)",
+        "batch_size x grad_accum x devices. Recorded (metrics.json, the MLflow param) only when > 1: a 1-process "
+        "run's record is what it was before the setting existed",
         default=1,
     )
     method_fields: dict[str, Any] = spec("", "the method's own fields by path (lora.r, lora.alpha, ...)", default=None)
@@ -164,10 +165,18 @@ class Settings:
             return self.method_fields[path]
         return self.overrides.get(path)
 
+    def to_json(self) -> dict[str, Any]:
+        """metrics.json's settings section (devices only when > 1)."""
+        out = dataclasses.asdict(self)
+        if self.devices == 1:
+            del out["devices"]
+        return out
+
     def params(self) -> dict[str, str]:
         """MLflow params: the settings by config path, values as JSON (strings bare)."""
         out = {p: getattr(self, name) for name, p in SETTINGS_PARAMS.items()}
-        out[DEVICES_PARAM] = self.devices
+        if self.devices != 1:
+            out[DEVICES_PARAM] = self.devices
         out.update(self.method_fields)
         out.update({k: v for k, v in self.overrides.items() if k not in out})
         return {k: param_text(v) for k, v in out.items()}
@@ -370,7 +379,7 @@ class RunRecord(Results):
             "schema": SCHEMA,
             **self.results(),
             "identity": dataclasses.asdict(self.identity),
-            "settings": dataclasses.asdict(self.settings),
+            "settings": self.settings.to_json(),
             "history": [dataclasses.asdict(p) for p in self.history],
             "evals": [dataclasses.asdict(p) for p in self.evals],
         }

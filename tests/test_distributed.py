@@ -19,7 +19,15 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model=tiny", "data=tiny_sentiment", "trainer=smoke", "trainer.progress=false", "trainer.num_threads=1"]
+# trainer.device=cpu: gloo and fp32 on any machine (a host with one GPU could not give two processes one each).
+TINY = [
+    "model=tiny",
+    "data=tiny_sentiment",
+    "trainer=smoke",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
+    "trainer.device=cpu",
+]
 ATOL = 1e-5
 
 
@@ -117,7 +125,8 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
 
 def test_resume_with_the_same_devices_resumes_and_another_count_is_refused(tmp_path: Path) -> None:
     outputs, run = tmp_path / "outputs", tmp_path / "run"
-    args = ["lora.r=4", "tracking.enabled=false", "trainer.checkpoint_every=4", f"output_dir={run}"]
+    # Dropout: each rank draws its own masks, and a resumed rank must go on with its own RNG stream.
+    args = ["lora.r=4", "lora.dropout=0.1", "tracking.enabled=false", "trainer.checkpoint_every=4", f"output_dir={run}"]
     first = cli([*args, "trainer.devices=2"], outputs)
     assert first.returncode == 0, first.stderr[-3000:]
     uninterrupted = metrics(run)
@@ -179,3 +188,24 @@ def test_a_killed_rank_ends_the_group_naming_it_with_no_orphans(tmp_path: Path) 
     assert f"rank 1 (pid {ranks[1].pid}) was killed by SIGKILL" in err, err[-3000:]
     gone, alive = psutil.wait_procs(everyone, timeout=10)
     assert not alive, f"orphans: {alive}"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["trainer.devices=0"], "trainer.devices: expected an integer >= 1"),
+        (["trainer.devices=2", "trainer.parallel=zero3"], "trainer.parallel"),
+        (["trainer.devices=2", "trainer.parallel=fsdp"], "trainer.parallel=fsdp with method=lora"),
+        (["trainer.devices=2", "method=full", "trainer.checkpoint_every=4"], "sharded checkpoints are not written"),
+        (["trainer.devices=2", "model.quantize=nf4", "trainer.parallel=fsdp"], "model.quantize=nf4"),
+    ],
+)
+def test_combinations_that_do_not_work_are_refused_by_name(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lora_lab.train.cli import main
+
+    assert main([*TINY, *args, f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

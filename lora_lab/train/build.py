@@ -76,6 +76,12 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
     adaptations.of(cfg.method).refuse(cfg)  # a combination the method refuses, before any weight loads
     # Nothing is written yet: the folder appears when the run starts (fit, fit_tracked), not on a bad input.
     distributed.refuse(cfg)  # a multi-process combination that cannot work, also before any weight loads
+    if cfg.trainer.devices > 1 and not distributed.active():
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices}: a multi-process run starts through `python -m lora_lab.train` "
+            "(or torchrun); a session built in this process trains on one (sweep trials over several devices are "
+            "not built yet)"
+        )
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
     output_dir = distributed.from_main(output_dir)  # ranks started without output_dir: rank 0's folder is the run's
     if cfg.trainer.num_threads:

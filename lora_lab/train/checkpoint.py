@@ -24,11 +24,13 @@ from lora_lab import adaptations, lora, methods
 from lora_lab.config import Config, ConfigError
 from lora_lab.errors import first_line
 from lora_lab.files import WriteError, atomic_dir, atomic_write_text
+from lora_lab.train import distributed
 from lora_lab.train.runtime import restore_rng_state, rng_state
 
 log = logging.getLogger("lora_lab")
 
 CONFIG = "config.json"  # in each checkpoint: the config it was trained with (config_record)
+RANK_RNGS = "rng-ranks.pt"  # in a multi-process run's checkpoints: every rank's RNG states, in rank order
 
 # Keys a resume may change: they say where or how the run goes, not what is trained. trainer.eval_* and
 # trainer.eval_batch_size: evaluations read the model and draw no randomness; trainer.sync_every, compile,
@@ -101,13 +103,11 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
         if now.get(key) != then.get(key):
             changes.append(f"{key}: {then.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
     # trainer.devices itself is compared above: each rank's share of the data and its RNG state depend on it.
-    t = cfg.trainer
     old_batch = (then.get("trainer.batch_size") or 0) * (then.get("trainer.grad_accum") or 0)
-    old_batch *= then.get("trainer.devices") or 1
-    if old_batch != t.batch_size * t.grad_accum * t.devices:
+    if old_batch != cfg.trainer.batch_size * cfg.trainer.grad_accum:
         changes.append(
-            f"trainer.batch_size x trainer.grad_accum x trainer.devices: {old_batch} -> "
-            f"{t.batch_size * t.grad_accum * t.devices} examples per optimizer step"
+            f"trainer.batch_size x trainer.grad_accum: {old_batch} -> "
+            f"{cfg.trainer.batch_size * cfg.trainer.grad_accum} examples per optimizer step (per process)"
         )
     old_steps, new_steps = then.get("trainer.max_steps"), cfg.trainer.max_steps
     if old_steps != new_steps:
@@ -194,10 +194,11 @@ class Checkpointer:
             return {k: v.detach().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
         return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(self.model).items()}
 
-    def save(self, step: int, history: list, evals: list) -> Path:
+    def save(self, step: int, history: list, evals: list, rank_rngs: Optional[list[dict[str, Any]]] = None) -> Path:
         """Write the checkpoint of `step` (with the run's history and evaluations so far), point LATEST at it and
-        remove the previous one; returns its folder. On a full disk: a WriteError that says which checkpoint is
-        kept (the previous one stays whole, no temp file is left)."""
+        remove the previous one; returns its folder. `rank_rngs`: every rank's RNG states, in rank order (a
+        multi-process run; rank 0 writes). On a full disk: a WriteError that says which checkpoint is kept (the
+        previous one stays whole, no temp file is left)."""
         from safetensors.torch import save_file
 
         name = f"step-{step:07d}"
@@ -210,6 +211,8 @@ class Checkpointer:
                     tmp / "optim.pt",
                 )
                 torch.save(rng_state(), tmp / "rng.pt")
+                if rank_rngs is not None:  # each rank draws its own dropout masks: each resumes its own stream
+                    torch.save({"ranks": rank_rngs}, tmp / RANK_RNGS)
                 (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
                 if self.cfg is not None:
                     (tmp / CONFIG).write_text(json.dumps(config_record(self.cfg), indent=1))
@@ -341,6 +344,10 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.model.load_state_dict(weights, strict=False)  # strict on what the checkpoint holds: fit_problem
         restore_rng_state(rng)
+        if (path / RANK_RNGS).is_file():
+            ranks = torch.load(path / RANK_RNGS, weights_only=True)["ranks"]
+            if len(ranks) == distributed.world_size():  # another count is refused before (trainer.devices)
+                restore_rng_state(ranks[distributed.rank()])
         return json.loads((path / "state.json").read_text())
 
 

@@ -8,7 +8,10 @@ output_dir a live run owns
 files.WriteError names the path and what was kept), a tracking server gone past tracking.deadline_s
 (tracking.TrackingUnreachable), memory run out; 3 when it diverged; 128 + the signal number when SIGINT/SIGTERM
 stopped it (its checkpoints stay: the same command resumes it). Every error is one line on stderr,
-`lora_lab.train: error: <message>`, never a traceback. The CLI lives here, not in __main__.py, so that the package
+`lora_lab.train: error: <message>`, never a traceback. trainer.devices=N outside a launcher: the command starts N
+ranks of itself (lora_lab.train.distributed.launch) and exits with theirs (0, 2, 3 when they all end alike), 1 with
+a message naming the rank when one fails (every other is ended), 128 + the signal when the launcher is stopped. The
+CLI lives here, not in __main__.py, so that the package
 can re-export `main` without runpy importing __main__ twice.
 """
 
@@ -62,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _run(argv)
     except Exception as exc:  # noqa: BLE001 - the failures a user can act on, each as one line (machine_failure)
-        message = machine_failure(exc)
+        message = machine_failure(exc) or distributed.group_failure(exc)
         if message is None:
             raise
     finally:
@@ -76,8 +79,12 @@ def _launch(argv: list[str], cfg: Config) -> int:
     then start N ranks of this command on this host (distributed.launch) and return their exit code."""
     if cfg.output_dir is None:  # every rank must write to one folder: the launcher names it
         argv = [*argv, f"output_dir={default_output_dir(cfg)}"]
-    elif cfg.trainer.resume:  # a checkpoint of another N (or other settings) is refused here, before any rank starts
-        check_resume(Path(cfg.output_dir).resolve() / "checkpoints", cfg)
+    else:
+        folder = Path(cfg.output_dir).resolve()
+        if cfg.trainer.resume:  # a checkpoint of another N (or other settings) is refused here, before any rank starts
+            check_resume(folder / "checkpoints", cfg)
+        if folder.is_dir():  # a folder a live run owns is refused here too (rank 0 claims it for the run)
+            files.claim_folder(folder).release()
     return distributed.launch(argv, cfg.trainer.devices)
 
 

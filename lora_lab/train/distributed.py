@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Iterator, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -123,6 +123,15 @@ def from_main(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_main(value: T) -> Optional[list[T]]:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others and without a group."""
+    if not active():
+        return None
+    box: Optional[list[T]] = [value] * world_size() if is_main() else None
+    dist.gather_object(value, box, dst=0)
+    return box
 
 
 def barrier() -> None:
@@ -230,6 +239,20 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def group_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message for a collective that failed because another rank of this run ended (its peer closed
+    the connection, NCCL reported the group broken), or None for any other error."""
+    if not launched():
+        return None
+    lost = isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer"))
+    )
+    if not lost:
+        return None
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return f"rank {os.environ['RANK']}: the process group broke: another rank ended first ({first})"
+
+
 # ----------------------------------------------------------------------------------------------- the launcher
 
 
@@ -237,7 +260,8 @@ def launch(argv: list[str], nprocs: int) -> int:
     """Run `python -m lora_lab.train argv` as `nprocs` processes on this host, through torch.distributed's elastic
     agent (torchrun's): rendezvous on 127.0.0.1 (a free port), no restarts, so a rank that dies ends the whole
     group. Returns the exit code: the ranks' own when they all ended alike (0, 2, 3), 128 + the signal when the
-    launcher was interrupted (every rank is ended), else 1 with a message naming the rank that failed."""
+    launcher was interrupted (every rank is ended), 2 when a rank refused its input first, else 1 with a message
+    naming the rank that failed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -260,6 +284,9 @@ def launch(argv: list[str], nprocs: int) -> int:
         codes = {f.exitcode for f in exc.failures.values()}
         if len(exc.failures) == nprocs and len(codes) == 1 and next(iter(codes)) > 0:
             return next(iter(codes))  # every rank ended the same way (bad input, diverged): its own message said why
+        first = min(exc.failures.values(), key=lambda f: f.timestamp)
+        if first.exitcode == 2:  # bad input one rank found first (a folder a live run owns): its message said why
+            return 2
         print(f"lora_lab.train: error: {failure_message(exc)}; every other rank was ended", file=sys.stderr)
         return 1
     except SignalException as exc:

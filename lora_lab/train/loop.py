@@ -26,7 +26,15 @@ from lora_lab.train.distributed import gradient_sync
 from lora_lab.train.divergence import Divergence, answer_count
 from lora_lab.train.evaluate import Evaluator
 from lora_lab.train.progress import progress_bar
-from lora_lab.train.runtime import Clock, PeakMemory, autocast, checkpoint_blocks, compile_blocks, set_use_cache
+from lora_lab.train.runtime import (
+    Clock,
+    PeakMemory,
+    autocast,
+    checkpoint_blocks,
+    compile_blocks,
+    rng_state,
+    set_use_cache,
+)
 
 log = logging.getLogger("lora_lab")
 
@@ -274,8 +282,10 @@ class TrainingLoop:
                             on_eval(EvalEvent(done, t.max_steps, metrics, since))
                         self.since_event = []
                         self.pending.restart_clock()  # evaluation time is not training time
-                    if checkpoint_now and distributed.is_main():  # every rank holds the same state: rank 0 writes it
-                        ckpt.save(done, self.history, self.evals)
+                    if checkpoint_now:
+                        rngs = distributed.gather_to_main(rng_state())  # every rank's (None for one process)
+                        if distributed.is_main():  # the weights and optimizer are the same on every rank: rank 0's
+                            ckpt.save(done, self.history, self.evals, rank_rngs=rngs)
                         self.pending.restart_clock()
             finally:
                 self.bar.close()
