@@ -123,16 +123,25 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     assert m2["checkpoint_bytes"] == m1["checkpoint_bytes"]  # the sharded parameters count their global shape
 
 
-def test_resume_with_the_same_devices_resumes_and_another_count_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method",
+    [
+        # DDP; dropout: each rank draws its own masks, and a resumed rank must go on with its own RNG stream
+        ["lora.r=4", "lora.dropout=0.1"],
+        ["method=full"],  # FSDP2: the checkpoint holds the gathered whole; each rank takes its shards back
+    ],
+    ids=["lora-ddp", "full-fsdp"],
+)
+def test_resume_with_the_same_devices_resumes_and_another_count_is_refused(method: list[str], tmp_path: Path) -> None:
     outputs, run = tmp_path / "outputs", tmp_path / "run"
-    # Dropout: each rank draws its own masks, and a resumed rank must go on with its own RNG stream.
-    args = ["lora.r=4", "lora.dropout=0.1", "tracking.enabled=false", "trainer.checkpoint_every=4", f"output_dir={run}"]
+    args = [*method, "tracking.enabled=false", "trainer.checkpoint_every=4", f"output_dir={run}"]
     first = cli([*args, "trainer.devices=2"], outputs)
     assert first.returncode == 0, first.stderr[-3000:]
     uninterrupted = metrics(run)
-    assert (run / "checkpoints" / "step-0000004").is_dir()
+    assert (run / "checkpoints" / "step-0000004" / "rng-ranks.pt").is_file()
 
-    for devices, then, now in (("1", 2, 1), ("3", 2, 3)):
+    # Another count is refused before anything loads: by the launcher (3) or by the one process (1).
+    for devices, then, now in (("1", 2, 1), ("3", 2, 3)) if method[0] != "method=full" else (("3", 2, 3),):
         refused = cli([*args, f"trainer.devices={devices}", "trainer.resume=true"], outputs)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert f"trainer.devices: {then} -> {now}" in refused.stderr
@@ -196,7 +205,6 @@ def test_a_killed_rank_ends_the_group_naming_it_with_no_orphans(tmp_path: Path) 
         (["trainer.devices=0"], "trainer.devices: expected an integer >= 1"),
         (["trainer.devices=2", "trainer.parallel=zero3"], "trainer.parallel"),
         (["trainer.devices=2", "trainer.parallel=fsdp"], "trainer.parallel=fsdp with method=lora"),
-        (["trainer.devices=2", "method=full", "trainer.checkpoint_every=4"], "sharded checkpoints are not written"),
         (["trainer.devices=2", "model.quantize=nf4", "trainer.parallel=fsdp"], "model.quantize=nf4"),
     ],
 )

@@ -169,6 +169,8 @@ class Checkpointer:
         self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
         self.cfg = cfg  # the run's config: kept in each checkpoint, compared on resume (None: neither)
         self.loaded: Optional[Path] = None  # the checkpoint load_latest() resumed from
+        # FSDP2 (lora_lab.train.distributed.wrap): every rank holds a shard; a checkpoint holds the gathered whole
+        self.sharded = distributed.is_sharded(model)
 
     def latest_path(self) -> Optional[Path]:
         """The checkpoint resumed from, else the one LATEST names (None when there is none)."""
@@ -182,7 +184,12 @@ class Checkpointer:
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of the model: every tensor under full fine-tuning (tied ones once), else what
-        trains."""
+        trains. Sharded (FSDP2): the full state dict gathered on rank 0's CPU (a collective: every rank calls it;
+        {} on the others), every key of the model's state dict."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.model, options=_full_state())
         if self.full:  # tied weights share storage; safetensors wants each stored once
             seen, unique = set(), {}
             for k, v in self.model.state_dict().items():
@@ -201,15 +208,17 @@ class Checkpointer:
         previous one stays whole, no temp file is left)."""
         from safetensors.torch import save_file
 
+        weights, optimizer = self._weights(), self._optimizer_state()  # collectives when sharded: on every rank
+        if rank_rngs is None:
+            rank_rngs = distributed.gather_to_main(rng_state())  # every rank's (None for one process)
+        if not distributed.is_main():  # every rank's state is gathered: rank 0 writes it
+            return self.root / f"step-{step:07d}"
         name = f"step-{step:07d}"
         previous = self.latest_path()
         try:
             with atomic_dir(self.root / name) as tmp:
-                save_file(self._weights(), str(tmp / "weights.safetensors"))
-                torch.save(
-                    {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                    tmp / "optim.pt",
-                )
+                save_file(weights, str(tmp / "weights.safetensors"))
+                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
                 torch.save(rng_state(), tmp / "rng.pt")
                 if rank_rngs is not None:  # each rank draws its own dropout masks: each resumes its own stream
                     torch.save({"ranks": rank_rngs}, tmp / RANK_RNGS)
@@ -295,14 +304,44 @@ class Checkpointer:
             self.set_aside(path, problem)
         return None
 
-    def load(self, path: Path) -> dict[str, Any]:
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict; sharded, the full one gathered on rank 0 (keyed by parameter name)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
+        return self.optimizer.state_dict()
+
+    def resume(self) -> Optional[dict[str, Any]]:
+        """load_latest() for a run of any number of processes: rank 0 picks the newest good checkpoint (setting bad
+        ones aside, refusing another config), every rank then loads that one. None: start at step 0."""
+        if not distributed.active():
+            return self.load_latest()
+        chosen = self.choose() if distributed.is_main() else None
+        chosen = distributed.from_main(chosen)
+        return None if chosen is None else self.load(chosen, verified=True)
+
+    def choose(self) -> Optional[Path]:
+        """The newest checkpoint that passes its manifest (failing ones set aside), checked against the run's
+        config (ResumeMismatch); None when there is none."""
+        for path in self.candidates():
+            problem = self.verify(path)
+            if not problem:
+                self._check_config(path)
+                return path
+            self.set_aside(path, problem)
+        return None
+
+    def load(self, path: Path, verified: bool = False) -> dict[str, Any]:
         """Restore the checkpoint at `path` (the one rank 0 chose: the other ranks of a multi-process run load the
-        same); ValueError when it fails its manifest or does not load."""
-        problem = self.verify(path)
-        if problem:
-            raise ValueError(f"checkpoint {path}: {problem}")
-        self._check_config(path)
-        state = self._load(path)
+        same; `verified`: rank 0 checked its manifest and config already); ValueError when it fails its manifest or
+        does not load."""
+        if not verified:
+            problem = self.verify(path)
+            if problem:
+                raise ValueError(f"checkpoint {path}: {problem}")
+            self._check_config(path)
+        state = self._load_sharded(path) if self.sharded else self._load(path)
         self.loaded = path
         return state
 
@@ -317,7 +356,9 @@ class Checkpointer:
     def fit_problem(self, weights: dict[str, torch.Tensor]) -> str:
         """'' when `weights` (a checkpoint's) are exactly what this model's checkpoint holds, names and shapes;
         else what differs (the missing tensors first: a checkpoint missing a layer must not load)."""
-        want = {k: tuple(v.shape) for k, v in self._weights().items()}
+        # sharded: the parameters' global shapes, without gathering them
+        held = self.model.state_dict() if self.sharded else self._weights()
+        want = {k: tuple(v.shape) for k, v in held.items()}
         got = {k: tuple(v.shape) for k, v in weights.items()}
         missing = [k for k in want if k not in got]
         unexpected = [k for k in got if k not in want]
@@ -344,11 +385,41 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.model.load_state_dict(weights, strict=False)  # strict on what the checkpoint holds: fit_problem
         restore_rng_state(rng)
+        self._restore_rank_rng(path)
+        return json.loads((path / "state.json").read_text())
+
+    def _restore_rank_rng(self, path: Path) -> None:
         if (path / RANK_RNGS).is_file():
             ranks = torch.load(path / RANK_RNGS, weights_only=True)["ranks"]
             if len(ranks) == distributed.world_size():  # another count is refused before (trainer.devices)
                 restore_rng_state(ranks[distributed.rank()])
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """Load a gathered checkpoint into the FSDP2-sharded model: rank 0 reads the whole and checks it, every rank
+        takes its shards of it (broadcast from rank 0), then its own RNG state."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        main = distributed.is_main()
+        weights = load_file(str(path / "weights.safetensors")) if main else {}
+        state = torch.load(path / "optim.pt", weights_only=True) if main else {"optimizer": {}, "scheduler": None}
+        problem = distributed.from_main(self.fit_problem(weights) if main else "")
+        if problem:
+            raise ValueError(problem)
+        options = _full_state(broadcast_from_rank0=True)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(distributed.from_main(state["scheduler"]))
+        restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        self._restore_rank_rng(path)
         return json.loads((path / "state.json").read_text())
+
+
+def _full_state(**kwargs: Any) -> Any:
+    """torch.distributed.checkpoint's options for a whole (unsharded) state dict on rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
 
 def _sha256(path: Path) -> str:

@@ -198,11 +198,6 @@ def refuse(cfg: Config) -> None:
             f"trainer.parallel=fsdp with method={cfg.method}: FSDP2 is wired for full fine-tuning only so far (a "
             "sharded frozen base and its adapter export are not); use trainer.parallel=ddp or auto"
         )
-    if strategy(cfg) == "fsdp" and t.checkpoint_every:
-        raise ConfigError(
-            "trainer.checkpoint_every with trainer.parallel=fsdp: sharded checkpoints are not written yet; "
-            "use trainer.checkpoint_every=0, or trainer.parallel=ddp where the model fits one device"
-        )
     if pick_type(t.device) == "cuda" and not launched() and t.devices > torch.cuda.device_count():
         raise ConfigError(
             f"trainer.devices={t.devices}: torch sees {torch.cuda.device_count()} CUDA device(s) on this host"

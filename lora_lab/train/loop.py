@@ -32,7 +32,6 @@ from lora_lab.train.runtime import (
     autocast,
     checkpoint_blocks,
     compile_blocks,
-    rng_state,
     set_use_cache,
 )
 
@@ -192,11 +191,7 @@ class TrainingLoop:
         )
         start_step = 0
         if t.resume:
-            # Rank 0 picks the checkpoint (setting bad ones aside); the other ranks then load the one it loaded.
-            state = ckpt.load_latest() if distributed.is_main() else None
-            chosen = distributed.from_main(ckpt.loaded)
-            if not distributed.is_main() and chosen is not None:
-                state = ckpt.load(chosen)
+            state = ckpt.resume()  # across ranks: the checkpoint rank 0 picks, loaded by every rank
             if state is not None:
                 start_step, self.history, self.evals = state["step"], state["history"], state["evals"]
                 log.info("resumed from %s at step %d", ckpt.latest_path(), start_step)
@@ -282,10 +277,8 @@ class TrainingLoop:
                             on_eval(EvalEvent(done, t.max_steps, metrics, since))
                         self.since_event = []
                         self.pending.restart_clock()  # evaluation time is not training time
-                    if checkpoint_now:
-                        rngs = distributed.gather_to_main(rng_state())  # every rank's (None for one process)
-                        if distributed.is_main():  # the weights and optimizer are the same on every rank: rank 0's
-                            ckpt.save(done, self.history, self.evals, rank_rngs=rngs)
+                    if checkpoint_now:  # on every rank (it gathers what is sharded); rank 0 alone writes
+                        ckpt.save(done, self.history, self.evals)
                         self.pending.restart_clock()
             finally:
                 self.bar.close()
