@@ -169,7 +169,8 @@ def _ranks(launcher: psutil.Process, n: int, timeout: float = 120) -> dict[int, 
     raise AssertionError(f"{n} ranks did not start within {timeout} s")
 
 
-def test_a_killed_rank_ends_the_group_naming_it_with_no_orphans(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher"])
+def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
     args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
     proc = subprocess.Popen(
@@ -188,13 +189,20 @@ def test_a_killed_rank_ends_the_group_naming_it_with_no_orphans(tmp_path: Path) 
         while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(2)
-        ranks[1].send_signal(signal.SIGKILL)
+        if stop == "kill-rank-1":
+            ranks[1].send_signal(signal.SIGKILL)
+        else:
+            launcher.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
-    assert f"rank 1 (pid {ranks[1].pid}) was killed by SIGKILL" in err, err[-3000:]
+    if stop == "kill-rank-1":
+        assert proc.returncode == 1
+        assert f"rank 1 (pid {ranks[1].pid}) was killed by SIGKILL" in err, err[-3000:]
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "interrupted by SIGTERM: every rank was ended" in err, err[-3000:]
     gone, alive = psutil.wait_procs(everyone, timeout=10)
     assert not alive, f"orphans: {alive}"
 

@@ -219,14 +219,11 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     if strategy(cfg) == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for _, block in targets.repeated_blocks(model):
+        blocks = targets.repeated_blocks(model)  # the blocks compile and checkpointing use too
+        for _, block in blocks:
             fully_shard(block)
-        fully_shard(model)
-        log.info(
-            "FSDP2: %d repeated blocks and the root sharded over %d ranks",
-            len(targets.repeated_blocks(model)),
-            world_size(),
-        )
+        fully_shard(model)  # what is left (embeddings, head, final norm): one group of its own
+        log.info("FSDP2: %d repeated blocks and the root sharded over %d ranks", len(blocks), world_size())
         return model
     from torch.nn.parallel import DistributedDataParallel
 
