@@ -5,6 +5,7 @@ a resume with another devices count is refused, one with the same count resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -169,7 +170,7 @@ def _ranks(launcher: psutil.Process, n: int, timeout: float = 120) -> dict[int, 
     raise AssertionError(f"{n} ranks did not start within {timeout} s")
 
 
-@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher"])
+@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher"])
 def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
     args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
@@ -180,31 +181,37 @@ def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(sto
         text=True,
         env=env,
     )
+    everyone: list[psutil.Process] = []
     try:
         launcher = psutil.Process(proc.pid)
         ranks = _ranks(launcher, 2)
         everyone = [*launcher.children(recursive=True)]
-        # Training, not still importing: the run has taken steps (it is past its first evaluation).
+        # Training, not still importing: rank 0 has built the run and claimed its folder, and two seconds more.
         deadline = time.monotonic() + 120
         while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(2)
         if stop == "kill-rank-1":
             ranks[1].send_signal(signal.SIGKILL)
-        else:
-            launcher.send_signal(signal.SIGTERM)
+        else:  # SIGKILL: the launcher cannot end its ranks; they see it gone and end themselves
+            launcher.send_signal(signal.SIGTERM if stop == "sigterm-launcher" else signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
+        gone, alive = psutil.wait_procs(everyone, timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
+        for p in everyone:  # a failing test must not leave its own orphans behind
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not alive, f"orphans: {alive}"
     if stop == "kill-rank-1":
         assert proc.returncode == 1
         assert f"rank 1 (pid {ranks[1].pid}) was killed by SIGKILL" in err, err[-3000:]
-    else:
+    elif stop == "sigterm-launcher":
         assert proc.returncode == 128 + signal.SIGTERM
         assert "interrupted by SIGTERM: every rank was ended" in err, err[-3000:]
-    gone, alive = psutil.wait_procs(everyone, timeout=10)
-    assert not alive, f"orphans: {alive}"
+    else:
+        assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize(

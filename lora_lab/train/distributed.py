@@ -19,6 +19,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Iterator, Optional, TypeVar
 
 import torch
@@ -79,10 +81,25 @@ def join(device_type: str) -> None:
     gloo on the CPU. The rendezvous address is the launcher's (MASTER_ADDR, MASTER_PORT)."""
     if dist.is_initialized():
         return
+    _end_with_the_launcher()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+def _end_with_the_launcher(every_s: float = 1.0) -> None:
+    """A launcher that dies without ending its ranks (SIGKILL) must not leave them training as orphans: a daemon
+    thread sends this rank SIGTERM (ending it as an interruption) once its parent process is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        log.warning("the launcher (pid %d) is gone: ending this rank", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lora_lab-launcher-watch", daemon=True).start()
 
 
 def leave() -> None:
