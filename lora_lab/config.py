@@ -393,7 +393,7 @@ class TrainerConfig:
 
     max_steps: int = 60  # optimizer steps
     batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * devices)
     eval_every: int = 20  # evaluate every N optimizer steps (and at the end)
     eval_batch_size: int = 32  # examples per evaluation batch
     eval_at_start: bool = True  # evaluate before the first step too: the base model's numbers, for comparison
@@ -426,6 +426,15 @@ class TrainerConfig:
     # Before anything loads, refuse (exit 2) a run whose memory plan (python -m lora_lab.plan) exceeds the device's
     # free memory (the CPU: available RAM), naming the settings that would fit; false: train anyway.
     memory_check: bool = True
+    # Processes (one device each) that train this one run: N > 1 starts N copies of `python -m lora_lab.train`
+    # through torch.distributed's elastic launcher on this host (or joins the group an outside launcher such as
+    # torchrun set up). Each rank reads its own shard of every optimizer step, so the global batch is
+    # batch_size x grad_accum x devices, and losses equal a 1-process run with grad_accum x devices.
+    devices: int = 1
+    # How the model is spread over those processes: 'ddp' (replicated; only trainable gradients are reduced), 'fsdp'
+    # (FSDP2: parameters, gradients and optimizer state sharded, block by block), 'auto' (fsdp for a method that
+    # trains every weight, else ddp). Unused with devices=1.
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         _finite(self, "trainer")
@@ -438,6 +447,8 @@ class TrainerConfig:
         _check(self.sync_every >= 1, "trainer.sync_every", "an integer >= 1", self.sync_every)
         _check(self.pad_to_multiple >= 1, "trainer.pad_to_multiple", "an integer >= 1", self.pad_to_multiple)
         _check(self.loss_chunk >= 0, "trainer.loss_chunk", "an integer >= 0 (0: no chunking)", self.loss_chunk)
+        _check(self.devices >= 1, "trainer.devices", "an integer >= 1", self.devices)
+        _one_of("trainer.parallel", self.parallel, ("auto", "ddp", "fsdp"))
 
 
 @dataclass

@@ -101,6 +101,8 @@ class Identity:
 
 # The settings every run has, as MLflow param names; the method's own fields and every other override given come on
 # top. Values are written as JSON (strings bare), so a param reads back to the value that was set.
+# trainer.devices: a setting every run has since issue 22, but not required of MLflow runs logged before it.
+DEVICES_PARAM = "trainer.devices"
 SETTINGS_PARAMS = {
     "method": "method",
     "model": "model.name",
@@ -133,6 +135,13 @@ class Settings:
     max_length: int = spec("tokens", "tokens per example (data.max_length)")
     precision: str = spec("", "trainer.precision: auto, fp32 or bf16")
     device: str = spec("", "trainer.device as set: auto, cpu or cuda")
+    devices: int = spec(
+        "processes",
+        "trainer.devices: processes (one device each) that trained the run; the global batch is "
+        "batch_size x grad_accum x devices. Recorded (metrics.json, the MLflow param) only when > 1: a 1-process "
+        "run's record is what it was before the setting existed",
+        default=1,
+    )
     method_fields: dict[str, Any] = spec("", "the method's own fields by path (lora.r, lora.alpha, ...)", default=None)
     overrides: dict[str, Any] = spec(
         "", "every other setting given on the command line or by the study, by path", default=None
@@ -144,8 +153,8 @@ class Settings:
 
     @property
     def batch(self) -> int:
-        """Examples per optimizer step."""
-        return self.batch_size * self.grad_accum
+        """Examples per optimizer step, over every process: the global batch."""
+        return self.batch_size * self.grad_accum * self.devices
 
     def get(self, path: str) -> Any:
         """A setting by its config path (`lora.r`, `optim.lr`, `data.name`), None when not set."""
@@ -156,9 +165,18 @@ class Settings:
             return self.method_fields[path]
         return self.overrides.get(path)
 
+    def to_json(self) -> dict[str, Any]:
+        """metrics.json's settings section (devices only when > 1)."""
+        out = dataclasses.asdict(self)
+        if self.devices == 1:
+            del out["devices"]
+        return out
+
     def params(self) -> dict[str, str]:
         """MLflow params: the settings by config path, values as JSON (strings bare)."""
         out = {p: getattr(self, name) for name, p in SETTINGS_PARAMS.items()}
+        if self.devices != 1:
+            out[DEVICES_PARAM] = self.devices
         out.update(self.method_fields)
         out.update({k: v for k, v in self.overrides.items() if k not in out})
         return {k: param_text(v) for k, v in out.items()}
@@ -184,7 +202,8 @@ class Settings:
             )
         own = {k: param_value(v) for k, v in params.items() if method_group and k.startswith(method_group + ".")}
         rest = {k: param_value(v) for k, v in params.items() if k not in by_path and k not in own}
-        return cls(**values, method_fields=own, overrides=rest)
+        devices = int(rest.pop(DEVICES_PARAM, 1))  # runs logged before trainer.devices ran on one process
+        return cls(**values, devices=devices, method_fields=own, overrides=rest)
 
 
 def param_text(value: Any) -> str:
@@ -360,7 +379,7 @@ class RunRecord(Results):
             "schema": SCHEMA,
             **self.results(),
             "identity": dataclasses.asdict(self.identity),
-            "settings": dataclasses.asdict(self.settings),
+            "settings": self.settings.to_json(),
             "history": [dataclasses.asdict(p) for p in self.history],
             "evals": [dataclasses.asdict(p) for p in self.evals],
         }

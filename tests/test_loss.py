@@ -54,7 +54,7 @@ def test_the_chunked_loss_is_the_models_own_loss_with_the_same_gradients(method:
     model = session.model.train()
     batch = _batch(model.config.vocab_size)
     torch.manual_seed(1)
-    want, want_grads = _loss_and_grads(model, model_loss, batch)
+    want, want_grads = _loss_and_grads(model, lambda m, b: model_loss(m, m, b), batch)
     torch.manual_seed(1)
     got, got_grads = _loss_and_grads(model, lambda m, b: chunked_loss(m, b, chunk=5), batch)
     assert got == pytest.approx(want, rel=1e-6)
@@ -89,7 +89,9 @@ def test_no_tensor_of_the_whole_batchs_logits_is_kept_for_backward(tmp_path: Pat
             fn(model, batch)
         return max(sizes)
 
-    assert largest_logits_saved(model_loss) >= whole  # transformers keeps the fp32 logits (and their log-softmax)
+    assert (
+        largest_logits_saved(lambda m, b: model_loss(m, m, b)) >= whole
+    )  # transformers keeps the fp32 logits (and their log-softmax)
     assert largest_logits_saved(lambda m, b: chunked_loss(m, b, chunk=16)) == 0  # each chunk's are recomputed
     session.close()
 

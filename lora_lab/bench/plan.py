@@ -140,7 +140,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
         batch, n = batches.get(step)
         tokens = max(tokens, int(batch["input_ids"].shape[1]))
         with autocast(device, session.autocast_dtype):
-            loss = loss_of(model, batch)
+            loss = loss_of(model, model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
         optimizer.step()

@@ -13,7 +13,8 @@ import torch
 
 
 class TrainBatches:
-    """Training micro-batches as tensors, in the order `rows(micro)` gives.
+    """Training micro-batches as tensors, in the order `rows(micro)` gives; `rank` of `world_size` processes takes
+    every world_size-th micro-batch of that order.
 
     The rows are padded once into (N, T) tables, so a batch is an index_select and a trim instead of a Python
     collate per step; on CUDA each batch is built in pinned memory and copied without blocking the host.
@@ -32,6 +33,8 @@ class TrainBatches:
         device: torch.device,
         pad_to_multiple: int = 1,
         padding_mask: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         from lora_lab.data import IGNORE
 
@@ -60,6 +63,9 @@ class TrainBatches:
         self._perm: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
         self.pin = device.type == "cuda"
         self.padding_mask = padding_mask
+        # A rank's micro-batch m is micro-batch m x world_size + rank of the one global order: the ranks' micro-batches
+        # of a step together are those of a 1-process run with world_size times the accumulation.
+        self.rank, self.world_size = rank, world_size
 
     def rows(self, micro: int) -> torch.Tensor:
         """Row indices of micro-batch number `micro`: a seeded permutation per epoch, last partial batch dropped,
@@ -73,8 +79,9 @@ class TrainBatches:
         return perm[j * self.batch_size : (j + 1) * self.batch_size] if self.n >= self.batch_size else perm
 
     def get(self, micro: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Micro-batch `micro` on the device, and its number of real (unpadded) tokens (known without a sync)."""
-        idx = self.rows(micro)
+        """This rank's micro-batch `micro` on the device, and its number of real (unpadded) tokens (known without a
+        sync)."""
+        idx = self.rows(micro * self.world_size + self.rank)
         lengths = self.lengths[idx]
         width = -(-int(lengths.max()) // self.multiple) * self.multiple
         batch = {

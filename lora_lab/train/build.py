@@ -19,6 +19,7 @@ import torch
 from lora_lab import adaptations, bases
 from lora_lab.config import Config, ConfigError, outputs_root
 from lora_lab.records import RunRecord
+from lora_lab.train import distributed
 from lora_lab.train.finish import RunRole
 from lora_lab.train.loop import EvalCallback
 from lora_lab.train.loss import check_chunkable
@@ -75,7 +76,15 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
     t0 = time.perf_counter()
     adaptations.of(cfg.method).refuse(cfg)  # a combination the method refuses, before any weight loads
     # Nothing is written yet: the folder appears when the run starts (fit, fit_tracked), not on a bad input.
+    distributed.refuse(cfg)  # a multi-process combination that cannot work, also before any weight loads
+    if cfg.trainer.devices > 1 and not distributed.active():
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices}: a multi-process run starts through `python -m lora_lab.train` "
+            "(or torchrun); a session built in this process trains on one (sweep trials over several devices are "
+            "not built yet)"
+        )
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
+    output_dir = distributed.from_main(output_dir)  # ranks started without output_dir: rank 0's folder is the run's
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = pick_device(cfg.trainer.device)
@@ -91,7 +100,9 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
         if warm is not None:
             warm.give_back()
         raise
-    seed_everything(cfg.seed)
+    # Every rank built the same model from the same seed; from here each draws its own randomness (dropout masks
+    # for its own rows). Rank 0's, the only one of a 1-process run, is the run's seed.
+    seed_everything(cfg.seed + distributed.rank())
     return Session(cfg, model, tokenizer, data, device, wrapped, time.perf_counter() - t0, output_dir, role)
 
 

@@ -24,11 +24,13 @@ from lora_lab import adaptations, lora, methods
 from lora_lab.config import Config, ConfigError
 from lora_lab.errors import first_line
 from lora_lab.files import WriteError, atomic_dir, atomic_write_text
+from lora_lab.train import distributed
 from lora_lab.train.runtime import restore_rng_state, rng_state
 
 log = logging.getLogger("lora_lab")
 
 CONFIG = "config.json"  # in each checkpoint: the config it was trained with (config_record)
+RANK_RNGS = "rng-ranks.pt"  # in a multi-process run's checkpoints: every rank's RNG states, in rank order
 
 # Keys a resume may change: they say where or how the run goes, not what is trained. trainer.eval_* and
 # trainer.eval_batch_size: evaluations read the model and draw no randomness; trainer.sync_every, compile,
@@ -50,6 +52,7 @@ RESUME_FREE = (
     "trainer.loss_chunk",
     "trainer.pad_to_multiple",
     "trainer.device",
+    "trainer.parallel",  # DDP or FSDP2 compute the same steps (FSDP2 writes no checkpoints yet: refused there)
     "trainer.max_steps",
     # The examples per optimizer step are compared below, not how they are split into micro-batches: an
     # out-of-memory retry resumes with half the micro-batch and twice the accumulation (the same rows per step).
@@ -90,6 +93,7 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
     schedule does not depend on it, so a constant schedule may change it, as long as the checkpoint's step is not
     past it; under a cosine schedule every step's LR depends on it, so it must stay."""
     now, then = _flat(config_record(cfg)), _flat(saved)
+    then.setdefault("trainer.devices", 1)  # a checkpoint from before trainer.devices ran on one process
     own = adaptations.of(cfg.method).group
     unused = adaptations.groups() - ({own} if own else set())
     changes = []
@@ -99,11 +103,12 @@ def resume_changes(saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
             continue
         if now.get(key) != then.get(key):
             changes.append(f"{key}: {then.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}")
+    # trainer.devices itself is compared above: each rank's share of the data and its RNG state depend on it.
     old_batch = (then.get("trainer.batch_size") or 0) * (then.get("trainer.grad_accum") or 0)
     if old_batch != cfg.trainer.batch_size * cfg.trainer.grad_accum:
         changes.append(
             f"trainer.batch_size x trainer.grad_accum: {old_batch} -> "
-            f"{cfg.trainer.batch_size * cfg.trainer.grad_accum} examples per optimizer step"
+            f"{cfg.trainer.batch_size * cfg.trainer.grad_accum} examples per optimizer step (per process)"
         )
     old_steps, new_steps = then.get("trainer.max_steps"), cfg.trainer.max_steps
     if old_steps != new_steps:
@@ -165,6 +170,8 @@ class Checkpointer:
         self.root, self.model, self.optimizer, self.scheduler, self.full = root, model, optimizer, scheduler, full
         self.cfg = cfg  # the run's config: kept in each checkpoint, compared on resume (None: neither)
         self.loaded: Optional[Path] = None  # the checkpoint load_latest() resumed from
+        # FSDP2 (lora_lab.train.distributed.wrap): every rank holds a shard; a checkpoint holds the gathered whole
+        self.sharded = distributed.is_sharded(model)
 
     def latest_path(self) -> Optional[Path]:
         """The checkpoint resumed from, else the one LATEST names (None when there is none)."""
@@ -178,7 +185,12 @@ class Checkpointer:
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of the model: every tensor under full fine-tuning (tied ones once), else what
-        trains."""
+        trains. Sharded (FSDP2): the full state dict gathered on rank 0's CPU (a collective: every rank calls it;
+        {} on the others), every key of the model's state dict."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.model, options=_full_state())
         if self.full:  # tied weights share storage; safetensors wants each stored once
             seen, unique = set(), {}
             for k, v in self.model.state_dict().items():
@@ -190,22 +202,27 @@ class Checkpointer:
             return {k: v.detach().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
         return {k: v.detach().contiguous() for k, v in lora.lora_state_dict(self.model).items()}
 
-    def save(self, step: int, history: list, evals: list) -> Path:
+    def save(self, step: int, history: list, evals: list, rank_rngs: Optional[list[dict[str, Any]]] = None) -> Path:
         """Write the checkpoint of `step` (with the run's history and evaluations so far), point LATEST at it and
-        remove the previous one; returns its folder. On a full disk: a WriteError that says which checkpoint is
-        kept (the previous one stays whole, no temp file is left)."""
+        remove the previous one; returns its folder. `rank_rngs`: every rank's RNG states, in rank order (a
+        multi-process run; rank 0 writes). On a full disk: a WriteError that says which checkpoint is kept (the
+        previous one stays whole, no temp file is left)."""
         from safetensors.torch import save_file
 
+        weights, optimizer = self._weights(), self._optimizer_state()  # collectives when sharded: on every rank
+        if rank_rngs is None:
+            rank_rngs = distributed.gather_to_main(rng_state())  # every rank's (None for one process)
+        if not distributed.is_main():  # every rank's state is gathered: rank 0 writes it
+            return self.root / f"step-{step:07d}"
         name = f"step-{step:07d}"
         previous = self.latest_path()
         try:
             with atomic_dir(self.root / name) as tmp:
-                save_file(self._weights(), str(tmp / "weights.safetensors"))
-                torch.save(
-                    {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                    tmp / "optim.pt",
-                )
+                save_file(weights, str(tmp / "weights.safetensors"))
+                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
                 torch.save(rng_state(), tmp / "rng.pt")
+                if rank_rngs is not None:  # each rank draws its own dropout masks: each resumes its own stream
+                    torch.save({"ranks": rank_rngs}, tmp / RANK_RNGS)
                 (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "evals": evals}))
                 if self.cfg is not None:
                     (tmp / CONFIG).write_text(json.dumps(config_record(self.cfg), indent=1))
@@ -288,6 +305,47 @@ class Checkpointer:
             self.set_aside(path, problem)
         return None
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict; sharded, the full one gathered on rank 0 (keyed by parameter name)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
+        return self.optimizer.state_dict()
+
+    def resume(self) -> Optional[dict[str, Any]]:
+        """load_latest() for a run of any number of processes: rank 0 picks the newest good checkpoint (setting bad
+        ones aside, refusing another config), every rank then loads that one. None: start at step 0."""
+        if not distributed.active():
+            return self.load_latest()
+        chosen = self.choose() if distributed.is_main() else None
+        chosen = distributed.from_main(chosen)
+        return None if chosen is None else self.load(chosen, verified=True)
+
+    def choose(self) -> Optional[Path]:
+        """The newest checkpoint that passes its manifest (failing ones set aside), checked against the run's
+        config (ResumeMismatch); None when there is none."""
+        for path in self.candidates():
+            problem = self.verify(path)
+            if not problem:
+                self._check_config(path)
+                return path
+            self.set_aside(path, problem)
+        return None
+
+    def load(self, path: Path, verified: bool = False) -> dict[str, Any]:
+        """Restore the checkpoint at `path` (the one rank 0 chose: the other ranks of a multi-process run load the
+        same; `verified`: rank 0 checked its manifest and config already); ValueError when it fails its manifest or
+        does not load."""
+        if not verified:
+            problem = self.verify(path)
+            if problem:
+                raise ValueError(f"checkpoint {path}: {problem}")
+            self._check_config(path)
+        state = self._load_sharded(path) if self.sharded else self._load(path)
+        self.loaded = path
+        return state
+
     def _check_config(self, path: Path) -> None:
         if self.cfg is None or not (path / CONFIG).is_file():
             return  # a checkpoint from before config.json: nothing to compare with
@@ -299,7 +357,9 @@ class Checkpointer:
     def fit_problem(self, weights: dict[str, torch.Tensor]) -> str:
         """'' when `weights` (a checkpoint's) are exactly what this model's checkpoint holds, names and shapes;
         else what differs (the missing tensors first: a checkpoint missing a layer must not load)."""
-        want = {k: tuple(v.shape) for k, v in self._weights().items()}
+        # sharded: the parameters' global shapes, without gathering them
+        held = self.model.state_dict() if self.sharded else self._weights()
+        want = {k: tuple(v.shape) for k, v in held.items()}
         got = {k: tuple(v.shape) for k, v in weights.items()}
         missing = [k for k in want if k not in got]
         unexpected = [k for k in got if k not in want]
@@ -326,7 +386,41 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.model.load_state_dict(weights, strict=False)  # strict on what the checkpoint holds: fit_problem
         restore_rng_state(rng)
+        self._restore_rank_rng(path)
         return json.loads((path / "state.json").read_text())
+
+    def _restore_rank_rng(self, path: Path) -> None:
+        if (path / RANK_RNGS).is_file():
+            ranks = torch.load(path / RANK_RNGS, weights_only=True)["ranks"]
+            if len(ranks) == distributed.world_size():  # another count is refused before (trainer.devices)
+                restore_rng_state(ranks[distributed.rank()])
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """Load a gathered checkpoint into the FSDP2-sharded model: rank 0 reads the whole and checks it, every rank
+        takes its shards of it (broadcast from rank 0), then its own RNG state."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        main = distributed.is_main()
+        weights = load_file(str(path / "weights.safetensors")) if main else {}
+        state = torch.load(path / "optim.pt", weights_only=True) if main else {"optimizer": {}, "scheduler": None}
+        problem = distributed.from_main(self.fit_problem(weights) if main else "")
+        if problem:
+            raise ValueError(problem)
+        options = _full_state(broadcast_from_rank0=True)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(distributed.from_main(state["scheduler"]))
+        restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        self._restore_rank_rng(path)
+        return json.loads((path / "state.json").read_text())
+
+
+def _full_state(**kwargs: Any) -> Any:
+    """torch.distributed.checkpoint's options for a whole (unsharded) state dict on rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
 
 def _sha256(path: Path) -> str:

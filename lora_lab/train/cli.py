@@ -8,24 +8,30 @@ output_dir a live run owns
 files.WriteError names the path and what was kept), a tracking server gone past tracking.deadline_s
 (tracking.TrackingUnreachable), memory run out; 3 when it diverged; 128 + the signal number when SIGINT/SIGTERM
 stopped it (its checkpoints stay: the same command resumes it). Every error is one line on stderr,
-`lora_lab.train: error: <message>`, never a traceback. The CLI lives here, not in __main__.py, so that the package
+`lora_lab.train: error: <message>`, never a traceback. trainer.devices=N outside a launcher: the command starts N
+ranks of itself (lora_lab.train.distributed.launch) and exits with theirs (0, 2, 3 when they all end alike), 1 with
+a message naming the rank when one fails (every other is ended), 128 + the signal when the launcher is stopped. The
+CLI lives here, not in __main__.py, so that the package
 can re-export `main` without runpy importing __main__ twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from lora_lab import files
-from lora_lab.config import ConfigError
+from lora_lab.config import Config, ConfigError
 from lora_lab.errors import first_line
 from lora_lab.files import WriteError
 from lora_lab.records import RunRecord
-from lora_lab.train.build import build
+from lora_lab.train import distributed
+from lora_lab.train.build import build, default_output_dir
 from lora_lab.train.checkpoint import check_resume
 from lora_lab.train.finish import RunRole
 from lora_lab.train.memory import check_fits
@@ -47,8 +53,10 @@ to MLflow (lora_lab/tracking.py), the sweep to Optuna as well.
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m lora_lab.train [overrides]`: exit 0 when the run completes, 2 on bad input, 1 when the machine
     failed it (disk, tracking server, memory), 3 when it diverged (the module docstring has them all)."""
+    # One rank of a multi-process run says which one it is on every line.
+    who = f"[rank {os.environ['RANK']}] " if distributed.launched() else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -57,11 +65,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _run(argv)
     except Exception as exc:  # noqa: BLE001 - the failures a user can act on, each as one line (machine_failure)
-        message = machine_failure(exc)
+        message = machine_failure(exc) or distributed.group_failure(exc)
         if message is None:
             raise
+    finally:
+        distributed.leave()
     print(f"lora_lab.train: error: {message}", file=sys.stderr)
     return 1
+
+
+def _launch(argv: list[str], cfg: Config) -> int:
+    """trainer.devices=N outside a launcher: check what can be checked without the model (a resume's checkpoint),
+    then start N ranks of this command on this host (distributed.launch) and return their exit code."""
+    if cfg.output_dir is None:  # every rank must write to one folder: the launcher names it
+        argv = [*argv, f"output_dir={default_output_dir(cfg)}"]
+    else:
+        folder = Path(cfg.output_dir).resolve()
+        if cfg.trainer.resume:  # a checkpoint of another N (or other settings) is refused here, before any rank starts
+            check_resume(folder / "checkpoints", cfg)
+        if folder.is_dir():  # a folder a live run owns is refused here too (rank 0 claims it for the run)
+            files.claim_folder(folder).release()
+    return distributed.launch(argv, cfg.trainer.devices)
 
 
 def _run(argv: list[str]) -> int:
@@ -72,13 +96,24 @@ def _run(argv: list[str]) -> int:
 
     try:
         resolved, cfg = compose(argv)
+        if distributed.launched() and cfg.trainer.devices == 1 and distributed.launched_world_size() > 1:
+            # Joined by an outside launcher (torchrun, srun) without trainer.devices: the group's size is the run's.
+            argv = [*argv, f"trainer.devices={distributed.launched_world_size()}"]
+            resolved, cfg = compose(argv)
+        distributed.refuse(cfg)
+        if cfg.trainer.devices > 1 and not distributed.launched():
+            return _launch(argv, cfg)
+        if distributed.launched():
+            distributed.join(distributed.pick_type(cfg.trainer.device))
         check_fits(cfg)  # the memory plan, from the meta device: a run that cannot fit stops before any weight loads
         session = build(cfg, role=RunRole(overrides=tuple(argv)))
         if cfg.trainer.resume:  # a config that changes what the checkpoint trained is bad input: nothing made
             check_resume(session.output_dir / "checkpoints", cfg)
-        if cfg.tracking.enabled:
+        main_rank = distributed.is_main()  # the other ranks of a multi-process run write nothing, track nothing
+        if cfg.tracking.enabled and main_rank:
             tracking.connect(cfg.tracking)  # an unreachable tracking store is bad input too: fail before training
-        claim = files.claim_folder(session.output_dir)  # before any MLflow run: a folder a live run owns is refused
+        # before any MLflow run: a folder a live run owns is refused
+        claim = files.claim_folder(session.output_dir) if main_rank else contextlib.nullcontext()
     # ConfigError (checkpoint.ResumeMismatch too), ModelError, DataError, bad targets; a folder a live run owns
     except (ValueError, TypeError, files.FolderBusy) as exc:
         print(f"lora_lab.train: error: {exc}", file=sys.stderr)
@@ -98,6 +133,8 @@ def _run(argv: list[str]) -> int:
         except ConfigError as exc:  # checkpoint.ResumeMismatch from the checkpoint the loop loaded
             print(f"lora_lab.train: error: {exc}", file=sys.stderr)
             return 2
+    if not distributed.is_main():
+        return 0 if result.status == "completed" else 3
     print(summary(result))
     if cfg.tracking.enabled:
         print(f"\nSee it in MLflow:  {tracking.ui_command(cfg.tracking)}")

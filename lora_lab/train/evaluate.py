@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from lora_lab.train import distributed
 from lora_lab.train.batches import prompt_batch, to_device
 from lora_lab.train.runtime import Clock, autocast, eager_when
 
@@ -206,12 +207,23 @@ class Evaluator:
             probe = [self._rows[i] for i in self._order[: min(PROBE_ROWS, self.batch_size)]]
             self._probe_inputs_differ = len({tuple(r.get("prompt_ids") or r["input_ids"]) for r in probe}) > 1
         order, bs = self._order, self.batch_size
-        for start in range(0, len(order), bs):
+        starts = list(range(0, len(order), bs))
+        # Across ranks each scores every world-th batch (rank 0 the first: its probe is the 1-process run's), and
+        # the sums are reduced once. A sharded model all-gathers in every forward, so there every rank runs as many
+        # batches: one that has run out scores batch 0 again into sums it drops (as does a rank left without any
+        # batch, so that it has a probe too).
+        world, rank = distributed.world_size(), distributed.rank()
+        mine = starts[rank::world]
+        n_batches = -(-len(starts) // world) if distributed.is_sharded(model) else max(1, len(mine))
+        for k in range(n_batches if starts else 0):
+            real = k < len(mine)
+            start = mine[k] if real else starts[0]
             rows = [self._rows[i] for i in order[start : start + bs]]
-            n_rows += len(rows)
-            self.scorer.score(self, model, rows, sums)
+            n_rows += len(rows) if real else 0
+            self.scorer.score(self, model, rows, sums if real else Sums(self.device))
         model.train(was_training)
-        loss_sum, n_tokens, correct = torch.stack([sums.loss, sums.tokens, sums.correct]).tolist()  # the one sync
+        totals = torch.stack([sums.loss, sums.tokens, sums.correct, torch.full_like(sums.loss, n_rows)])
+        loss_sum, n_tokens, correct, n_rows = distributed.all_reduce_sum(totals).tolist()  # the one sync
         out = {"val_loss": loss_sum / max(1, n_tokens)}
         if self.scorer.accuracy:
             out["accuracy"] = correct / max(1, n_rows)

@@ -23,6 +23,7 @@ from lora_lab.config import Config
 from lora_lab.files import WriteError, atomic_dir, atomic_write_text
 from lora_lab.records import EvalPoint, Identity, RunRecord, Settings, TrainPoint
 from lora_lab.records import build as build_record
+from lora_lab.train import distributed
 from lora_lab.train.evaluate import Evaluator
 from lora_lab.train.loop import Trained
 from lora_lab.train.runtime import Clock, set_use_cache
@@ -186,9 +187,12 @@ def export(cfg: Config, model: torch.nn.Module, tokenizer: Any, out: Path) -> tu
     the checkpoint a user keeps (the adapter's, or under full fine-tuning every weight), None where there is none."""
     adaptation = adaptations.of(cfg.method)
     if adaptation.trains_all:
-        # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps.
+        # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps (FSDP2's
+        # sharded parameters count their global shape).
         return None, sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     size = None
+    if not distributed.is_main():  # the other ranks of a multi-process run write nothing
+        return size, size
     if cfg.export.adapter:
         with atomic_dir(out / "adapter") as tmp:
             adaptation.save(model, tmp, base_model_name=cfg.model.name)
@@ -266,7 +270,14 @@ def identity_of(cfg: Config, role: RunRole, device: torch.device, output_dir: Pa
 
 
 # Overrides that say where or how to run, not what: never a run's settings.
-NOT_SETTINGS = ("output_dir", "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.checkpoint_every")
+NOT_SETTINGS = (
+    "output_dir",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.checkpoint_every",
+    "trainer.parallel",  # DDP or FSDP2: the same steps, spread differently
+)
 
 
 def settings_of(cfg: Config, overrides: list[str]) -> Settings:
@@ -275,12 +286,12 @@ def settings_of(cfg: Config, overrides: list[str]) -> Settings:
     value it resolved to."""
     from dataclasses import is_dataclass
 
-    from lora_lab.records import SETTINGS_PARAMS
+    from lora_lab.records import DEVICES_PARAM, SETTINGS_PARAMS
 
     own_group = adaptations.of(cfg.method).group
     own = {f"{own_group}.{k}": v for k, v in asdict(getattr(cfg, own_group)).items()} if own_group else {}
     others = adaptations.groups() - {own_group}
-    common = set(SETTINGS_PARAMS.values())
+    common = set(SETTINGS_PARAMS.values()) | {DEVICES_PARAM}
     chosen: dict[str, Any] = {}
     for o in overrides:
         key, _, text = o.partition("=")
@@ -309,6 +320,7 @@ def settings_of(cfg: Config, overrides: list[str]) -> Settings:
         max_length=cfg.data.max_length,
         precision=t.precision,
         device=t.device,
+        devices=t.devices,
         method_fields=own,
         overrides=chosen,
     )

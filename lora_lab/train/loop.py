@@ -19,13 +19,22 @@ import torch
 
 from lora_lab import adaptations, optim
 from lora_lab.config import Config
+from lora_lab.train import distributed
 from lora_lab.train.batches import TrainBatches
 from lora_lab.train.checkpoint import Checkpointer
+from lora_lab.train.distributed import gradient_sync
 from lora_lab.train.divergence import Divergence, answer_count
 from lora_lab.train.evaluate import Evaluator
 from lora_lab.train.loss import training_loss
 from lora_lab.train.progress import progress_bar
-from lora_lab.train.runtime import Clock, PeakMemory, autocast, checkpoint_blocks, compile_blocks, set_use_cache
+from lora_lab.train.runtime import (
+    Clock,
+    PeakMemory,
+    autocast,
+    checkpoint_blocks,
+    compile_blocks,
+    set_use_cache,
+)
 
 log = logging.getLogger("lora_lab")
 
@@ -93,7 +102,9 @@ class PendingLosses:
         """Read the losses back (one host sync; at least one step pending) and empty the window. Returns the points
         {step, train_loss, lr} up to the first non-finite loss, the seconds per step of the window, and that first
         non-finite step (None when every loss is finite)."""
-        losses = torch.stack([loss for _, loss, _ in self.steps]).tolist()
+        stacked = torch.stack([loss for _, loss, _ in self.steps])
+        # Each rank's loss is the mean over its micro-batches: the mean over ranks is the global batch's.
+        losses = (distributed.all_reduce_sum(stacked) / distributed.world_size()).tolist()
         per_step = (time.perf_counter() - self.since) / len(self.steps)
         points: list[dict[str, float]] = []
         bad = None
@@ -123,7 +134,8 @@ class TrainingLoop:
         self.evals: list[dict[str, float]] = []
         self.since_event: list[dict[str, float]] = []  # points since the last evaluation event
         self.step_times: list[float] = []
-        self.tokens = 0
+        self.tokens = 0  # over every rank, as of the last sync
+        self.window_tokens = 0  # this rank's since the last sync
         self.pending = PendingLosses()
         self.bar: Any = None
         self.divergence = Divergence(answer_count(model, data.format), data.format)
@@ -135,6 +147,9 @@ class TrainingLoop:
             return ""
         n = len(self.pending.steps)
         points, per_step, bad = self.pending.read()
+        tokens = distributed.all_reduce_sum(torch.tensor([self.window_tokens], dtype=torch.float64))
+        self.tokens += int(tokens.item())
+        self.window_tokens = 0
         self.clock.train_s += per_step * n
         self.history.extend(points)
         self.since_event.extend(points)
@@ -162,6 +177,9 @@ class TrainingLoop:
             log.info("activation checkpointing of %d repeated blocks", checkpoint_blocks(model))
         if t.compile:
             log.info("compiled %d repeated blocks (regional torch.compile)", compile_blocks(model))
+        # What the steps call: the model itself, or across ranks DDP around it or FSDP2 sharding it in place (then
+        # the optimizer, built next, holds the shards). Evaluations and checkpoints read `model`.
+        stepped = distributed.wrap(model, cfg, device)
         optimizer, scheduler = make_optimizer(model, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]  # what clipping sees, listed once
         ckpt = Checkpointer(
@@ -174,7 +192,7 @@ class TrainingLoop:
         )
         start_step = 0
         if t.resume:
-            state = ckpt.load_latest()
+            state = ckpt.resume()  # across ranks: the checkpoint rank 0 picks, loaded by every rank
             if state is not None:
                 start_step, self.history, self.evals = state["step"], state["history"], state["evals"]
                 log.info("resumed from %s at step %d", ckpt.latest_path(), start_step)
@@ -188,8 +206,19 @@ class TrainingLoop:
         if self.evals and self.evals[0]["step"] == 0:  # the base model's loss (also from a checkpoint): a yardstick
             self.divergence.set_base(self.evals[0]["val_loss"])
         causal = cfg.model.task == "causal_lm"  # right-padded rows need no padding mask there (TrainBatches)
-        batches = TrainBatches(self.data, t.batch_size, cfg.seed, device, t.pad_to_multiple, padding_mask=not causal)
-        self.bar = progress_bar(t.max_steps, start_step, enabled=t.progress, desc=f"{cfg.method} {cfg.model.name}")
+        batches = TrainBatches(
+            self.data,
+            t.batch_size,
+            cfg.seed,
+            device,
+            t.pad_to_multiple,
+            padding_mask=not causal,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        self.bar = progress_bar(
+            t.max_steps, start_step, enabled=t.progress and distributed.is_main(), desc=f"{cfg.method} {cfg.model.name}"
+        )
         self.pending.restart_clock()
         loss_of = training_loss(t.loss_chunk)  # config: chunking only for causal LMs
         with PeakMemory(device) as peak:
@@ -201,11 +230,13 @@ class TrainingLoop:
                         micro = step * t.grad_accum + i
                         # Copy the next batch now (non-blocking): the device takes it in stream order, the host goes on.
                         following = batches.get(micro + 1) if micro + 1 < t.max_steps * t.grad_accum else (batch, 0)
-                        with autocast(device, self.evaluator.dtype):
-                            loss = loss_of(model, batch) / t.grad_accum
-                        loss.backward()
+                        # Across ranks, gradients are reduced once per step: in the last micro-batch's backward.
+                        with gradient_sync(stepped, i == t.grad_accum - 1):
+                            with autocast(device, self.evaluator.dtype):
+                                loss = loss_of(stepped, model, batch) / t.grad_accum
+                            loss.backward()
                         loss_total = loss.detach() if i == 0 else loss_total + loss.detach()
-                        self.tokens += n_tok
+                        self.window_tokens += n_tok
                         batch, n_tok = following
                     if cfg.optim.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
@@ -228,7 +259,9 @@ class TrainingLoop:
                             break
                     if evaluate_now:
                         metrics = self.evaluator.evaluate(model)
-                        why = self.divergence.validation(done, metrics["val_loss"], self.evaluator.collapsed())
+                        # rank 0's probe is the 1-process run's (the first rows): its verdict is every rank's
+                        collapsed = distributed.agree(self.evaluator.collapsed())
+                        why = self.divergence.validation(done, metrics["val_loss"], collapsed)
                         if why:
                             status, reason = "diverged", why
                             break
@@ -246,7 +279,7 @@ class TrainingLoop:
                             on_eval(EvalEvent(done, t.max_steps, metrics, since))
                         self.since_event = []
                         self.pending.restart_clock()  # evaluation time is not training time
-                    if checkpoint_now:
+                    if checkpoint_now:  # on every rank (it gathers what is sharded); rank 0 alone writes
                         ckpt.save(done, self.history, self.evals)
                         self.pending.restart_clock()
             finally:

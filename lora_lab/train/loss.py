@@ -24,12 +24,13 @@ IGNORE = -100  # the label of a position that carries no loss (transformers' ign
 # soft-capping, Cohere's and Granite's scaling): a chunked loss that applies the head itself would skip that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# (what the step calls: the model, or DDP around it; the model itself; the batch) -> the micro-batch's mean loss
+LossFn = Callable[[nn.Module, nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_loss(stepped: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss the model computes itself from batch['labels'] (mean over the positions that carry one)."""
-    return model(**batch).loss
+    return stepped(**batch).loss
 
 
 def check_chunkable(model: nn.Module) -> None:
@@ -52,17 +53,20 @@ def training_loss(chunk: int) -> LossFn:
     """The step's loss function: the model's own for chunk 0, else chunked_loss with `chunk` positions a chunk."""
     if chunk <= 0:
         return model_loss
-    return lambda model, batch: chunked_loss(model, batch, chunk)
+    return lambda stepped, model, batch: chunked_loss(model, batch, chunk, stepped)
 
 
-def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+def chunked_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int, stepped: nn.Module | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy of a causal LM over the positions with a label, the head applied `chunk`
     positions at a time; each chunk's logits are recomputed in backward instead of kept (same value and gradients
-    as model_loss, up to the order of the sums)."""
+    as model_loss, up to the order of the sums). `stepped`: what runs the forward (DDP around `model`; default
+    `model`), whose head is swapped for the call."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with _head_returns_hidden(model) as (head, seen):
-        model(**inputs)
+        (stepped or model)(**inputs)
     hidden = seen.input  # (B, T', H): what the head would have read, before a wrapper drops any position
     if hidden.shape[1] > labels.shape[1]:  # virtual tokens prepended (prompt tuning): they carry no label
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE)

@@ -3,7 +3,8 @@
 What a run asks of the machine it runs on, apart from the model's math: which device and precision, how much memory
 it peaked at (and handing memory back), how SIGINT/SIGTERM end it, the RNG states a checkpoint keeps, the hooks
 applied to the model's repeated blocks (regional compilation, activation checkpointing; frozen weights stored in
-bf16) and the clock of its training and evaluation time. Later the distributed process group lands here too.
+bf16) and the clock of its training and evaluation time. The process group of a multi-process run, and the loop's
+helpers for it, are in lora_lab.train.distributed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.utils.checkpoint
 
 from lora_lab import targets
 from lora_lab.config import ConfigError
+from lora_lab.train import distributed
 
 log = logging.getLogger("lora_lab")
 
@@ -37,6 +39,8 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError("trainer.device: 'cuda' asked for, but torch sees no CUDA device; use auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.active():
+        return torch.device("cuda", distributed.local_rank())  # one GPU per rank: the launcher's LOCAL_RANK
     return torch.device(name)
 
 

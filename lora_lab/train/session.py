@@ -14,6 +14,7 @@ import torch
 from lora_lab import lora
 from lora_lab.config import Config
 from lora_lab.records import Identity, RunRecord, Settings
+from lora_lab.train import distributed
 from lora_lab.train.evaluate import Evaluator
 from lora_lab.train.finish import RunRole, assemble_record, conclude, identity_of, settings_of, write_metrics
 from lora_lab.train.loop import EvalCallback, TrainingLoop, make_optimizer
@@ -90,7 +91,8 @@ class Session:
             identity=self.identity(),
             settings=self.settings(),
         )
-        write_metrics(record, self.output_dir)
+        if distributed.is_main():  # one metrics.json per run, whatever the number of processes
+            write_metrics(record, self.output_dir)
         return record
 
     def identity(self) -> Identity:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 from lora_lab.files import atomic_write_text
 from lora_lab.records import RunRecord
+from lora_lab.train import distributed
 from lora_lab.train.loop import EvalCallback, EvalEvent
 from lora_lab.train.session import Session
 
@@ -39,6 +40,11 @@ def fit_tracked(
     from lora_lab import tracking
     from lora_lab.records import Results
 
+    if not distributed.is_main():  # another rank of a multi-process run: it trains, rank 0 writes and tracks
+        try:
+            return session.fit(on_eval)
+        finally:
+            session.close()
     try:
         resolved = {**resolved, "output_dir": str(session.output_dir)}
         atomic_write_text(session.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,324 @@
+"""One run over several processes (trainer.devices=N): the launcher, the process group and the loop's small helpers.
+
+`python -m lora_lab.train trainer.devices=N` starts N copies of itself through torch.distributed's elastic launcher
+(`launch`: torchrun's agent, max_restarts=0, rendezvous on 127.0.0.1); a process that finds the rendezvous
+environment already set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR: torchrun, srun with its variables, or our own
+launcher) joins the group as it is (`join`). NCCL on CUDA (each rank on cuda:LOCAL_RANK), gloo on the CPU.
+
+The training loop is the same for 1 and N processes: it asks these helpers, each a no-op without a process group,
+whether it is the main process (`is_main`), for the sums over ranks (`all_reduce_sum`), for its shard of the data
+(`rank`, `world_size`), to skip the gradient reduction of all but the last micro-batch (`gradient_sync`) and for the
+model as trained (`wrap`: DDP for a model that fits one device, FSDP2's fully_shard for full fine-tuning). With
+devices=1 there is no process group and no wrapper: nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Iterator, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lora_lab import adaptations, targets
+from lora_lab.config import Config, ConfigError
+
+log = logging.getLogger("lora_lab")
+
+# What a launcher (torchrun, srun with these exported, our own `launch`) sets for each process it starts.
+T = TypeVar("T")
+
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+# ----------------------------------------------------------------------------------------------- the group
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher: the rendezvous environment is set, so it joins, never
+    launches again."""
+    return all(k in os.environ for k in RENDEZVOUS_ENV)
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as the launcher set it (1 when there is no launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def active() -> bool:
+    """Whether this process is one rank of a process group of more than one."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """How many processes train this run (1 without a group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files and talks to MLflow: rank 0, or the only process."""
+    return rank() == 0
+
+
+def local_rank() -> int:
+    """This process's rank on its host: which GPU it uses (0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def join(device_type: str) -> None:
+    """Join the process group the launcher set up: NCCL when the run is on CUDA (this rank on cuda:LOCAL_RANK),
+    gloo on the CPU. The rendezvous address is the launcher's (MASTER_ADDR, MASTER_PORT)."""
+    if dist.is_initialized():
+        return
+    _end_with_the_launcher()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+def _end_with_the_launcher(every_s: float = 1.0) -> None:
+    """A launcher that dies without ending its ranks (SIGKILL) must not leave them training as orphans: a daemon
+    thread sends this rank SIGTERM (ending it as an interruption) once its parent process is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        log.warning("the launcher (pid %d) is gone: ending this rank", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lora_lab-launcher-watch", daemon=True).start()
+
+
+def leave() -> None:
+    """Leave the process group (at the end of a rank's run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- the loop's helpers
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank (in place; `t` itself without a group)."""
+    if not active():
+        return t
+    where = _collective_device()
+    if t.device == where:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+    moved = t.to(where)  # a host-side count under NCCL: reduced on the GPU, copied back
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return t.copy_(moved)
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank: a decision (a collapsed model) that must end every rank's loop alike."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def from_main(value: T) -> T:
+    """Rank 0's `value` on every rank (a picklable value: a folder name); `value` itself without a group."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(value: T) -> Optional[list[T]]:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others and without a group."""
+    if not active():
+        return None
+    box: Optional[list[T]] = [value] * world_size() if is_main() else None
+    dist.gather_object(value, box, dst=0)
+    return box
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a group)."""
+    if active():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo CPU ones.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2: every rank must then run each of its forwards (they all-gather)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Inside the block, backward reduces gradients across ranks only when `sync` (the last micro-batch of a step):
+    the others accumulate locally. No-op for an unwrapped model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------- the wrapper
+
+
+def strategy(cfg: Config) -> str:
+    """How the model is spread over the processes: trainer.parallel, where auto is fsdp for a method that trains
+    every weight (its gradients and optimizer state are the model's size again, twice) and ddp otherwise."""
+    if cfg.trainer.parallel != "auto":
+        return cfg.trainer.parallel
+    return "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
+
+
+def refuse(cfg: Config) -> None:
+    """Raise ConfigError for a multi-process run that cannot work, before any weight loads (exit 2)."""
+    t = cfg.trainer
+    if launched() and t.devices != launched_world_size():
+        raise ConfigError(
+            f"trainer.devices={t.devices}: the launcher started WORLD_SIZE={launched_world_size()} processes; "
+            "give the same number (or leave trainer.devices out)"
+        )
+    if t.devices == 1:
+        return
+    if strategy(cfg) == "fsdp" and cfg.model.quantize != "none":
+        raise ConfigError(
+            f"trainer.parallel=fsdp with model.quantize={cfg.model.quantize}: FSDP2 shards floating-point "
+            "parameters, and bitsandbytes' packed weights are not; use trainer.parallel=ddp"
+        )
+    if strategy(cfg) == "fsdp" and not adaptations.of(cfg.method).trains_all:
+        raise ConfigError(
+            f"trainer.parallel=fsdp with method={cfg.method}: FSDP2 is wired for full fine-tuning only so far (a "
+            "sharded frozen base and its adapter export are not); use trainer.parallel=ddp or auto"
+        )
+    if strategy(cfg) == "fsdp" and t.loss_chunk:
+        raise ConfigError(
+            f"trainer.parallel=fsdp with trainer.loss_chunk={t.loss_chunk}: the chunked loss applies the output head "
+            "outside the model's forward, where FSDP2 has resharded it; set trainer.loss_chunk=0"
+        )
+    if pick_type(t.device) == "cuda" and not launched() and t.devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"trainer.devices={t.devices}: torch sees {torch.cuda.device_count()} CUDA device(s) on this host"
+        )
+
+
+def pick_type(name: str) -> str:
+    """The device type trainer.device names ('auto': cuda where torch sees one)."""
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model as the training steps call it: unchanged without a group; DDP (the model replicated, only the
+    trainable gradients reduced) or FSDP2 (fully_shard on each repeated block, the one list targets.repeated_blocks
+    finds, then on the root: parameters, gradients and optimizer state sharded). FSDP2 shards in place: build the
+    optimizer after this."""
+    if not active():
+        return model
+    if strategy(cfg) == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = targets.repeated_blocks(model)  # the blocks compile and checkpointing use too
+        for _, block in blocks:
+            fully_shard(block)
+        fully_shard(model)  # what is left (embeddings, head, final norm): one group of its own
+        log.info("FSDP2: %d repeated blocks and the root sharded over %d ranks", len(blocks), world_size())
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def group_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message for a collective that failed because another rank of this run ended (its peer closed
+    the connection, NCCL reported the group broken), or None for any other error."""
+    if not launched():
+        return None
+    lost = isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer"))
+    )
+    if not lost:
+        return None
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return f"rank {os.environ['RANK']}: the process group broke: another rank ended first ({first})"
+
+
+# ----------------------------------------------------------------------------------------------- the launcher
+
+
+def launch(argv: list[str], nprocs: int) -> int:
+    """Run `python -m lora_lab.train argv` as `nprocs` processes on this host, through torch.distributed's elastic
+    agent (torchrun's): rendezvous on 127.0.0.1 (a free port), no restarts, so a rank that dies ends the whole
+    group. Returns the exit code: the ranks' own when they all ended alike (0, 2, 3), 128 + the signal when the
+    launcher was interrupted (every rank is ended), 2 when a rank refused its input first, else 1 with a message
+    naming the rank that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=f"lora_lab-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",  # port 0: the agent's store binds a free one (torchrun --standalone's way)
+        local_addr="127.0.0.1",  # the ranks' MASTER_ADDR: this host's loopback, never an outside interface
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "lora_lab.train", *argv)
+    except ChildFailedError as exc:
+        codes = {f.exitcode for f in exc.failures.values()}
+        if len(exc.failures) == nprocs and len(codes) == 1 and next(iter(codes)) > 0:
+            return next(iter(codes))  # every rank ended the same way (bad input, diverged): its own message said why
+        first = min(exc.failures.values(), key=lambda f: f.timestamp)
+        if first.exitcode == 2:  # bad input one rank found first (a folder a live run owns): its message said why
+            return 2
+        print(f"lora_lab.train: error: {failure_message(exc)}; every other rank was ended", file=sys.stderr)
+        return 1
+    except SignalException as exc:
+        print(
+            f"lora_lab.train: interrupted by {signal.Signals(exc.sigval).name}: every rank was ended", file=sys.stderr
+        )
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def failure_message(exc: BaseException) -> str:
+    """Which rank failed first and how (an exit code, or the signal that killed it)."""
+    failures = getattr(exc, "failures", {})
+    if not failures:
+        return str(exc)
+    first = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    rank_, failure = first
+    how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+    others = sorted(r for r in failures if r != rank_)
+    also = f" (rank(s) {', '.join(map(str, others))} ended non-zero after it)" if others else ""
+    return f"rank {rank_} (pid {failure.pid}) {how}{also}"

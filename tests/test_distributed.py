@@ -1,0 +1,234 @@
+"""trainer.devices=N (lora_lab/train/distributed.py): real 2-process runs through the CLI on the CPU (gloo, the tiny
+model, fp32, fixed seed). Two processes equal one at the same global batch (LoRA under DDP, full fine-tuning under
+FSDP2); rank 0 alone writes metrics.json, the adapter and the one MLflow run; a killed rank ends the whole group;
+a resume with another devices count is refused, one with the same count resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+# trainer.device=cpu: gloo and fp32 on any machine (a host with one GPU could not give two processes one each).
+TINY = [
+    "model=tiny",
+    "data=tiny_sentiment",
+    "trainer=smoke",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
+    "trainer.device=cpu",
+]
+ATOL = 1e-5
+
+
+def cli(args: list[str], outputs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
+    return subprocess.run(
+        [sys.executable, "-m", "lora_lab.train", *TINY, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def assert_same_losses(one: dict, two: dict) -> float:
+    """Per-step train losses and every evaluation's val loss within ATOL; returns the largest difference."""
+    assert [p["step"] for p in one["history"]] == [p["step"] for p in two["history"]] == list(range(1, 9))
+    diffs = [abs(a["train_loss"] - b["train_loss"]) for a, b in zip(one["history"], two["history"])]
+    diffs += [abs(a["val_loss"] - b["val_loss"]) for a, b in zip(one["evals"], two["evals"])]
+    assert len(one["evals"]) == len(two["evals"]) == 3
+    assert max(diffs) <= ATOL, diffs
+    assert abs(one["val_loss"] - two["val_loss"]) <= ATOL
+    return max(diffs)
+
+
+def mlflow_runs(db: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def peft_logits(adapter: Path) -> torch.Tensor:
+    peft = pytest.importorskip("peft")
+    from lora_lab.config import compose
+    from lora_lab.models import load_model
+
+    _, cfg = compose(TINY)
+    base, _ = load_model(cfg.model)
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.arange(3, 35).reshape(2, 16)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_ddp_two_processes_equal_one_and_rank0_alone_writes(tmp_path: Path) -> None:
+    """LoRA under DDP: 2 processes x grad_accum 1 against 1 process x grad_accum 2 (global batch 8 both)."""
+    outputs = tmp_path / "outputs"
+    one_dir, two_dir, db = tmp_path / "one", tmp_path / "two", tmp_path / "mlflow.db"
+    one = cli(["lora.r=4", "trainer.grad_accum=2", "tracking.enabled=false", f"output_dir={one_dir}"], outputs)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(["lora.r=4", "trainer.devices=2", f"tracking.uri=sqlite:///{db}", f"output_dir={two_dir}"], outputs)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1 of 2 joined (gloo)" in two.stderr
+
+    m1, m2 = metrics(one_dir), metrics(two_dir)
+    print("DDP max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
+    assert m2["settings"]["devices"] == 2 and m2["settings"]["grad_accum"] == 1
+    assert m2["merge_ok"] is True
+    # One of each: metrics.json, adapter, config.yaml (saying devices: 2), one MLflow run; nothing else anywhere.
+    assert sorted(p.name for p in two_dir.iterdir() if not p.name.startswith(".")) == [
+        "adapter",
+        "config.yaml",
+        "loss_curve.png",
+        "metrics.json",
+    ]
+    assert "devices: 2" in (two_dir / "config.yaml").read_text()
+    found = sorted(tmp_path.rglob("metrics.json"))
+    logged = [p for p in found if "mlartifacts" in p.parts]  # the MLflow run's artifact copy
+    assert len(logged) == 1
+    assert [p for p in found if p not in logged] == [one_dir / "metrics.json", two_dir / "metrics.json"]
+    runs = mlflow_runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["trainer.devices"] == "2"
+    assert abs(runs[0].data.metrics["loss/val"] - m2["val_loss"]) < 1e-9
+
+    # The 2-process adapter, in peft's layout, loads with peft and gives the 1-process adapter's logits.
+    theirs_two, theirs_one = peft_logits(two_dir / "adapter"), peft_logits(one_dir / "adapter")
+    assert (theirs_two - theirs_one).abs().max().item() <= ATOL
+
+
+def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
+    """Full fine-tuning under FSDP2 (trainer.parallel=auto picks it for a method that trains every weight)."""
+    outputs = tmp_path / "outputs"
+    common = ["method=full", "tracking.enabled=false"]
+    one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli([*common, "trainer.devices=2", f"output_dir={tmp_path / 'two'}"], outputs)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in two.stderr
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    print("FSDP2 max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
+    assert m2["checkpoint_bytes"] == m1["checkpoint_bytes"]  # the sharded parameters count their global shape
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        # DDP; dropout: each rank draws its own masks, and a resumed rank must go on with its own RNG stream
+        ["lora.r=4", "lora.dropout=0.1"],
+        ["method=full"],  # FSDP2: the checkpoint holds the gathered whole; each rank takes its shards back
+    ],
+    ids=["lora-ddp", "full-fsdp"],
+)
+def test_resume_with_the_same_devices_resumes_and_another_count_is_refused(method: list[str], tmp_path: Path) -> None:
+    outputs, run = tmp_path / "outputs", tmp_path / "run"
+    args = [*method, "tracking.enabled=false", "trainer.checkpoint_every=4", f"output_dir={run}"]
+    first = cli([*args, "trainer.devices=2"], outputs)
+    assert first.returncode == 0, first.stderr[-3000:]
+    uninterrupted = metrics(run)
+    assert (run / "checkpoints" / "step-0000004" / "rng-ranks.pt").is_file()
+
+    # Another count is refused before anything loads: by the launcher (3) or by the one process (1).
+    for devices, then, now in (("1", 2, 1), ("3", 2, 3)) if method[0] != "method=full" else (("3", 2, 3),):
+        refused = cli([*args, f"trainer.devices={devices}", "trainer.resume=true"], outputs)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"trainer.devices: {then} -> {now}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+    again = cli([*args, "trainer.devices=2", "trainer.resume=true"], outputs)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "at step 4" in again.stderr
+    assert_same_losses(uninterrupted, metrics(run))
+
+
+def _ranks(launcher: psutil.Process, n: int, timeout: float = 120) -> dict[int, psutil.Process]:
+    """The launcher's rank processes by RANK, once all n have joined their group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ranks = {}
+        for child in launcher.children():
+            try:
+                ranks[int(child.environ()["RANK"])] = child
+            except (psutil.Error, KeyError):
+                pass
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise AssertionError(f"{n} ranks did not start within {timeout} s")
+
+
+@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher"])
+def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
+    args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={tmp_path / 'run'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    everyone: list[psutil.Process] = []
+    try:
+        launcher = psutil.Process(proc.pid)
+        ranks = _ranks(launcher, 2)
+        everyone = [*launcher.children(recursive=True)]
+        # Training, not still importing: rank 0 has built the run and claimed its folder, and two seconds more.
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        if stop == "kill-rank-1":
+            ranks[1].send_signal(signal.SIGKILL)
+        else:  # SIGKILL: the launcher cannot end its ranks; they see it gone and end themselves
+            launcher.send_signal(signal.SIGTERM if stop == "sigterm-launcher" else signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        gone, alive = psutil.wait_procs(everyone, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in everyone:  # a failing test must not leave its own orphans behind
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not alive, f"orphans: {alive}"
+    if stop == "kill-rank-1":
+        assert proc.returncode == 1
+        assert f"rank 1 (pid {ranks[1].pid}) was killed by SIGKILL" in err, err[-3000:]
+    elif stop == "sigterm-launcher":
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "interrupted by SIGTERM: every rank was ended" in err, err[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["trainer.devices=0"], "trainer.devices: expected an integer >= 1"),
+        (["trainer.devices=2", "trainer.parallel=zero3"], "trainer.parallel"),
+        (["trainer.devices=2", "trainer.parallel=fsdp"], "trainer.parallel=fsdp with method=lora"),
+        (["trainer.devices=2", "model.quantize=nf4", "trainer.parallel=fsdp"], "model.quantize=nf4"),
+    ],
+)
+def test_combinations_that_do_not_work_are_refused_by_name(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lora_lab.train.cli import main
+
+    assert main([*TINY, *args, f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
