@@ -103,6 +103,7 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # `pytest -n 2 --dist loadgroup` (the README's test command) they run one after another on one worker, as they were
 # written to, while the other worker takes the in-process tests (one thread each: the two share 2 cores).
 PROCESS_HEAVY = {
+    "test_distributed",
     "test_faults",
     "test_mlflow_ui",
     "test_no_repeats",
