@@ -31,9 +31,9 @@ from lora_lab.config import Config, ConfigError
 
 log = logging.getLogger("lora_lab")
 
-# What a launcher (torchrun, srun with these exported, our own `launch`) sets for each process it starts.
 T = TypeVar("T")
 
+# What a launcher (torchrun, srun with these exported, our own `launch`) sets for each process it starts.
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 
 
