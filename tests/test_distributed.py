@@ -17,18 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tiny import TINY_RUN
 
 pytestmark = pytest.mark.slow
 
 # trainer.device=cpu: gloo and fp32 on any machine (a host with one GPU could not give two processes one each).
-TINY = [
-    "model=tiny",
-    "data=tiny_sentiment",
-    "trainer=smoke",
-    "trainer.progress=false",
-    "trainer.num_threads=1",
-    "trainer.device=cpu",
-]
+TINY = [*TINY_RUN, "trainer.num_threads=1", "trainer.device=cpu"]
 ATOL = 1e-5
 
 

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_RUN
 
 from lora_lab.config import ConfigError, compose
 from lora_lab.train.build import build, build_and_fit
 from lora_lab.train.loss import chunked_loss, model_loss
 
-TINY = [
-    "model=tiny",
-    "data=tiny_sentiment",
-    "trainer=smoke",
-    "trainer.progress=false",
-    "tracking=off",
-    "trainer.max_steps=4",
-    "trainer.eval_every=4",
-]
+TINY = [*TINY_RUN, "tracking=off", "trainer.max_steps=4", "trainer.eval_every=4"]
 
 
 def _session(tmp_path: Path, *extra: str):
