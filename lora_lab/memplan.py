@@ -27,6 +27,10 @@ QUANTIZE_CHOICES = ("none", *QUANT_BYTES)
 # LLM.int8 (bitsandbytes' MatMul8bitLt) keeps each layer's input quantized, with its statistics, on ctx.tensors, outside
 # autograd's saved tensors: bytes per input feature per token, measured on the CPU (docs/memory.md).
 INT8_INPUT_BYTES = 2
+# ...and under activation checkpointing every block still keeps it (the checkpoint's hooks never see ctx.tensors), and
+# more: 4.15 (tiny-llama) and 4.36 (SmolLM2-135M) bytes per input feature per token measured, so a fit, not a
+# prediction (docs/memory.md).
+INT8_CHECKPOINTED_INPUT_BYTES = 4.25
 ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, each of its parameter's dtype
 # Logits and loss in training, per (token, vocabulary entry), in the loss's fp32: at the start of the backward pass the
 # log-softmax output (saved), the gradient nll_loss hands it and the gradient it hands the head are alive together.
@@ -165,9 +169,9 @@ def plan(inp: PlanInput) -> Plan:
         acts = inp.layers * block_bytes(inp, b)
         acts_how = f"{inp.layers} blocks x {b} x {t} tokens x {block_elements(inp)} values saved for backward"
     if inp.quantize == "int8":
-        # Every block's linears keep their input; with checkpointing only the recomputed block's do.
-        kept = inp.frozen_linear_inputs // (max(1, inp.layers) if inp.checkpointing else 1)
-        acts += b * t * kept * INT8_INPUT_BYTES
+        # Every block's linears keep their input, checkpointed or not.
+        per_feature = INT8_CHECKPOINTED_INPUT_BYTES if inp.checkpointing else INT8_INPUT_BYTES
+        acts += int(b * t * inp.frozen_linear_inputs * per_feature)
         acts_how += "; LLM.int8 keeps each linear's input quantized"
     # Outside the blocks: the final norm (and, when the head trains, its input) saved for backward.
     acts += b * t * inp.hidden * 4 * (3 if inp.trains_all else 1)
