@@ -403,6 +403,8 @@ def published_plans() -> list[dict[str, Any]]:
                 "activations": p.part("activations"),
                 "logits": p.part("logits and loss"),
                 "optimizer": p.part("optimizer state") + p.part("trainable weights") + p.part("gradients"),
+                "train_peak": p.train_peak,
+                "eval_peak": p.eval_peak,
             }
         )
     return rows
@@ -425,10 +427,10 @@ def published_table(rows: list[dict[str, Any]]) -> str:
         ("optimizer", "trainable + grads + AdamW", "{:.2f}"),
         ("activations", "activations", "{:.2f}"),
         ("logits", "logits + loss", "{:.2f}"),
+        ("train_peak", "training step peak", "{:.2f}"),
+        ("eval_peak", "evaluation peak", "{:.2f}"),
         ("source", "source", ""),
     ]
-    shown = [
-        {**r, **{k: g(r[k]) for k in ("published", "planned", "frozen", "optimizer", "activations", "logits")}}
-        for r in rows
-    ]
+    gib = ("published", "planned", "frozen", "optimizer", "activations", "logits", "train_peak", "eval_peak")
+    shown = [{**r, **{k: g(r[k]) for k in gib}} for r in rows]
     return table(shown, cols)
