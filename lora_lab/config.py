@@ -418,7 +418,8 @@ class TrainerConfig:
     # Causal LMs: compute the output head and the cross-entropy N labelled positions at a time, each chunk's logits
     # recomputed in backward instead of kept (lora_lab/train/loss.py), so the (batch x length x vocabulary) fp32
     # logits never exist at once: at a 128k vocabulary the largest tensors of a LoRA step. Same loss and gradients,
-    # one more head matmul per step. 0: the model's own loss over the full logits.
+    # one more head matmul per step. Evaluation scores its tokens N positions at a time too (the merge check's probe
+    # is then the last N/8 positions of its 8 rows). 0: the model's own loss over the full logits.
     loss_chunk: int = 0
     # Pad each training batch's length up to a multiple of N tokens (fewer distinct shapes for compile and tensor
     # cores; padding carries no loss). 1: pad to the longest row only.

@@ -207,7 +207,14 @@ def plan(inp: PlanInput) -> Plan:
     )
     train_peak = sum(p.bytes for p in parts)
     eval_rows = inp.eval_batch * (inp.eval_logit_rows if inp.causal_lm else 1)
-    eval_logits = eval_rows * v * (EVAL_LOGIT_COPIES * 4 + (inp.compute_bytes if inp.compute_bytes < 4 else 0))
+    eval_copy = EVAL_LOGIT_COPIES * 4 + (inp.compute_bytes if inp.compute_bytes < 4 else 0)
+    if inp.causal_lm and inp.loss_chunk and inp.eval_logit_rows > 1:
+        # Token scoring in chunks too: one chunk's logits, the probe's (about one chunk), and the head's input
+        # (with its gathered labelled rows) instead of every position's logits.
+        rows = min(eval_rows, inp.loss_chunk)
+        eval_logits = rows * v * (eval_copy + 4) + 2 * eval_rows * inp.hidden * inp.compute_bytes
+    else:
+        eval_logits = eval_rows * v * eval_copy
     eval_peak = (
         frozen
         + trainable

@@ -89,14 +89,40 @@ def test_no_tensor_of_the_whole_batchs_logits_is_kept_for_backward(tmp_path: Pat
     session.close()
 
 
-def test_a_run_with_a_chunked_loss_trains_to_the_same_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["prompted", "text"])
+def test_a_run_with_a_chunked_loss_trains_and_evaluates_to_the_same_numbers(fmt: str, tmp_path: Path) -> None:
+    # prompted: the tiny task's label words are several tokens each (one forward per word, token scoring); text:
+    # every position scored. Training and evaluation both chunk; the merge check's probe is chunked too.
     runs = {}
     for chunk in (0, 7):
-        _, cfg = compose([*TINY, f"trainer.loss_chunk={chunk}", f"output_dir={tmp_path / str(chunk)}"])
-        runs[chunk] = build_and_fit(cfg)
+        args = [*TINY, f"data.format={fmt}", f"trainer.loss_chunk={chunk}", f"output_dir={tmp_path / str(chunk)}"]
+        runs[chunk] = build_and_fit(compose(args)[1])
+    assert runs[7].completed and len(runs[7].history) == len(runs[0].history) == 4
     for a, b in zip(runs[0].history, runs[7].history):
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)
     assert runs[7].val_loss == pytest.approx(runs[0].val_loss, rel=1e-5)
+    assert runs[7].merged_val_loss == pytest.approx(runs[0].merged_val_loss, rel=1e-5)
+    assert runs[7].merge_ok and runs[7].max_abs_logit_diff < 1e-4
+    if fmt == "prompted":
+        assert runs[7].accuracy == runs[0].accuracy
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_token_scoring_in_chunks_gives_the_full_logits_scores(method: str, tmp_path: Path) -> None:
+    session = _session(tmp_path, f"method={method}")
+    model, ev = session.model.eval(), session.evaluator
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want_lp, want_n = ev.token_logprobs(model, batch, probe=False)
+        ev.loss_chunk = 5
+        rows: list[int] = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0][..., 0].numel()))
+        got_lp, got_n = ev.token_logprobs(model, batch, probe=False)
+        hook.remove()
+    assert torch.equal(got_n, want_n) and int(want_n.sum()) > 5
+    assert torch.allclose(got_lp, want_lp, rtol=1e-5, atol=1e-6)
+    assert rows and max(rows) <= 5  # the head never saw more than one chunk of positions
+    session.close()
 
 
 def test_a_chunked_loss_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lora_lab.train import distributed
 from lora_lab.train.batches import prompt_batch, to_device
+from lora_lab.train.loss import head_returns_hidden
 from lora_lab.train.runtime import Clock, autocast, eager_when
 
 PROBE_ROWS = 8  # validation rows whose logits the merged-vs-unmerged check compares
@@ -92,10 +93,7 @@ def _score_word_sequences(
     scores = []
     for k, word_ids in enumerate(ev.data.label_token_ids):
         batch = to_device(collate(rows, ev.data.pad_id, candidate=word_ids), ev.device)
-        logits = ev.forward_logits(model, batch)  # (B, T, V)
-        if k == 0:
-            ev.keep_probe(logits)
-        lp, cnt = sequence_logprobs(logits, batch["labels"])  # (B,), (B,)
+        lp, cnt = ev.token_logprobs(model, batch, probe=k == 0)  # (B,), (B,)
         scores.append(lp)
         is_true = truth == k
         sums.loss -= torch.where(is_true, lp, 0.0).sum()
@@ -108,9 +106,7 @@ def score_tokens(ev: Evaluator, model: torch.nn.Module, rows: list[dict], sums: 
     from lora_lab.data import collate
 
     batch = to_device(collate(rows, ev.data.pad_id), ev.device)
-    logits = ev.forward_logits(model, batch)  # (B, T, V)
-    ev.keep_probe(logits)
-    lp, cnt = sequence_logprobs(logits, batch["labels"])
+    lp, cnt = ev.token_logprobs(model, batch)
     sums.loss -= lp.sum()
     sums.tokens += cnt.sum()
 
@@ -152,12 +148,14 @@ class Evaluator:
         batch_size: int,
         compiled: bool,
         clock: Clock,
+        loss_chunk: int = 0,
     ) -> None:
         if data.format not in SCORERS:
             raise ValueError(f"data.format: no scorer for {data.format!r}; expected one of {sorted(SCORERS)}")
         self.data, self.device, self.dtype, self.batch_size, self.compiled = data, device, dtype, batch_size, compiled
         self.scorer = SCORERS[data.format]
         self.clock = clock
+        self.loss_chunk = loss_chunk  # trainer.loss_chunk: token scoring computes this many positions' logits at once
         # Logits of the first validation rows from the latest evaluation: the merged-vs-unmerged check compares the
         # final evaluation's probe with the merged evaluation's, so the check costs no forward of its own.
         self.probe_logits: Optional[torch.Tensor] = None
@@ -169,6 +167,44 @@ class Evaluator:
         """The model's logits for a collated batch on the device, under the run's autocast."""
         with autocast(self.device, self.dtype):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def token_logprobs(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], probe: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sequence_logprobs of the model on a collated batch, keeping the batch's probe when `probe`. Under
+        trainer.loss_chunk the head runs on `loss_chunk` labelled positions at a time, so the batch's (B, T, V)
+        logits never exist at once, and the probe is the last loss_chunk // rows positions of each probe row."""
+        if not self.loss_chunk:
+            logits = self.forward_logits(model, batch)  # (B, T, V)
+            if probe:
+                self.keep_probe(logits)
+            return sequence_logprobs(logits, batch["labels"])
+        labels = batch["labels"]
+        with head_returns_hidden(model) as (head, seen):
+            self.forward_logits(model, batch)
+        # (B, T, H): the head's input at the input's positions (prompt tuning's virtual tokens dropped, as the
+        # model's own logits drop them)
+        hidden = seen.input[:, -labels.shape[1] :]
+        b, t, _ = hidden.shape
+        if probe and self.probe_logits is None:
+            # The last positions of each probe row: a causal LM's output there depends on the whole row (its first
+            # positions see the same few prompt tokens in every row, which would read as a collapsed model).
+            rows = min(PROBE_ROWS, b)
+            with autocast(self.device, self.dtype):
+                self.keep_probe(head(hidden[:rows, -max(1, self.loss_chunk // rows) :]))  # (rows, P, V)
+        target = labels[:, 1:].reshape(-1)  # position t scores token t + 1
+        row = torch.arange(b, device=hidden.device).repeat_interleave(t - 1)
+        scored = (target != -100).nonzero().squeeze(1)
+        states = hidden[:, :-1].reshape(b * (t - 1), -1).index_select(0, scored)  # (N, H)
+        target, row = target.index_select(0, scored), row.index_select(0, scored)
+        lp = torch.zeros(b, dtype=torch.float32, device=hidden.device)
+        for start in range(0, target.numel(), self.loss_chunk):
+            end = start + self.loss_chunk
+            with autocast(self.device, self.dtype):
+                logits = head(states[start:end])  # (n, V)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[start:end, None]).squeeze(-1)
+            lp.index_add_(0, row[start:end], logp)
+        return lp, (labels[:, 1:] != -100).sum(dim=1)
 
     def last_token_logits(self, model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
         """Next-token logits after each row's prompt, (B, V) in fp32: prompts left-padded, positions from the mask."""

@@ -4,6 +4,8 @@ time under activation checkpointing, so the fp32 logits of the whole batch never
 those logits (and their log-softmax and gradient) are the largest tensors of a LoRA step: Llama-3.1-8B at 2 x 2048
 holds ~6 GiB of them (torchtune's CEWithChunkedOutputLoss and Liger's fused linear cross-entropy do the same).
 
+The evaluation of text and chat (lora_lab.train.evaluate) uses the same head_returns_hidden under trainer.loss_chunk.
+
 Only the positions that carry a label are sent through the head (a prompted task scores a few tokens per row), and
 the mean is over those positions, as transformers' loss takes it.
 """
@@ -65,7 +67,7 @@ def chunked_loss(
     `model`), whose head is swapped for the call."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with _head_returns_hidden(model) as (head, seen):
+    with head_returns_hidden(model) as (head, seen):
         (stepped or model)(**inputs)
     hidden = seen.input  # (B, T', H): what the head would have read, before a wrapper drops any position
     if hidden.shape[1] > labels.shape[1]:  # virtual tokens prepended (prompt tuning): they carry no label
@@ -113,7 +115,7 @@ class _Seen(nn.Identity):
 
 
 @contextlib.contextmanager
-def _head_returns_hidden(model: nn.Module) -> Iterator[tuple[nn.Module, _Seen]]:
+def head_returns_hidden(model: nn.Module) -> Iterator[tuple[nn.Module, _Seen]]:
     """Inside the block the model's output head is a _Seen (the forward's `logits` are the head's input); yields
     the head and the stand-in. The head is put back on leaving, whatever happens."""
     site = _head_site(model)

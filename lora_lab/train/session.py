@@ -52,7 +52,9 @@ class Session:
         self.autocast_dtype = autocast_dtype(cfg.trainer.precision, device)
         self.clock = Clock()
         t = cfg.trainer
-        self.evaluator = Evaluator(data, device, self.autocast_dtype, t.eval_batch_size, t.compile, self.clock)
+        self.evaluator = Evaluator(
+            data, device, self.autocast_dtype, t.eval_batch_size, t.compile, self.clock, loss_chunk=t.loss_chunk
+        )
 
     @property
     def train_time_s(self) -> float:
