@@ -10,9 +10,9 @@ files.WriteError names the path and what was kept), a tracking server gone past 
 stopped it (its checkpoints stay: the same command resumes it). Every error is one line on stderr,
 `lora_lab.train: error: <message>`, never a traceback. trainer.devices=N outside a launcher: the command starts N
 ranks of itself (lora_lab.train.distributed.launch) and exits with theirs (0, 2, 3 when they all end alike), 1 with
-a message naming the rank when one fails (every other is ended), 128 + the signal when the launcher is stopped. The
-CLI lives here, not in __main__.py, so that the package
-can re-export `main` without runpy importing __main__ twice.
+a message naming the rank when one fails (every other is ended), 128 + the signal when the launcher is stopped.
+The CLI lives here, not in __main__.py, so that the package can re-export `main` without runpy importing __main__
+twice.
 """
 
 from __future__ import annotations
