@@ -102,11 +102,11 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # Modules whose tests start several processes, servers or browsers and wait on them with deadlines: under
 # `pytest -n 2 --dist loadgroup` (the README's test command) they run one after another on one worker, as they were
 # written to, while the other worker takes the in-process tests (one thread each: the two share 2 cores) and
-# tests/test_distributed.py (its 2-process runs compare losses, with no deadline: there it balances the workers).
+# tests/test_distributed.py and test_no_repeats.py (their multi-process runs compare results, with no deadline:
+# there they balance the two workers).
 PROCESS_HEAVY = {
     "test_faults",
     "test_mlflow_ui",
-    "test_no_repeats",
     "test_run_owner",
     "test_scaleout",
     "test_study_endings",

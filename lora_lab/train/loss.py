@@ -6,8 +6,10 @@ holds ~6 GiB of them (torchtune's CEWithChunkedOutputLoss and Liger's fused line
 
 The evaluation of text and chat (lora_lab.train.evaluate) uses the same head_returns_hidden under trainer.loss_chunk.
 
-Only the positions that carry a label are sent through the head (a prompted task scores a few tokens per row), and
-the mean is over those positions, as transformers' loss takes it.
+Every position goes through the head, those without a label contribute nothing (cross-entropy's ignore_index), and
+the mean is over the labelled ones, as transformers' loss takes it. Selecting the labelled positions first would save
+head matmuls on a prompted task, but it needs their count on the host: a device sync per micro-batch, which the loop
+otherwise avoids (lora_lab.train.loop reads the losses back once per trainer.sync_every steps).
 """
 
 from __future__ import annotations
@@ -73,22 +75,20 @@ def chunked_loss(
     if hidden.shape[1] > labels.shape[1]:  # virtual tokens prepended (prompt tuning): they carry no label
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE)
     target = labels[:, 1:].reshape(-1)  # (B * (T' - 1),): position t predicts token t + 1
-    scored = (target != IGNORE).nonzero().squeeze(1)
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, scored)  # (N, H)
-    target = target.index_select(0, scored)  # (N,)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (T' - 1), H)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, target.numel(), chunk):
+    for start in range(0, target.numel(), chunk):  # the count is the shape's: no device sync
         total = total + checkpoint(
             _chunk_sum, head, states[start : start + chunk], target[start : start + chunk], use_reentrant=False
         )
     # No labelled position: 0 with a gradient path (transformers' mean over nothing is NaN; the loop's divergence
     # check would stop a run on a batch that only lacks labels).
-    return total / max(1, target.numel())
+    return total / (target != IGNORE).sum().clamp(min=1)
 
 
 def _chunk_sum(head: nn.Module, states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = head(states).float()  # (n, V)
-    return F.cross_entropy(logits, target, reduction="sum")
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
 
 
 def _head_site(model: nn.Module) -> tuple[nn.Module, str] | None:
