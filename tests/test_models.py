@@ -99,6 +99,17 @@ def test_local_folder_round_trip(tmp_path):
     assert loaded_tok.pad_token_id == tok.pad_token_id and loaded_tok.chat_template
 
 
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_causal_lm_folder_without_a_chat_template_gets_chatml(quantize, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model, tok = load_model(ModelConfig(name="tiny"))
+    tok.chat_template = None
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    _, loaded_tok = load_model(ModelConfig(name=str(tmp_path / "ckpt"), quantize=quantize))
+    assert loaded_tok.chat_template == models.CHATML_TEMPLATE  # data=chat renders with it
+
+
 def test_folder_without_config_is_an_error(tmp_path):
     with pytest.raises(ModelError, match="has no config.json"):
         load_model(ModelConfig(name=str(tmp_path)))
