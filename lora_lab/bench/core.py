@@ -196,18 +196,18 @@ def peak_memory_child(kind: str, shape: str, steps: int, batch: int, seq: int) -
             step()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-    if _reset_hwm():
-        before = _proc_status_kib("VmRSS")
+    if reset_hwm():
+        before = proc_status_kib("VmRSS")
         for _ in range(steps):
             step()
-        return (_proc_status_kib("VmHWM") - before) * 1024
+        return (proc_status_kib("VmHWM") - before) * 1024
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: high-water since start (coarser)
     for _ in range(steps):
         step()
     return int((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is KiB on Linux
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     """Reset this process's RSS high-water mark (Linux >= 4.0); False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -217,7 +217,8 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _proc_status_kib(key: str) -> int:
+def proc_status_kib(key: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -490,11 +491,11 @@ def activation_memory_child(kind: str, shape: str, batch: int, seq: int) -> dict
             torch.cuda.synchronize()
             out[name] = int(torch.cuda.max_memory_allocated() - before)
         else:
-            if not _reset_hwm():
+            if not reset_hwm():
                 raise RuntimeError("activation memory on the CPU needs /proc/self/clear_refs (Linux)")
-            before = _proc_status_kib("VmRSS")
+            before = proc_status_kib("VmRSS")
             step()
-            out[name] = (_proc_status_kib("VmHWM") - before) * 1024
+            out[name] = (proc_status_kib("VmHWM") - before) * 1024
     return out
 
 

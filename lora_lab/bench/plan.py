@@ -91,18 +91,11 @@ def configurations(data: Path, shapes: list[str], kinds: list[str]) -> list[dict
     return rows
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     """In a fresh process: build the run as train does, train `steps` steps, return predicted and measured bytes."""
     import torch
 
+    from lora_lab.bench.core import proc_status_kib, reset_hwm
     from lora_lab.config import compose
     from lora_lab.train import build
     from lora_lab.train.batches import TrainBatches
@@ -113,7 +106,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
     _, cfg = compose(overrides)
     p, _, _ = planned(cfg)
     quantized = cfg.model.quantize != "none"
-    before = _status_kib("VmRSS") * 1024
+    before = proc_status_kib("VmRSS") * 1024
     session = build(cfg)
     model, device, t = session.model, session.device, cfg.trainer
     model.to(device).train()
@@ -132,8 +125,8 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         before = 0  # max_memory_allocated counts everything allocated, the model included
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the high-water mark starts again from the RSS now
+        if not reset_hwm():  # the high-water mark starts again from the RSS now
+            raise RuntimeError("bench plan on the CPU needs /proc/self/clear_refs (Linux)")
     tokens = 0
     loss_of = training_loss(t.loss_chunk)  # the trainer's loss: trainer.loss_chunk as the loop applies it
     for step in range(steps):
@@ -149,7 +142,7 @@ def measure_child(overrides: list[str], steps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _status_kib("VmHWM") * 1024
+        peak = proc_status_kib("VmHWM") * 1024
     # What one forward saves for backward (after the measurement): with checkpointing only the blocks' inputs.
     batch, _ = batches.get(0)
     with autocast(device, session.autocast_dtype):
