@@ -476,7 +476,7 @@ def test_bench_peak_memory_sees_a_known_allocation(monkeypatch):
         return step
 
     monkeypatch.setattr(bench, "_stepper", stepper)
-    if not torch.cuda.is_available() and not bench._reset_hwm():
+    if not torch.cuda.is_available() and not bench.reset_hwm():
         pytest.skip("no /proc/self/clear_refs: only the coarse ru_maxrss fallback, which cannot see this")
     peak = bench.peak_memory_child("lora_lab", "tiny", 1, 2, 8)
     assert isinstance(peak, int) and size <= peak < 4 * size, peak
