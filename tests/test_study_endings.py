@@ -199,6 +199,46 @@ def test_a_retry_does_not_name_the_dead_worker_as_its_owner(tmp_path: Path) -> N
         assert owner_state(st, popped)[0] == "unknown"  # just popped, not yet claimed: left to its new worker
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path: Path) -> None:
+    """A worker SIGKILLed between popping a trial and its first heartbeat left the trial RUNNING with no heartbeat
+    row: Optuna's fail_stale_trials never judges such a trial, and the resumed sweep waited on it forever (found by
+    test_sweep's SIGKILL test, killed in that moment). Past sweep.grace_s it is FAIL and retried; a trial that beats
+    is left to Optuna's check, and one just popped to its worker."""
+    from types import SimpleNamespace
+
+    from lora_lab.sweep import optuna_internals as internals
+    from lora_lab.sweep.study import LostTrialCallback
+    from lora_lab.sweep.workers import UNBEATEN, recover_orphans
+
+    st = SimpleNamespace(
+        tracking=SimpleNamespace(enabled=False), spec=SimpleNamespace(name="s", grace_s=1, max_retry=3)
+    )
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'o.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
+        heartbeat_stale_trial_callback=LostTrialCallback(st, max_retry=3),
+    )
+    st.study = study = optuna.create_study(storage=storage, study_name="s")
+    for x in (0.25, 0.75):
+        study.enqueue_trial({"x": x})
+    dead, beating = internals.pop_waiting_trial_id(study), internals.pop_waiting_trial_id(study)
+    storage.record_heartbeat(beating)
+    assert [t._trial_id for t in internals.unbeaten_running(study)] == [dead]
+    assert recover_orphans(st, heartbeats=True) == []  # within sweep.grace_s: perhaps a live worker about to beat
+    time.sleep(1.2)
+    storage.record_heartbeat(beating)
+    assert recover_orphans(st, heartbeats=True) == [study.trials[0].number]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[0].user_attrs["fail_reason"] == UNBEATEN
+    retry = trials[2]
+    # It never sampled: its retry carries the same enqueued parameters, as Optuna's fixed_params.
+    assert retry.system_attrs["failed_trial"] == 0 and retry.system_attrs["fixed_params"] == {"x": 0.25}
+    assert retry.user_attrs["retried_because"] == f"trial 0: {UNBEATEN}"
+    assert recover_orphans(st, heartbeats=True) == []  # once
+
+
 def test_a_torn_journal_tail_is_set_aside_and_the_study_goes_on(outputs: Path, tmp_path: Path, caplog) -> None:
     import logging
 

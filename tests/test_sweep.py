@@ -204,25 +204,41 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
         "sweep.pruner=none",
         "sweep.heartbeat_s=1",
         "sweep.grace_s=3",
-        "trainer.max_steps=60",  # a trial checkpoints for long enough that the poll below sees it
-        "trainer.eval_every=5",
+        # 400 steps, evaluated every 50, checkpointed every 5: ~5 s a trial here, the poll's window (at 60 steps a trial
+        # took ~1.5 s and a loaded CI machine's poll missed every window, then waited out its deadline)
+        "trainer.max_steps=400",
+        "trainer.eval_every=50",
         "trainer.checkpoint_every=5",
     ]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = outputs.parent / "sweep.err"  # a file, not a pipe nobody reads: a full pipe would stall the sweep
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     storage = f"sqlite:///{outputs / 'optuna.db'}"
+    trials_dir = outputs / "studies" / "default" / "trials"
     deadline = time.time() + 240
     try:  # wait until trial 0 is COMPLETE and trial 1 has written a checkpoint, then kill the worker
         while time.time() < deadline:
-            time.sleep(0.1)  # a finished trial deletes its checkpoints: the window is the trial's run
+            time.sleep(0.05)  # a finished trial deletes its checkpoints: the window is the trial's run
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"the sweep ended (exit {proc.returncode}) before the poll saw a checkpoint of its "
+                    f"second trial:\n{err.read_text()[-3000:]}"
+                )
+            # The cheap check first; the study read is slow, and the checkpoint seen may be of a trial that has
+            # finished since: kill only while the trial with the checkpoint still runs.
+            checkpointed = {int(p.parent.parent.name) for p in trials_dir.glob("*/checkpoints/LATEST")}
+            if not checkpointed:
+                continue
             try:
                 trials = optuna.load_study(study_name="default", storage=storage).get_trials()
             except Exception:  # the study does not exist yet
                 continue
-            done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            if done and list((outputs / "studies" / "default" / "trials").glob("*/checkpoints/LATEST")):
+            states = {t.number: t.state for t in trials}
+            running = {n for n in checkpointed if states.get(n) == optuna.trial.TrialState.RUNNING}
+            if running and optuna.trial.TrialState.COMPLETE in states.values():
                 break
         else:
-            pytest.fail("the sweep never reached a checkpoint of its second trial")
+            pytest.fail(f"the sweep never reached a checkpoint of its second trial:\n{err.read_text()[-3000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -99,6 +99,31 @@ def heartbeats_enabled(study: optuna.Study) -> bool:
     return is_heartbeat_enabled(storage(study))
 
 
+def unbeaten_running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The RUNNING trials of a database storage that have no heartbeat recorded. Optuna's fail_stale_trials judges
+    only trials with one (RDBStorage._get_stale_trial_ids skips the rest), so a trial popped by a worker killed
+    before its first beat stayed RUNNING for good and every later worker waited on it. The query reads Optuna's
+    table `trial_heartbeats` (models.TrialHeartbeatModel, unchanged since Optuna 2.5) of the RDBStorage found under
+    the study's storage wrappers (`inner`: the sweep's guard; `_backend`: Optuna's cache)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    rdb: Any = storage(study)
+    while not isinstance(rdb, optuna.storages.RDBStorage):
+        rdb = getattr(rdb, "inner", None) or getattr(rdb, "_backend", None)
+        if rdb is None:  # a journal: no heartbeats
+            return []
+    running = rdb.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    ids = [t._trial_id for t in running]
+    beat = models.TrialHeartbeatModel
+    with _create_scoped_session(rdb.scoped_session) as session:
+        beaten = {tid for (tid,) in session.query(beat.trial_id).filter(beat.trial_id.in_(ids))}
+    return [t for t in running if t._trial_id not in beaten]
+
+
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study, tid: int) -> Iterator[Any]:
     """Send heartbeats for trial `tid` while the block runs (what `optimize()` does around each trial)."""

@@ -270,10 +270,14 @@ class _Guard:
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """inner.name(*args, **kwargs); a lost database retried until the deadline; errors that name the storage."""
+        return self.guarded(getattr(self.inner, name), *args, **kwargs)
+
+    def guarded(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs), a read or write of this storage's database, under `call`'s retries and errors."""
         delay = 0.25
         while True:
             try:
-                result = getattr(self.inner, name)(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except Exception as exc:
                 if self.retry and connection_lost(exc):
                     since = self._went_away(exc)

@@ -7,6 +7,7 @@ CUDA_VISIBLE_DEVICES, capped to its share of that GPU's memory when processes sh
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import logging
 import math
@@ -48,6 +49,7 @@ MEMORY_SHARE = 0.95  # of a GPU's memory, split between the processes on it (the
 AUTO_FILL = 0.9  # trials_per_device=auto fills this share of a device's free memory with measured trial peaks
 AUTO_MAX_PER_DEVICE = 8
 FIRST_FAILURES_TO_STOP = 3  # the first trials all failing the same way means the study itself is broken
+UNBEATEN = "worker lost: no heartbeat ever (killed right after it took the trial)"
 
 
 # ----------------------------------------------------------------------------------------------- the worker loop
@@ -67,8 +69,7 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
     try:
         while max_trials is None or ran < max_trials:
             optuna.storages.fail_stale_trials(study)
-            if not heartbeats:
-                recover_orphans(st)
+            recover_orphans(st, heartbeats)
             if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
                 log.info("sweep.timeout_s=%s reached: no new trials from this worker", spec.timeout_s)
                 break
@@ -190,18 +191,31 @@ def stopped_by(number: int, failure: Failure, st: Study) -> StudyStopped:
     )
 
 
-def recover_orphans(st: Study) -> list[int]:
-    """Without heartbeats (a journal file), a trial whose worker died stays RUNNING for good: FAIL each RUNNING
-    trial whose owner is gone (objective.owner_state: its process exited and its folder's lock is free) with that
-    reason, and retry it with the same parameters, as stale heartbeats do on a database (LostTrialCallback). Returns
-    the numbers failed here."""
+def recover_orphans(st: Study, heartbeats: bool) -> list[int]:
+    """FAIL each RUNNING trial whose worker died where Optuna's stale-heartbeat check does not see it, with the
+    reason, and retry it with the same parameters, as stale heartbeats do (LostTrialCallback). Returns the numbers
+    failed here.
+
+    Without heartbeats (a journal file) every such trial stays RUNNING for good: it is lost once its owner is gone
+    (objective.owner_state: its process exited and its folder's lock is free). With heartbeats, a trial whose worker
+    was killed between popping it and its first beat: lost once it has run sweep.grace_s with no beat (a live worker
+    beats within milliseconds of popping)."""
     study = st.study
     storage = internals.storage(study)
+    if heartbeats:
+        # Through the storage's guard where it has one (a database that went away is waited for, then named).
+        guarded = getattr(storage, "guarded", lambda fn, *a: fn(*a))
+        now = datetime.datetime.now()  # Optuna stamps datetime_start with the popping host's local time
+        lost = [
+            (t, UNBEATEN)
+            for t in guarded(internals.unbeaten_running, study)
+            if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > st.spec.grace_s
+        ]
+    else:
+        owners = ((t, owner_state(st, t)) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        lost = [(t, why) for t, (state, why) in owners if state == "gone"]
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        state, why = owner_state(st, t)
-        if state != "gone":
-            continue
+    for t, why in lost:
         tid = internals.trial_id(t)
         try:
             TrialAttrs.write(optuna.Trial(study, tid), fail_reason=why)
