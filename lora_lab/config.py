@@ -483,10 +483,11 @@ class TrackingConfig:
 
 @dataclass
 class ExportConfig:
-    """What a LoRA run writes at the end besides metrics.json and config.yaml."""
+    """What a run writes at the end besides metrics.json and config.yaml."""
 
     adapter: bool = True  # the adapter alone, in peft's layout (adapter_config.json + adapter_model.safetensors)
-    merged: bool = False  # the merged model as a plain transformers folder (loads without lora_lab)
+    # The merged model as a plain transformers folder (loads without lora_lab); under method=full, the trained model.
+    merged: bool = False
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_lora_ddp_two_processes_equal_one_and_rank0_alone_writes(tmp_path: Path)
 def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     """Full fine-tuning under FSDP2 (trainer.parallel=auto picks it for a method that trains every weight)."""
     outputs = tmp_path / "outputs"
-    common = ["method=full", "tracking.enabled=false"]
+    common = ["method=full", "tracking.enabled=false", "export.merged=true"]
     one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli([*common, "trainer.devices=2", f"output_dir={tmp_path / 'two'}"], outputs)
@@ -118,6 +118,25 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     print("FSDP2 max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
     assert m2["checkpoint_bytes"] == m1["checkpoint_bytes"]  # the sharded parameters count their global shape
+    # export.merged writes the trained model, gathered from the shards by rank 0: a plain transformers folder
+    # with every weight, the same model as the 1-process run's.
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 35).reshape(2, 16)
+    logits = []
+    for run in ("one", "two"):
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / run / "merged", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert model.config.use_cache is True
+        with torch.no_grad():
+            logits.append(model.eval()(input_ids=ids).logits)
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+    from lora_lab.config import compose
+    from lora_lab.models import load_model
+
+    base, _ = load_model(compose([*TINY, *common])[1].model)
+    with torch.no_grad():
+        assert (base.eval()(input_ids=ids).logits - logits[0]).abs().max().item() > 1e-3  # trained, not the base
 
 
 @pytest.mark.parametrize(

@@ -182,11 +182,36 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, path: Path, unwrap: Ca
         tokenizer.save_pretrained(tmp)
 
 
+def export_trained(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Write a model that trained every weight as a plain transformers folder, as it is (no copy: a full fine-tune's
+    weights may fill the device). Under FSDP2 its weights are gathered on rank 0's CPU first: a collective, so every
+    rank calls this; rank 0 alone writes."""
+    state = None
+    if distributed.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed.is_main():
+        return
+    config = getattr(model, "config", None)
+    trained_with = getattr(config, "use_cache", None)
+    set_use_cache(model, True)  # what it is served with; training ran without the KV cache
+    try:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        if trained_with is not None:
+            set_use_cache(model, trained_with)
+
+
 def export(cfg: Config, model: torch.nn.Module, tokenizer: Any, out: Path) -> tuple[Optional[int], Optional[int]]:
     """Write what cfg.export asks for under `out` (adapter/, merged/); returns the adapter's bytes and the bytes of
     the checkpoint a user keeps (the adapter's, or under full fine-tuning every weight), None where there is none."""
     adaptation = adaptations.of(cfg.method)
     if adaptation.trains_all:
+        if cfg.export.merged:  # a full fine-tune is its own merged model
+            export_trained(model, tokenizer, out / "merged")
         # What a full fine-tune leaves behind is every weight: its size is the checkpoint a user keeps (FSDP2's
         # sharded parameters count their global shape).
         return None, sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
