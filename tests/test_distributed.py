@@ -1,6 +1,7 @@
 """trainer.devices=N (lora_lab/train/distributed.py): real 2-process runs through the CLI on the CPU (gloo, the tiny
 model, fp32, fixed seed). Two processes equal one at the same global batch (LoRA under DDP, full fine-tuning under
-FSDP2); rank 0 alone writes metrics.json, the adapter and the one MLflow run; a killed rank ends the whole group;
+FSDP2), and two launchers as two hosts equal one launcher of two; rank 0 alone writes metrics.json, the adapter (or
+a full fine-tune's gathered model) and the one MLflow run; a killed rank ends the whole group;
 a resume with another devices count is refused, one with the same count resumes."""
 
 from __future__ import annotations
@@ -137,6 +138,46 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     base, _ = load_model(compose([*TINY, *common])[1].model)
     with torch.no_grad():
         assert (base.eval()(input_ids=ids).logits - logits[0]).abs().max().item() > 1e-3  # trained, not the base
+
+
+def test_two_launchers_as_two_hosts_equal_two_devices(tmp_path: Path) -> None:
+    """Several hosts: one torchrun per host, one process each, joined by torchrun's c10d rendezvous (README's SLURM
+    recipe), here two launchers on 127.0.0.1. Their run equals `trainer.devices=2` on one host and, through it, one
+    process at the same global batch; the output folder (shared by the "hosts") is written by global rank 0 alone."""
+    import socket
+
+    outputs, db = tmp_path / "outputs", tmp_path / "mlflow.db"
+    one = cli(
+        ["lora.r=4", "trainer.devices=2", "tracking.enabled=false", f"output_dir={tmp_path / 'one_host'}"], outputs
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    with socket.socket() as s:  # a free port for the rendezvous store (the first launcher binds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "two_hosts"
+    launchers = []
+    for node in range(2):
+        args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-hosts", "--max-restarts=0"]
+        args += ["-m", "lora_lab.train", *TINY, "lora.r=4", f"tracking.uri=sqlite:///{db}", f"output_dir={run}"]
+        env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
+        log = (tmp_path / f"host{node}.log").open("w")
+        launchers.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [p.wait(timeout=300) for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"host{n}.log").read_text() for n in range(2)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "rank 1 of 2 joined (gloo)" in "".join(logs)
+    m1, m2 = metrics(tmp_path / "one_host"), metrics(run)
+    print("two launchers vs devices=2, max |loss diff|:", assert_same_losses(m1, m2))
+    assert m2["settings"]["devices"] == 2
+    runs = mlflow_runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run for the group, not one per host
 
 
 @pytest.mark.parametrize(
