@@ -188,9 +188,7 @@ class Checkpointer:
         trains. Sharded (FSDP2): the full state dict gathered on rank 0's CPU (a collective: every rank calls it;
         {} on the others), every key of the model's state dict."""
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-            return get_model_state_dict(self.model, options=_full_state())
+            return distributed.gathered_state_dict(self.model)
         if self.full:  # tied weights share storage; safetensors wants each stored once
             seen, unique = set(), {}
             for k, v in self.model.state_dict().items():
@@ -310,7 +308,7 @@ class Checkpointer:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.model, self.optimizer, options=_full_state())
+            return get_optimizer_state_dict(self.model, self.optimizer, options=distributed.full_state())
         return self.optimizer.state_dict()
 
     def resume(self) -> Optional[dict[str, Any]]:
@@ -407,20 +405,13 @@ class Checkpointer:
         problem = distributed.from_main(self.fit_problem(weights) if main else "")
         if problem:
             raise ValueError(problem)
-        options = _full_state(broadcast_from_rank0=True)
+        options = distributed.full_state(broadcast_from_rank0=True)
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(distributed.from_main(state["scheduler"]))
         restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
         self._restore_rank_rng(path)
         return json.loads((path / "state.json").read_text())
-
-
-def _full_state(**kwargs: Any) -> Any:
-    """torch.distributed.checkpoint's options for a whole (unsharded) state dict on rank 0's CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
 
 def _sha256(path: Path) -> str:

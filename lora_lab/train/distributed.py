@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -167,6 +167,21 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def full_state(**kwargs: Any) -> Any:
+    """torch.distributed.checkpoint's options for a whole (unsharded) state dict on rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP2) model's every weight, gathered on rank 0's CPU ({} on the other ranks). A collective: every
+    rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=full_state())
 
 
 @contextlib.contextmanager

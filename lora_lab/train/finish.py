@@ -186,11 +186,7 @@ def export_trained(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     """Write a model that trained every weight as a plain transformers folder, as it is (no copy: a full fine-tune's
     weights may fill the device). Under FSDP2 its weights are gathered on rank 0's CPU first: a collective, so every
     rank calls this; rank 0 alone writes."""
-    state = None
-    if distributed.is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = distributed.gathered_state_dict(model) if distributed.is_sharded(model) else None
     if not distributed.is_main():
         return
     config = getattr(model, "config", None)
