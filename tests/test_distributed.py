@@ -270,6 +270,52 @@ def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(sto
         assert proc.returncode == -signal.SIGKILL
 
 
+def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_losses(tmp_path: Path) -> None:
+    """SIGKILL of rank 1 while the group trains (between checkpoints: almost surely inside a step), then the same
+    command with trainer.resume=true: the run goes on from the last checkpoint and ends with the losses of a run that
+    was never interrupted."""
+    outputs = tmp_path / "outputs"
+    args = ["lora.r=4", "lora.dropout=0.1", "trainer.devices=2", "tracking.enabled=false"]
+    args += ["trainer.max_steps=120", "trainer.eval_every=40", "trainer.checkpoint_every=10"]
+    whole = cli([*args, f"output_dir={tmp_path / 'whole'}"], outputs)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = tmp_path / "run"
+    err = tmp_path / "killed.err"
+    with err.open("w") as stderr:
+        env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
+        cmd = [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={run}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
+    everyone: list[psutil.Process] = []
+    try:
+        launcher = psutil.Process(proc.pid)
+        ranks = _ranks(launcher, 2)
+        everyone = [*launcher.children(recursive=True)]
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "LATEST").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ranks[1].send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1, err.read_text()[-3000:]
+        _, alive = psutil.wait_procs(everyone, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in everyone:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not alive, f"orphans: {alive}"
+    assert not (run / "metrics.json").exists()  # it did not finish before the kill
+
+    again = cli([*args, "trainer.resume=true", f"output_dir={run}"], outputs)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    one, two = metrics(tmp_path / "whole"), metrics(run)
+    assert [p["step"] for p in two["history"]] == list(range(1, 121))
+    diffs = [abs(a["train_loss"] - b["train_loss"]) for a, b in zip(one["history"], two["history"])]
+    diffs += [abs(a["val_loss"] - b["val_loss"]) for a, b in zip(one["evals"], two["evals"])]
+    assert len(two["evals"]) == len(one["evals"]) and max(diffs) <= ATOL, max(diffs)
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
