@@ -75,11 +75,14 @@ def test_lora_ddp_two_processes_equal_one_and_rank0_alone_writes(tmp_path: Path)
     one_dir, two_dir, db = tmp_path / "one", tmp_path / "two", tmp_path / "mlflow.db"
     one = cli(["lora.r=4", "trainer.grad_accum=2", "tracking.enabled=false", f"output_dir={one_dir}"], outputs)
     assert one.returncode == 0, one.stderr[-3000:]
-    # The 2-process run computes its loss in chunks (trainer.loss_chunk) through DDP's forward: still the same losses.
-    two_args = ["lora.r=4", "trainer.devices=2", "trainer.loss_chunk=5", f"tracking.uri=sqlite:///{db}"]
+    # The 2-process run computes its loss in chunks (trainer.loss_chunk) through DDP's forward and checkpoints its
+    # blocks' activations: still the same losses.
+    two_args = ["lora.r=4", "trainer.devices=2", "trainer.loss_chunk=5", "trainer.gradient_checkpointing=true"]
+    two_args += [f"tracking.uri=sqlite:///{db}"]
     two = cli([*two_args, f"output_dir={two_dir}"], outputs)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 1 of 2 joined (gloo)" in two.stderr
+    assert "[rank 1] INFO lora_lab: activation checkpointing of 2 repeated blocks" in two.stderr
 
     m1, m2 = metrics(one_dir), metrics(two_dir)
     print("DDP max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
@@ -113,9 +116,13 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     common = ["method=full", "tracking.enabled=false", "export.merged=true"]
     one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = cli([*common, "trainer.devices=2", f"output_dir={tmp_path / 'two'}"], outputs)
+    # Activation checkpointing inside FSDP2's blocks: the same numbers as without it.
+    two = cli(
+        [*common, "trainer.devices=2", "trainer.gradient_checkpointing=true", f"output_dir={tmp_path / 'two'}"], outputs
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in two.stderr
+    assert "[rank 1] INFO lora_lab: activation checkpointing of 2 repeated blocks" in two.stderr
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     print("FSDP2 max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
     assert m2["checkpoint_bytes"] == m1["checkpoint_bytes"]  # the sharded parameters count their global shape
