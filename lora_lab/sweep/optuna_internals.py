@@ -103,7 +103,7 @@ def unbeaten_running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The RUNNING trials of a database storage that have no heartbeat recorded. Optuna's fail_stale_trials judges
     only trials with one (RDBStorage._get_stale_trial_ids skips the rest), so a trial popped by a worker killed
     before its first beat stayed RUNNING for good and every later worker waited on it. The query reads Optuna's
-    table `trial_heartbeats` (models.TrialHeartbeatModel, unchanged since Optuna 2.5) of the RDBStorage found under
+    table `trial_heartbeats` (models.TrialHeartbeatModel, in the versions SUPPORTED) of the RDBStorage found under
     the study's storage wrappers (`inner`: the sweep's guard; `_backend`: Optuna's cache)."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
