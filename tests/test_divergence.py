@@ -4,6 +4,7 @@ whose output no longer depends on its input, ends the run "diverged" with the nu
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,9 @@ def test_lora_at_lr_50_collapses_and_is_caught(tmp_path: Path) -> None:
     # random base model's, so a study would have picked it as its best trial.
     result = _fit(tmp_path, "optim.lr=50")
     assert result.status == "diverged" and math.isnan(result.val_loss)
-    assert result.reason.startswith("the model collapsed at step 4: every validation input gets the same prediction")
+    # At which evaluation (step 4 or 8) the blown-up weights reach constant activations depends on the CPU's float
+    # rounding (AVX2 and AVX-512 kernels differ in the last bits, and lr=50 amplifies them): either is caught.
+    assert re.match(r"the model collapsed at step [48]: every validation input gets the same prediction", result.reason)
     assert "ln(259) = 5.5568" in result.reason and "the base model 5.6139" in result.reason
 
 
