@@ -436,6 +436,10 @@ class TrainerConfig:
     # (FSDP2: parameters, gradients and optimizer state sharded, block by block), 'auto' (fsdp for a method that
     # trains every weight, else ddp). Unused with devices=1.
     parallel: str = "auto"
+    # devices > 1: how long a rank waits in a collective (a gradient reduction, an evaluation's sums, a broadcast) for
+    # the others before the run fails naming the rank it waited for; a rank that hangs ends its group after this.
+    # The ranks of a sweep trial (sweep.devices_per_trial) have this long, and at least 300 s, to start and join.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _finite(self, "trainer")
@@ -450,6 +454,12 @@ class TrainerConfig:
         _check(self.loss_chunk >= 0, "trainer.loss_chunk", "an integer >= 0 (0: no chunking)", self.loss_chunk)
         _check(self.devices >= 1, "trainer.devices", "an integer >= 1", self.devices)
         _one_of("trainer.parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        _check(
+            self.collective_timeout_s > 0,
+            "trainer.collective_timeout_s",
+            "a number of seconds > 0",
+            self.collective_timeout_s,
+        )
 
 
 @dataclass
@@ -638,6 +648,14 @@ class SweepConfig:
     # ~0.95/N of its GPU's memory (torch.cuda.set_per_process_memory_fraction) or cores // processes CPU threads.
     # More than one process without sweep.storage: the study's journal file (see storage).
     trials_per_device: Any = 1
+    # Devices (processes) that train each trial: K > 1 runs every trial, and the full-FT comparison, over K devices
+    # as one process group (trainer.devices=K; DDP or FSDP2 as trainer.parallel says). The worker process is rank 0:
+    # it owns the Optuna trial (its heartbeats, reports and pruning, told to every rank at each evaluation) and the
+    # MLflow run; ranks 1..K-1 are `python -m lora_lab.train` processes it starts for the trial, their logs in the
+    # trial's folder (rank-<r>.log). sweep.workers must be a multiple of K: workers / K trials run at a time on this
+    # host, each on its own K GPUs. A rank that dies, hangs (trainer.collective_timeout_s) or never joins fails the
+    # trial naming it, and the trial is retried (max_retry). The ranks load the model per trial (no warm worker).
+    devices_per_trial: int = 1
     heartbeat_s: int = 10  # database storage: seconds between worker heartbeats
     grace_s: int = 30  # database storage: a RUNNING trial without a heartbeat this long is FAIL and retried
     max_retry: int = 1  # how often a trial killed with its worker is retried with the same parameters
@@ -675,7 +693,20 @@ class SweepConfig:
             )
         _check(self.n_trials >= 1, "sweep.n_trials", "an integer >= 1", self.n_trials)
         _check(self.workers >= 1, "sweep.workers", "an integer >= 1", self.workers)
+        _check(self.devices_per_trial >= 1, "sweep.devices_per_trial", "an integer >= 1", self.devices_per_trial)
+        _check(
+            self.workers % self.devices_per_trial == 0,
+            "sweep.workers",
+            f"a multiple of sweep.devices_per_trial={self.devices_per_trial} (the devices of one trial)",
+            self.workers,
+        )
         tpd = self.trials_per_device
+        _check(
+            self.devices_per_trial == 1 or tpd == 1,
+            "sweep.trials_per_device",
+            f"1 with sweep.devices_per_trial={self.devices_per_trial} (a trial over several devices owns them)",
+            tpd,
+        )
         _check(
             tpd == "auto" or (isinstance(tpd, int) and not isinstance(tpd, bool) and tpd >= 1),
             "sweep.trials_per_device",

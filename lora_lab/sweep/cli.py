@@ -190,9 +190,10 @@ def run(st: Study, inv: Invocation, is_worker: bool) -> int:
     )
     code = 0
     started = time.time()
+    workers.share_cores_with_ranks(spec.devices_per_trial)  # trials and comparison runs in this process, if any
     try:
         per_device = 1 if is_worker else workers.resolve_per_device(st)
-        if spec.workers * per_device > 1:
+        if not is_worker and spec.workers // spec.devices_per_trial * per_device > 1:
             code = workers.launch_workers(st, inv, spec.workers, per_device)
             if code != 0:
                 log.error("a worker exited with code %d", code)

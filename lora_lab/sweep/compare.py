@@ -14,7 +14,7 @@ from lora_lab.records import RecordError, RunRecord
 from lora_lab.sweep import search
 from lora_lab.sweep.objective import path_override
 from lora_lab.sweep.study import Study
-from lora_lab.train import RunRole, build, fit_tracked
+from lora_lab.train import RunRole, build, distributed, fit_tracked
 
 log = logging.getLogger("lora_lab")
 
@@ -72,15 +72,17 @@ def compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecor
             return RunRecord.from_json(json.loads(metrics.read_text()), where=str(metrics))
         except (RecordError, json.JSONDecodeError) as exc:  # another lora_lab version's file: run it again
             log.warning("comparison run %s: not reusing %s (%s)", name, metrics, exc)
-    resolved, cfg = compose(full + [path_override("output_dir", folder)])
+    argv = full + [path_override("output_dir", folder)]
+    resolved, cfg = compose(argv)
     log.info("comparison run %s: %s", name, " ".join(overrides))
     try:
         role = RunRole(kind="compare", name=f"{st.spec.name}/{name}", study=st.spec.name, overrides=tuple(full))
-        return fit_tracked(
-            build(cfg, warm=st.warm, role=role),
-            OmegaConf.to_container(resolved, resolve=True),
-            parent_run_id=st.parent_run_id,
-        )  # closes (frees) the session
+        with distributed.group_for(cfg, argv, folder):  # over sweep.devices_per_trial devices, as the trials
+            return fit_tracked(
+                build(cfg, warm=st.warm, role=role),
+                OmegaConf.to_container(resolved, resolve=True),
+                parent_run_id=st.parent_run_id,
+            )  # closes (frees) the session
     finally:
         if st.warm is not None:
             st.warm.give_back()

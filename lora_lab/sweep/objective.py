@@ -19,14 +19,14 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from lora_lab.config import compose
+from lora_lab.config import Config, compose
 from lora_lab.records import RunRecord
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep import search
 from lora_lab.sweep.storage import StorageError
 from lora_lab.sweep.study import Study
 from lora_lab.sweep.trials import RESULTS, Failure, FailureKind, TrialAttrs, TrialFailed, Verdict, verdict
-from lora_lab.train import Interrupted, RunRole, build, fit_tracked, free_memory
+from lora_lab.train import Interrupted, RunRole, build, distributed, fit_tracked, free_memory
 
 log = logging.getLogger("lora_lab")
 
@@ -153,6 +153,15 @@ def run_trial(st: Study, trial: optuna.Trial, batch_shrink: int = 1) -> list[flo
         trial=trial.number,
         overrides=tuple(st.base_overrides + overrides),
     )
+    # trainer.devices=K > 1 (sweep.devices_per_trial): this worker is rank 0, the other ranks are started for the trial
+    with distributed.group_for(cfg, st.base_overrides + overrides + extra, folder):
+        return trained_values(st, trial, cfg, resolved, role)
+
+
+def trained_values(st: Study, trial: optuna.Trial, cfg: Config, resolved: Any, role: RunRole) -> list[float]:
+    """Build and train the trial's run with MLflow logging, reporting each evaluation to the pruner; its values."""
+    from omegaconf import OmegaConf
+
     session = build(cfg, warm=st.warm, role=role)
     # Which device ran it (its busy share) and whether the model came warm (kept from this worker's last trial).
     TrialAttrs.write(trial, device=device_label(session.device), warm=bool(st.warm and st.warm.last_hit))
@@ -248,8 +257,8 @@ def run_one(st: Study, trial: optuna.Trial) -> Outcome:
                 return Outcome(TrialState.FAIL, failure=exc.failure)
             except Exception as exc:  # noqa: BLE001 - one trial's error must not end the study
                 failure = Failure.of(exc, folder=trial_dir(st, trial))
-                if failure.kind.stops_study:
-                    keep = True  # a lost server or a full disk: the trial is retried first, from these, on resume
+                if failure.kind.stops_study or failure.kind.retried:
+                    keep = True  # a lost server, a full disk, a lost rank: the retry resumes from these
                 if failure.kind != FailureKind.OOM:
                     log.error("trial %d failed: %s", trial.number, failure.reason)
                     return Outcome(TrialState.FAIL, failure=failure)

@@ -9,6 +9,7 @@ from lora_lab.config import Config, ConfigError, SweepConfig, compose
 from lora_lab.memplan import Plan
 from lora_lab.sweep import search
 from lora_lab.sweep.study import Study
+from lora_lab.train import distributed
 from lora_lab.train.memory import DoesNotFit, check_fits, planned
 
 
@@ -30,6 +31,22 @@ def study_configs(st: Study) -> list[tuple[str, Config]]:
         except ConfigError as exc:
             raise ConfigError(f"sweep.space: {' '.join(extra)}: {exc}") from None
     return configs
+
+
+def check_devices(st: Study) -> None:
+    """sweep.devices_per_trial = K > 1 on a GPU host: every trial's ranks need a GPU of their own, so the workers'
+    devices (sweep.workers, a multiple of K) must be GPUs this process sees."""
+    import torch
+
+    spec = st.spec
+    if spec.devices_per_trial == 1 or distributed.pick_type(st.base_cfg.trainer.device) != "cuda":
+        return
+    gpus, k = torch.cuda.device_count(), spec.devices_per_trial
+    if spec.workers > gpus:
+        raise ConfigError(
+            f"sweep.workers={spec.workers}: with sweep.devices_per_trial={k} each rank of a trial needs a GPU of its "
+            f"own, and torch sees {gpus} here; give a multiple of {k} up to {gpus // k * k}"
+        )
 
 
 def check_memory(configs: list[tuple[str, Config]]) -> None:
@@ -63,12 +80,15 @@ def preflight(st: Study) -> None:
 
     named = study_configs(st)
     configs = [cfg for _, cfg in named]
+    check_devices(st)
     for cfg in configs:  # what a method refuses whatever the model (full FT on a quantized base), before loading
         adaptations.of(cfg.method).refuse(cfg)
+        distributed.refuse(cfg)  # and what cannot run over sweep.devices_per_trial processes
     if st.spec.compare_full:  # the comparison runs at the study's end: refused now, not after every trial ran
         full = compose(st.base_overrides + ["method=full", *st.spec.full_overrides])[1]
         try:
             adaptations.FULL.refuse(full)
+            distributed.refuse(full)
         except ConfigError as exc:
             raise ConfigError(
                 f"sweep.compare_full: {exc} (sweep.full_overrides=[model.quantize=none] compares with full "

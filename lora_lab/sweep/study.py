@@ -46,8 +46,16 @@ class Study:
         self.spec = spec
         self.file = study_file(inv.sweep)
         self.base_overrides = list(spec.overrides) + list(inv.train_overrides)
-        self.fingerprint = fingerprint(spec, self.base_overrides)
         _, self.base_cfg = compose(self.base_overrides)
+        if self.base_cfg.trainer.devices != 1:
+            raise ConfigError(
+                f"trainer.devices={self.base_cfg.trainer.devices}: a sweep's trials get their devices from "
+                f"sweep.devices_per_trial={self.base_cfg.trainer.devices} (the sweep starts their ranks)"
+            )
+        if spec.devices_per_trial > 1:  # every trial and comparison run trains over that many processes
+            self.base_overrides.append(f"trainer.devices={spec.devices_per_trial}")
+            _, self.base_cfg = compose(self.base_overrides)
+        self.fingerprint = fingerprint(spec, self.base_overrides)
         self.tracking = self.base_cfg.tracking
         self.dir = outputs_root() / "studies" / spec.name
         self.parent_run_id: Optional[str] = None
@@ -55,8 +63,9 @@ class Study:
         self.storage_note = ""  # what the log says about an embedded storage chosen for the study, if anything
         self.study: Optional[optuna.Study] = None
         self.folders: dict[int, Path] = {}  # trial number -> the folder this worker claimed for it
-        # The model, tokenizer and data kept between this worker's trials (sweep.warm=false: none, load per trial).
-        self.warm: Optional[Warm] = Warm() if spec.warm else None
+        # The model, tokenizer and data kept between this worker's trials (sweep.warm=false: none, load per trial;
+        # none over several devices either: FSDP2 shards a model in place, and the other ranks load theirs per trial).
+        self.warm: Optional[Warm] = Warm() if spec.warm and spec.devices_per_trial == 1 else None
         # This invocation's trial phase (all its workers), for trials per hour and the devices' busy share.
         self.phase: Optional[tuple[float, float]] = None
 
@@ -76,9 +85,10 @@ class Study:
         return self._url
 
     def processes(self) -> int:
-        """How many local processes run this study's trials (workers x trials_per_device; 'auto' may mean several)."""
+        """How many local processes run this study's trials and talk to its storage: workers / devices_per_trial x
+        trials_per_device ('auto' may mean several). A trial's other ranks never touch the storage."""
         tpd = self.spec.trials_per_device
-        return self.spec.workers * (2 if tpd == "auto" else int(tpd))
+        return self.spec.workers // self.spec.devices_per_trial * (2 if tpd == "auto" else int(tpd))
 
     def open_storage(self) -> optuna.storages.BaseStorage:
         """The study's storage (storage.open_storage): RDB with heartbeats (SQLite, PostgreSQL) or a journal file,
@@ -274,8 +284,8 @@ def pg_driver(url: str) -> str:
 
 class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """A trial's worker died (its heartbeat went stale; with a journal, its process is gone and its folder's lock
-    free): retry the trial with the same parameters, and end its MLflow run as KILLED instead of leaving it RUNNING
-    forever."""
+    free), or a rank of its process group did (FailureKind.RANK): retry the trial with the same parameters (at most
+    max_retry times), and end its MLflow run as KILLED instead of leaving it RUNNING forever."""
 
     HEARTBEAT = "worker lost: no heartbeat (killed or preempted)"
 
@@ -290,7 +300,7 @@ class LostTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
         if self._study.tracking.enabled:
             with contextlib.suppress(Exception):
                 tracking.mark_trial_lost(self._study.tracking, self._study.spec.name, trial.number, reason)
-        log.warning("trial %d lost its worker (%s); retrying it with the same parameters", trial.number, reason)
+        log.warning("trial %d lost a process (%s); retrying it with the same parameters", trial.number, reason)
         super().__call__(study, trial)
 
 

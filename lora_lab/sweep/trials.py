@@ -129,9 +129,18 @@ class FailureKind(enum.Enum):
     CONFIG = "config"  # the trial's composed configuration is refused (ConfigError)
     ERROR = "error"  # any other exception
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: retried at once, from its checkpoints
+    # A rank of the trial's process group (sweep.devices_per_trial) died, hung or never joined: retried with the same
+    # parameters, from its checkpoints, like a trial whose worker died (sweep.max_retry).
+    RANK = "rank"
     # What every later trial would meet too: the study stops, the trial is retried first when it resumes.
     TRACKING = "tracking"  # the tracking server stayed away past tracking.deadline_s (tracking.TrackingUnreachable)
     DISK = "disk"  # a write the disk refused: full, over quota, read-only (files.WriteError, ENOSPC...)
+
+    @property
+    def retried(self) -> bool:
+        """Whether a trial failing this way is retried with the same parameters (counted against max_retry): the
+        cause was one process of the trial, not its configuration."""
+        return self == FailureKind.RANK
 
     @property
     def stops_study(self) -> bool:
@@ -162,12 +171,15 @@ class Failure:
 
     @classmethod
     def of(cls, exc: BaseException, folder: Optional[Path] = None) -> "Failure":
-        """The failure an exception out of a trial is: the tracking server lost, a write the disk refused (or any
-        error while the disk under `folder`, the trial's, is full), oom by its type (is_oom), a refused
-        configuration, or an error; the reason is its first line (at most 1000 characters)."""
+        """The failure an exception out of a trial is: a rank of its process group lost, the tracking server lost, a
+        write the disk refused (or any error while the disk under `folder`, the trial's, is full), oom by its type
+        (is_oom), a refused configuration, or an error; the reason is its first line (at most 1000 characters)."""
         from lora_lab.config import ConfigError
         from lora_lab.tracking import TrackingUnreachable
+        from lora_lab.train.distributed import RankFailed
 
+        if isinstance(exc, RankFailed):
+            return cls(FailureKind.RANK, first_line(exc)[:1000], type(exc).__name__)
         if isinstance(exc, TrackingUnreachable):
             return cls(FailureKind.TRACKING, first_line(exc)[:1000], type(exc).__name__)
         refused = refused_write(exc, folder)

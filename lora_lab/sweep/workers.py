@@ -133,6 +133,8 @@ def worker_loop(st: Study, max_trials: Optional[int] = None) -> None:
                 train_s, eval_s = attrs.require("train_time_s", "eval_time_s")
                 TrialAttrs.write(trial, overhead_s=wall - train_s - eval_s, wall_s=wall)
             study.tell(trial, values=values, state=state)
+            if outcome.failure is not None and outcome.failure.kind.retried:  # a rank lost: same parameters again
+                LostTrialCallback(st, max_retry=st.spec.max_retry)(study, internals.frozen(trial), reason=reason)
             if state != TrialState.COMPLETE:
                 # Session.close() already collected; but a trial that ended in an exception kept its frames (and the
                 # model they hold) alive in the traceback until run_one returned.
@@ -269,23 +271,29 @@ def preload(st: Study) -> None:
 
 
 def worker_envs(
-    devices: int, per_device: int, gpus: int, cores: int, visible: str | None = None
+    devices: int, per_device: int, gpus: int, cores: int, visible: str | None = None, per_trial: int = 1
 ) -> list[dict[str, str]]:
-    """The environment variables of each local worker process: `devices` x `per_device` of them. On a GPU host
-    worker index i // per_device is pinned to GPU (i // per_device) % gpus with CUDA_VISIBLE_DEVICES, and every GPU
-    shared by k > 1 processes gives each MEMORY_SHARE / k of its memory; the host's `cores` are split between all
-    processes (at least one thread each). `visible` is the launcher's own CUDA_VISIBLE_DEVICES, if set: GPU k is
+    """The environment variables of each local worker process: devices / per_trial x per_device of them. On a GPU
+    host worker i is pinned with CUDA_VISIBLE_DEVICES to GPU (i // per_device) % gpus, or with per_trial = K > 1
+    (sweep.devices_per_trial: its trials' ranks take one GPU each) to GPUs i*K .. i*K+K-1; every GPU shared by k > 1
+    processes gives each MEMORY_SHARE / k of its memory. The host's `cores` are split between all the processes a
+    trial runs in (at least one thread each). `visible` is the launcher's own CUDA_VISIBLE_DEVICES, if set: GPU k is
     then its k-th entry (a worker given "1" under a launcher limited to "2,3" would land on someone else's GPU 1)."""
-    total = devices * per_device
-    gpu_of = [(i // per_device) % gpus for i in range(total)] if gpus else [None] * total
+    total = devices // per_trial * per_device
+    if gpus:
+        gpus_of = [[(i * per_trial + j) % gpus for j in range(per_trial)] for i in range(total)]
+        if per_trial == 1:
+            gpus_of = [[(i // per_device) % gpus] for i in range(total)]
+    else:
+        gpus_of = [[] for _ in range(total)]
     ids = [v.strip() for v in visible.split(",")] if visible else None
-    threads = str(max(1, cores // total))
+    threads = str(max(1, cores // (total * per_trial)))
     envs = []
-    for gpu in gpu_of:
+    for mine in gpus_of:
         env = {WORKER_ENV: "1", THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ids[gpu] if ids else str(gpu)
-            sharing = gpu_of.count(gpu)
+        if mine:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] if ids else str(g) for g in mine)
+            sharing = sum(other.count(mine[0]) for other in gpus_of)
             if sharing > 1:
                 env[MEMORY_FRACTION_ENV] = f"{MEMORY_SHARE / sharing:.4f}"
         envs.append(env)
@@ -340,6 +348,21 @@ def apply_worker_env() -> None:
     fraction = os.environ.get(MEMORY_FRACTION_ENV)
     if fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(float(fraction), 0)
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity), which its workers and their ranks share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def share_cores_with_ranks(per_trial: int) -> None:
+    """Runs over `per_trial` processes hosted by this process (its trials when it starts no workers, the comparison
+    runs): give it, and so each rank it starts (distributed.hosted passes its thread count on), its share of the
+    host's cores. A worker process has its share already (THREADS_ENV)."""
+    import torch
+
+    if per_trial > 1 and THREADS_ENV not in os.environ:
+        torch.set_num_threads(max(1, host_cores() // per_trial))
 
 
 def auto_per_device(peak_bytes: int, free_bytes: int) -> int:
@@ -425,9 +448,15 @@ def launch_workers(st: Study, inv: Invocation, devices: int, per_device: int) ->
     import torch
 
     procs = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    envs = worker_envs(devices, per_device, torch.cuda.device_count(), cores, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    log.info("starting %d worker processes (%d devices x %d per device)", len(envs), devices, per_device)
+    cores = host_cores()
+    k = st.spec.devices_per_trial
+    envs = worker_envs(
+        devices, per_device, torch.cuda.device_count(), cores, os.environ.get("CUDA_VISIBLE_DEVICES"), per_trial=k
+    )
+    if k > 1:
+        log.info("starting %d worker processes (%d devices, %d per trial)", len(envs), devices, k)
+    else:
+        log.info("starting %d worker processes (%d devices x %d per device)", len(envs), devices, per_device)
     for extra in envs:
         env = dict(os.environ, **extra, **{PARENT_ENV: str(os.getpid())})
         args = [
@@ -437,7 +466,7 @@ def launch_workers(st: Study, inv: Invocation, devices: int, per_device: int) ->
             f"sweep={inv.sweep}",
             *[f"sweep.{o}" for o in inv.sweep_overrides],
             *([] if st.spec.storage else [f"sweep.storage={st.storage_url()}"]),  # the embedded one chosen here
-            "sweep.workers=1",
+            f"sweep.workers={k}",  # the devices of one trial: this worker's own
             "sweep.trials_per_device=1",
             "sweep.compare_full=false",
             *inv.train_overrides,

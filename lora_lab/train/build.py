@@ -80,8 +80,8 @@ def build(cfg: Config, warm: Optional[Warm] = None, role: Optional[RunRole] = No
     if cfg.trainer.devices > 1 and not distributed.active():
         raise ConfigError(
             f"trainer.devices={cfg.trainer.devices}: a multi-process run starts through `python -m lora_lab.train` "
-            "(or torchrun); a session built in this process trains on one (sweep trials over several devices are "
-            "not built yet)"
+            "(or torchrun), or inside distributed.group_for (a sweep's sweep.devices_per_trial); a session built in "
+            "this process alone trains on one"
         )
     output_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else default_output_dir(cfg)
     output_dir = distributed.from_main(output_dir)  # ranks started without output_dir: rank 0's folder is the run's

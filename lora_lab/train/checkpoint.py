@@ -53,6 +53,7 @@ RESUME_FREE = (
     "trainer.pad_to_multiple",
     "trainer.device",
     "trainer.parallel",  # DDP or FSDP2 compute the same steps; a checkpoint holds the gathered whole either way
+    "trainer.collective_timeout_s",  # how long a rank waits for the others, not what they compute
     "trainer.max_steps",
     # The examples per optimizer step are compared below, not how they are split into micro-batches: an
     # out-of-memory retry resumes with half the micro-batch and twice the accumulation (the same rows per step).

@@ -104,7 +104,7 @@ def _run(argv: list[str]) -> int:
         if cfg.trainer.devices > 1 and not distributed.launched():
             return _launch(argv, cfg)
         if distributed.launched():
-            distributed.join(distributed.pick_type(cfg.trainer.device))
+            distributed.join(distributed.pick_type(cfg.trainer.device), cfg.trainer.collective_timeout_s)
         check_fits(cfg)  # the memory plan, from the meta device: a run that cannot fit stops before any weight loads
         session = build(cfg, role=RunRole(overrides=tuple(argv)))
         if cfg.trainer.resume:  # a config that changes what the checkpoint trained is bad input: nothing made
@@ -130,6 +130,9 @@ def _run(argv: list[str]) -> int:
         except Interrupted as exc:
             print(f"lora_lab.train: {exc} (trainer.resume=true output_dir={session.output_dir})", file=sys.stderr)
             return 128 + exc.signum
+        except distributed.StoppedByMain as exc:  # another rank: rank 0 ended the run and records how
+            logging.getLogger("lora_lab").info("%s", exc)
+            return 0
         except ConfigError as exc:  # checkpoint.ResumeMismatch from the checkpoint the loop loaded
             print(f"lora_lab.train: error: {exc}", file=sys.stderr)
             return 2

@@ -15,12 +15,15 @@ devices=1 there is no process group and no wrapper: nothing changes.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator, Optional, TypeVar
 
 import torch
@@ -28,6 +31,7 @@ import torch.distributed as dist
 
 from lora_lab import adaptations, targets
 from lora_lab.config import Config, ConfigError
+from lora_lab.errors import first_line
 
 log = logging.getLogger("lora_lab")
 
@@ -35,6 +39,8 @@ T = TypeVar("T")
 
 # What a launcher (torchrun, srun with these exported, our own `launch`) sets for each process it starts.
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+HOSTED_ENV = "LORA_LAB_HOSTED_GROUP"  # set in the ranks `hosted` starts: they check in at the host's store
+CHECK_IN = "lora_lab/joined"  # the store key prefix a hosted rank sets (CHECK_IN/<rank>) before it joins
 
 
 # ----------------------------------------------------------------------------------------------- the group
@@ -76,16 +82,33 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 
 
-def join(device_type: str) -> None:
+def join(device_type: str, timeout_s: float) -> None:
     """Join the process group the launcher set up: NCCL when the run is on CUDA (this rank on cuda:LOCAL_RANK),
-    gloo on the CPU. The rendezvous address is the launcher's (MASTER_ADDR, MASTER_PORT)."""
+    gloo on the CPU. The rendezvous address is the launcher's (MASTER_ADDR, MASTER_PORT). A collective waits
+    `timeout_s` for the other ranks (trainer.collective_timeout_s), then fails. A rank of a hosted group (HOSTED_ENV:
+    a sweep trial's, started by `hosted`) checks in at its host's store first, so the host sees it arrive."""
     if dist.is_initialized():
         return
     _end_with_the_launcher()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = backend_for(device_type)
+    if os.environ.get(HOSTED_ENV) == "1":
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        store.set(f"{CHECK_IN}/{os.environ['RANK']}", str(os.getpid()))
+        rank_, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=size, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+def backend_for(device_type: str) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
 def _end_with_the_launcher(every_s: float = 1.0) -> None:
@@ -140,6 +163,35 @@ def from_main(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class StoppedByMain(Exception):
+    """Rank 0 stopped the run at an evaluation (its callback raised: a pruned trial, a trial taken away, the tracking
+    server gone, a signal): this rank ends there too, instead of waiting in a collective rank 0 will never join. It
+    writes nothing: rank 0 records how the run ended."""
+
+
+def decided_by_main(callback: Any) -> None:
+    """Call `callback()` (the loop's evaluation hook); across ranks, rank 0's outcome is every rank's: when it
+    raises, rank 0 re-raises it and every other rank raises StoppedByMain with its first line. One broadcast per
+    evaluation; without a group the callback just runs."""
+    stop: Optional[BaseException] = None
+    try:
+        callback()
+    except BaseException as exc:
+        if not active():
+            raise
+        stop = exc
+    try:
+        told = from_main(None if stop is None else first_line(stop, with_type=True))
+    except Exception:
+        if stop is not None:  # the group broke too (a rank gone): rank 0's own reason comes first
+            raise stop from None
+        raise
+    if stop is not None:
+        raise stop
+    if told is not None:
+        raise StoppedByMain(f"rank 0 stopped the run: {told}")
 
 
 def gather_to_main(value: T) -> Optional[list[T]]:
@@ -268,18 +320,26 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def group_failure(exc: BaseException) -> Optional[str]:
-    """The one-line message for a collective that failed because another rank of this run ended (its peer closed
-    the connection, NCCL reported the group broken), or None for any other error."""
-    if not launched():
-        return None
-    lost = isinstance(exc, dist.DistError) or (
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer"))
+def group_broke(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank ended or stopped answering: its connection
+    closed or reset (gloo), the group reported broken (NCCL, torch's DistError), or a wait past the group's
+    timeout."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("closed by peer", "reset by peer", TIMED_OUT))
     )
-    if not lost:
+
+
+TIMED_OUT = "Timed out waiting"  # gloo's words for a collective that waited past the group's timeout
+
+
+def group_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message for a collective that failed because another rank of this run ended or stopped
+    answering (group_broke), or None for any other error."""
+    if not launched() or not group_broke(exc):
         return None
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return f"rank {os.environ['RANK']}: the process group broke: another rank ended first ({first})"
+    how = "stopped answering" if TIMED_OUT in str(exc) else "ended first"
+    return f"rank {os.environ['RANK']}: the process group broke: another rank {how} ({first_line(exc)[:300]})"
 
 
 # ----------------------------------------------------------------------------------------------- the launcher
@@ -337,3 +397,168 @@ def failure_message(exc: BaseException) -> str:
     others = sorted(r for r in failures if r != rank_)
     also = f" (rank(s) {', '.join(map(str, others))} ended non-zero after it)" if others else ""
     return f"rank {rank_} (pid {failure.pid}) {how}{also}"
+
+
+# ----------------------------------------------------------------------------------------------- a hosted group
+
+
+END_GRACE_S = 10.0  # after an error, how long the hosted ranks have to end by themselves before SIGKILL
+# How long a hosted rank may take to start and join (imports, compose) when trainer.collective_timeout_s is shorter:
+# one that dies while it starts is seen at once; this bounds one that never comes.
+JOIN_S = 300.0
+
+
+class RankFailed(RuntimeError):
+    """A rank of a hosted group died, hung or never joined while its run went on: which rank, how, and the last line
+    it wrote. Raised in rank 0 (the host), from the error its own collective met."""
+
+
+@contextlib.contextmanager
+def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: float) -> Iterator[None]:
+    """Run the block as rank 0 of a `size`-process group whose other ranks are `python -m lora_lab.train argv`
+    processes started here (RANK = LOCAL_RANK 1..size-1 on this host's first `size` visible devices; each writes
+    its log to logs/rank-<r>.log): how a sweep trial trains over several devices while this process, its worker,
+    keeps the Optuna trial and the MLflow run. Build and fit the run inside the block (trainer.devices=size).
+
+    The ranks check in at this process's store before the group forms, so one that dies while it starts is seen at
+    once; one that never checks in fails the run after JOIN_S (or `timeout_s`, if longer); a collective that waits
+    `timeout_s` fails it too (a hung rank). An error in the block that a rank's end explains (the group broke)
+    becomes RankFailed naming that rank; any other error passes as it is. On the way out the group is closed, which
+    ends a rank still waiting in one of its collectives; a rank that does not end by itself (within END_GRACE_S
+    after an error, `timeout_s` after a run that went well) is SIGKILLed: one blocked in a collective cannot take a
+    signal."""
+    if active():
+        raise RuntimeError("hosted: this process is in a process group already")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    logs.mkdir(parents=True, exist_ok=True)
+    ranks: dict[int, subprocess.Popen] = {}
+    ok = False
+    try:
+        for r in range(1, size):
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(size),
+                "LOCAL_WORLD_SIZE": str(size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port),
+                HOSTED_ENV: "1",
+                "PYTHONUNBUFFERED": "1",
+                # as many threads as this rank has: the trial's share of the host's cores (sweep.workers)
+                "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            }
+            with open(logs / f"rank-{r}.log", "ab") as out:
+                ranks[r] = subprocess.Popen(
+                    [sys.executable, "-m", "lora_lab.train", *argv], env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+        _await_check_in(store, ranks, logs, max(timeout_s, JOIN_S))
+        if device_type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend=backend_for(device_type), store=store, rank=0, world_size=size, timeout=timeout)
+        log.info(
+            "hosting a group of %d ranks (%s): rank 0 here, %s",
+            size,
+            dist.get_backend(),
+            ", ".join(f"rank {r} pid {p.pid}" for r, p in ranks.items()),
+        )
+        try:
+            yield
+        except Exception as exc:
+            failed = _rank_failure(exc, ranks, logs, timeout_s)
+            if failed is not None:
+                raise RankFailed(failed) from exc
+            raise
+        ok = True
+    finally:
+        leave()  # a rank still waiting in a collective sees its connection close, and ends
+        _end_ranks(ranks, logs, ran_well=ok, wait_s=timeout_s if ok else END_GRACE_S)
+        del store
+
+
+def group_for(cfg: Config, argv: list[str], logs: Path) -> contextlib.AbstractContextManager:
+    """Where a run of `cfg` (composed from the overrides `argv`) trains when this process builds it: alone for
+    trainer.devices=1; for K > 1 as rank 0 of a hosted group whose K-1 other ranks run `python -m lora_lab.train
+    argv` (hosted; their logs in `logs`): a sweep's trials and comparison runs over several devices."""
+    if cfg.trainer.devices == 1:
+        return contextlib.nullcontext()
+    return hosted(argv, cfg.trainer.devices, pick_type(cfg.trainer.device), logs, cfg.trainer.collective_timeout_s)
+
+
+def _await_check_in(store: Any, ranks: dict[int, subprocess.Popen], logs: Path, timeout_s: float) -> None:
+    """Wait until every rank has checked in (join), failing at once with RankFailed when one ends first, or after
+    `timeout_s` naming those that never came."""
+    deadline = time.monotonic() + timeout_s
+    waiting = set(ranks)
+    while waiting:
+        waiting = {r for r in waiting if not store.check([f"{CHECK_IN}/{r}"])}
+        for r in sorted(waiting):
+            if ranks[r].poll() is not None:
+                raise RankFailed(f"rank {r} {_how_it_ended(r, ranks[r], logs)} before it joined the group")
+        if waiting and time.monotonic() > deadline:
+            raise RankFailed(
+                f"rank(s) {', '.join(map(str, sorted(waiting)))} did not join the group within {timeout_s:g} s "
+                f"(see {logs}/rank-<r>.log)"
+            )
+        if waiting:
+            time.sleep(0.05)
+
+
+def _rank_failure(
+    exc: BaseException, ranks: dict[int, subprocess.Popen], logs: Path, timeout_s: float
+) -> Optional[str]:
+    """Why the group broke under rank 0's error `exc`, naming the rank, when a rank's end (or silence) explains it:
+    a rank that exited or was killed first, or, for a collective that timed out, the ranks still running (hung).
+    None when `exc` is rank 0's own (out of memory, a pruned trial, a lost tracking server...)."""
+    if not group_broke(exc):
+        return None
+    deadline = time.monotonic() + 5.0  # a rank that died: its exit is seen within moments of the broken connection
+    while time.monotonic() < deadline:
+        ended = [(r, p) for r, p in ranks.items() if p.poll() is not None]
+        if ended:
+            r, p = min(ended, key=lambda rp: rp[0])
+            return f"rank {r} {_how_it_ended(r, p, logs)}: the trial's process group broke"
+        time.sleep(0.05)
+    if TIMED_OUT in str(exc) or "timed out" in str(exc).lower():
+        alive = ", ".join(map(str, sorted(ranks)))
+        return (
+            f"rank(s) {alive} did not answer a collective within trainer.collective_timeout_s={timeout_s:g} s "
+            "(hung): the trial's process group was ended"
+        )
+    return None
+
+
+def _how_it_ended(r: int, proc: subprocess.Popen, logs: Path) -> str:
+    """'(pid N) was killed by SIGKILL' or '(pid N) exited with code 1: <its last line>'."""
+    code = proc.returncode
+    how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
+    last = _last_line(logs / f"rank-{r}.log")
+    return f"(pid {proc.pid}) {how}" + (f": {last}" if last and code is not None and code > 0 else "")
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a rank's log, for a message (at most 300 characters)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _end_ranks(ranks: dict[int, subprocess.Popen], logs: Path, ran_well: bool, wait_s: float) -> None:
+    """Let each rank end on its own for up to `wait_s` seconds, then SIGKILL what is left and reap every one. A rank
+    that ended badly after a run that went well is told in the log (the run's results are rank 0's)."""
+    deadline = time.monotonic() + wait_s
+    for r, p in ranks.items():
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("rank %d (pid %d) did not end %g s after its run: killing it", r, p.pid, wait_s)
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if ran_well and p.returncode != 0:
+            log.warning("rank %d %s after its run", r, _how_it_ended(r, p, logs))

@@ -298,6 +298,7 @@ NOT_SETTINGS = (
     "trainer.num_threads",
     "trainer.checkpoint_every",
     "trainer.parallel",  # DDP or FSDP2: the same steps, spread differently
+    "trainer.collective_timeout_s",
 )
 
 

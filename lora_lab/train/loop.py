@@ -117,6 +117,12 @@ class PendingLosses:
         return points, per_step, bad
 
 
+def report(on_eval: Optional[EvalCallback], event: EvalEvent) -> None:
+    """Hand an evaluation to `on_eval`. Across ranks rank 0's callback decides for all (distributed.decided_by_main):
+    when it stops the run (a pruned trial raises), every other rank stops at the same step."""
+    distributed.decided_by_main(lambda: on_eval(event) if on_eval is not None else None)
+
+
 class TrainingLoop:
     """One fit: train the model for trainer.max_steps (resuming from the last checkpoint if asked), evaluating every
     eval_every steps and checkpointing every checkpoint_every steps; `run(on_eval)` returns how it ended.
@@ -201,8 +207,7 @@ class TrainingLoop:
             # Step 0 is the base model (LoRA starts as an exact no-op): the yardstick for "did it learn".
             metrics = self.evaluator.evaluate(model)
             self.evals.append({"step": 0, **metrics})
-            if on_eval is not None:
-                on_eval(EvalEvent(0, t.max_steps, metrics, []))
+            report(on_eval, EvalEvent(0, t.max_steps, metrics, []))
         if self.evals and self.evals[0]["step"] == 0:  # the base model's loss (also from a checkpoint): a yardstick
             self.divergence.set_base(self.evals[0]["val_loss"])
         causal = cfg.model.task == "causal_lm"  # right-padded rows need no padding mask there (TrainBatches)
@@ -275,8 +280,7 @@ class TrainingLoop:
                         self.bar.set_postfix(
                             loss=f"{self.history[-1]['train_loss']:.4f}", val=f"{metrics['val_loss']:.4f}"
                         )
-                        if on_eval is not None:
-                            on_eval(EvalEvent(done, t.max_steps, metrics, since))
+                        report(on_eval, EvalEvent(done, t.max_steps, metrics, since))
                         self.since_event = []
                         self.pending.restart_clock()  # evaluation time is not training time
                     if checkpoint_now:  # on every rank (it gathers what is sharded); rank 0 alone writes
