@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# bash scripts/quantize_seeds.sh [STEPS] [OUT]
+# bash scripts/quantize_seeds.sh [STEPS] [OUT] [OVERRIDE ...]
 # Issue 21's accuracy check on the default model and task (SmolLM2-135M, VADER sentiment): LoRA (all linear, r=16,
 # alpha=32, lr 3e-4) on the fp32 base and on an NF4 base, the same budget, seeds 0-2; prints one table (val loss per
-# seed, means, NF4 - fp32) and writes it to OUT (docs/results/quantize.md by default). No MLflow: metrics.json only.
+# seed, means, NF4 - fp32) and writes it to OUT (docs/results/quantize.md by default). Further training overrides
+# (optim.schedule=cosine, data.max_val_examples=512) go to every run alike. No MLflow: metrics.json only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-8}
 OUT=${2:-docs/results/quantize.md}
+EXTRA=("${@:3}")
 RUNS=$(mktemp -d)
 trap 'rm -rf "$RUNS"' EXIT
 for q in none nf4; do
   for seed in 0 1 2; do
     python3 -m lora_lab.train model.quantize=$q seed=$seed lora.r=16 lora.alpha=32 optim.lr=3e-4 \
       trainer.max_steps="$STEPS" trainer.eval_every="$STEPS" data.max_val_examples=128 trainer.progress=false \
-      tracking=off output_dir="$RUNS/$q-$seed" > "$RUNS/$q-$seed.log" 2>&1
+      tracking=off "${EXTRA[@]}" output_dir="$RUNS/$q-$seed" > "$RUNS/$q-$seed.log" 2>&1
     echo "done: model.quantize=$q seed=$seed" >&2
   done
 done
-python3 - "$RUNS" "$STEPS" "$OUT" <<'PY'
+python3 - "$RUNS" "$STEPS" "$OUT" "${EXTRA[@]}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 from lora_lab.files import atomic_write
 from lora_lab.markdown import table
-runs, steps, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+runs, steps, out, extra = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
 m = {(q, s): json.loads((runs / f"{q}-{s}" / "metrics.json").read_text()) for q in ("none", "nf4") for s in range(3)}
 rows = []
 for q in ("none", "nf4"):
@@ -43,9 +45,10 @@ cols = [("base", "base", ""), ("s0", "val loss seed 0", "{:.4f}"), ("s1", "seed 
         ("mean", "mean", "{:.4f}"), ("acc", "accuracy", "{:.3f}"), ("frozen", "frozen B/param", "{:.4f}"),
         ("step", "s/step (median)", "{:.2f}"), ("dense", "dense merge max |logit diff|", "{:.1e}"),
         ("requant", "re-quantized merge max |val loss diff|", "{:.3f}")]
+command = " ".join(["bash scripts/quantize_seeds.sh", str(steps), str(out), *extra])
 text = (f"# NF4 vs fp32 LoRA on SmolLM2-135M (default task), {steps} steps, 3 seeds\n\n"
-        "`bash scripts/quantize_seeds.sh` (LoRA all linear r=16 alpha=32, lr 3e-4, batch 8, 128 validation examples, "
-        "fp32 compute on the CPU).\n\n" + table(rows, cols) +
+        f"`{command}` (LoRA all linear r=16 alpha=32, lr 3e-4, batch 8, fp32 compute on the CPU; validation examples: "
+        "128 unless the command says otherwise).\n\n" + table(rows, cols) +
         f"\n\nNF4 - fp32 val loss per seed: {', '.join(f'{d:+.4f}' for d in diff)}; mean {statistics.fmean(diff):+.4f} "
         "nats (target: within 0.02).\n")
 atomic_write(out, text.encode())
