@@ -169,13 +169,7 @@ full_lr_grid: [1.0e-3]
     assert train_ranks(os.getpid()) == []  # every rank ended with its run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["rank-killed", "rank-hung"])
-def test_a_lost_rank_fails_its_trial_naming_it_and_the_retry_resumes(outputs: Path, tmp_path: Path, fault: str) -> None:
-    path = study_file(
-        tmp_path,
-        "lost",
-        """
+LONG = """
 overrides: [trainer.max_steps=200, trainer.eval_every=50, trainer.checkpoint_every=20, trainer.batch_size=4,
             trainer.eval_at_start=false]
 space:
@@ -184,20 +178,29 @@ sampler: grid
 pruner: none
 n_trials: 1
 compare_full: false
-""",
-    )
-    # A hung rank is found by the collective that waits for it: 20 s here (600 by default), long enough for rank 0's
-    # own pauses on a loaded machine (its MLflow calls, checkpoint writes) that the other rank waits out.
-    timeout = ["trainer.collective_timeout_s=20"] if fault == "rank-hung" else []
+"""
+
+
+def start_sweep(path: str, outputs: Path, log: Path, extra: list[str]) -> subprocess.Popen:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs), PYTHONUNBUFFERED="1")
-    log = tmp_path / "sweep.log"
-    with open(log, "w") as f:
-        sweep = subprocess.Popen(
-            [sys.executable, "-m", "lora_lab.sweep", f"sweep={path}", *GROUP, *TINY, *timeout],
+    with open(log, "a") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lora_lab.sweep", f"sweep={path}", *GROUP, *TINY, *extra],
             env=env,
             stdout=f,
             stderr=f,
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["rank-killed", "rank-hung", "sweep-terminated"])
+def test_a_lost_rank_fails_its_trial_naming_it_and_the_retry_resumes(outputs: Path, tmp_path: Path, fault: str) -> None:
+    path = study_file(tmp_path, "lost", LONG)
+    # A hung rank is found by the collective that waits for it: 20 s here (600 by default), long enough for rank 0's
+    # own pauses on a loaded machine (its MLflow calls, checkpoint writes) that the other rank waits out.
+    timeout = ["trainer.collective_timeout_s=20"] if fault == "rank-hung" else []
+    log = tmp_path / "sweep.log"
+    sweep = start_sweep(path, outputs, log, timeout)
     trial_dir = outputs / "studies" / "lost" / "trials" / "0000"
     try:
         deadline = time.time() + 240
@@ -206,7 +209,13 @@ compare_full: false
             assert time.time() < deadline, f"no checkpoint in time: {tail(log)}"
             time.sleep(0.05)
         (rank1,) = train_ranks(sweep.pid)
-        rank1.send_signal(signal.SIGKILL if fault == "rank-killed" else signal.SIGSTOP)
+        if fault == "sweep-terminated":  # the worker (rank 0) is stopped: it ends its rank, and the rerun resumes
+            sweep.send_signal(signal.SIGTERM)
+            assert sweep.wait(timeout=120) == 128 + signal.SIGTERM, tail(log)
+            assert not psutil.pid_exists(rank1.pid) or rank1.status() == psutil.STATUS_ZOMBIE
+            sweep = start_sweep(path, outputs, log, timeout)
+        else:
+            rank1.send_signal(signal.SIGKILL if fault == "rank-killed" else signal.SIGSTOP)
         assert sweep.wait(timeout=240) == 0, tail(log)
     finally:
         if sweep.poll() is None:
@@ -217,24 +226,26 @@ compare_full: false
     failed, retry = study.get_trials()
     assert failed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     reason = failed.user_attrs["fail_reason"]
+    text = log.read_text()
     if fault == "rank-killed":
         assert reason.startswith(f"rank 1 (pid {rank1.pid}) was killed by SIGKILL: the trial's process group broke")
-    else:
+    elif fault == "rank-hung":
         assert reason == (
             "rank(s) 1 did not answer a collective within trainer.collective_timeout_s=20 s (hung): the trial's "
             "process group was ended"
         )
+    else:
+        assert reason.startswith("interrupted by SIGTERM")
+    if fault != "sweep-terminated":
+        assert f"trial 0 lost a process ({reason})" in text
     assert retry.system_attrs["failed_trial"] == failed.number
     assert retry.user_attrs["retried_because"] == f"trial 0: {reason}"
     # The retry resumed from the failed trial's checkpoint, in its folder, and trained to the end.
-    text = log.read_text()
-    assert "resumed from" in text and f"trial 0 lost a process ({reason})" in text
-    assert retry.user_attrs["output_dir"] == str(trial_dir)
+    assert "resumed from" in text and retry.user_attrs["output_dir"] == str(trial_dir)
     # The failed trial's MLflow run ended FAIL with the reason; the retry's run completed.
+    found = runs(f"sqlite:///{outputs / 'mlflow.db'}", "lora_lab")
     states = {
-        r.data.tags["lora_lab.trial"]: r.data.tags["lora_lab.state"]
-        for r in runs(f"sqlite:///{outputs / 'mlflow.db'}", "lora_lab")
-        if r.data.tags.get("lora_lab.kind") == "trial"
+        r.data.tags["lora_lab.trial"]: r.data.tags["lora_lab.state"] for r in found if "lora_lab.trial" in r.data.tags
     }
     assert states == {"0": "FAIL", "1": "COMPLETE"}
     assert train_ranks(os.getpid()) == []

@@ -402,7 +402,10 @@ def failure_message(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------- a hosted group
 
 
-END_GRACE_S = 10.0  # after an error, how long the hosted ranks have to end by themselves before SIGKILL
+# After an error, how long the hosted ranks have to end by themselves before SIGKILL: those told to stop (a pruned
+# trial) end within it. One blocked in a collective may not: the wrapped model of the error's frames (DDP) still holds
+# the group and its connections open, and a rank blocked in C++ takes no signal.
+END_GRACE_S = 3.0
 # How long a hosted rank may take to start and join (imports, compose) when trainer.collective_timeout_s is shorter:
 # one that dies while it starts is seen at once; this bounds one that never comes.
 JOIN_S = 300.0
@@ -423,10 +426,9 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
     The ranks check in at this process's store before the group forms, so one that dies while it starts is seen at
     once; one that never checks in fails the run after JOIN_S (or `timeout_s`, if longer); a collective that waits
     `timeout_s` fails it too (a hung rank). An error in the block that a rank's end explains (the group broke)
-    becomes RankFailed naming that rank; any other error passes as it is. On the way out the group is closed, which
-    ends a rank still waiting in one of its collectives; a rank that does not end by itself (within END_GRACE_S
-    after an error, `timeout_s` after a run that went well) is SIGKILLed: one blocked in a collective cannot take a
-    signal."""
+    becomes RankFailed naming that rank; any other error passes as it is. On the way out the group is closed and
+    every rank that does not end by itself (within END_GRACE_S after an error, `timeout_s` after a run that went
+    well) is SIGKILLed: one blocked in a collective cannot take a signal."""
     if active():
         raise RuntimeError("hosted: this process is in a process group already")
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -472,7 +474,7 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
             raise
         ok = True
     finally:
-        leave()  # a rank still waiting in a collective sees its connection close, and ends
+        leave()
         _end_ranks(ranks, logs, ran_well=ok, wait_s=timeout_s if ok else END_GRACE_S)
         del store
 
@@ -556,7 +558,7 @@ def _end_ranks(ranks: dict[int, subprocess.Popen], logs: Path, ran_well: bool, w
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("rank %d (pid %d) did not end %g s after its run: killing it", r, p.pid, wait_s)
+            log.warning("rank %d (pid %d) did not end within %g s: killing it", r, p.pid, wait_s)
         if p.poll() is None:
             p.kill()
         p.wait()
