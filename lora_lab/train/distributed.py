@@ -458,6 +458,9 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
         _await_check_in(store, ranks, logs, max(timeout_s, JOIN_S))
         if device_type == "cuda":
             torch.cuda.set_device(0)
+            # NCCL's watchdog tears the whole process down on a timeout by default (3): here that is the sweep's
+            # worker. 2 aborts the group's communicators only, so the collective raises and the trial fails.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         dist.init_process_group(backend=backend_for(device_type), store=store, rank=0, world_size=size, timeout=timeout)
         log.info(
             "hosting a group of %d ranks (%s): rank 0 here, %s",
