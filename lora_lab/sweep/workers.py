@@ -280,12 +280,10 @@ def worker_envs(
     trial runs in (at least one thread each). `visible` is the launcher's own CUDA_VISIBLE_DEVICES, if set: GPU k is
     then its k-th entry (a worker given "1" under a launcher limited to "2,3" would land on someone else's GPU 1)."""
     total = devices // per_trial * per_device
-    if gpus:
-        gpus_of = [[(i * per_trial + j) % gpus for j in range(per_trial)] for i in range(total)]
-        if per_trial == 1:
-            gpus_of = [[(i // per_device) % gpus] for i in range(total)]
-    else:
-        gpus_of = [[] for _ in range(total)]
+    # worker i: the per_trial GPUs from (i // per_device) * per_trial on (per_device is 1 when per_trial > 1)
+    gpus_of = [
+        [(i // per_device * per_trial + j) % gpus for j in range(per_trial)] if gpus else [] for i in range(total)
+    ]
     ids = [v.strip() for v in visible.split(",")] if visible else None
     threads = str(max(1, cores // (total * per_trial)))
     envs = []
