@@ -518,7 +518,7 @@ def _rank_failure(
     None when `exc` is rank 0's own (out of memory, a pruned trial, a lost tracking server...)."""
     if not group_broke(exc):
         return None
-    deadline = time.monotonic() + 5.0  # a rank that died: its exit is seen within moments of the broken connection
+    deadline = time.monotonic() + 2.0  # a rank that died: its exit is seen within moments of the broken connection
     while time.monotonic() < deadline:
         ended = [(r, p) for r, p in ranks.items() if p.poll() is not None]
         if ended:
