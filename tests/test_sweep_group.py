@@ -5,6 +5,7 @@ that dies or hangs fails its trial naming it, the trial is retried from its chec
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from optuna.trial import TrialState
 from sweeprun import load, runs, tail
 
@@ -153,8 +155,17 @@ full_lr_grid: [1.0e-3]
             assert not (folders / f"{t.number:04d}" / "metrics.json").exists()
         else:
             assert "stopped the run" not in rank1
-    # The same parameters and seed over a new group each time: the same numbers.
+    # The same parameters and seed over a new group each time: the same numbers. And best.yaml's command, 2 ranks
+    # through the train CLI's own launcher (trainer.devices=2 is among its overrides), gives them too.
     assert trials[0].values == trials[2].values
+    best = yaml.safe_load((outputs / "studies" / "group" / "best.yaml").read_text())
+    assert "trainer.devices=2" in best["overrides"]
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
+    repro = outputs / "repro"
+    cmd = [sys.executable, "-m", "lora_lab.train", *best["overrides"], "tracking=off", f"output_dir={repro}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((repro / "metrics.json").read_text())["val_loss"] == pytest.approx(trials[0].values[0], abs=1e-6)
     # One MLflow run per trial (rank 0's), each saying it ran on 2 devices; the comparison's two runs likewise.
     found = runs(f"sqlite:///{outputs / 'mlflow.db'}", "lora_lab")
     kinds: dict[str, list] = {}
