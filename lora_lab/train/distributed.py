@@ -19,6 +19,7 @@ import datetime
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -406,6 +407,9 @@ def failure_message(exc: BaseException) -> str:
 # trial) end within it. One blocked in a collective may not: the wrapped model of the error's frames (DDP) still holds
 # the group and its connections open, and a rank blocked in C++ takes no signal.
 END_GRACE_S = 3.0
+# A hosted group lives on one host: its ranks' connections (gloo's pairs, NCCL's bootstrap) listen on loopback, not on
+# whatever interface the host name resolves to. Where the user set an interface, theirs stands.
+LOOPBACK = {k: os.environ.get(k, "lo") for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
 # How long a hosted rank may take to start and join (imports, compose) when trainer.collective_timeout_s is shorter:
 # one that dies while it starts is seen at once; this bounds one that never comes.
 JOIN_S = 300.0
@@ -432,7 +436,13 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
     if active():
         raise RuntimeError("hosted: this process is in a process group already")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    # The store listens on loopback only: given a port alone, TCPStore's server binds every interface. It owns the
+    # socket from here (and closes it): detached, so that Python's socket object does not close it a second time.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=size)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timeout, master_listen_fd=listener.detach()
+    )
     logs.mkdir(parents=True, exist_ok=True)
     ranks: dict[int, subprocess.Popen] = {}
     ok = False
@@ -448,6 +458,7 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
                 "MASTER_PORT": str(store.port),
                 HOSTED_ENV: "1",
                 "PYTHONUNBUFFERED": "1",
+                **LOOPBACK,
                 # as many threads as this rank has: the trial's share of the host's cores (sweep.workers)
                 "OMP_NUM_THREADS": str(torch.get_num_threads()),
             }
@@ -461,6 +472,8 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
             # NCCL's watchdog tears the whole process down on a timeout by default (3): here that is the sweep's
             # worker. 2 aborts the group's communicators only, so the collective raises and the trial fails.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        for key, value in LOOPBACK.items():
+            os.environ.setdefault(key, value)
         dist.init_process_group(backend=backend_for(device_type), store=store, rank=0, world_size=size, timeout=timeout)
         log.info(
             "hosting a group of %d ranks (%s): rank 0 here, %s",
