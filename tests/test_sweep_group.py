@@ -220,6 +220,10 @@ def test_a_lost_rank_fails_its_trial_naming_it_and_the_retry_resumes(outputs: Pa
             assert time.time() < deadline, f"no checkpoint in time: {tail(log)}"
             time.sleep(0.05)
         (rank1,) = train_ranks(sweep.pid)
+        # The group's store and connections listen on loopback only (a TCPStore given just a port binds them all).
+        group = (psutil.Process(sweep.pid), rank1)
+        listening = [c.laddr for p in group for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
         if fault == "sweep-terminated":  # the worker (rank 0) is stopped: it ends its rank, and the rerun resumes
             sweep.send_signal(signal.SIGTERM)
             assert sweep.wait(timeout=120) == 128 + signal.SIGTERM, tail(log)
