@@ -40,8 +40,10 @@ T = TypeVar("T")
 
 # What a launcher (torchrun, srun with these exported, our own `launch`) sets for each process it starts.
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
-HOSTED_ENV = "LORA_LAB_HOSTED_GROUP"  # set in the ranks `hosted` starts: they check in at the host's store
-CHECK_IN = "lora_lab/joined"  # the store key prefix a hosted rank sets (CHECK_IN/<rank>) before it joins
+# 127.0.0.1:<port> of the store a lora_lab launcher (`launch`, `hosted`) serves on loopback: its ranks join there.
+STORE_ENV = "LORA_LAB_STORE"
+GROUP_PREFIX = "lora_lab/group"  # the group's keys in that store (the elastic agent's rendezvous keeps its own there)
+CHECK_IN = "joined"  # the key a rank sets (CHECK_IN/<rank>) before it joins: a host sees it arrive
 
 
 # ----------------------------------------------------------------------------------------------- the group
@@ -85,9 +87,10 @@ def local_rank() -> int:
 
 def join(device_type: str, timeout_s: float) -> None:
     """Join the process group the launcher set up: NCCL when the run is on CUDA (this rank on cuda:LOCAL_RANK),
-    gloo on the CPU. The rendezvous address is the launcher's (MASTER_ADDR, MASTER_PORT). A collective waits
-    `timeout_s` for the other ranks (trainer.collective_timeout_s), then fails. A rank of a hosted group (HOSTED_ENV:
-    a sweep trial's, started by `hosted`) checks in at its host's store first, so the host sees it arrive."""
+    gloo on the CPU. The rendezvous is the launcher's: lora_lab's own (`launch`, `hosted`) serve a store on loopback
+    (STORE_ENV), where the rank checks in first so that a host sees it arrive; any other (torchrun, srun) sets
+    MASTER_ADDR and MASTER_PORT. A collective waits `timeout_s` for the other ranks (trainer.collective_timeout_s),
+    then fails."""
     if dist.is_initialized():
         return
     _end_with_the_launcher()
@@ -95,12 +98,11 @@ def join(device_type: str, timeout_s: float) -> None:
         torch.cuda.set_device(local_rank())
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = backend_for(device_type)
-    if os.environ.get(HOSTED_ENV) == "1":
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
-        )
-        store.set(f"{CHECK_IN}/{os.environ['RANK']}", str(os.getpid()))
+    if os.environ.get(STORE_ENV):
+        host, port = os.environ[STORE_ENV].rsplit(":", 1)
+        store = dist.PrefixStore(GROUP_PREFIX, dist.TCPStore(host, int(port), is_master=False, timeout=timeout))
         rank_, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store.set(f"{CHECK_IN}/{rank_}", str(os.getpid()))
         dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=size, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
@@ -346,23 +348,42 @@ def group_failure(exc: BaseException) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------- the launcher
 
 
+def loopback_store(timeout: datetime.timedelta) -> Any:
+    """A store server (torch's TCPStore) on 127.0.0.1 and a free port, where a group's ranks meet. Given a port
+    alone, TCPStore's server binds every interface: it takes a loopback socket instead, which it then owns and closes
+    (detached, so that Python does not close it a second time)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    fd = listener.detach()
+    return dist.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timeout, master_listen_fd=fd
+    )
+
+
 def launch(argv: list[str], nprocs: int) -> int:
     """Run `python -m lora_lab.train argv` as `nprocs` processes on this host, through torch.distributed's elastic
-    agent (torchrun's): rendezvous on 127.0.0.1 (a free port), no restarts, so a rank that dies ends the whole
-    group. Returns the exit code: the ranks' own when they all ended alike (0, 2, 3), 128 + the signal when the
-    launcher was interrupted (every rank is ended), 2 when a rank refused its input first, else 1 with a message
-    naming the rank that failed."""
+    agent (torchrun's): no restarts, so a rank that dies ends the whole group. Everything listens on loopback: the
+    agent's rendezvous and the ranks' group use a store this process serves on 127.0.0.1 (loopback_store; the agent's
+    own would bind every interface), their connections the loopback interface. Returns the exit code: the ranks' own
+    when they all ended alike (0, 2, 3), 128 + the signal when the launcher was interrupted (every rank is ended), 2
+    when a rank refused its input first, else 1 with a message naming the rank that failed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    store = loopback_store(datetime.timedelta(seconds=JOIN_S))
+    os.environ[STORE_ENV] = f"127.0.0.1:{store.port}"  # the ranks join there (join), not at the agent's MASTER_PORT
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # so the agent serves no store of its own for them
+    for key, value in LOOPBACK.items():
+        os.environ.setdefault(key, value)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nprocs,
         run_id=f"lora_lab-{os.getpid()}",
         rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",  # port 0: the agent's store binds a free one (torchrun --standalone's way)
+        rdzv_endpoint=f"127.0.0.1:{store.port}",
+        rdzv_configs={"is_host": False},  # a client of this process's store
         local_addr="127.0.0.1",  # the ranks' MASTER_ADDR: this host's loopback, never an outside interface
         max_restarts=0,
         monitor_interval=0.1,
@@ -436,13 +457,8 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
     if active():
         raise RuntimeError("hosted: this process is in a process group already")
     timeout = datetime.timedelta(seconds=timeout_s)
-    # The store listens on loopback only: given a port alone, TCPStore's server binds every interface. It owns the
-    # socket from here (and closes it): detached, so that Python's socket object does not close it a second time.
-    listener = socket.create_server(("127.0.0.1", 0), backlog=size)
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(
-        "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timeout, master_listen_fd=listener.detach()
-    )
+    server = loopback_store(timeout)
+    store = dist.PrefixStore(GROUP_PREFIX, server)
     logs.mkdir(parents=True, exist_ok=True)
     ranks: dict[int, subprocess.Popen] = {}
     ok = False
@@ -455,8 +471,8 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
                 "WORLD_SIZE": str(size),
                 "LOCAL_WORLD_SIZE": str(size),
                 "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(store.port),
-                HOSTED_ENV: "1",
+                "MASTER_PORT": str(server.port),
+                STORE_ENV: f"127.0.0.1:{server.port}",
                 "PYTHONUNBUFFERED": "1",
                 **LOOPBACK,
                 # as many threads as this rank has: the trial's share of the host's cores (sweep.workers)
@@ -492,7 +508,7 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
     finally:
         leave()
         _end_ranks(ranks, logs, ran_well=ok, wait_s=timeout_s if ok else END_GRACE_S)
-        del store
+        del store, server
 
 
 def group_for(cfg: Config, argv: list[str], logs: Path) -> contextlib.AbstractContextManager:
