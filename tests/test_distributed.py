@@ -1,8 +1,9 @@
 """trainer.devices=N (lora_lab/train/distributed.py): real 2-process runs through the CLI on the CPU (gloo, the tiny
-model, fp32, fixed seed). Two processes equal one at the same global batch (LoRA under DDP, full fine-tuning under
-FSDP2), and two launchers as two hosts equal one launcher of two; rank 0 alone writes metrics.json, the adapter (or
-a full fine-tune's gathered model) and the one MLflow run; a killed rank ends the whole group;
-a resume with another devices count is refused, one with the same count resumes."""
+model, fp32, fixed seed). Two processes equal one at the same global batch (LoRA under DDP and under FSDP2, full
+fine-tuning under FSDP2, every frozen-base method under FSDP2), and two launchers as two hosts equal one launcher of
+two; rank 0 alone writes metrics.json, the adapter and the merged model (gathered from the shards under FSDP2) and
+the one MLflow run; a killed rank ends the whole group; a resume with another devices count is refused, one with the
+same count resumes (DDP, and FSDP2 on a frozen base and on full fine-tuning)."""
 
 from __future__ import annotations
 
@@ -69,30 +70,54 @@ def peft_logits(adapter: Path) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def test_lora_ddp_two_processes_equal_one_and_rank0_alone_writes(tmp_path: Path) -> None:
-    """LoRA under DDP: 2 processes x grad_accum 1 against 1 process x grad_accum 2 (global batch 8 both)."""
+def merged_logits(folder: Path) -> torch.Tensor:
+    """The logits of an exported merged model (a plain transformers folder, every weight in it)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.arange(3, 35).reshape(2, 16)).logits
+
+
+@pytest.mark.parametrize("parallel", ["auto", "fsdp"])
+def test_lora_two_processes_equal_one_and_rank0_alone_writes(parallel: str, tmp_path: Path) -> None:
+    """LoRA over 2 processes x grad_accum 1 against 1 process x grad_accum 2 (global batch 8 both): under DDP
+    (trainer.parallel=auto picks it for a frozen base) and under FSDP2 (the frozen base sharded beside its
+    adapters, in the same units)."""
     outputs = tmp_path / "outputs"
     one_dir, two_dir, db = tmp_path / "one", tmp_path / "two", tmp_path / "mlflow.db"
-    one = cli(["lora.r=4", "trainer.grad_accum=2", "tracking.enabled=false", f"output_dir={one_dir}"], outputs)
+    common = ["lora.r=4", "export.merged=true"]
+    one = cli([*common, "trainer.grad_accum=2", "tracking.enabled=false", f"output_dir={one_dir}"], outputs)
     assert one.returncode == 0, one.stderr[-3000:]
-    # The 2-process run computes its loss in chunks (trainer.loss_chunk) through DDP's forward and checkpoints its
-    # blocks' activations: still the same losses.
-    two_args = ["lora.r=4", "trainer.devices=2", "trainer.loss_chunk=5", "trainer.gradient_checkpointing=true"]
-    two_args += [f"tracking.uri=sqlite:///{db}"]
-    two = cli([*two_args, f"output_dir={two_dir}"], outputs)
+    # The 2-process run checkpoints its blocks' activations, and under DDP computes its loss in chunks
+    # (trainer.loss_chunk, through DDP's forward; FSDP2 refuses it): still the same losses.
+    two_args = [*common, "trainer.devices=2", f"trainer.parallel={parallel}", "trainer.gradient_checkpointing=true"]
+    two_args += ["trainer.loss_chunk=5"] if parallel == "auto" else []
+    two = cli([*two_args, f"tracking.uri=sqlite:///{db}", f"output_dir={two_dir}"], outputs)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 1 of 2 joined (gloo)" in two.stderr
     assert "[rank 1] INFO lora_lab: activation checkpointing of 2 repeated blocks" in two.stderr
+    if parallel == "auto":
+        assert "FSDP2:" not in two.stderr
+    else:
+        assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in two.stderr
 
     m1, m2 = metrics(one_dir), metrics(two_dir)
-    print("DDP max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
+    print(f"LoRA {parallel} max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
     assert m2["settings"]["devices"] == 2 and m2["settings"]["grad_accum"] == 1
+    # The merge check on rank 0 (under FSDP2 merged into the shards) measures what the 1-process run measured.
     assert m2["merge_ok"] is True
-    # One of each: metrics.json, adapter, config.yaml (saying devices: 2), one MLflow run; nothing else anywhere.
+    assert abs(m2["merged_val_loss"] - m1["merged_val_loss"]) <= ATOL
+    assert abs(m2["max_abs_logit_diff"] - m1["max_abs_logit_diff"]) <= ATOL
+    assert m2["adapter_bytes"] == m1["adapter_bytes"]
+    # One of each: metrics.json, adapter, merged model, config.yaml (saying devices: 2), one MLflow run; nothing
+    # else anywhere.
     assert sorted(p.name for p in two_dir.iterdir() if not p.name.startswith(".")) == [
         "adapter",
         "config.yaml",
         "loss_curve.png",
+        "merged",
         "metrics.json",
     ]
     assert "devices: 2" in (two_dir / "config.yaml").read_text()
@@ -105,9 +130,15 @@ def test_lora_ddp_two_processes_equal_one_and_rank0_alone_writes(tmp_path: Path)
     assert runs[0].data.params["trainer.devices"] == "2"
     assert abs(runs[0].data.metrics["loss/val"] - m2["val_loss"]) < 1e-9
 
-    # The 2-process adapter, in peft's layout, loads with peft and gives the 1-process adapter's logits.
+    # The 2-process adapter, in peft's layout (under FSDP2 gathered whole on rank 0), loads with peft and gives the
+    # 1-process adapter's logits; so does the merged model (under FSDP2 every weight gathered, then merged).
     theirs_two, theirs_one = peft_logits(two_dir / "adapter"), peft_logits(one_dir / "adapter")
+    print(f"LoRA {parallel} peft logits max |diff|:", (theirs_two - theirs_one).abs().max().item())
     assert (theirs_two - theirs_one).abs().max().item() <= ATOL
+    merged_two, merged_one = merged_logits(two_dir / "merged"), merged_logits(one_dir / "merged")
+    print(f"LoRA {parallel} merged logits max |diff|:", (merged_two - merged_one).abs().max().item())
+    assert (merged_two - merged_one).abs().max().item() <= ATOL
+    assert (merged_one - theirs_one).abs().max().item() <= 1e-4  # the merged model is the adapted one
 
 
 def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
@@ -117,9 +148,8 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
     assert one.returncode == 0, one.stderr[-3000:]
     # Activation checkpointing inside FSDP2's blocks: the same numbers as without it.
-    two = cli(
-        [*common, "trainer.devices=2", "trainer.gradient_checkpointing=true", f"output_dir={tmp_path / 'two'}"], outputs
-    )
+    two_args = ["trainer.devices=2", "trainer.parallel=fsdp", "trainer.gradient_checkpointing=true"]
+    two = cli([*common, *two_args, f"output_dir={tmp_path / 'two'}"], outputs)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in two.stderr
     assert "[rank 1] INFO lora_lab: activation checkpointing of 2 repeated blocks" in two.stderr
@@ -145,6 +175,105 @@ def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
     base, _ = load_model(compose([*TINY, *common])[1].model)
     with torch.no_grad():
         assert (base.eval()(input_ids=ids).logits - logits[0]).abs().max().item() > 1e-3  # trained, not the base
+
+
+# Every method on a frozen base under FSDP2, each a short run (4 steps, an evaluation and a checkpoint every 2).
+FSDP_METHODS = {
+    # Resumed, against the same 2 ranks uninterrupted (each rank draws its own dropout masks: no 1-process twin).
+    "lora-dropout": ["lora.r=4", "lora.dropout=0.1"],
+    "dora-rslora": ["lora.r=4", "lora.variant=dora", "lora.rslora=true"],
+    "ia3": ["method=ia3"],
+    "adapter": ["method=adapter"],
+    "prompt": ["method=prompt"],
+    "prefix": ["method=prefix"],
+    "bitfit": ["method=bitfit"],
+}
+SHORT = ["tracking.enabled=false", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+
+
+def _fsdp_ranks(rank: int, port: int, out: Path) -> None:
+    """One of two ranks (torch.multiprocessing.spawn): a gloo group of its own (no launcher), then each of
+    FSDP_METHODS built and fitted in this process under FSDP2, as `python -m lora_lab.train` runs a rank; LoRA with
+    dropout once more with trainer.resume=true (from the checkpoint at step 2)."""
+    import logging
+    import shutil
+
+    import torch.distributed as dist
+
+    from lora_lab.config import compose
+    from lora_lab.train.build import build
+
+    said: list[str] = []  # what lora_lab logs in this rank, kept: rank 0 writes it beside each run's metrics
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lora_lab").addHandler(handler)
+    logging.getLogger("lora_lab").setLevel(logging.INFO)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for name, args in FSDP_METHODS.items():
+            for resume in (False, True) if name == "lora-dropout" else (False,):
+                if resume and rank == 0:
+                    shutil.copy(out / name / "metrics.json", out / name / "uninterrupted.json")
+                dist.barrier()
+                said.clear()
+                two = ["trainer.devices=2", "trainer.parallel=fsdp", f"trainer.resume={str(resume).lower()}"]
+                _, cfg = compose([*TINY, *SHORT, *args, *two, f"output_dir={out / name}"])
+                build(cfg).fit()
+                if rank == 0:
+                    (out / name / "log.txt").write_text("\n".join(said))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_method_under_fsdp_equals_one_process(tmp_path: Path) -> None:
+    """LoRA's variants (DoRA, rsLoRA, dropout), IA3, adapters, prompt, prefix and BitFit with their frozen base
+    sharded under FSDP2 (two ranks spawned here, each building and fitting every method as a CLI rank does) against
+    one process with twice the grad_accum: the same losses, the same merge check, the same adapter files (gathered
+    whole on rank 0) and checkpoints (the trainable state only, gathered); LoRA resumed from a checkpoint ends with the
+    uninterrupted run's losses."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from lora_lab.config import compose
+    from lora_lab.train.build import build
+
+    compared = [name for name in FSDP_METHODS if name != "lora-dropout"]
+    for name in compared:  # the 1-process runs, in this process
+        one = ["trainer.grad_accum=2", f"output_dir={tmp_path / 'one' / name}"]
+        _, cfg = compose([*TINY, *SHORT, *FSDP_METHODS[name], *one])
+        build(cfg).fit()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_ranks, args=(port, tmp_path / "two"), nprocs=2)
+
+    for name in compared:
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        m1, m2 = metrics(one), metrics(two)
+        diffs = [abs(a["train_loss"] - b["train_loss"]) for a, b in zip(m1["history"], m2["history"], strict=True)]
+        diffs += [abs(a["val_loss"] - b["val_loss"]) for a, b in zip(m1["evals"], m2["evals"], strict=True)]
+        assert len(m2["history"]) == 4 and max(diffs) <= ATOL, (name, diffs)
+        assert (m1["merge_ok"], m2["merge_ok"]) in ((True, True), (None, None)), name
+        if m1["merge_ok"]:  # IA3, BitFit and DoRA fold into the shards
+            assert abs(m1["merged_val_loss"] - m2["merged_val_loss"]) <= ATOL, name
+        assert m2["adapter_bytes"] == m1["adapter_bytes"], name
+        for file in ("adapter/adapter_model.safetensors", "checkpoints/step-0000002/weights.safetensors"):
+            w1, w2 = load_file(str(one / file)), load_file(str(two / file))
+            assert sorted(w1) == sorted(w2), (name, file)
+            assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= ATOL, (name, file)
+        assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in (two / "log.txt").read_text()
+        print(f"FSDP2 {name}: max |loss diff| 1 vs 2 processes {max(diffs):.2e}")
+    # The resumed LoRA run (steps 3-4 again, from the checkpoint of step 2) equals the uninterrupted one.
+    run = tmp_path / "two" / "lora-dropout"
+    uninterrupted = json.loads((run / "uninterrupted.json").read_text())
+    resumed = metrics(run)
+    assert "at step 2" in (run / "log.txt").read_text()  # resumed from the checkpoint, not trained afresh
+    assert [p["step"] for p in resumed["history"]] == [1, 2, 3, 4]
+    pairs = [*zip(uninterrupted["history"], resumed["history"])]
+    assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in pairs) <= ATOL
+    assert abs(uninterrupted["val_loss"] - resumed["val_loss"]) <= ATOL
 
 
 def test_two_launchers_as_two_hosts_equal_two_devices(tmp_path: Path) -> None:
@@ -192,7 +321,9 @@ def test_two_launchers_as_two_hosts_equal_two_devices(tmp_path: Path) -> None:
     [
         # DDP; dropout: each rank draws its own masks, and a resumed rank must go on with its own RNG stream
         ["lora.r=4", "lora.dropout=0.1"],
-        ["method=full"],  # FSDP2: the checkpoint holds the gathered whole; each rank takes its shards back
+        # FSDP2: the checkpoint holds the gathered whole; each rank takes its shards back (LoRA under FSDP2 resumes in
+        # test_every_method_under_fsdp_equals_one_process)
+        ["method=full", "trainer.parallel=fsdp"],
     ],
     ids=["lora-ddp", "full-fsdp"],
 )
@@ -328,9 +459,8 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_losses(tmp_path: Pat
     [
         (["trainer.devices=0"], "trainer.devices: expected an integer >= 1"),
         (["trainer.devices=2", "trainer.parallel=zero3"], "trainer.parallel"),
-        (["trainer.devices=2", "trainer.parallel=fsdp"], "trainer.parallel=fsdp with method=lora"),
         (["trainer.devices=2", "model.quantize=nf4", "trainer.parallel=fsdp"], "model.quantize=nf4"),
-        (["trainer.devices=2", "method=full", "trainer.loss_chunk=64"], "trainer.loss_chunk=64"),
+        (["trainer.devices=2", "trainer.parallel=fsdp", "trainer.loss_chunk=64"], "trainer.loss_chunk=64"),
     ],
 )
 def test_combinations_that_do_not_work_are_refused_by_name(

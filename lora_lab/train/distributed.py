@@ -236,6 +236,48 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=full_state())
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 unit of `model` back to its shards (nothing for a model that is not sharded). The root stays
+    gathered after a forward without backward (an evaluation: FSDP2 does not reshard the root after its forward),
+    and its parameters are then transient copies: whoever reads or writes the weights between steps (a merge, a
+    checkpoint) starts from the shards, which are what the next forward gathers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def whole_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, rank 0's `model` holds each of its sharded (FSDP2) trainable parameters whole, as a plain
+    tensor on its device, so code written for one process (an adapter's save, a checkpoint's trainable state) reads
+    it as it is; the shards are put back on the way out. A collective: every rank enters (each parameter is gathered
+    from every rank's shard); the other ranks' models are unchanged. Nothing changes for a model that is not sharded.
+    The trainable parameters are the method's (small: LoRA's, a prompt's); the frozen base stays sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)  # every parameter is then its shard (a DTensor): the same order of gathers on every rank
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.requires_grad or not isinstance(param, DTensor):
+                    continue
+                whole = param.full_tensor().detach()  # a collective
+                if is_main():
+                    # as FSDP2 itself swaps a module's parameters between their shards and the gathered whole
+                    module._parameters[name] = torch.nn.Parameter(whole, requires_grad=True)
+                    swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Inside the block, backward reduces gradients across ranks only when `sync` (the last micro-batch of a step):
@@ -262,6 +304,24 @@ def strategy(cfg: Config) -> str:
     return "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
 
 
+def fsdp_refusal(cfg: Config) -> Optional[str]:
+    """Why FSDP2 cannot run `cfg` (the message trainer.parallel=fsdp is refused with), or None when it can: a
+    quantized base (bitsandbytes' packed weights are no floating-point parameters FSDP2 can shard) and the chunked
+    loss (it applies the output head outside the model's forward)."""
+    t = cfg.trainer
+    if cfg.model.quantize != "none":
+        return (
+            f"trainer.parallel=fsdp with model.quantize={cfg.model.quantize}: FSDP2 shards floating-point "
+            "parameters, and bitsandbytes' packed weights are not; use trainer.parallel=ddp"
+        )
+    if t.loss_chunk:
+        return (
+            f"trainer.parallel=fsdp with trainer.loss_chunk={t.loss_chunk}: the chunked loss applies the output head "
+            "outside the model's forward, where FSDP2 has resharded it; set trainer.loss_chunk=0"
+        )
+    return None
+
+
 def refuse(cfg: Config) -> None:
     """Raise ConfigError for a multi-process run that cannot work, before any weight loads (exit 2)."""
     t = cfg.trainer
@@ -272,21 +332,10 @@ def refuse(cfg: Config) -> None:
         )
     if t.devices == 1:
         return
-    if strategy(cfg) == "fsdp" and cfg.model.quantize != "none":
-        raise ConfigError(
-            f"trainer.parallel=fsdp with model.quantize={cfg.model.quantize}: FSDP2 shards floating-point "
-            "parameters, and bitsandbytes' packed weights are not; use trainer.parallel=ddp"
-        )
-    if strategy(cfg) == "fsdp" and not adaptations.of(cfg.method).trains_all:
-        raise ConfigError(
-            f"trainer.parallel=fsdp with method={cfg.method}: FSDP2 is wired for full fine-tuning only so far (a "
-            "sharded frozen base and its adapter export are not); use trainer.parallel=ddp or auto"
-        )
-    if strategy(cfg) == "fsdp" and t.loss_chunk:
-        raise ConfigError(
-            f"trainer.parallel=fsdp with trainer.loss_chunk={t.loss_chunk}: the chunked loss applies the output head "
-            "outside the model's forward, where FSDP2 has resharded it; set trainer.loss_chunk=0"
-        )
+    if strategy(cfg) == "fsdp":
+        why = fsdp_refusal(cfg)
+        if why is not None:
+            raise ConfigError(why)
     if pick_type(t.device) == "cuda" and not launched() and t.devices > torch.cuda.device_count():
         raise ConfigError(
             f"trainer.devices={t.devices}: torch sees {torch.cuda.device_count()} CUDA device(s) on this host"
@@ -302,7 +351,9 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     """The model as the training steps call it: unchanged without a group; DDP (the model replicated, only the
     trainable gradients reduced) or FSDP2 (fully_shard on each repeated block, the one list targets.repeated_blocks
     finds, then on the root: parameters, gradients and optimizer state sharded). FSDP2 shards in place: build the
-    optimizer after this."""
+    optimizer after this. A frozen base shards beside the method's trainable parameters in the same units: FSDP2
+    keeps requires_grad per parameter, gathers frozen and trainable weights together (of mixed dtypes under bf16: a
+    frozen bf16 base, fp32 adapters) and reduce-scatters the gradients of the trainable ones only."""
     if not active():
         return model
     if strategy(cfg) == "fsdp":
