@@ -83,8 +83,8 @@ def merged_logits(folder: Path) -> torch.Tensor:
 @pytest.mark.parametrize("parallel", ["auto", "fsdp"])
 def test_lora_two_processes_equal_one_and_rank0_alone_writes(parallel: str, tmp_path: Path) -> None:
     """LoRA over 2 processes x grad_accum 1 against 1 process x grad_accum 2 (global batch 8 both): under DDP
-    (trainer.parallel=auto picks it for a frozen base) and under FSDP2 (the frozen base sharded beside its
-    adapters, in the same units)."""
+    (trainer.parallel=auto keeps it: FSDP2 refuses the chunked loss this run uses) and under FSDP2 (the frozen base
+    sharded beside its adapters, in the same units)."""
     outputs = tmp_path / "outputs"
     one_dir, two_dir, db = tmp_path / "one", tmp_path / "two", tmp_path / "mlflow.db"
     common = ["lora.r=4", "export.merged=true"]
@@ -98,7 +98,9 @@ def test_lora_two_processes_equal_one_and_rank0_alone_writes(parallel: str, tmp_
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 1 of 2 joined (gloo)" in two.stderr
     assert "[rank 1] INFO lora_lab: activation checkpointing of 2 repeated blocks" in two.stderr
-    if parallel == "auto":
+    if parallel == "auto":  # the chunked loss: FSDP2 is refused, so auto keeps DDP whatever the plan
+        says = "[rank 0] INFO lora_lab: trainer.parallel=auto: ddp (FSDP2 is refused here: trainer.parallel=fsdp with "
+        assert says + "trainer.loss_chunk=5: the chunked loss" in two.stderr
         assert "FSDP2:" not in two.stderr
     else:
         assert "FSDP2: 2 repeated blocks and the root sharded over 2 ranks" in two.stderr
@@ -142,7 +144,7 @@ def test_lora_two_processes_equal_one_and_rank0_alone_writes(parallel: str, tmp_
 
 
 def test_full_fsdp_two_processes_equal_one(tmp_path: Path) -> None:
-    """Full fine-tuning under FSDP2 (trainer.parallel=auto picks it for a method that trains every weight)."""
+    """Full fine-tuning under FSDP2 (trainer.parallel=auto would pick DDP for a model this small)."""
     outputs = tmp_path / "outputs"
     common = ["method=full", "tracking.enabled=false", "export.merged=true"]
     one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
@@ -287,6 +289,8 @@ def test_two_launchers_as_two_hosts_equal_two_devices(tmp_path: Path) -> None:
         ["lora.r=4", "trainer.devices=2", "tracking.enabled=false", f"output_dir={tmp_path / 'one_host'}"], outputs
     )
     assert one.returncode == 0, one.stderr[-3000:]
+    # trainer.parallel=auto asked the memory plan: the tiny model, replicated, fits each rank's share of the RAM.
+    assert "[rank 0] INFO lora_lab: trainer.parallel=auto: ddp (the model replicated on each device plans" in one.stderr
 
     with socket.socket() as s:  # a free port for the rendezvous store (the first launcher binds it)
         s.bind(("127.0.0.1", 0))

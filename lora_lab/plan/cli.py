@@ -22,6 +22,10 @@ logits and loss, workspace), the device's free memory (CUDA's, or the CPU's avai
 the settings that would make it fit (model.quantize=nf4, trainer.gradient_checkpointing=true, a smaller
 trainer.batch_size with trainer.grad_accum keeping the effective batch). The train and sweep commands run the same
 check before they load anything (trainer.memory_check=false skips it).
+
+With trainer.devices=N the plan is one device's: under DDP each holds the whole model, under FSDP2 the weights,
+gradients and optimizer state are divided by N (plus the units FSDP2 gathers whole while it computes);
+trainer.parallel=auto is planned as the run would choose it (ddp when the replicated plan fits the device, else fsdp).
 """
 
 
@@ -55,6 +59,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"batch {p.inp.batch} x {p.inp.seq} tokens, {8 * p.inp.compute_bytes}-bit activations, "
         f"quantize={p.inp.quantize}, checkpointing={'on' if p.inp.checkpointing else 'off'}"
     )
+    if p.inp.devices > 1:
+        how = "FSDP2: weights, gradients and optimizer state sharded" if p.inp.sharded else "DDP: replicated"
+        settings += f"; per device of {p.inp.devices}, {how} (trainer.parallel={cfg.trainer.parallel})"
     print(f"memory plan: {what} ({shape}); {settings}\n")
     print(table(p, available, device))
     if p.total > available:

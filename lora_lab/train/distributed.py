@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -296,18 +296,59 @@ def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- the wrapper
 
 
+# trainer.parallel=auto's choice per config (`settle_strategy`), once per process: in a process group rank 0's, shared
+# (each rank measures its own free memory, and ranks that chose differently would wrap the model differently and hang
+# in their first collective).
+_CHOSEN: dict[str, str] = {}
+
+
+def _config_key(cfg: Config) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg), sort_keys=True, default=str)
+
+
 def strategy(cfg: Config) -> str:
-    """How the model is spread over the processes: trainer.parallel, where auto is fsdp for a method that trains
-    every weight (its gradients and optimizer state are the model's size again, twice) and ddp otherwise."""
-    if cfg.trainer.parallel != "auto":
-        return cfg.trainer.parallel
+    """How the model is spread over the processes, ddp or fsdp: trainer.parallel as given; for auto the choice
+    `settle_strategy` made from the memory plan (the memory check makes it on every rank before the model is built),
+    else by method: fsdp for a method that trains every weight (its gradients and optimizer state are the model's
+    size again, twice), ddp otherwise."""
+    t = cfg.trainer
+    if t.parallel != "auto":
+        return t.parallel
+    settled = _CHOSEN.get(_config_key(cfg)) if t.devices > 1 else None
+    if settled is not None:
+        return settled
     return "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
+
+
+def settle_strategy(cfg: Config, choose: Callable[[Config], tuple[str, str]]) -> str:
+    """strategy(cfg), with trainer.parallel=auto over several devices decided by `choose` (the memory plan's choice
+    and why: lora_lab.train.memory.auto_strategy; this module plans nothing itself) and kept for the rest of the run.
+    In a process group the choice is rank 0's, logged once: a collective the first time (every rank settles at the
+    same point, the memory check after joining). Outside a group (the plan command, a launcher before its ranks
+    start) it is decided afresh and not kept: the ranks decide where it counts."""
+    t = cfg.trainer
+    if t.parallel != "auto" or t.devices == 1:
+        return strategy(cfg)
+    key = _config_key(cfg)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    choice, why = choose(cfg)
+    if not active():
+        return choice
+    choice, why = from_main((choice, why))
+    if is_main():
+        log.info("trainer.parallel=auto: %s (%s)", choice, why)
+    _CHOSEN[key] = choice
+    return choice
 
 
 def fsdp_refusal(cfg: Config) -> Optional[str]:
     """Why FSDP2 cannot run `cfg` (the message trainer.parallel=fsdp is refused with), or None when it can: a
     quantized base (bitsandbytes' packed weights are no floating-point parameters FSDP2 can shard) and the chunked
-    loss (it applies the output head outside the model's forward)."""
+    loss (it applies the output head outside the model's forward). trainer.parallel=auto never picks it then."""
     t = cfg.trainer
     if cfg.model.quantize != "none":
         return (
@@ -332,7 +373,7 @@ def refuse(cfg: Config) -> None:
         )
     if t.devices == 1:
         return
-    if strategy(cfg) == "fsdp":
+    if t.parallel == "fsdp":  # auto never picks fsdp where it is refused
         why = fsdp_refusal(cfg)
         if why is not None:
             raise ConfigError(why)
