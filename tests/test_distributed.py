@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, Iterator, NamedTuple
 
 import psutil
 import pytest
@@ -391,22 +392,43 @@ def _ranks(launcher: psutil.Process, n: int, timeout: float = 120) -> dict[int, 
     raise AssertionError(f"{n} ranks did not start within {timeout} s")
 
 
-@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher"])
-def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
-    env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
-    args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={tmp_path / 'run'}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+class Launched(NamedTuple):
+    """A launcher started by `_launched`: its Popen, its process, its ranks by RANK and every process under it."""
+
+    proc: subprocess.Popen
+    launcher: psutil.Process
+    ranks: dict[int, psutil.Process]
+    everyone: list[psutil.Process]
+
+
+@contextlib.contextmanager
+def _launched(cmd: list[str], env: dict[str, str], stderr: IO[str]) -> Iterator[Launched]:
+    """Start the launcher `cmd` (stderr to `stderr`) and yield it once its two ranks have joined. On the way out (the
+    test's assertions, or its failure) whatever is left of the launcher and of every process it started is killed:
+    a failing test must not leave its own orphans behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
     everyone: list[psutil.Process] = []
     try:
         launcher = psutil.Process(proc.pid)
         ranks = _ranks(launcher, 2)
         everyone = [*launcher.children(recursive=True)]
+        yield Launched(proc, launcher, ranks, everyone)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in everyone:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher"])
+def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
+    args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
+    cmd = [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={tmp_path / 'run'}"]
+    err_file = tmp_path / "launcher.err"
+    with err_file.open("w") as stderr, _launched(cmd, env, stderr) as group:
+        proc, ranks = group.proc, group.ranks
         # Training, not still importing: rank 0 has built the run and claimed its folder, and two seconds more.
         deadline = time.monotonic() + 120
         while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:
@@ -415,15 +437,10 @@ def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(sto
         if stop == "kill-rank-1":
             ranks[1].send_signal(signal.SIGKILL)
         else:  # SIGKILL: the launcher cannot end its ranks; they see it gone and end themselves
-            launcher.send_signal(signal.SIGTERM if stop == "sigterm-launcher" else signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-        gone, alive = psutil.wait_procs(everyone, timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in everyone:  # a failing test must not leave its own orphans behind
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+            group.launcher.send_signal(signal.SIGTERM if stop == "sigterm-launcher" else signal.SIGKILL)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(group.everyone, timeout=10)
+    err = err_file.read_text()
     assert not alive, f"orphans: {alive}"
     if stop == "kill-rank-1":
         assert proc.returncode == 1
@@ -447,27 +464,15 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_losses(tmp_path: Pat
 
     run = tmp_path / "run"
     err = tmp_path / "killed.err"
-    with err.open("w") as stderr:
-        env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
-        cmd = [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={run}"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
-    everyone: list[psutil.Process] = []
-    try:
-        launcher = psutil.Process(proc.pid)
-        ranks = _ranks(launcher, 2)
-        everyone = [*launcher.children(recursive=True)]
+    env = dict(os.environ, LORA_LAB_OUTPUTS=str(outputs))
+    cmd = [sys.executable, "-m", "lora_lab.train", *TINY, *args, f"output_dir={run}"]
+    with err.open("w") as stderr, _launched(cmd, env, stderr) as group:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "LATEST").is_file() and time.monotonic() < deadline:
             time.sleep(0.02)
-        ranks[1].send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=120) == 1, err.read_text()[-3000:]
-        _, alive = psutil.wait_procs(everyone, timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in everyone:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        group.ranks[1].send_signal(signal.SIGKILL)
+        assert group.proc.wait(timeout=120) == 1, err.read_text()[-3000:]
+        _, alive = psutil.wait_procs(group.everyone, timeout=10)
     assert not alive, f"orphans: {alive}"
     assert not (run / "metrics.json").exists()  # it did not finish before the kill
 
