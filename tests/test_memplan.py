@@ -312,5 +312,9 @@ def test_plan_prints_the_per_device_plan_and_the_strategy(capsys) -> None:
     assert "per device of 2, FSDP2: weights, gradients and optimizer state sharded" in out
     assert "| gathered units |" in out and "per device (fsdp over 2)" in out
     assert "shared by 2 ranks on this host" in out
+    assert main(["model=tiny", "trainer.devices=2"]) == 0  # auto: what the run would pick, and why
+    out = capsys.readouterr().out
+    assert "trainer.parallel=auto picks ddp: the model replicated on each device plans" in out
+    assert "| DDP gradient buckets |" in out and "per device (ddp over 2)" in out
     assert main(["model=tiny", "trainer.devices=2", "trainer.parallel=fsdp", "model.quantize=nf4"]) == 2
     assert "trainer.parallel=fsdp with model.quantize=nf4" in capsys.readouterr().err

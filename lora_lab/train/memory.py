@@ -123,7 +123,7 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None, sharded: O
 
     devices = cfg.trainer.devices
     if sharded is None:
-        sharded = devices > 1 and distributed.settle_strategy(cfg, auto_strategy) == "fsdp"
+        sharded = devices > 1 and distributed.settle_strategy(cfg, lambda c: auto_strategy(c, config)) == "fsdp"
     if sharded:
         why = distributed.fsdp_refusal(cfg)
         if why is not None:
@@ -180,11 +180,11 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None, sharded: O
     )
 
 
-def planned(cfg: Config, config: Any = None) -> tuple[Plan, int, str]:
+def planned(cfg: Config, config: Any = None, sharded: Optional[bool] = None) -> tuple[Plan, int, str]:
     """The run's plan (one device's, under the run's strategy), the memory one device offers it
-    (`device_capacity`) and the device's description (`config`: see plan_input)."""
+    (`device_capacity`) and the device's description (`config`, `sharded`: see plan_input)."""
     device = pick_device(cfg.trainer.device)
-    return plan(plan_input(cfg, device, config)), *device_capacity(cfg, device)
+    return plan(plan_input(cfg, device, config, sharded)), *device_capacity(cfg, device)
 
 
 def device_capacity(cfg: Config, device: torch.device) -> tuple[int, str]:
@@ -201,17 +201,18 @@ def device_capacity(cfg: Config, device: torch.device) -> tuple[int, str]:
     return available // ranks, f"{where} shared by {ranks} ranks on this host"
 
 
-def auto_strategy(cfg: Config) -> tuple[str, str]:
+def auto_strategy(cfg: Config, config: Any = None) -> tuple[str, str]:
     """trainer.parallel=auto's choice for a run over trainer.devices, and why: ddp when the replicated plan (each
     device holding the whole model) fits one device, else fsdp (each holding 1/N of it); ddp where FSDP2 is refused
     (distributed.fsdp_refusal: the memory check then says whether it fits); by method where no plan can be made (a
-    model the meta device cannot build): fsdp for a method that trains every weight, else ddp."""
+    model the meta device cannot build): fsdp for a method that trains every weight, else ddp. `config`: see
+    plan_input."""
     refused = distributed.fsdp_refusal(cfg)
     if refused is not None:
         return "ddp", f"FSDP2 is refused here: {refused.split(';')[0]}"
     device = pick_device(cfg.trainer.device)
     try:
-        replicated = plan(plan_input(cfg, device, sharded=False))
+        replicated = plan(plan_input(cfg, device, config, sharded=False))
     except (RuntimeError, NotImplementedError) as exc:
         by_method = "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
         return by_method, f"no memory plan ({first_line(exc, with_type=True)[:200]}): by method={cfg.method}"
