@@ -8,8 +8,8 @@ launcher) joins the group as it is (`join`). NCCL on CUDA (each rank on cuda:LOC
 The training loop is the same for 1 and N processes: it asks these helpers, each a no-op without a process group,
 whether it is the main process (`is_main`), for the sums over ranks (`all_reduce_sum`), for its shard of the data
 (`rank`, `world_size`), to skip the gradient reduction of all but the last micro-batch (`gradient_sync`) and for the
-model as trained (`wrap`: DDP for a model that fits one device, FSDP2's fully_shard for full fine-tuning). With
-devices=1 there is no process group and no wrapper: nothing changes.
+model as trained (`wrap`: DDP for a model that fits one device, FSDP2's fully_shard for one that does not: `strategy`).
+With devices=1 there is no process group and no wrapper: nothing changes.
 """
 
 from __future__ import annotations
