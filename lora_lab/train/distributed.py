@@ -296,10 +296,9 @@ def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- the wrapper
 
 
-# trainer.parallel=auto's choice per config (`settle_strategy`), once per process: in a process group rank 0's, shared
-# (each rank measures its own free memory, and ranks that chose differently would wrap the model differently and hang
-# in their first collective).
-_CHOSEN: dict[str, str] = {}
+# trainer.parallel=auto's choice and why, per config, once per process (`settle_strategy`); in a process group rank 0's
+# is every rank's from `wrap` on (`_agreed_strategy`).
+_CHOSEN: dict[str, tuple[str, str]] = {}
 
 
 def _config_key(cfg: Config) -> str:
@@ -311,37 +310,48 @@ def _config_key(cfg: Config) -> str:
 
 def strategy(cfg: Config) -> str:
     """How the model is spread over the processes, ddp or fsdp: trainer.parallel as given; for auto the choice
-    `settle_strategy` made from the memory plan (the memory check makes it on every rank before the model is built),
-    else by method: fsdp for a method that trains every weight (its gradients and optimizer state are the model's
-    size again, twice), ddp otherwise."""
+    `settle_strategy` made from the memory plan in this process (the memory check makes it before the model is
+    built), else by method: fsdp for a method that trains every weight (its gradients and optimizer state are the
+    model's size again, twice), ddp otherwise."""
     t = cfg.trainer
     if t.parallel != "auto":
         return t.parallel
     settled = _CHOSEN.get(_config_key(cfg)) if t.devices > 1 else None
     if settled is not None:
-        return settled
+        return settled[0]
     return "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
 
 
 def settle_strategy(cfg: Config, choose: Callable[[Config], tuple[str, str]]) -> str:
     """strategy(cfg), with trainer.parallel=auto over several devices decided by `choose` (the memory plan's choice
-    and why: lora_lab.train.memory.auto_strategy; this module plans nothing itself) and kept for the rest of the run.
-    In a process group the choice is rank 0's, logged once: a collective the first time (every rank settles at the
-    same point, the memory check after joining). Outside a group (the plan command, a launcher before its ranks
-    start) it is decided afresh and not kept: the ranks decide where it counts."""
+    and why: lora_lab.train.memory.auto_strategy; this module plans nothing itself) and kept for the rest of the run
+    in this process. No collective: each rank decides from its own free memory, and `wrap` makes rank 0's choice every
+    rank's. Outside a group (the plan command, a launcher before its ranks start) it is decided afresh each time."""
     t = cfg.trainer
     if t.parallel != "auto" or t.devices == 1:
         return strategy(cfg)
-    key = _config_key(cfg)
-    if key in _CHOSEN:
-        return _CHOSEN[key]
-    choice, why = choose(cfg)
     if not active():
-        return choice
-    choice, why = from_main((choice, why))
+        return choose(cfg)[0]
+    key = _config_key(cfg)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = choose(cfg)
+    return _CHOSEN[key][0]
+
+
+def _agreed_strategy(cfg: Config) -> str:
+    """strategy(cfg) as every rank of the group uses it: for auto rank 0's choice (a collective, in `wrap`, where
+    every rank passes at the same point), logged once with its reason. Ranks that chose differently (each measures
+    its own free memory) would wrap the model differently and hang in their first collective. A rank that made no
+    plan (a sweep worker hosting a trial's group runs no memory check of its own) goes by method."""
+    t = cfg.trainer
+    if t.parallel != "auto":
+        return t.parallel
+    key = _config_key(cfg)
+    mine = _CHOSEN.get(key) or (strategy(cfg), f"no memory plan made by rank 0: by method={cfg.method}")
+    choice, why = from_main(mine)
+    _CHOSEN[key] = (choice, why)
     if is_main():
         log.info("trainer.parallel=auto: %s (%s)", choice, why)
-    _CHOSEN[key] = choice
     return choice
 
 
@@ -397,7 +407,7 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     frozen bf16 base, fp32 adapters) and reduce-scatters the gradients of the trainable ones only."""
     if not active():
         return model
-    if strategy(cfg) == "fsdp":
+    if _agreed_strategy(cfg) == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         blocks = targets.repeated_blocks(model)  # the blocks compile and checkpointing use too

@@ -236,7 +236,7 @@ def check_fits(cfg: Config) -> Optional[Plan]:
     """The run's plan; raises DoesNotFit (the numbers and the settings that would fit) when its peak exceeds the
     device's free memory. trainer.memory_check=false skips the check (the plan is still returned). A model that does
     not build on the meta device (an operation meta tensors lack) is not refused: a warning, and None."""
-    # trainer.parallel=auto decides first, alike on every rank (a collective in a group), for the run to keep
+    # trainer.parallel=auto decides from the plan first and keeps it for the run (wrap makes rank 0's every rank's)
     distributed.settle_strategy(cfg, auto_strategy)
     try:
         p, available, device = planned(cfg)
