@@ -433,8 +433,9 @@ class TrainerConfig:
     # batch_size x grad_accum x devices, and losses equal a 1-process run with grad_accum x devices.
     devices: int = 1
     # How the model is spread over those processes: 'ddp' (replicated; only trainable gradients are reduced), 'fsdp'
-    # (FSDP2: parameters, gradients and optimizer state sharded, block by block), 'auto' (fsdp for a method that
-    # trains every weight, else ddp). Unused with devices=1.
+    # (FSDP2: parameters, gradients and optimizer state sharded, block by block, frozen or trainable), 'auto' (ddp
+    # when the memory plan of the model replicated fits one device, else fsdp; by method without a plan: fsdp for a
+    # method that trains every weight). Unused with devices=1.
     parallel: str = "auto"
     # devices > 1: how long a rank waits in a collective (a gradient reduction, an evaluation's sums, a broadcast) for
     # the others before the run fails naming the rank it waited for; a rank that hangs ends its group after this.

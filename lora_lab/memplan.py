@@ -4,6 +4,10 @@ A leaf (plain arithmetic, no torch): `PlanInput` is a typed record of numbers (l
 config and a meta-device model, the bench and the docs from named shapes), `plan()` turns it into a `Plan` (its parts,
 the training and evaluation peaks), `table()` prints it and `fitting_settings()` names the overrides that would make
 a run fit a device's memory. The formulas and where their coefficients come from are in docs/memory.md.
+
+Several devices (trainer.devices=N) are planned per device: under DDP each holds the whole model (and a bucket copy of
+the trainable gradients), under FSDP2 (`sharded`) the weights, gradients and optimizer state are divided by N, plus
+the units FSDP2 gathers whole while it computes (one repeated block at a time, and the root's own parameters).
 """
 
 from __future__ import annotations
@@ -79,10 +83,33 @@ class PlanInput:
     grad_accum: int = 1  # micro-batches per step (memory does not grow with it; kept for the suggestions)
     quantizable: bool = True  # the method leaves the base layers frozen (adaptations' trains_base: a 4-bit base serves)
     loss_chunk: int = 0  # trainer.loss_chunk: positions whose logits exist at once in the loss (0: every position)
+    devices: int = 1  # trainer.devices: processes, one device each; the plan is one device's
+    sharded: bool = False  # FSDP2 (trainer.parallel): weights, gradients and optimizer state divided by `devices`
+    block_weights: int = 0  # bytes of the largest repeated block's parameters as stored (FSDP2 gathers one at a time)
+    block_trainable: int = 0  # bytes of its trainable parameters (their whole gradients exist until reduce-scattered)
+    root_weights: int = 0  # bytes of the parameters outside the repeated blocks (embeddings, head, final norm)
+    root_trainable: int = 0  # bytes of the trainable ones among them
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize: expected one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.devices < 1:
+            raise ValueError(f"devices: expected an integer >= 1, got {self.devices!r}")
+        if self.sharded and (self.quantize != "none" or self.loss_chunk):
+            raise ValueError(
+                f"sharded: FSDP2 runs neither a quantized base (quantize={self.quantize}) nor the chunked loss "
+                f"(loss_chunk={self.loss_chunk}); expected quantize=none and loss_chunk=0"
+            )
+
+    @property
+    def shards(self) -> int:
+        """What the sharded parts are divided by: the devices under FSDP2, else 1 (each device holds the whole)."""
+        return self.devices if self.sharded else 1
+
+    @property
+    def strategy(self) -> str:
+        """How the plan spreads the run: 'one device', 'ddp' or 'fsdp'."""
+        return "one device" if self.devices == 1 else "fsdp" if self.sharded else "ddp"
 
 
 @dataclass(frozen=True)
@@ -149,12 +176,30 @@ def layer_temporaries(inp: PlanInput, rows: int) -> int:
     return own + dequant
 
 
+def share(nbytes: int, shards: int) -> int:
+    """One device's part of `nbytes` divided over `shards` (FSDP2 pads each parameter to a multiple: rounded up)."""
+    return -(-int(nbytes) // shards)
+
+
+def gathered_bytes(inp: PlanInput, training: bool) -> int:
+    """Bytes FSDP2 holds whole beside the shards (0 unsharded): the root's own parameters, which stay gathered from
+    its forward to the end of its backward, and the repeated block being computed; in training also their trainable
+    parameters' whole gradients, alive until they are reduce-scattered."""
+    if not inp.sharded:
+        return 0
+    weights = inp.root_weights + inp.block_weights
+    return weights + (inp.root_trainable + inp.block_trainable if training else 0)
+
+
 def plan(inp: PlanInput) -> Plan:
-    """The predicted peak memory of one run: parameters, gradients, AdamW state, activations, loss buffers and a
-    workspace margin (the training step), and an evaluation's peak beside it."""
+    """The predicted peak memory of one run on one of its devices: parameters, gradients, AdamW state, activations,
+    loss buffers and a workspace margin (the training step), and an evaluation's peak beside it. Each device's rows
+    are its own micro-batch's, so activations and logits do not depend on the number of devices; under FSDP2 the
+    parameters, gradients and AdamW state are one device's shards."""
     b, t, v = inp.batch, inp.seq, inp.vocab
-    frozen = frozen_weight_bytes(inp)
-    trainable = inp.trainable * inp.trainable_bytes
+    n = inp.shards
+    frozen = share(frozen_weight_bytes(inp), n)
+    trainable = share(inp.trainable * inp.trainable_bytes, n)
     grads = trainable
     adam = ADAM_MOMENTS * trainable
     if inp.checkpointing:
@@ -195,16 +240,32 @@ def plan(inp: PlanInput) -> Plan:
     in_flight = acts + logits + inp.head_trains * inp.trainable_bytes
     overlap = acts + logits + grads - max(in_flight, grads)
     quant = "" if inp.quantize == "none" else f" ({inp.frozen_linear:,} linear weights as {inp.quantize})"
-    parts = (
-        Part("frozen weights", frozen, f"{inp.frozen_linear + inp.frozen_other:,} parameters{quant}"),
-        Part("trainable weights", trainable, f"{inp.trainable:,} parameters x {inp.trainable_bytes} B"),
-        Part("gradients", grads, "one per trainable parameter, same dtype"),
-        Part("optimizer state", adam, f"AdamW: {ADAM_MOMENTS} moments per trainable parameter"),
+    per = f", 1/{n} each (FSDP2 shards)" if n > 1 else ""
+    parts = [
+        Part("frozen weights", frozen, f"{inp.frozen_linear + inp.frozen_other:,} parameters{quant}{per}"),
+        Part("trainable weights", trainable, f"{inp.trainable:,} parameters x {inp.trainable_bytes} B{per}"),
+        Part("gradients", grads, f"one per trainable parameter, same dtype{per}"),
+        Part("optimizer state", adam, f"AdamW: {ADAM_MOMENTS} moments per trainable parameter{per}"),
+    ]
+    if inp.sharded:
+        parts.append(
+            Part(
+                "gathered units",
+                gathered_bytes(inp, training=True),
+                "FSDP2: the root's own parameters (gathered from forward to backward) and one repeated block at a "
+                "time, whole, with their trainable parameters' gradients until reduce-scattered",
+            )
+        )
+    elif inp.devices > 1:
+        # DDP's reducer copies every trainable gradient into its buckets (gradient_as_bucket_view off: torch's
+        # default), and keeps the buckets for the whole run.
+        parts.append(Part("DDP gradient buckets", grads, "DDP: a bucket copy of every trainable gradient"))
+    parts += [
         Part("activations", acts, acts_how),
         Part("logits and loss", logits, logits_how),
         Part("workspace", margin, f"block temporaries, {MARGIN:.0%} of activations + loss, fixed {inp.device}"),
         Part("overlap", -overlap, "gradients fill as activations free in backward"),
-    )
+    ]
     train_peak = sum(p.bytes for p in parts)
     eval_rows = inp.eval_batch * (inp.eval_logit_rows if inp.causal_lm else 1)
     eval_copy = EVAL_LOGIT_COPIES * 4 + (inp.compute_bytes if inp.compute_bytes < 4 else 0)
@@ -215,23 +276,29 @@ def plan(inp: PlanInput) -> Plan:
         eval_logits = rows * v * (eval_copy + 4) + 2 * eval_rows * inp.hidden * inp.compute_bytes
     else:
         eval_logits = eval_rows * v * eval_copy
+    buckets = grads if inp.devices > 1 and not inp.sharded else 0  # DDP's buckets outlive the step
     eval_peak = (
         frozen
         + trainable
         + adam
+        + gathered_bytes(inp, training=False)
+        + buckets
         + eval_logits
         + layer_temporaries(inp, inp.eval_batch)
         + inp.eval_batch * t * inp.hidden * inp.compute_bytes * 2
         + FIXED_WORKSPACE[inp.device]
     )
-    return Plan(inp, parts, int(train_peak), int(eval_peak))
+    return Plan(inp, tuple(parts), int(train_peak), int(eval_peak))
 
 
 def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tuple[str, int]]:
-    """Overrides that would bring the plan under `available` bytes, fewest changes first: 4-bit base, activation
-    checkpointing, then smaller micro-batches with more accumulation (the same effective batch). Each entry is
-    (the overrides, the predicted peak)."""
+    """Overrides that would bring the plan under `available` bytes, fewest changes first: over several devices
+    FSDP2 in place of DDP, a 4-bit base, activation checkpointing, then smaller micro-batches with more accumulation
+    (the same effective batch). Combinations FSDP2 refuses (a quantized base, the chunked loss) are not offered.
+    Each entry is (the overrides, the predicted peak)."""
     changes: list[tuple[str, dict[str, Any]]] = []
+    if inp.devices > 1 and not inp.sharded and inp.quantize == "none" and not inp.loss_chunk:
+        changes.append(("trainer.parallel=fsdp", {"sharded": True}))
     if inp.quantize == "none" and inp.quantizable and not inp.trains_all:
         changes.append(("model.quantize=nf4", {"quantize": "nf4"}))
     if not inp.checkpointing:
@@ -242,6 +309,9 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
     for n in range(1, len(changes) + 1):  # every combination, fewest changes first
         for combo in itertools.combinations(changes, n):
             fields = {k: v for _, change in combo for k, v in change.items()}
+            merged = {**{"sharded": inp.sharded, "quantize": inp.quantize, "loss_chunk": inp.loss_chunk}, **fields}
+            if merged["sharded"] and (merged["quantize"] != "none" or merged["loss_chunk"]):
+                continue  # refused under FSDP2
             tries.append(([o for o, _ in combo], replace(inp, **fields)))
     base_sets = [([], inp)] + tries
     batch = inp.batch
@@ -286,7 +356,8 @@ def table(p: Plan, available: Optional[int] = None, device: str = "") -> str:
     rows.append({"part": "training step peak", "memory": gib(p.train_peak), "how": "sum of the lines above"})
     eval_how = f"no grad, {p.inp.eval_batch} rows; weights and optimizer state stay"
     rows.append({"part": "evaluation peak", "memory": gib(p.eval_peak), "how": eval_how})
-    rows.append({"part": "**peak**", "memory": f"**{gib(p.total)}**", "how": "the larger of the two"})
+    per = f" per device ({p.inp.strategy} over {p.inp.devices})" if p.inp.devices > 1 else ""
+    rows.append({"part": "**peak**", "memory": f"**{gib(p.total)}**", "how": f"the larger of the two{per}"})
     if available is not None:
         verdict = "fits" if p.total <= available else "does NOT fit"
         share = f"{100 * p.total / max(1, available):.0f}% of it"
@@ -296,8 +367,9 @@ def table(p: Plan, available: Optional[int] = None, device: str = "") -> str:
 
 def refusal(p: Plan, available: int, device: str, fixes: list[tuple[str, int]]) -> str:
     """Why a run is refused: its peak against the device's memory, and the settings that would fit."""
+    per = f" per device ({p.inp.strategy} over {p.inp.devices} devices)" if p.inp.devices > 1 else ""
     head = (
-        f"the memory plan needs {gib(p.total)} at its peak (frozen weights {gib(p.part('frozen weights'))}, "
+        f"the memory plan needs {gib(p.total)} at its peak{per} (frozen weights {gib(p.part('frozen weights'))}, "
         f"activations {gib(p.part('activations'))}, logits {gib(p.part('logits and loss'))}, optimizer state "
         f"{gib(p.part('optimizer state'))}) but {device} has {gib(available)}"
     )

@@ -220,3 +220,101 @@ def test_trials_per_device_auto_sizes_from_the_plan_without_a_measuring_trial(mo
     monkeypatch.setattr(workers, "worker_loop", no_trial)
     assert workers.resolve_per_device(st) == 2
     assert st.study.user_attrs["trials_per_device"] == 2
+
+
+# A tiny model large enough that its weights, not the fixed workspace, decide where it fits: 8 blocks of width 512.
+WIDE = ["model=tiny", "model.tiny.hidden_size=512", "model.tiny.num_layers=8", "model.tiny.num_heads=8"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_plans_one_nth_of_the_ddp_plans_weights_gradients_and_optimizer_state(method: str) -> None:
+    """trainer.devices=4: under DDP every device holds the whole model (and DDP's bucket copy of the trainable
+    gradients); under FSDP2 each holds a quarter of the weights, gradients and AdamW state, plus the units it gathers
+    whole: the root's own parameters and one block, with their trainable gradients."""
+    cfg = _cfg(*WIDE, f"method={method}", "trainer.devices=4")
+    one = memplan.plan(memory.plan_input(_cfg(*WIDE, f"method={method}"), CPU))
+    ddp = memplan.plan(memory.plan_input(cfg, CPU, sharded=False))
+    fsdp = memplan.plan(memory.plan_input(cfg, CPU, sharded=True))
+    sharded = ("frozen weights", "trainable weights", "gradients", "optimizer state")
+    for part in sharded:
+        assert ddp.part(part) == one.part(part)  # replicated: one device's is the whole
+        assert fsdp.part(part) == -(-ddp.part(part) // 4), part
+    assert ddp.part("trainable weights") > 0 and (method == "full" or ddp.part("frozen weights") > 0)
+    for part in ("activations", "logits and loss"):  # each device's own micro-batch, whatever the strategy
+        assert fsdp.part(part) == ddp.part(part) == one.part(part)
+    assert ddp.part("DDP gradient buckets") == ddp.part("gradients")
+    assert "gathered units" not in {p.name for p in ddp.parts} | {p.name for p in one.parts}
+    assert "DDP gradient buckets" not in {p.name for p in fsdp.parts} | {p.name for p in one.parts}
+
+    # The gathered units are the real model's: one block's parameters and everything outside the blocks, as stored.
+    from lora_lab import targets
+
+    model = _real_model(cfg)
+    block = targets.repeated_blocks(model)[0][1]
+    in_blocks = {id(p) for _, b in targets.repeated_blocks(model) for p in b.parameters()}
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    grads = nbytes(p for p in [*root, *block.parameters()] if p.requires_grad)
+    assert fsdp.part("gathered units") == nbytes(root) + nbytes(block.parameters()) + grads
+    assert sum(p.bytes for p in fsdp.parts) == fsdp.train_peak
+    assert fsdp.total < ddp.total
+    with pytest.raises(ValueError, match="sharded"):
+        replace(fsdp.inp, quantize="nf4")
+
+
+def test_parallel_auto_picks_ddp_when_the_replicated_plan_fits_a_device_else_fsdp(monkeypatch) -> None:
+    """The device's capacity is faked (free_memory_of): the CPU's RAM is shared by the 2 ranks of this host."""
+    from lora_lab.train import distributed
+
+    cfg = _cfg(*WIDE, "method=full", "trainer.devices=2")
+    ddp = memplan.plan(memory.plan_input(cfg, CPU, sharded=False)).total
+    fsdp = memplan.plan(memory.plan_input(cfg, CPU, sharded=True)).total
+    assert fsdp < ddp
+    ram = {"bytes": 0}
+    monkeypatch.setattr(memory, "free_memory_of", lambda device: (ram["bytes"], "a small CPU"))
+
+    ram["bytes"] = 2 * ddp  # each rank's share fits the whole model
+    assert distributed.settle_strategy(cfg, memory.auto_strategy) == "ddp"
+    choice, why = memory.auto_strategy(cfg)
+    assert choice == "ddp" and "it fits" in why
+    assert memory.check_fits(cfg).inp.sharded is False  # the check plans what auto picked
+
+    ram["bytes"] = 2 * fsdp  # each rank's share fits half the weights, gradients and AdamW state only: sharded
+    assert distributed.settle_strategy(cfg, memory.auto_strategy) == "fsdp"
+    p = memory.check_fits(cfg)
+    assert p.inp.sharded and p.inp.devices == 2 and p.total == fsdp
+
+    # An explicit trainer.parallel=ddp that cannot fit is refused, naming FSDP2 as the setting that fits.
+    explicit = _cfg(*WIDE, "method=full", "trainer.devices=2", "trainer.parallel=ddp")
+    with pytest.raises(memory.DoesNotFit, match=r"per device \(ddp over 2 devices\).*trainer.parallel=fsdp \("):
+        memory.check_fits(explicit)
+
+    # Where FSDP2 is refused (the chunked loss), auto keeps ddp and the check says it does not fit.
+    chunked = _cfg(*WIDE, "method=full", "trainer.devices=2", "trainer.loss_chunk=64")
+    assert memory.auto_strategy(chunked)[0] == "ddp"
+    with pytest.raises(memory.DoesNotFit):
+        memory.check_fits(chunked)
+
+    # No plan (a model the meta device cannot build): by method, as without a plan.
+    def no_plan(*a, **k):
+        raise NotImplementedError("an operation meta tensors lack")
+
+    monkeypatch.setattr(memory, "plan_input", no_plan)
+    assert memory.auto_strategy(cfg)[0] == "fsdp"
+    assert memory.auto_strategy(_cfg(*WIDE, "trainer.devices=2"))[0] == "ddp"  # LoRA
+
+
+def test_plan_prints_the_per_device_plan_and_the_strategy(capsys) -> None:
+    from lora_lab.plan.cli import main
+
+    assert main(["model=tiny", "method=full", "trainer.devices=2", "trainer.parallel=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "per device of 2, FSDP2: weights, gradients and optimizer state sharded" in out
+    assert "| gathered units |" in out and "per device (fsdp over 2)" in out
+    assert "shared by 2 ranks on this host" in out
+    assert main(["model=tiny", "trainer.devices=2"]) == 0  # auto: what the run would pick, and why
+    out = capsys.readouterr().out
+    assert "trainer.parallel=auto picks ddp: the model replicated on each device plans" in out
+    assert "| DDP gradient buckets |" in out and "per device (ddp over 2)" in out
+    assert main(["model=tiny", "trainer.devices=2", "trainer.parallel=fsdp", "model.quantize=nf4"]) == 2
+    assert "trainer.parallel=fsdp with model.quantize=nf4" in capsys.readouterr().err

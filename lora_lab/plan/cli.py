@@ -22,6 +22,10 @@ logits and loss, workspace), the device's free memory (CUDA's, or the CPU's avai
 the settings that would make it fit (model.quantize=nf4, trainer.gradient_checkpointing=true, a smaller
 trainer.batch_size with trainer.grad_accum keeping the effective batch). The train and sweep commands run the same
 check before they load anything (trainer.memory_check=false skips it).
+
+With trainer.devices=N the plan is one device's: under DDP each holds the whole model, under FSDP2 the weights,
+gradients and optimizer state are divided by N (plus the units FSDP2 gathers whole while it computes);
+trainer.parallel=auto is planned as the run would choose it (ddp when the replicated plan fits the device, else fsdp).
 """
 
 
@@ -34,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lora_lab.config import compose
     from lora_lab.memplan import fitting_settings, gib, table
     from lora_lab.shapes import SHAPES, shape_config
-    from lora_lab.train.memory import planned
+    from lora_lab.train.memory import auto_strategy, planned
 
     t0 = time.perf_counter()
     shape = None
@@ -43,9 +47,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"lora_lab.plan: error: --shape: expected one of {', '.join(SHAPES)}", file=sys.stderr)
             return 2
         shape, argv = argv[1], argv[2:]
+    auto = ""
     try:
         _, cfg = compose(argv)
-        p, available, device = planned(cfg, shape_config(shape) if shape else None)
+        config = shape_config(shape) if shape else None
+        sharded = None
+        if cfg.trainer.devices > 1 and cfg.trainer.parallel == "auto":  # what the run would pick, and why
+            choice, why = auto_strategy(cfg, config)
+            sharded, auto = choice == "fsdp", f"trainer.parallel=auto picks {choice}: {why}\n"
+        p, available, device = planned(cfg, config, sharded)
     except (ValueError, TypeError) as exc:  # ConfigError, ModelError (a config it cannot read)
         print(f"lora_lab.plan: error: {exc}", file=sys.stderr)
         return 2
@@ -55,7 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"batch {p.inp.batch} x {p.inp.seq} tokens, {8 * p.inp.compute_bytes}-bit activations, "
         f"quantize={p.inp.quantize}, checkpointing={'on' if p.inp.checkpointing else 'off'}"
     )
-    print(f"memory plan: {what} ({shape}); {settings}\n")
+    if p.inp.devices > 1:
+        how = "FSDP2: weights, gradients and optimizer state sharded" if p.inp.sharded else "DDP: replicated"
+        settings += f"; per device of {p.inp.devices}, {how} (trainer.parallel={cfg.trainer.parallel})"
+    print(f"memory plan: {what} ({shape}); {settings}\n{auto}")
     print(table(p, available, device))
     if p.total > available:
         fixes = fitting_settings(p.inp, available)

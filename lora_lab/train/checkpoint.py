@@ -185,11 +185,20 @@ class Checkpointer:
         return path if path.is_dir() else None
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores of the model: every tensor under full fine-tuning (tied ones once), else what
-        trains. Sharded (FSDP2): the full state dict gathered on rank 0's CPU (a collective: every rank calls it;
-        {} on the others), every key of the model's state dict."""
-        if self.sharded:
+        """What a checkpoint stores of the model (`_held`), whole on the rank that writes it. Sharded (FSDP2): a
+        collective, every rank calls it, {} on the other ranks: under full fine-tuning the full state dict gathered
+        on rank 0's CPU (every key of the model's state dict), else the trainable parameters gathered whole on rank
+        0 (distributed.whole_trainable), the keys of a 1-process run's checkpoint."""
+        if self.sharded and self.full:
             return distributed.gathered_state_dict(self.model)
+        if not self.sharded:
+            return self._held()
+        with distributed.whole_trainable(self.model):
+            return self._held() if distributed.is_main() else {}
+
+    def _held(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of the model, as the model has it: every tensor under full fine-tuning (tied ones
+        once), else what trains (under FSDP2 each a DTensor of its global shape, unless gathered whole)."""
         if self.full:  # tied weights share storage; safetensors wants each stored once
             seen, unique = set(), {}
             for k, v in self.model.state_dict().items():
@@ -357,7 +366,7 @@ class Checkpointer:
         """'' when `weights` (a checkpoint's) are exactly what this model's checkpoint holds, names and shapes;
         else what differs (the missing tensors first: a checkpoint missing a layer must not load)."""
         # sharded: the parameters' global shapes, without gathering them
-        held = self.model.state_dict() if self.sharded else self._weights()
+        held = self.model.state_dict() if self.sharded and self.full else self._held()
         want = {k: tuple(v.shape) for k, v in held.items()}
         got = {k: tuple(v.shape) for k, v in weights.items()}
         missing = [k for k in want if k not in got]
@@ -396,7 +405,8 @@ class Checkpointer:
 
     def _load_sharded(self, path: Path) -> dict[str, Any]:
         """Load a gathered checkpoint into the FSDP2-sharded model: rank 0 reads the whole and checks it, every rank
-        takes its shards of it (broadcast from rank 0), then its own RNG state."""
+        takes its shards of it (broadcast from rank 0), then its own RNG state. A frozen base's checkpoint holds what
+        trains only (fit_problem checked its names and shapes): the base keeps its weights."""
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -406,7 +416,7 @@ class Checkpointer:
         problem = distributed.from_main(self.fit_problem(weights) if main else "")
         if problem:
             raise ValueError(problem)
-        options = distributed.full_state(broadcast_from_rank0=True)
+        options = distributed.full_state(broadcast_from_rank0=True, strict=self.full)
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(distributed.from_main(state["scheduler"]))

@@ -8,8 +8,8 @@ launcher) joins the group as it is (`join`). NCCL on CUDA (each rank on cuda:LOC
 The training loop is the same for 1 and N processes: it asks these helpers, each a no-op without a process group,
 whether it is the main process (`is_main`), for the sums over ranks (`all_reduce_sum`), for its shard of the data
 (`rank`, `world_size`), to skip the gradient reduction of all but the last micro-batch (`gradient_sync`) and for the
-model as trained (`wrap`: DDP for a model that fits one device, FSDP2's fully_shard for full fine-tuning). With
-devices=1 there is no process group and no wrapper: nothing changes.
+model as trained (`wrap`: DDP for a model that fits one device, FSDP2's fully_shard for one that does not: `strategy`).
+With devices=1 there is no process group and no wrapper: nothing changes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -239,6 +239,48 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=full_state())
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP2 unit of `model` back to its shards (nothing for a model that is not sharded). The root stays
+    gathered after a forward without backward (an evaluation: FSDP2 does not reshard the root after its forward),
+    and its parameters are then transient copies: whoever reads or writes the weights between steps (a merge, a
+    checkpoint) starts from the shards, which are what the next forward gathers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def whole_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, rank 0's `model` holds each of its sharded (FSDP2) trainable parameters whole, as a plain
+    tensor on its device, so code written for one process (an adapter's save, a checkpoint's trainable state) reads
+    it as it is; the shards are put back on the way out. A collective: every rank enters (each parameter is gathered
+    from every rank's shard); the other ranks' models are unchanged. Nothing changes for a model that is not sharded.
+    The trainable parameters are the method's (small: LoRA's, a prompt's); the frozen base stays sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)  # every parameter is then its shard (a DTensor): the same order of gathers on every rank
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.requires_grad or not isinstance(param, DTensor):
+                    continue
+                whole = param.full_tensor().detach()  # a collective
+                if is_main():
+                    # as FSDP2 itself swaps a module's parameters between their shards and the gathered whole
+                    module._parameters[name] = torch.nn.Parameter(whole, requires_grad=True)
+                    swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Inside the block, backward reduces gradients across ranks only when `sync` (the last micro-batch of a step):
@@ -257,12 +299,81 @@ def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------- the wrapper
 
 
+# trainer.parallel=auto's choice and why, per config, once per process (`settle_strategy`); in a process group rank 0's
+# is every rank's from `wrap` on (`_agreed_strategy`).
+_CHOSEN: dict[str, tuple[str, str]] = {}
+
+
+def _config_key(cfg: Config) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg), sort_keys=True, default=str)
+
+
 def strategy(cfg: Config) -> str:
-    """How the model is spread over the processes: trainer.parallel, where auto is fsdp for a method that trains
-    every weight (its gradients and optimizer state are the model's size again, twice) and ddp otherwise."""
-    if cfg.trainer.parallel != "auto":
-        return cfg.trainer.parallel
+    """How the model is spread over the processes, ddp or fsdp: trainer.parallel as given; for auto the choice
+    `settle_strategy` made from the memory plan in this process (the memory check makes it before the model is
+    built), else by method: fsdp for a method that trains every weight (its gradients and optimizer state are the
+    model's size again, twice), ddp otherwise."""
+    t = cfg.trainer
+    if t.parallel != "auto":
+        return t.parallel
+    settled = _CHOSEN.get(_config_key(cfg)) if t.devices > 1 else None
+    if settled is not None:
+        return settled[0]
     return "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
+
+
+def settle_strategy(cfg: Config, choose: Callable[[Config], tuple[str, str]]) -> str:
+    """strategy(cfg), with trainer.parallel=auto over several devices decided by `choose` (the memory plan's choice
+    and why: lora_lab.train.memory.auto_strategy; this module plans nothing itself) and kept for the rest of the run
+    in this process. No collective: each rank decides from its own free memory, and `wrap` makes rank 0's choice every
+    rank's. Outside a group (the plan command, a launcher before its ranks start) it is decided afresh each time."""
+    t = cfg.trainer
+    if t.parallel != "auto" or t.devices == 1:
+        return strategy(cfg)
+    if not active():
+        return choose(cfg)[0]
+    key = _config_key(cfg)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = choose(cfg)
+    return _CHOSEN[key][0]
+
+
+def _agreed_strategy(cfg: Config) -> str:
+    """strategy(cfg) as every rank of the group uses it: for auto rank 0's choice (a collective, in `wrap`, where
+    every rank passes at the same point), logged once with its reason. Ranks that chose differently (each measures
+    its own free memory) would wrap the model differently and hang in their first collective. A rank that made no
+    plan (a sweep worker hosting a trial's group runs no memory check of its own) goes by method."""
+    t = cfg.trainer
+    if t.parallel != "auto":
+        return t.parallel
+    key = _config_key(cfg)
+    mine = _CHOSEN.get(key) or (strategy(cfg), f"no memory plan made by rank 0: by method={cfg.method}")
+    choice, why = from_main(mine)
+    _CHOSEN[key] = (choice, why)
+    if is_main():
+        log.info("trainer.parallel=auto: %s (%s)", choice, why)
+    return choice
+
+
+def fsdp_refusal(cfg: Config) -> Optional[str]:
+    """Why FSDP2 cannot run `cfg` (the message trainer.parallel=fsdp is refused with), or None when it can: a
+    quantized base (bitsandbytes' packed weights are no floating-point parameters FSDP2 can shard) and the chunked
+    loss (it applies the output head outside the model's forward). trainer.parallel=auto never picks it then."""
+    t = cfg.trainer
+    if cfg.model.quantize != "none":
+        return (
+            f"trainer.parallel=fsdp with model.quantize={cfg.model.quantize}: FSDP2 shards floating-point "
+            "parameters, and bitsandbytes' packed weights are not; use trainer.parallel=ddp"
+        )
+    if t.loss_chunk:
+        return (
+            f"trainer.parallel=fsdp with trainer.loss_chunk={t.loss_chunk}: the chunked loss applies the output head "
+            "outside the model's forward, where FSDP2 has resharded it; set trainer.loss_chunk=0"
+        )
+    return None
 
 
 def refuse(cfg: Config) -> None:
@@ -275,21 +386,10 @@ def refuse(cfg: Config) -> None:
         )
     if t.devices == 1:
         return
-    if strategy(cfg) == "fsdp" and cfg.model.quantize != "none":
-        raise ConfigError(
-            f"trainer.parallel=fsdp with model.quantize={cfg.model.quantize}: FSDP2 shards floating-point "
-            "parameters, and bitsandbytes' packed weights are not; use trainer.parallel=ddp"
-        )
-    if strategy(cfg) == "fsdp" and not adaptations.of(cfg.method).trains_all:
-        raise ConfigError(
-            f"trainer.parallel=fsdp with method={cfg.method}: FSDP2 is wired for full fine-tuning only so far (a "
-            "sharded frozen base and its adapter export are not); use trainer.parallel=ddp or auto"
-        )
-    if strategy(cfg) == "fsdp" and t.loss_chunk:
-        raise ConfigError(
-            f"trainer.parallel=fsdp with trainer.loss_chunk={t.loss_chunk}: the chunked loss applies the output head "
-            "outside the model's forward, where FSDP2 has resharded it; set trainer.loss_chunk=0"
-        )
+    if t.parallel == "fsdp":  # auto never picks fsdp where it is refused
+        why = fsdp_refusal(cfg)
+        if why is not None:
+            raise ConfigError(why)
     if pick_type(t.device) == "cuda" and not launched() and t.devices > torch.cuda.device_count():
         raise ConfigError(
             f"trainer.devices={t.devices}: torch sees {torch.cuda.device_count()} CUDA device(s) on this host"
@@ -305,10 +405,12 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
     """The model as the training steps call it: unchanged without a group; DDP (the model replicated, only the
     trainable gradients reduced) or FSDP2 (fully_shard on each repeated block, the one list targets.repeated_blocks
     finds, then on the root: parameters, gradients and optimizer state sharded). FSDP2 shards in place: build the
-    optimizer after this."""
+    optimizer after this. A frozen base shards beside the method's trainable parameters in the same units: FSDP2
+    keeps requires_grad per parameter, gathers frozen and trainable weights together (of mixed dtypes under bf16: a
+    frozen bf16 base, fp32 adapters) and reduce-scatters the gradients of the trainable ones only."""
     if not active():
         return model
-    if strategy(cfg) == "fsdp":
+    if _agreed_strategy(cfg) == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         blocks = targets.repeated_blocks(model)  # the blocks compile and checkpointing use too

@@ -38,7 +38,11 @@ class merged:
 
     Idempotent: entering the same block again inside it folds nothing twice (only the outermost exit unfolds), and a
     merge that fails part-way is undone before its error goes on. `seconds` sums the time spent merging and
-    unmerging (the merge is part of the merged evaluation's time)."""
+    unmerging (the merge is part of the merged evaluation's time).
+
+    A sharded (FSDP2) model merges shard by shard, on every rank (a collective): its weights are DTensors, whose ops
+    compute what the same ops on the whole tensors would (the update B @ A gathers the small factor it needs) and
+    write each rank's rows back into its shards; the next forward gathers the merged weights."""
 
     def __init__(self, model: torch.nn.Module, adaptation: Adaptation) -> None:
         self.model, self.adaptation = model, adaptation
@@ -51,6 +55,9 @@ class merged:
     def __enter__(self) -> "merged":
         if self.depth == 0:
             merge, unmerge = self._fold()
+            # The shards are the weights: the root stays gathered after an evaluation, and a merge written into that
+            # transient copy would be lost at the next gather.
+            distributed.reshard(self.model)
             t0 = time.perf_counter()
             try:
                 merge(self.model)  # fp32 inside, whatever the weight dtype
@@ -68,6 +75,7 @@ class merged:
         self.depth -= 1
         if self.depth == 0:
             _, unmerge = self._fold()
+            distributed.reshard(self.model)
             t0 = time.perf_counter()
             try:
                 unmerge(self.model)
@@ -175,11 +183,40 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, path: Path, unwrap: Ca
         plain = dense_copy(model).cpu()
     else:
         plain = copy.deepcopy(model).cpu()
+    save_merged(plain, tokenizer, path, unwrap)
+
+
+def save_merged(plain: torch.nn.Module, tokenizer: Any, path: Path, unwrap: Callable[[torch.nn.Module], Any]) -> None:
+    """Fold the method into `plain` for good (`unwrap`, in place: a copy the caller made) and write it as a plain
+    transformers folder, served with the KV cache."""
     unwrap(plain)
     set_use_cache(plain, True)
     with atomic_dir(path) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def plain_copy(cfg: Config, model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """A sharded (FSDP2) model as one plain module on rank 0's CPU (None on the other ranks): the run's model built
+    again on the meta device with its method applied, every weight gathered from the shards into it (FSDP2 cannot be
+    deep-copied), and its buffers, which FSDP2 leaves whole on every rank (the non-persistent ones too: rotary
+    frequencies, PiSSA's initial factors), copied from rank 0's. A collective: every rank calls it."""
+    from lora_lab.models import meta_model
+
+    state = distributed.gathered_state_dict(model)
+    if not distributed.is_main():
+        return None
+    plain = meta_model(cfg.model)
+    # No prefix cache factory: only a method that unwraps into plain weights is copied here, and none of them
+    # hands keys and values to attention.
+    adaptations.of(cfg.method).apply(plain, cfg)
+    plain.load_state_dict(state, strict=True, assign=True)  # the gathered tensors themselves, in their dtypes
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()  # assign gave each tied name its own gathered copy: one tensor again, as trained
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to("cpu", copy=True)
+    return plain
 
 
 def export_trained(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
@@ -212,14 +249,22 @@ def export(cfg: Config, model: torch.nn.Module, tokenizer: Any, out: Path) -> tu
         # sharded parameters count their global shape).
         return None, sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     size = None
-    if not distributed.is_main():  # the other ranks of a multi-process run write nothing
+    sharded = distributed.is_sharded(model)  # FSDP2: every rank takes part in gathering what rank 0 writes
+    if not distributed.is_main() and not sharded:  # the other ranks of a multi-process run write nothing
         return size, size
     if cfg.export.adapter:
-        with atomic_dir(out / "adapter") as tmp:
-            adaptation.save(model, tmp, base_model_name=cfg.model.name)
-        size = dir_bytes(out / "adapter")
+        with distributed.whole_trainable(model):  # sharded: the method's parameters whole on rank 0
+            if distributed.is_main():
+                with atomic_dir(out / "adapter") as tmp:
+                    adaptation.save(model, tmp, base_model_name=cfg.model.name)
+                size = dir_bytes(out / "adapter")
     if cfg.export.merged and adaptation.unwrap_fn is not None:
-        export_merged(model, tokenizer, out / "merged", adaptation.unwrap_fn)
+        if sharded:
+            plain = plain_copy(cfg, model)
+            if plain is not None:
+                save_merged(plain, tokenizer, out / "merged", adaptation.unwrap_fn)
+        else:
+            export_merged(model, tokenizer, out / "merged", adaptation.unwrap_fn)
     return size, size
 
 

@@ -1,11 +1,14 @@
 """A run's memory plan from its config, before any weight loads: the model built on the meta device, the method
 applied to it, its parameters counted by role, and lora_lab.memplan's arithmetic; the device's free memory; the check
-that refuses a run that cannot fit (exit 2 in the train CLI and the sweep preflight).
+that refuses a run that cannot fit (exit 2 in the train CLI and the sweep preflight). Over several devices the plan is
+one device's, under the strategy the run uses (lora_lab.train.distributed.strategy), and trainer.parallel=auto picks
+that strategy from the plan (`auto_strategy`, settled for the run by the memory check).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -13,7 +16,9 @@ from torch import nn
 
 from lora_lab import adaptations, targets
 from lora_lab.config import Config, ConfigError
-from lora_lab.memplan import Plan, PlanInput, fitting_settings, plan, refusal
+from lora_lab.errors import first_line
+from lora_lab.memplan import Plan, PlanInput, fitting_settings, gib, plan, refusal
+from lora_lab.train import distributed
 from lora_lab.train.runtime import autocast_dtype, pick_device, store_frozen_in
 
 log = logging.getLogger("lora_lab")
@@ -75,6 +80,17 @@ def counts(model: nn.Module) -> dict[str, Any]:
     if isinstance(embed, nn.Module):
         head_params |= {id(p) for p in embed.parameters()}
     ranks = sum(int(m.r) for m in model.modules() if targets.is_lora_layer(m))
+    # FSDP2's units (lora_lab.train.distributed.wrap): each repeated block, and the root with everything else.
+    try:
+        blocks = [block for _, block in targets.repeated_blocks(model)]
+    except ValueError:
+        blocks = []
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    block_sizes = [
+        (_nbytes(block.parameters()), _nbytes(p for p in block.parameters() if p.requires_grad)) for block in blocks
+    ]
+    block_weights, block_trainable = max(block_sizes, default=(0, 0))
+    root = [p for p in params if id(p) not in in_blocks]
     return dict(
         frozen_linear=linear_w,
         frozen_linear_rows=linear_rows,
@@ -86,14 +102,32 @@ def counts(model: nn.Module) -> dict[str, Any]:
         trainable_bytes=max((p.element_size() for p in trainable), default=4),
         head_trains=sum(p.numel() for p in trainable if id(p) in head_params),
         ranks=ranks,
+        block_weights=block_weights,
+        block_trainable=block_trainable,
+        root_weights=_nbytes(root),
+        root_trainable=_nbytes(p for p in root if p.requires_grad),
     )
 
 
-def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInput:
+def _nbytes(params: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def plan_input(cfg: Config, device: torch.device, config: Any = None, sharded: Optional[bool] = None) -> PlanInput:
     """The plan's input for the run `cfg` on `device`: the model of cfg.model on the meta device (lora_lab.models:
     no weight loads, even for a 70B config), the method applied to it as build() applies it, the run's shapes.
-    `config`: a transformers config to plan instead of cfg.model.name's (a named shape)."""
+    `config`: a transformers config to plan instead of cfg.model.name's (a named shape). `sharded`: whether its
+    trainer.devices shard the model (FSDP2) or each holds it whole (DDP); None: as distributed.strategy says.
+    ConfigError when FSDP2 is asked for a run it cannot shard (distributed.fsdp_refusal)."""
     from lora_lab import methods
+
+    devices = cfg.trainer.devices
+    if sharded is None:
+        sharded = devices > 1 and distributed.settle_strategy(cfg, lambda c: auto_strategy(c, config)) == "fsdp"
+    if sharded:
+        why = distributed.fsdp_refusal(cfg)
+        if why is not None:
+            raise ConfigError(why)
     from lora_lab.models import meta_model
     from lora_lab.train.build import prefix_cache_factory
 
@@ -137,13 +171,54 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None) -> PlanInp
         grad_accum=cfg.trainer.grad_accum,
         quantizable=not adaptation.trains_base,
         loss_chunk=cfg.trainer.loss_chunk,
+        devices=devices,
+        sharded=sharded,
+        block_weights=c["block_weights"],
+        block_trainable=c["block_trainable"],
+        root_weights=c["root_weights"],
+        root_trainable=c["root_trainable"],
     )
 
 
-def planned(cfg: Config, config: Any = None) -> tuple[Plan, int, str]:
-    """The run's plan, the free memory of its device and the device's description (`config`: see plan_input)."""
+def planned(cfg: Config, config: Any = None, sharded: Optional[bool] = None) -> tuple[Plan, int, str]:
+    """The run's plan (one device's, under the run's strategy), the memory one device offers it
+    (`device_capacity`) and the device's description (`config`, `sharded`: see plan_input)."""
     device = pick_device(cfg.trainer.device)
-    return plan(plan_input(cfg, device, config)), *free_memory_of(device)
+    return plan(plan_input(cfg, device, config, sharded)), *device_capacity(cfg, device)
+
+
+def device_capacity(cfg: Config, device: torch.device) -> tuple[int, str]:
+    """The bytes one device offers one rank of the run, and how they were read (`free_memory_of`): a GPU's free
+    memory is its rank's own; the CPU's available RAM is shared by the ranks on this host (LOCAL_WORLD_SIZE as the
+    launcher set it, else trainer.devices), so each gets its share."""
+    available, where = free_memory_of(device)
+    if device.type == "cuda" or cfg.trainer.devices == 1:
+        return available, where
+    ranks = (
+        int(os.environ.get("LOCAL_WORLD_SIZE", cfg.trainer.devices)) if distributed.launched() else cfg.trainer.devices
+    )
+    ranks = max(1, ranks)
+    return available // ranks, f"{where} shared by {ranks} ranks on this host"
+
+
+def auto_strategy(cfg: Config, config: Any = None) -> tuple[str, str]:
+    """trainer.parallel=auto's choice for a run over trainer.devices, and why: ddp when the replicated plan (each
+    device holding the whole model) fits one device, else fsdp (each holding 1/N of it); ddp where FSDP2 is refused
+    (distributed.fsdp_refusal: the memory check then says whether it fits); by method where no plan can be made (a
+    model the meta device cannot build): fsdp for a method that trains every weight, else ddp. `config`: see
+    plan_input."""
+    refused = distributed.fsdp_refusal(cfg)
+    if refused is not None:
+        return "ddp", f"FSDP2 is refused here: {refused.split(';')[0]}"
+    device = pick_device(cfg.trainer.device)
+    try:
+        replicated = plan(plan_input(cfg, device, config, sharded=False))
+    except (RuntimeError, NotImplementedError) as exc:
+        by_method = "fsdp" if adaptations.of(cfg.method).trains_all else "ddp"
+        return by_method, f"no memory plan ({first_line(exc, with_type=True)[:200]}): by method={cfg.method}"
+    available, where = device_capacity(cfg, device)
+    need = f"the model replicated on each device plans {gib(replicated.total)}, {where} offers {gib(available)}"
+    return ("ddp", f"{need}: it fits") if replicated.total <= available else ("fsdp", f"{need}: sharded instead")
 
 
 def free_memory_of(device: torch.device) -> tuple[int, str]:
@@ -161,6 +236,8 @@ def check_fits(cfg: Config) -> Optional[Plan]:
     """The run's plan; raises DoesNotFit (the numbers and the settings that would fit) when its peak exceeds the
     device's free memory. trainer.memory_check=false skips the check (the plan is still returned). A model that does
     not build on the meta device (an operation meta tensors lack) is not refused: a warning, and None."""
+    # trainer.parallel=auto decides from the plan first and keeps it for the run (wrap makes rank 0's every rank's)
+    distributed.settle_strategy(cfg, auto_strategy)
     try:
         p, available, device = planned(cfg)
     except (RuntimeError, NotImplementedError) as exc:
