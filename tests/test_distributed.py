@@ -302,6 +302,23 @@ def test_lora_in_bf16_and_compiled_under_ddp_equals_one_process(tmp_path: Path) 
     assert m2["merge_ok"] is True
 
 
+def test_lora_on_a_4bit_base_under_ddp_equals_one_process(tmp_path: Path) -> None:
+    """model.quantize=nf4 (bitsandbytes' packed weights, replicated on every rank) under DDP: only the adapters'
+    gradients are reduced, and 2 processes give the losses and both merges' numbers of 1 process."""
+    outputs = tmp_path / "outputs"
+    common = ["lora.r=4", "model.quantize=nf4", "tracking.enabled=false"]
+    one = cli([*common, "trainer.grad_accum=2", f"output_dir={tmp_path / 'one'}"], outputs)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli([*common, "trainer.devices=2", f"output_dir={tmp_path / 'two'}"], outputs)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1 of 2 joined (gloo)" in two.stderr and "FSDP2:" not in two.stderr  # auto: DDP (FSDP2 refused)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    print("NF4 under DDP, max |loss diff| 1 vs 2 processes:", assert_same_losses(m1, m2))
+    assert m2["frozen_bytes_per_param"] == m1["frozen_bytes_per_param"] < 0.6
+    assert abs(m2["requant_merged_val_loss"] - m1["requant_merged_val_loss"]) <= ATOL
+    assert abs(m2["merged_val_loss"] - m1["merged_val_loss"]) <= ATOL
+
+
 def test_two_launchers_as_two_hosts_equal_two_devices(tmp_path: Path) -> None:
     """Several hosts: one torchrun per host, one process each, joined by torchrun's c10d rendezvous (README's SLURM
     recipe), here two launchers on 127.0.0.1. Their run equals `trainer.devices=2` on one host and, through it, one
@@ -434,6 +451,11 @@ def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(sto
         while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(2)
+        # Nothing of the group listens beyond loopback: the rendezvous store, the ranks' connections (the elastic
+        # agent's own store, given a port alone, bound every interface).
+        group_procs = [group.launcher, *ranks.values()]
+        listening = [c.laddr for q in group_procs for c in q.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
         if stop == "kill-rank-1":
             ranks[1].send_signal(signal.SIGKILL)
         else:  # SIGKILL: the launcher cannot end its ranks; they see it gone and end themselves
