@@ -18,6 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 from sweeprun import load, runs, tail
+from tiny import TINY_RUN
 
 from lora_lab.config import ConfigError, load_sweep
 from lora_lab.sweep import cli, workers
@@ -25,15 +26,7 @@ from lora_lab.sweep.study import Invocation, Study
 from lora_lab.sweep.trials import Failure, FailureKind
 from lora_lab.train import distributed
 
-TINY = [
-    "model=tiny",
-    "data=tiny_sentiment",
-    "trainer=smoke",
-    "trainer.progress=false",
-    "trainer.num_threads=1",
-    "trainer.device=cpu",
-    "tracking.system_metrics=false",
-]
+TINY = [*TINY_RUN, "trainer.num_threads=1", "trainer.device=cpu", "tracking.system_metrics=false"]
 GROUP = ["sweep.devices_per_trial=2", "sweep.workers=2"]
 
 
