@@ -663,7 +663,9 @@ class SweepConfig:
     # Keep the model, tokenizer and tokenized data loaded between a worker's trials (lora_lab/train/warm.py); a trial
     # pays only for what its overrides change. false: every trial loads them afresh (the cold baseline).
     warm: bool = True
-    compare_full: bool = True  # at the end, compare the best LoRA trial with a full fine-tune
+    # At the end, compare the best LoRA trial with a full fine-tune (of the unquantized base where the trials' base is
+    # quantized: model.quantize; full fine-tuning trains the base). The preflight checks that it runs and fits.
+    compare_full: bool = True
     full_lr: Optional[float] = None  # full-FT LR for the comparison; null: the best of full_lr_grid
     full_lr_grid: List[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])  # full-FT LRs tried
     full_overrides: List[str] = field(default_factory=list)  # extra overrides for the full-FT comparison runs

@@ -426,3 +426,26 @@ def test_the_report_precision_table_puts_each_base_at_its_best_lr_beside_qlora()
     assert nf4["val_loss"].startswith("1.2500 ± ") and nf4["vs_16bit"] == pytest.approx(0.25)
     assert nf4["frozen"] == pytest.approx(0.516) and nf4["merge"].endswith(" / 5.0e-01")
     assert "NF4 + double quantization: MMLU 53.1" in nf4["published"] and "QLoRA" in table.caption
+
+
+def test_a_quantized_study_compares_with_full_fine_tuning_of_the_unquantized_base(
+    outputs: Path, tmp_path: Path
+) -> None:
+    # Full fine-tuning cannot train a 4-bit base (method=full with model.quantize is refused): a QLoRA study's
+    # comparison trains the same model unquantized, QLoRA's own yardstick, and its preflight says nothing against it.
+    from lora_lab.sweep import cli
+
+    study = tmp_path / "qstudy.yaml"
+    study.write_text(
+        f"# python -m lora_lab.sweep sweep={study}\nname: qstudy\noverrides: [model.quantize=nf4, lora.r=4]\n"
+        "space:\n  optim.lr: {type: categorical, choices: [3.0e-3]}\nsampler: grid\npruner: none\nn_trials: 1\n"
+        "compare_full: true\nfull_lr_grid: [1.0e-3]\n"
+    )
+    run = [f"sweep={study}", *TINY[:4], "trainer.num_threads=1", "tracking.system_metrics=false"]
+    assert cli.main(run) == 0
+    compared = {p.name.split("-")[0]: p for p in (outputs / "studies" / "qstudy" / "compare").iterdir()}
+    lora_rerun = json.loads((compared["rerun"] / "metrics.json").read_text())
+    full = json.loads((compared["full"] / "metrics.json").read_text())
+    assert lora_rerun["frozen_bytes_per_param"] < 0.6  # the LoRA side keeps its NF4 base
+    assert full["status"] == "completed" and full.get("frozen_bytes_per_param") is None
+    assert "quantize: none" in (compared["full"] / "config.yaml").read_text()

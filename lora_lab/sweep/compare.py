@@ -37,10 +37,10 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> ComparisonRo
     lora_res = compare_run(st, f"rerun-trial-{best.number}", lora_over)
     grid = [spec.full_lr] if spec.full_lr else list(spec.full_lr_grid)
     full_res = []
+    if st.base_cfg.model.quantize != "none":
+        log.info("comparison: full fine-tuning trains the unquantized base (model.quantize=none)")
     for lr in grid:
-        res = compare_run(
-            st, f"full-ft-lr{lr:g}", ["method=full", f"optim.lr={lr!r}", "optim.lr_mult=null", *spec.full_overrides]
-        )
+        res = compare_run(st, f"full-ft-lr{lr:g}", [*full_settings(st), f"optim.lr={lr!r}", "optim.lr_mult=null"])
         if res is not None:
             full_res.append(res)
     completed = [r for r in full_res if r.status == "completed" and math.isfinite(r.val_loss)]
@@ -54,6 +54,14 @@ def compare_with_full(st: Study, best: optuna.trial.FrozenTrial) -> ComparisonRo
     if st.parent_run_id:
         tracking.mark_comparison(st.tracking, st.parent_run_id, comparison)
     return ComparisonRows(comparison)
+
+
+def full_settings(st: Study) -> list[str]:
+    """What makes a comparison run full fine-tuning: method=full; on the same model unquantized where the study's
+    trials train a quantized base (full fine-tuning trains the base, which a 4- or 8-bit base cannot be, and QLoRA's
+    own yardstick is 16-bit full fine-tuning); then sweep.full_overrides."""
+    unquantized = ["model.quantize=none"] if st.base_cfg.model.quantize != "none" else []
+    return ["method=full", *unquantized, *st.spec.full_overrides]
 
 
 def compare_run(st: Study, name: str, overrides: list[str]) -> Optional[RunRecord]:

@@ -8,6 +8,7 @@ from lora_lab import adaptations
 from lora_lab.config import Config, ConfigError, SweepConfig, compose
 from lora_lab.memplan import Plan
 from lora_lab.sweep import search
+from lora_lab.sweep.compare import full_settings
 from lora_lab.sweep.study import Study
 from lora_lab.train import distributed
 from lora_lab.train.memory import DoesNotFit, check_fits, planned
@@ -85,15 +86,13 @@ def preflight(st: Study) -> None:
         adaptations.of(cfg.method).refuse(cfg)
         distributed.refuse(cfg)  # and what cannot run over sweep.devices_per_trial processes
     if st.spec.compare_full:  # the comparison runs at the study's end: refused now, not after every trial ran
-        full = compose(st.base_overrides + ["method=full", *st.spec.full_overrides])[1]
+        full = compose(st.base_overrides + full_settings(st))[1]
         try:
             adaptations.FULL.refuse(full)
             distributed.refuse(full)
         except ConfigError as exc:
-            raise ConfigError(
-                f"sweep.compare_full: {exc} (sweep.full_overrides=[model.quantize=none] compares with full "
-                f"fine-tuning of the unquantized base)"
-            ) from None
+            raise ConfigError(f"sweep.compare_full: {exc}") from None
+        named.append(("sweep.compare_full's full fine-tuning", full))  # and it must fit, as every trial must
     check_memory(named)  # after the refusals: a method refused outright is named as such, not as too big
     base = st.base_cfg
     model, tokenizer = load_model(base.model)
