@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# bash scripts/quantize_seeds.sh [STEPS] [OUT] [OVERRIDE ...]
+# [JOBS=2] [RUNS=folder] bash scripts/quantize_seeds.sh [STEPS] [OUT] [OVERRIDE ...]
 # Issue 21's accuracy check on the default model and task (SmolLM2-135M, VADER sentiment): LoRA (all linear, r=16,
 # alpha=32, lr 3e-4) on the fp32 base and on an NF4 base, the same budget, seeds 0-2; prints one table (val loss per
 # seed, means, NF4 - fp32) and writes it to OUT (docs/results/quantize.md by default). Further training overrides
-# (optim.schedule=cosine, data.max_val_examples=512) go to every run alike. No MLflow: metrics.json only.
+# (optim.schedule=cosine, data.max_val_examples=512) go to every run alike. No MLflow: metrics.json only. JOBS runs
+# that many at once (give each trainer.num_threads=1 on a small machine); RUNS keeps the runs in that folder, and a
+# run already finished there (its metrics.json) is not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-8}
 OUT=${2:-docs/results/quantize.md}
 EXTRA=("${@:3}")
-RUNS=$(mktemp -d)
-trap 'rm -rf "$RUNS"' EXIT
-for q in none nf4; do
-  for seed in 0 1 2; do
-    python3 -m lora_lab.train model.quantize=$q seed=$seed lora.r=16 lora.alpha=32 optim.lr=3e-4 \
-      trainer.max_steps="$STEPS" trainer.eval_every="$STEPS" data.max_val_examples=128 trainer.progress=false \
-      tracking=off "${EXTRA[@]}" output_dir="$RUNS/$q-$seed" > "$RUNS/$q-$seed.log" 2>&1
-    echo "done: model.quantize=$q seed=$seed" >&2
-  done
-done
+if [[ -n "${RUNS:-}" ]]; then
+  mkdir -p "$RUNS"
+else
+  RUNS=$(mktemp -d)
+  trap 'rm -rf "$RUNS"' EXIT
+fi
+one() {  # one run: model.quantize=$1 seed=$2
+  [[ -f "$RUNS/$1-$2/metrics.json" ]] && return 0
+  python3 -m lora_lab.train model.quantize="$1" seed="$2" lora.r=16 lora.alpha=32 optim.lr=3e-4 \
+    trainer.max_steps="$STEPS" trainer.eval_every="$STEPS" data.max_val_examples=128 trainer.progress=false \
+    tracking=off "${EXTRA[@]}" output_dir="$RUNS/$1-$2" > "$RUNS/$1-$2.log" 2>&1
+  echo "done: model.quantize=$1 seed=$2" >&2
+}
+export -f one
+export RUNS STEPS
+printf '%s\n' none:0 none:1 none:2 nf4:0 nf4:1 nf4:2 \
+  | xargs -P "${JOBS:-1}" -I{} bash -c 'set -euo pipefail; EXTRA=("$@"); one "${0%%:*}" "${0##*:}"' {} "${EXTRA[@]}"
 python3 - "$RUNS" "$STEPS" "$OUT" "${EXTRA[@]}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
