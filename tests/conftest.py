@@ -134,6 +134,17 @@ def _one_thread_per_test_process() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test() -> Iterator[None]:
+    """Back to one torch thread after a test that changed it: the benchmarks run in-process (lora_lab.bench's
+    run_core and run_checkpointing) take all cores for themselves, and every later test in that process then ran
+    on 2 spinning threads: test_resume_config's resume test took 47.6 s of CPU after test_gradient_checkpointing,
+    2.4 s on its own (and the spinning took the other xdist worker's core)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (root only); skips where mounting is not allowed."""
