@@ -102,16 +102,17 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # Modules whose tests start several processes, servers or browsers and wait on them with deadlines: under
 # `pytest -n 2 --dist loadgroup` (the README's test command) they run one after another on one worker, as they were
 # written to, while the other worker takes the in-process tests (one thread each: the two share 2 cores) and
-# tests/test_distributed.py and test_no_repeats.py (their multi-process runs compare results, with no deadline:
-# there they balance the two workers).
+# tests/test_distributed.py, test_no_repeats.py and test_run_owner.py (their processes run at once but nothing is
+# timed: there they balance the two workers). A test of these modules marked `not_serial` leaves the group too: it
+# runs its processes one at a time (a run, then its rerun) or none, and checks no deadline, so it loads the machine
+# as an in-process test does (test_sweep_disk_full has only such tests: it is not listed).
 PROCESS_HEAVY = {
     "test_faults",
     "test_mlflow_ui",
-    "test_run_owner",
     "test_scaleout",
     "test_study_endings",
     "test_sweep_devices",
-    "test_sweep_disk_full",
+    "test_sweep_group",
     "test_sweep_servers",
     "test_tracking_loss",
 }
@@ -119,7 +120,11 @@ PROCESS_HEAVY = {
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESS_HEAVY:
+        if (
+            item.module is not None
+            and item.module.__name__.rpartition(".")[2] in PROCESS_HEAVY
+            and item.get_closest_marker("not_serial") is None
+        ):
             item.add_marker(pytest.mark.xdist_group("processes"))
 
 

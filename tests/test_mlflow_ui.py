@@ -1,7 +1,8 @@
-"""MLflow as a person sees it: two studies made by the real CLI (one with a failing, two pruned trials and the full-FT
-comparison, one where every trial fails), served by `mlflow ui` on a free 127.0.0.1 port, checked through its REST
-API and, where Chromium is installed, in a headless browser driven over the DevTools protocol: what a study's page
-shows above the fold without a click, the prepared runs-table view, a failed trial, the loss charts.
+"""MLflow as a person sees it: two studies made by the sweep command (its main, run in the test's process: one with
+a failing, two pruned trials and the full-FT comparison, one where every trial fails), served by `mlflow ui` on a free
+127.0.0.1 port, checked through its REST API and, where Chromium is installed, in a headless browser driven over the
+DevTools protocol: what a study's page shows above the fold without a click, the prepared runs-table view, a failed
+trial, the loss charts.
 
 The browser window is 1280x860 with MLflow's assistant panel closed (it opens itself on a local server's first visit
 and takes a quarter of the width: closed, the description is the page's first block). Set
@@ -24,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sweeprun import sweep_here
 
 from lora_lab import notes
 from lora_lab.records import Identity, RunRecord, Settings
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "model=tiny",
     "data=tiny_sentiment",
@@ -177,15 +178,9 @@ def ui(tmp_path_factory):
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(out), OMP_NUM_THREADS="1")
     for name, text, code in (("demo", DEMO, 0), ("broken", BROKEN, 1)):
         (root / f"{name}.yaml").write_text(text)
-        proc = subprocess.run(
-            [sys.executable, "-m", "lora_lab.sweep", f"sweep={root / name}.yaml", *TINY],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == code, proc.stderr[-3000:]
+        # The command's main in this process (the same runs; a process of its own cost ~12 s more CPU).
+        ended, said = sweep_here(out, [f"sweep={root / name}.yaml", *TINY])
+        assert ended == code, said[-3000:]
     port = free_port()
     server = subprocess.Popen(
         [
@@ -201,7 +196,7 @@ def ui(tmp_path_factory):
             str(port),
         ],
         cwd=root,
-        env=env,
+        env=dict(env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job runner: see servers.server_env
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -505,6 +500,17 @@ ROWS = """(() => { const out = {};
   return Object.values(out); })()"""
 
 
+def _table_rows(b: Browser, name: str, timeout: float = 60) -> list[dict]:
+    """The runs table's rows (ROWS) once a row names `name`: the name can be in the page's text before the table
+    has drawn its rows (seen on a loaded machine: the needle found, no row yet)."""
+    deadline = time.time() + timeout
+    while not any(name in r.get("attributes.`Run Name`", "") for r in b.js(ROWS)):
+        assert time.time() < deadline, f"{b.js('location.href')}: no table row names {name!r}"
+        time.sleep(0.5)
+    time.sleep(1.0)  # let the rest of the rows and columns draw
+    return b.js(ROWS)
+
+
 @pytest.fixture(scope="module")
 def browser(ui, tmp_path_factory):
     if CHROMIUM is None:
@@ -557,7 +563,7 @@ def test_browser_the_study_page_answers_above_the_fold(ui, browser, tmp_path):
 def test_browser_the_prepared_view_lists_the_studys_trials_best_first(ui, browser, tmp_path):
     exp = ui["experiments"][0]["experiment_id"]
     browser.open(f"{ui['base']}/{notes.view_url(exp, 'demo')}", "FAIL trial-1 · demo")
-    rows = browser.js(ROWS)
+    rows = _table_rows(browser, "FAIL trial-1 · demo")
     names = [r["attributes.`Run Name`"].splitlines()[-1] for r in rows]
     trials = {n for n in by_name(ui) if n.endswith(" · demo") and "trial-" in n and "rerun" not in n}
     assert set(names) == trials  # the study's trials, nothing else

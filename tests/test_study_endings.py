@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from sweeprun import FAST_HEARTBEAT, TRAIN, runs, start_worker, study_summary, tail, wait_all, wait_for
+from sweeprun import FAST_HEARTBEAT, TRAIN, runs, start_worker, study_summary, sweep_here, tail, wait_all, wait_for
 
 from lora_lab.sweep import cli
 
@@ -35,6 +35,7 @@ def _parent(outputs: Path, name: str = "default"):
     return parent
 
 
+@pytest.mark.not_serial
 def test_a_study_stopped_by_identical_failures_closes_its_parent_fail_with_the_reason(
     outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -58,6 +59,7 @@ def test_a_study_stopped_by_identical_failures_closes_its_parent_fail_with_the_r
 
 
 @pytest.mark.slow
+@pytest.mark.not_serial
 def test_sigterm_closes_the_parent_killed_and_the_rerun_runs_the_interrupted_trial_first(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["sweep=default", "sweep.n_trials=3", *QUICK, "trainer.max_steps=24"]
@@ -73,21 +75,22 @@ def test_sigterm_closes_the_parent_killed_and_the_rerun_runs_the_interrupted_tri
     assert parent.info.status == "KILLED" and parent.info.run_name == "KILLED default"
     assert parent.data.tags["lora_lab.state"] == "KILLED" and parent.data.tags["lora_lab.reason"] == reason
 
-    p = start_worker(out, args, tmp_path / "b.log")
-    assert p.wait(timeout=300) == 0, tail(tmp_path / "b.log")
+    code, said = sweep_here(out, args)  # the rerun, in this process: nothing signals it
+    assert code == 0, said[-3000:]
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{out / 'optuna.db'}")
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
     retry = trials[3]
     assert retry.system_attrs["failed_trial"] == 0
     assert retry.datetime_start < min(trials[1].datetime_start, trials[2].datetime_start)  # interrupted work first
-    assert f"resumed from {folder / 'checkpoints'}" in (tmp_path / "b.log").read_text()
+    assert f"resumed from {folder / 'checkpoints'}" in said
     parent = _parent(out)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "default"
     assert "lora_lab.reason" not in parent.data.tags
 
 
 @pytest.mark.slow
+@pytest.mark.not_serial
 def test_a_sigkilled_journal_worker_trial_is_recovered_by_the_rerun(tmp_path: Path) -> None:
     """Journal storage has no heartbeats: the trial of a SIGKILLed process stayed RUNNING for good. The rerun sees
     its process gone and its folder's lock free: FAILs it (worker lost) and retries it from its checkpoint; the budget
@@ -103,15 +106,15 @@ def test_a_sigkilled_journal_worker_trial_is_recovered_by_the_rerun(tmp_path: Pa
     p.wait(timeout=30)
     assert [t.state for t in _journal(journal).trials][:1] == [TrialState.RUNNING]
 
-    p = start_worker(out, args, tmp_path / "b.log")
-    assert p.wait(timeout=300) == 0, tail(tmp_path / "b.log")
+    code, said = sweep_here(out, args)  # the rerun, in this process: nothing signals it
+    assert code == 0, said[-3000:]
     study = _journal(journal)
-    assert study_summary(study) == {"COMPLETE": 2, "FAIL": 1}, tail(tmp_path / "b.log")
+    assert study_summary(study) == {"COMPLETE": 2, "FAIL": 1}, said[-3000:]
     lost = study.trials[0]
     assert lost.state == TrialState.FAIL and lost.user_attrs["fail_reason"].startswith("worker lost: process")
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
     assert retry.state == TrialState.COMPLETE and retry.params == lost.params
-    assert f"resumed from {folder / 'checkpoints'}" in (tmp_path / "b.log").read_text()
+    assert f"resumed from {folder / 'checkpoints'}" in said
     every = runs(f"sqlite:///{out / 'mlflow.db'}", "lora_lab")
     assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
     (killed,) = [r for r in every if r.data.tags.get("lora_lab.trial") == "0"]
@@ -239,6 +242,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     assert recover_orphans(st, heartbeats=True) == []  # once
 
 
+@pytest.mark.not_serial
 def test_a_torn_journal_tail_is_set_aside_and_the_study_goes_on(outputs: Path, tmp_path: Path, caplog) -> None:
     import logging
 
@@ -261,6 +265,7 @@ def test_a_torn_journal_tail_is_set_aside_and_the_study_goes_on(outputs: Path, t
     assert len(list(tmp_path.glob("study.journal.torn-*"))) == 2
 
 
+@pytest.mark.not_serial
 def test_a_broken_journal_record_with_records_after_it_is_exit_2_naming_the_file(
     outputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -17,7 +17,19 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
-from sweeprun import FAST_HEARTBEAT, TRAIN, load, retry_of, start_worker, study_summary, tail, wait_all
+from sweeprun import (
+    FAST_HEARTBEAT,
+    TRAIN,
+    held_by,
+    load,
+    retry_of,
+    running_trials,
+    start_worker,
+    study_summary,
+    tail,
+    wait_all,
+    worker_pid,
+)
 
 from lora_lab.config import ConfigError, load_sweep
 from lora_lab.sweep import cli, workers
@@ -153,21 +165,18 @@ def test_a_killed_process_trial_is_retried_by_its_neighbour(tmp_path: Path) -> N
     log = tmp_path / "sweep.log"
     parent = start_worker(out, args, log)
     killed = None
+    running = running_trials(storage, "default")
     try:
         deadline = time.time() + 300
         while killed is None and time.time() < deadline:
             assert parent.poll() is None, tail(log)
-            try:
-                running = load(storage, "default").get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            except Exception:  # the study may not exist yet
-                running = []
-            for t in running:
-                pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
+            for t in running():
+                pid = worker_pid(t)
                 folder = out / "studies" / "default" / "trials" / f"{t.number:04d}"
                 if pid and pid != parent.pid and (folder / "checkpoints" / "LATEST").is_file():
                     if not (folder / "metrics.json").exists():
                         os.kill(pid, signal.SIGKILL)
-                        killed = t
+                        killed = held_by(storage, "default", pid, t)
                         break
             time.sleep(0.1)
         assert killed is not None, "no trial reached a checkpoint in time: " + tail(log)
