@@ -46,6 +46,7 @@ for q in ("none", "nf4"):
         frozen=m[q, 0].get("frozen_bytes_per_param") or 4.0,
         step=statistics.median(m[q, s]["time_per_step_s"] for s in range(3)),
         dense=max(m[q, s]["max_abs_logit_diff"] for s in range(3)),
+        dense_loss=max(abs(m[q, s]["merged_val_loss"] - m[q, s]["val_loss"]) for s in range(3)),
         requant=None if q == "none" else max(abs(m[q, s]["requant_merged_val_loss"] - m[q, s]["val_loss"]) for s in range(3)),
     )
     rows.append(row)
@@ -53,6 +54,7 @@ diff = [m["nf4", s]["val_loss"] - m["none", s]["val_loss"] for s in range(3)]
 cols = [("base", "base", ""), ("s0", "val loss seed 0", "{:.4f}"), ("s1", "seed 1", "{:.4f}"), ("s2", "seed 2", "{:.4f}"),
         ("mean", "mean", "{:.4f}"), ("acc", "accuracy", "{:.3f}"), ("frozen", "frozen B/param", "{:.4f}"),
         ("step", "s/step (median)", "{:.2f}"), ("dense", "dense merge max |logit diff|", "{:.1e}"),
+        ("dense_loss", "dense merge max |val loss diff|", "{:.1e}"),
         ("requant", "re-quantized merge max |val loss diff|", "{:.3f}")]
 command = " ".join(["bash scripts/quantize_seeds.sh", str(steps), str(out), *extra])
 text = (f"# NF4 vs fp32 LoRA on SmolLM2-135M (default task), {steps} steps, 3 seeds\n\n"
