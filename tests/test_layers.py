@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "lora_lab"
 
 # Each top-level module or package of lora_lab, by layer: a module may import its own layer and the ones below.
 LAYERS = {
-    "leaf": 0,  # config, records, files, markdown, errors, shapes, memplan
+    "leaf": 0,  # config, records, files, markdown, errors, shapes, memplan, processes
     "core": 1,  # torch only: targets, bases, lora, methods, optim, peft_io; adaptations (reads the typed config)
     "io": 2,  # models, data, tracking, notes, plots, quant
     "train": 3,
@@ -28,6 +28,7 @@ UNITS = {
     "shapes": "leaf",
     "memplan": "leaf",
     "errors": "leaf",
+    "processes": "leaf",
     "targets": "core",
     "bases": "core",
     "lora": "core",

@@ -257,3 +257,31 @@ def test_a_lost_rank_fails_its_trial_naming_it_and_the_retry_resumes(outputs: Pa
     }
     assert states == {"0": "FAIL", "1": "COMPLETE"}
     assert train_ranks(os.getpid()) == []
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_takes_its_starting_rank_with_it(outputs: Path, tmp_path: Path) -> None:
+    """The worker hosting a trial's group (rank 0) is SIGKILLed while rank 1 starts: rank 1 ends with it (the
+    parent-death signal, distributed.follow_host). Before, it waited at the dead host's store for
+    trainer.collective_timeout_s (600 s); once training, a rank's broken connections end it at its next collective."""
+    log = tmp_path / "sweep.log"
+    sweep = start_sweep(study_file(tmp_path, "lost", LONG), outputs, log, [])
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 240
+        while not train_ranks(sweep.pid):
+            assert sweep.poll() is None and time.time() < deadline, tail(log)
+            time.sleep(0.05)
+        started.extend(train_ranks(sweep.pid))
+        (rank1,) = started
+        sweep.kill()
+        sweep.wait(timeout=30)
+        psutil.wait_procs([rank1], timeout=20)
+        assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE, "rank 1 outlived its host"
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+        for p in started:  # no orphan, even when the test failed
+            if p.is_running():
+                p.kill()

@@ -6,7 +6,6 @@ CUDA_VISIBLE_DEVICES, capped to its share of that GPU's memory when processes sh
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import logging
@@ -21,6 +20,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
+from lora_lab import processes
 from lora_lab.sweep import optuna_internals as internals
 from lora_lab.sweep.objective import (
     Outcome,
@@ -41,7 +41,6 @@ log = logging.getLogger("lora_lab")
 
 WORKER_ENV = "LORA_LAB_SWEEP_WORKER"  # set in worker processes started by `sweep.workers=N`
 PARENT_ENV = "LORA_LAB_SWEEP_PARENT"  # the launcher's pid, in its workers' environment (watch_parent)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 # A worker's share of its GPU's memory (torch.cuda.set_per_process_memory_fraction), when processes share one GPU.
 MEMORY_FRACTION_ENV = "LORA_LAB_CUDA_MEMORY_FRACTION"
 THREADS_ENV = "LORA_LAB_NUM_THREADS"  # a worker's torch CPU threads: the host's cores split between its processes
@@ -300,33 +299,10 @@ def worker_envs(
 
 def watch_parent() -> None:
     """In a worker process: stop (SIGTERM: its trial ends interrupted, with a retry queued and its checkpoints kept)
-    when the process that launched it dies, even by SIGKILL, instead of running on unseen. Linux: the kernel sends
-    the signal (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
-    import signal
-    import threading
-
+    when the process that launched it dies, even by SIGKILL, instead of running on unseen."""
     parent = os.environ.get(PARENT_ENV, "")
-    if not parent.isdigit():
-        return
-    parent_pid = int(parent)
-    armed = False
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
-    if os.getppid() != parent_pid:  # it died before the watch began
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    if armed:
-        return
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="lora_lab-parent-watch", daemon=True).start()
+    if parent.isdigit():
+        processes.die_with(int(parent))
 
 
 def is_worker() -> bool:

@@ -62,6 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(HELP)
         return 0
+    distributed.follow_host()  # a rank of a sweep trial's group ends with the worker that hosts it
     try:
         return _run(argv)
     except Exception as exc:  # noqa: BLE001 - the failures a user can act on, each as one line (machine_failure)

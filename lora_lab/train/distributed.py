@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from lora_lab import adaptations, targets
+from lora_lab import adaptations, processes, targets
 from lora_lab.config import Config, ConfigError
 from lora_lab.errors import first_line
 
@@ -44,6 +44,7 @@ RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 STORE_ENV = "LORA_LAB_STORE"
 GROUP_PREFIX = "lora_lab/group"  # the group's keys in that store (the elastic agent's rendezvous keeps its own there)
 CHECK_IN = "joined"  # the key a rank sets (CHECK_IN/<rank>) before it joins: a host sees it arrive
+HOST_ENV = "LORA_LAB_GROUP_HOST"  # the pid of the process hosting this rank (`hosted`): the rank dies with it
 
 
 # ----------------------------------------------------------------------------------------------- the group
@@ -107,6 +108,15 @@ def join(device_type: str, timeout_s: float) -> None:
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
     log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+def follow_host() -> None:
+    """In a rank a sweep worker hosts (`hosted`): end with the host, even when it is SIGKILLed. Its connections would
+    break at the next collective anyway, but a rank still loading, or waiting at the store, would wait out its
+    timeout (trainer.collective_timeout_s) first."""
+    host = os.environ.get(HOST_ENV, "")
+    if host.isdigit():
+        processes.die_with(int(host))
 
 
 def backend_for(device_type: str) -> str:
@@ -575,6 +585,7 @@ def hosted(argv: list[str], size: int, device_type: str, logs: Path, timeout_s: 
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(server.port),
                 STORE_ENV: f"127.0.0.1:{server.port}",
+                HOST_ENV: str(os.getpid()),
                 "PYTHONUNBUFFERED": "1",
                 **LOOPBACK,
                 # as many threads as this rank has: the trial's share of the host's cores (sweep.workers)
