@@ -438,7 +438,7 @@ def _launched(cmd: list[str], env: dict[str, str], stderr: IO[str]) -> Iterator[
                 p.kill()
 
 
-@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher"])
+@pytest.mark.parametrize("stop", ["kill-rank-1", "sigterm-launcher", "kill-launcher", "kill-launcher-at-start"])
 def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(stop: str, tmp_path: Path) -> None:
     env = dict(os.environ, LORA_LAB_OUTPUTS=str(tmp_path / "outputs"))
     args = ["trainer.devices=2", "trainer.max_steps=100000", "trainer.eval_every=100000", "tracking.enabled=false"]
@@ -446,6 +446,12 @@ def test_a_killed_rank_or_a_stopped_launcher_ends_every_rank_with_no_orphans(sto
     err_file = tmp_path / "launcher.err"
     with err_file.open("w") as stderr, _launched(cmd, env, stderr) as group:
         proc, ranks = group.proc, group.ranks
+        if stop == "kill-launcher-at-start":  # its ranks are starting: they end with it (the parent-death signal);
+            group.launcher.send_signal(signal.SIGKILL)  # before, they waited at the dead store for JOIN_S (300 s)
+            proc.wait(timeout=30)
+            _, alive = psutil.wait_procs(group.everyone, timeout=10)
+            assert not alive, f"orphans: {alive}"
+            return
         # Training, not still importing: rank 0 has built the run and claimed its folder, and two seconds more.
         deadline = time.monotonic() + 120
         while not (tmp_path / "run").is_dir() and time.monotonic() < deadline:

@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(HELP)
         return 0
-    distributed.follow_host()  # a rank of a sweep trial's group ends with the worker that hosts it
+    distributed.follow_host()  # a rank lora_lab started ends with the process that started it
     try:
         return _run(argv)
     except Exception as exc:  # noqa: BLE001 - the failures a user can act on, each as one line (machine_failure)

@@ -44,7 +44,7 @@ RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 STORE_ENV = "LORA_LAB_STORE"
 GROUP_PREFIX = "lora_lab/group"  # the group's keys in that store (the elastic agent's rendezvous keeps its own there)
 CHECK_IN = "joined"  # the key a rank sets (CHECK_IN/<rank>) before it joins: a host sees it arrive
-HOST_ENV = "LORA_LAB_GROUP_HOST"  # the pid of the process hosting this rank (`hosted`): the rank dies with it
+HOST_ENV = "LORA_LAB_GROUP_HOST"  # the pid of the process that started this rank (launch, hosted): it dies with it
 
 
 # ----------------------------------------------------------------------------------------------- the group
@@ -111,9 +111,10 @@ def join(device_type: str, timeout_s: float) -> None:
 
 
 def follow_host() -> None:
-    """In a rank a sweep worker hosts (`hosted`): end with the host, even when it is SIGKILLed. Its connections would
-    break at the next collective anyway, but a rank still loading, or waiting at the store, would wait out its
-    timeout (trainer.collective_timeout_s) first."""
+    """In a rank started by lora_lab (`launch`'s agent, or a sweep worker's `hosted` group): end with the process
+    that started it, even when that one is SIGKILLed. Its connections would break at the next collective anyway, but
+    a rank still loading, or waiting at the dead store, would wait out its timeout first (JOIN_S,
+    trainer.collective_timeout_s)."""
     host = os.environ.get(HOST_ENV, "")
     if host.isdigit():
         processes.die_with(int(host))
@@ -486,6 +487,7 @@ def launch(argv: list[str], nprocs: int) -> int:
     store = loopback_store(datetime.timedelta(seconds=JOIN_S))
     os.environ[STORE_ENV] = f"127.0.0.1:{store.port}"  # the ranks join there (join), not at the agent's MASTER_PORT
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # so the agent serves no store of its own for them
+    os.environ[HOST_ENV] = str(os.getpid())  # the agent's ranks are this process's children: they end with it
     for key, value in LOOPBACK.items():
         os.environ.setdefault(key, value)
     config = LaunchConfig(
