@@ -485,11 +485,12 @@ def launch(argv: list[str], nprocs: int) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     store = loopback_store(datetime.timedelta(seconds=JOIN_S))
-    os.environ[STORE_ENV] = f"127.0.0.1:{store.port}"  # the ranks join there (join), not at the agent's MASTER_PORT
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # so the agent serves no store of its own for them
-    os.environ[HOST_ENV] = str(os.getpid())  # the agent's ranks are this process's children: they end with it
-    for key, value in LOOPBACK.items():
-        os.environ.setdefault(key, value)
+    environ = {
+        STORE_ENV: f"127.0.0.1:{store.port}",  # the ranks join there (join), not at the agent's MASTER_PORT
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # so the agent serves no store of its own for them
+        HOST_ENV: str(os.getpid()),  # the agent's ranks are this process's children: they end with it
+        **{k: os.environ.get(k, v) for k, v in LOOPBACK.items()},
+    }
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -504,7 +505,8 @@ def launch(argv: list[str], nprocs: int) -> int:
         start_method="spawn",
     )
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "lora_lab.train", *argv)
+        with _environment(environ):  # what the agent passes on to the ranks, for the launch only
+            elastic_launch(config, entrypoint=sys.executable)("-m", "lora_lab.train", *argv)
     except ChildFailedError as exc:
         codes = {f.exitcode for f in exc.failures.values()}
         if len(exc.failures) == nprocs and len(codes) == 1 and next(iter(codes)) > 0:
@@ -520,6 +522,22 @@ def launch(argv: list[str], nprocs: int) -> int:
         )
         return 128 + int(exc.sigval)
     return 0
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` inside the block, as it was after it: a process that goes on after a launch (a test,
+    a notebook) must not hand the launch's store and host to processes it starts later."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def failure_message(exc: BaseException) -> str:
