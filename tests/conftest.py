@@ -118,6 +118,10 @@ PROCESS_HEAVY = {
 }
 
 
+# tryfirst: before xdist's own hook, which turns the group mark into the nodeid's @group suffix. Without it the marks
+# came too late and were ignored: the group's tests were spread over both workers (module fixtures built twice, e.g.
+# test_mlflow_ui's studies), as `pytest -n 2 --dist loadgroup -v` shows by the missing "@processes".
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if (
