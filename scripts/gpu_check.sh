@@ -6,7 +6,12 @@
 #   bash scripts/gpu_check.sh sweep  issue #14 (sweeps that fill a GPU): `python -m lora_lab.bench sweep` (the default
 #                                    study's space, SmolLM2-135M shape, trainer=gpu uncompiled: cold with 1 trial per
 #                                    device vs warm with trials_per_device=auto), the trials_per_device tests.
-# Prepared and dry-run on the CPU; no device was lent when they were written.
+#   bash scripts/gpu_check.sh qlora  issue #21 (QLoRA, memory plan): Llama-1B shape 8 x 1024, LoRA on a bf16 base
+#                                    beside LoRA on an NF4 base (step time and peak, targets <= 1.3x and <= 0.5x), with
+#                                    --checkpointing; the memory plan beside torch.cuda.max_memory_allocated (10%).
+#   bash scripts/gpu_check.sh dist   issue #22 (one GPU): the same run alone and as one NCCL rank under torchrun
+#                                    (DDP over 1 device): time per step, target <= 2% more; the NCCL path trains.
+# Prepared on the CPU; no device was lent when they were written (qlora and dist: not run anywhere yet).
 set -u
 export PYTHONUNBUFFERED=1
 S=$(date +%s); log(){ echo "=== [$(( $(date +%s) - S ))s] $*"; }
@@ -15,6 +20,28 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site LORA_LAB_OUTPUTS=/tmp/out LORA_LAB_CACHE=/tmp/cache OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tail -1
+if [ "${1:-path}" = qlora ]; then
+  log bench-1b-nf4; timeout 200 python3 -m lora_lab.bench core --shape llama-1b --batch 8 --seq 1024 --steps 6 --warmup 3 \
+    --quantize nf4 --out "$OUT/b1b_nf4.json" 2>&1 | grep -v "^W1\|Warning" | tail -30
+  log bench-ckpt; timeout 120 python3 -m lora_lab.bench core --checkpointing --methods lora_lab --batch 8 --seq 512 \
+    --steps 4 --warmup 2 --out "$OUT/ckpt.json" 2>&1 | grep -v "^W1\|Warning" | tail -20
+  log plan; timeout 200 python3 -m lora_lab.bench plan --steps 3 --out "$OUT/plan.json" 2>&1 | grep -v "^W1\|Warning" | tail -30
+  log done; exit 0
+fi
+if [ "${1:-path}" = dist ]; then
+  SHAPE="$(python3 -c 'from lora_lab.shapes import tiny_overrides; print(*tiny_overrides("smollm2-135m"))') data=tiny_sentiment"
+  RUN="$SHAPE trainer=gpu trainer.progress=false trainer.max_steps=60 trainer.eval_every=60 tracking=off"
+  for i in 1 2; do  # alternate, twice each: the median of each side
+    log alone-$i; timeout 90 python3 -m lora_lab.train $RUN output_dir=/tmp/out/alone$i 2>&1 | tail -3
+    log nccl-$i; timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=1 -m lora_lab.train $RUN output_dir=/tmp/out/nccl$i 2>&1 | grep -i "nccl\|error\|ddp" | tail -5
+  done
+  python3 - <<'PY'
+import json
+t = {k: [json.load(open(f"/tmp/out/{k}{i}/metrics.json"))["time_per_step_s"] for i in (1, 2)] for k in ("alone", "nccl")}
+print("time per step alone", t["alone"], "one NCCL rank", t["nccl"], "ratio %.3f (target <= 1.02)" % (min(t["nccl"]) / min(t["alone"])))
+PY
+  log done; exit 0
+fi
 if [ "${1:-path}" = sweep ]; then
   log bench-sweep; timeout 460 python3 -m lora_lab.bench sweep --trials 24 --out "$OUT/bench_sweep.json" 2>&1 | grep -v "^W1\|Warning" | tail -20
   log tests; timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_sweep_devices.py 2>&1 | tail -8
