@@ -256,7 +256,7 @@ def plan(inp: PlanInput) -> Plan:
                 "time, whole, with their trainable parameters' gradients until reduce-scattered",
             )
         )
-    elif inp.devices > 1:
+    elif inp.strategy == "ddp":
         # DDP's reducer copies every trainable gradient into its buckets (gradient_as_bucket_view off: torch's
         # default), and keeps the buckets for the whole run.
         parts.append(Part("DDP gradient buckets", grads, "DDP: a bucket copy of every trainable gradient"))
@@ -276,7 +276,7 @@ def plan(inp: PlanInput) -> Plan:
         eval_logits = rows * v * (eval_copy + 4) + 2 * eval_rows * inp.hidden * inp.compute_bytes
     else:
         eval_logits = eval_rows * v * eval_copy
-    buckets = grads if inp.devices > 1 and not inp.sharded else 0  # DDP's buckets outlive the step
+    buckets = grads if inp.strategy == "ddp" else 0  # DDP's buckets outlive the step
     eval_peak = (
         frozen
         + trainable
@@ -297,7 +297,7 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
     (the same effective batch). Combinations FSDP2 refuses (a quantized base, the chunked loss) are not offered.
     Each entry is (the overrides, the predicted peak)."""
     changes: list[tuple[str, dict[str, Any]]] = []
-    if inp.devices > 1 and not inp.sharded and inp.quantize == "none" and not inp.loss_chunk:
+    if inp.strategy == "ddp":
         changes.append(("trainer.parallel=fsdp", {"sharded": True}))
     if inp.quantize == "none" and inp.quantizable and not inp.trains_all:
         changes.append(("model.quantize=nf4", {"quantize": "nf4"}))
@@ -309,10 +309,10 @@ def fitting_settings(inp: PlanInput, available: int, limit: int = 3) -> list[tup
     for n in range(1, len(changes) + 1):  # every combination, fewest changes first
         for combo in itertools.combinations(changes, n):
             fields = {k: v for _, change in combo for k, v in change.items()}
-            merged = {**{"sharded": inp.sharded, "quantize": inp.quantize, "loss_chunk": inp.loss_chunk}, **fields}
-            if merged["sharded"] and (merged["quantize"] != "none" or merged["loss_chunk"]):
-                continue  # refused under FSDP2
-            tries.append(([o for o, _ in combo], replace(inp, **fields)))
+            try:
+                tries.append(([o for o, _ in combo], replace(inp, **fields)))
+            except ValueError:  # a combination FSDP2 refuses (PlanInput's own check): not offered
+                continue
     base_sets = [([], inp)] + tries
     batch = inp.batch
     while batch > 1:

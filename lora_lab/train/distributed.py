@@ -489,7 +489,7 @@ def launch(argv: list[str], nprocs: int) -> int:
         STORE_ENV: f"127.0.0.1:{store.port}",  # the ranks join there (join), not at the agent's MASTER_PORT
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # so the agent serves no store of its own for them
         HOST_ENV: str(os.getpid()),  # the agent's ranks are this process's children: they end with it
-        **{k: os.environ.get(k, v) for k, v in LOOPBACK.items()},
+        **LOOPBACK,
     }
     config = LaunchConfig(
         min_nodes=1,

@@ -123,6 +123,8 @@ def plan_input(cfg: Config, device: torch.device, config: Any = None, sharded: O
 
     devices = cfg.trainer.devices
     if sharded is None:
+        # trainer.parallel=auto decides from the plan and keeps the choice for the run (wrap makes rank 0's every
+        # rank's); the memory check's plan is made here, under that choice
         sharded = devices > 1 and distributed.settle_strategy(cfg, lambda c: auto_strategy(c, config)) == "fsdp"
     if sharded:
         why = distributed.fsdp_refusal(cfg)
@@ -236,10 +238,8 @@ def check_fits(cfg: Config) -> Optional[Plan]:
     """The run's plan; raises DoesNotFit (the numbers and the settings that would fit) when its peak exceeds the
     device's free memory. trainer.memory_check=false skips the check (the plan is still returned). A model that does
     not build on the meta device (an operation meta tensors lack) is not refused: a warning, and None."""
-    # trainer.parallel=auto decides from the plan first and keeps it for the run (wrap makes rank 0's every rank's)
-    distributed.settle_strategy(cfg, auto_strategy)
     try:
-        p, available, device = planned(cfg)
+        p, available, device = planned(cfg)  # settles trainer.parallel=auto for the run first (plan_input)
     except (RuntimeError, NotImplementedError) as exc:
         log.warning("memory plan unavailable for model.name=%r (%s): the run starts unchecked", cfg.model.name, exc)
         return None
