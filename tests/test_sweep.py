@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from sweeprun import sweep_here
+from sweeprun import sweep_here, trials_poll
 
 from lora_lab import train
 from lora_lab.sweep import cli
@@ -217,7 +217,7 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
     storage = f"sqlite:///{outputs / 'optuna.db'}"
     trials_dir = outputs / "studies" / "default" / "trials"
     deadline = time.time() + 240
-    held: list[optuna.storages.RDBStorage] = []  # one storage for every poll: a new one per poll costs 5x the CPU
+    trials_now = trials_poll(storage, "default")  # one storage for every poll: a new one per poll costs 5x the CPU
     try:  # wait until trial 0 is COMPLETE and trial 1 has written a checkpoint, then kill the worker
         while time.time() < deadline:
             time.sleep(0.05)  # a finished trial deletes its checkpoints: the window is the trial's run
@@ -231,13 +231,7 @@ def test_sigkill_mid_trial_then_restart_loses_no_finished_trial(outputs: Path) -
             checkpointed = {int(p.parent.parent.name) for p in trials_dir.glob("*/checkpoints/LATEST")}
             if not checkpointed:
                 continue
-            try:
-                if not held:
-                    held.append(optuna.storages.RDBStorage(storage))
-                trials = optuna.load_study(study_name="default", storage=held[0]).get_trials()
-            except Exception:  # the study does not exist yet
-                continue
-            states = {t.number: t.state for t in trials}
+            states = {t.number: t.state for t in trials_now()}  # {} while the study does not exist yet
             running = {n for n in checkpointed if states.get(n) == optuna.trial.TrialState.RUNNING}
             if running and optuna.trial.TrialState.COMPLETE in states.values():
                 break
